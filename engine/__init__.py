@@ -1,0 +1,1 @@
+"""sdflow engine: a generic typed node-graph engine (no diffusion, no HTTP)."""

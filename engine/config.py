@@ -1,0 +1,30 @@
+"""Where a running sdflow keeps its files, and how much memory its cache may hold."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RuntimeConfig:
+    data_dir: Path = Path("data")
+    models_dir: Path | None = None          # default: <data_dir>/models
+    input_dir: Path | None = None           # default: <data_dir>/input
+    output_dir: Path | None = None          # default: <data_dir>/output
+    temp_dir: Path | None = None            # default: <data_dir>/temp
+    user_dir: Path | None = None            # default: <data_dir>/user
+    extra_model_paths: list[Path] = field(default_factory=list)
+    cache_budget_bytes: dict[str, int] | None = None   # device kind ("cpu", "cuda") -> bytes; None = automatic
+    preview_method: str = "latent2rgb"      # "none" | "latent2rgb"
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        for name in ("models", "input", "output", "temp", "user"):
+            attr = f"{name}_dir"
+            value = getattr(self, attr)
+            setattr(self, attr, Path(value) if value is not None else self.data_dir / name)
+        self.extra_model_paths = [Path(p) for p in self.extra_model_paths]
+
+    def ensure_dirs(self) -> None:
+        for path in (self.data_dir, self.models_dir, self.input_dir, self.output_dir, self.temp_dir, self.user_dir):
+            path.mkdir(parents=True, exist_ok=True)

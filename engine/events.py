@@ -1,0 +1,25 @@
+"""Execution events. `type` and `data` are exactly ComfyUI's websocket event names and keys, so the server
+forwards them unchanged; `image` carries a preview (a PIL image) for type "preview"."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass
+class Event:
+    type: str
+    data: dict
+    image: Any = None
+
+
+Emit = Callable[[Event], None]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def no_emit(event: Event) -> None:
+    return None

@@ -1,0 +1,47 @@
+"""The API-format prompt ("workflow to run"): `{node_id: {"class_type", "inputs", "_meta"?}}`.
+
+Parsing follows ComfyUI exactly: a link is a list of exactly two items whose first is a str and second an
+int (or integral float); `{"__value__": [...]}` wraps a literal list; every other value is a constant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def is_link(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+            and isinstance(value[1], (int, float)) and not isinstance(value[1], bool))
+
+
+def unwrap(value: Any) -> Any:
+    if isinstance(value, dict) and len(value) == 1 and "__value__" in value:
+        return value["__value__"]
+    return value
+
+
+@dataclass
+class PromptNode:
+    id: str
+    class_type: str
+    constants: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, tuple[str, int]] = field(default_factory=dict)
+    bad_links: dict[str, Any] = field(default_factory=dict)   # list values of the wrong shape
+    title: str | None = None
+
+
+def parse_node(node_id: str, raw: dict) -> PromptNode:
+    inputs = raw.get("inputs") or {}
+    meta = raw.get("_meta") if isinstance(raw.get("_meta"), dict) else {}
+    pn = PromptNode(node_id, raw["class_type"], title=meta.get("title"))
+    if not isinstance(inputs, dict):
+        pn.bad_links["inputs"] = inputs
+        return pn
+    for name, value in inputs.items():
+        if is_link(value):
+            pn.links[name] = (value[0], int(value[1]))
+        elif isinstance(value, list):
+            pn.bad_links[name] = value
+        else:
+            pn.constants[name] = unwrap(value)
+    return pn

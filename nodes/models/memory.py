@@ -1,0 +1,140 @@
+"""Footprint/offload protocol for the runtime objects on MODEL / CLIP / VAE sockets.
+
+The engine's cache accounting is duck-typed: any cached value that has
+
+    footprint() -> dict[str, int]      # bytes held per device string ("cpu", "cuda:0", ...)
+    to_device(device: str) -> None     # move the weights there (offload or reload)
+
+is measured and may be moved between devices under the cache's byte budget. Handles that are
+clones of one another share their weights; `weights_key()` names the shared storage so an
+accountant that wants to count shared weights once can group by it.
+
+Each handle has a *load device* (where it computes: cuda when available, else cpu). `to_device`
+only moves storage; the next use moves the weights back to the load device on its own
+(`ensure_loaded`), so the engine can offload freely without breaking later runs.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def default_device() -> str:
+    """Where models compute unless told otherwise."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_key(device: torch.device | str) -> str:
+    """Canonical device string for accounting: 'cpu', 'cuda:0', 'mps', ..."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return f"cuda:{index}"
+    return dev.type if dev.index is None else f"{dev.type}:{dev.index}"
+
+
+def module_footprint(modules: Iterable[nn.Module | None]) -> dict[str, int]:
+    """Bytes of parameters and buffers per device; a tensor shared by several modules counts once."""
+    seen: set[tuple] = set()
+    totals: dict[str, int] = {}
+    for module in modules:
+        if module is None:
+            continue
+        for tensor in _tensors(module):
+            # Tied weights (the same storage under two names) must not be double counted.
+            try:
+                ident = tensor.untyped_storage().data_ptr() or id(tensor)
+            except (RuntimeError, NotImplementedError):
+                ident = id(tensor)
+            key = (ident, tensor.device.type, tensor.device.index)
+            if key in seen:
+                continue
+            seen.add(key)
+            dev = device_key(tensor.device)
+            totals[dev] = totals.get(dev, 0) + tensor.numel() * tensor.element_size()
+    return totals
+
+
+def _tensors(module: nn.Module) -> Iterable[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def modules_device(modules: Iterable[nn.Module | None]) -> torch.device | None:
+    """Device of the first parameter found, or None for parameterless modules."""
+    for module in modules:
+        if module is None:
+            continue
+        for tensor in _tensors(module):
+            return tensor.device
+    return None
+
+
+class WeightsHolder:
+    """Shared by all clones of a handle: the modules and one lock that serialises device moves."""
+
+    def __init__(self, modules: dict[str, nn.Module | None]) -> None:
+        self.modules = modules
+        self.lock = threading.RLock()
+
+    def present(self) -> list[nn.Module]:
+        return [m for m in self.modules.values() if m is not None]
+
+    def footprint(self) -> dict[str, int]:
+        return module_footprint(self.present())
+
+    def move(self, device: str | torch.device) -> None:
+        target = torch.device(device)
+        with self.lock:
+            for module in self.present():
+                current = modules_device([module])
+                if current is None or _same_device(current, target):
+                    continue
+                module.to(target)
+            if target.type == "cpu" and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def ensure_on(self, device: str | torch.device) -> None:
+        self.move(device)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    return device_key(a) == device_key(b)
+
+
+class ResidentMixin:
+    """Implements the protocol for a handle whose weights live in `self._weights` (a WeightsHolder)."""
+
+    _weights: WeightsHolder
+    load_device: str
+
+    def footprint(self) -> dict[str, int]:
+        return self._weights.footprint()
+
+    def to_device(self, device: str) -> None:
+        self._weights.move(device)
+
+    def weights_key(self) -> str:
+        return f"{type(self).__name__}:{id(self._weights):x}"
+
+    def ensure_loaded(self) -> None:
+        """Move the weights to the load device if something offloaded them."""
+        self._weights.ensure_on(self.load_device)
+
+    @property
+    def current_device(self) -> torch.device | None:
+        return modules_device(self._weights.present())
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for the allocator errors that a smaller batch or tiling can work around."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()

@@ -1,0 +1,150 @@
+"""The discrete variance-preserving noise schedule of Stable Diffusion 1.x/2.x/SDXL.
+
+Samplers work in the "variance exploding" parametrisation of Karras et al. 2022: a noisy latent is
+``x = x0 + sigma * eps``. The UNet was trained on the VP form ``sqrt(a) x0 + sqrt(1-a) eps`` at an
+integer timestep; this class converts between the two (c_in scaling, sigma <-> timestep) and turns
+the UNet's raw output (epsilon or v) into a denoised estimate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("scaled_linear", "linear")
+
+
+def make_betas(beta_schedule: str, timesteps: int, linear_start: float, linear_end: float) -> torch.Tensor:
+    """Per-timestep betas in float64 (rounding here shifts every sigma of the table)."""
+    if beta_schedule == "scaled_linear":
+        # SD's schedule: linear in sqrt(beta)
+        return torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64) ** 2
+    if beta_schedule == "linear":
+        return torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64)
+    raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of {BETA_SCHEDULES}")
+
+
+def _bcast(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """Shape a scalar or per-batch sigma so it broadcasts against a [B, ...] tensor."""
+    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    if sigma.ndim == 0:
+        return sigma
+    return sigma.reshape(sigma.shape[:1] + (1,) * (like.ndim - 1))
+
+
+class DiscreteSchedule:
+    """SD's 1000-step discrete schedule as a sigma table (ComfyUI's ModelSamplingDiscrete + EPS/V_PREDICTION)."""
+
+    def __init__(
+        self,
+        prediction_type: str = "epsilon",
+        beta_schedule: str = "scaled_linear",
+        linear_start: float = 0.00085,
+        linear_end: float = 0.012,
+        timesteps: int = 1000,
+        sigma_data: float = 1.0,
+    ) -> None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+        self.prediction_type = prediction_type
+        self.beta_schedule = beta_schedule
+        self.sigma_data = float(sigma_data)
+        betas = make_betas(beta_schedule, timesteps, linear_start, linear_end)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.alphas_cumprod = alphas_cumprod.float()
+        sigmas64 = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        # The public table is float32 (as the checkpoints' own buffers); interpolation uses float64 logs
+        # so sigma(timestep(s)) round-trips to float32 precision.
+        self.sigmas = sigmas64.float()
+        self._log_sigmas64 = sigmas64.log()
+        self.log_sigmas = self._log_sigmas64.float()
+
+    # -- table ends ---------------------------------------------------------------------------------
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return self.sigmas[-1]
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.sigmas.shape[0])
+
+    # -- sigma <-> timestep ---------------------------------------------------------------------------
+    def timestep(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """Continuous timestep for sigma, interpolating linearly in log-sigma between table entries.
+
+        Values outside the table clamp to 0 / len-1 (sigma 0 maps to timestep 0).
+        """
+        sigma_t = torch.as_tensor(sigma)
+        out_dtype = sigma_t.dtype if sigma_t.is_floating_point() else torch.float32
+        log_sigma = sigma_t.detach().to("cpu", torch.float64).clamp(min=1e-30).log()
+        table = self._log_sigmas64
+        low = (torch.searchsorted(table, log_sigma.reshape(-1), right=True) - 1).clamp(0, table.shape[0] - 2)
+        lo, hi = table[low], table[low + 1]
+        w = ((log_sigma.reshape(-1) - lo) / (hi - lo)).clamp(0.0, 1.0)
+        t = (low.to(torch.float64) + w).reshape(log_sigma.shape)
+        return t.to(device=sigma_t.device, dtype=out_dtype)
+
+    def sigma(self, timestep: torch.Tensor | float) -> torch.Tensor:
+        """Inverse of ``timestep``: log-linear interpolation of the sigma table at a (fractional) timestep."""
+        t_in = torch.as_tensor(timestep)
+        out_dtype = t_in.dtype if t_in.is_floating_point() else torch.float32
+        t = t_in.detach().to("cpu", torch.float64).clamp(0, self.num_timesteps - 1)
+        low = t.floor().long().clamp(max=self.num_timesteps - 2)
+        w = t - low
+        table = self._log_sigmas64
+        log_sigma = (1.0 - w) * table[low] + w * table[low + 1]
+        return log_sigma.exp().to(device=t_in.device, dtype=out_dtype)
+
+    def percent_to_sigma(self, percent: float) -> float:
+        """Sampling progress in [0, 1] -> sigma (used for start_percent/end_percent of conditionings)."""
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        return float(self.sigma(torch.tensor((1.0 - percent) * (self.num_timesteps - 1), dtype=torch.float64)))
+
+    # -- model input/output ---------------------------------------------------------------------------
+    def calculate_input(self, sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+        """c_in: scale the VE-noised latent to the unit-variance input the UNet was trained on."""
+        s = _bcast(sigma, x)
+        return x / (s * s + self.sigma_data**2) ** 0.5
+
+    def calculate_denoised(self, sigma: torch.Tensor | float, model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Denoised estimate x0 from the raw UNet output (epsilon or v) and the un-scaled noisy input x."""
+        s = _bcast(sigma, model_output)
+        if self.prediction_type == "epsilon":
+            return x - model_output * s
+        sd2 = self.sigma_data**2
+        return x * sd2 / (s * s + sd2) - model_output * s * self.sigma_data / (s * s + sd2) ** 0.5
+
+    def noise_scaling(
+        self,
+        sigma: torch.Tensor | float,
+        noise: torch.Tensor,
+        latent_image: torch.Tensor,
+        max_denoise: bool = False,
+    ) -> torch.Tensor:
+        """Starting point of sampling: the latent noised to sigma.
+
+        At full denoise the prior is N(0, 1 + sigma_max^2) (VP at t=T), hence sqrt(1 + sigma^2).
+        """
+        s = _bcast(sigma, noise)
+        scale = torch.sqrt(1.0 + s * s) if max_denoise else s
+        return noise * scale + latent_image
+
+    def inverse_noise_scaling(self, sigma: torch.Tensor | float, latent: torch.Tensor) -> torch.Tensor:
+        """Identity for eps/v models (flow models would un-scale here)."""
+        return latent
+
+    def is_max_denoise(self, sigmas: torch.Tensor) -> bool:
+        """Whether the schedule starts at (or above) the model's sigma_max: then the full prior variance is used."""
+        if sigmas.numel() == 0:
+            return False
+        first, top = float(sigmas[0]), float(self.sigma_max)
+        return math.isclose(first, top, rel_tol=1e-5) or first > top

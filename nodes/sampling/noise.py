@@ -1,0 +1,70 @@
+"""Noise sources for stochastic samplers.
+
+A noise sampler is ``f(sigma, sigma_next) -> Tensor`` shaped like x with unit variance.
+Ancestral samplers use independent draws from a seeded generator; SDE samplers use increments of a
+seeded Brownian motion over sigma, so the same seed gives a consistent noise path whatever the
+step count (torchsde's BrownianTree, as k-diffusion/ComfyUI do).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def default_noise_sampler(x: torch.Tensor, seed: int | None = None) -> NoiseSampler:
+    """Independent N(0, 1) draws from a generator on x's device seeded with ``seed`` (ComfyUI's choice)."""
+    generator: torch.Generator | None = None
+    if seed is not None:
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(int(seed))
+
+    def sample(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device, generator=generator)
+
+    return sample
+
+
+class BrownianTreeNoiseSampler:
+    """Normalised Brownian increments (W(t1) - W(t0)) / sqrt(|t1 - t0|) over sigma in [sigma_min, sigma_max].
+
+    ``cpu=True`` builds the tree on the CPU (device-independent results); the ``*_gpu`` sampler names
+    build it on x's device.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        sigma_min: torch.Tensor | float,
+        sigma_max: torch.Tensor | float,
+        seed: int | None = None,
+        cpu: bool = True,
+        transform: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    ) -> None:
+        import torchsde  # optional heavy import: only SDE samplers need it
+
+        self.transform = transform
+        self.out_device, self.out_dtype = x.device, x.dtype
+        tree_device = torch.device("cpu") if cpu else x.device
+        t0 = transform(torch.as_tensor(sigma_min, dtype=torch.float32)).to(tree_device, torch.float32)
+        t1 = transform(torch.as_tensor(sigma_max, dtype=torch.float32)).to(tree_device, torch.float32)
+        self.sign = 1.0
+        if t0 > t1:
+            t0, t1, self.sign = t1, t0, -1.0
+        if seed is None:
+            seed = int(torch.randint(0, 2**63 - 1, []).item())
+        self.tree_device = tree_device
+        w0 = torch.zeros(x.shape, dtype=torch.float32, device=tree_device)
+        self.tree = torchsde.BrownianTree(t0, w0, t1, entropy=int(seed))
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        a = self.transform(torch.as_tensor(sigma, dtype=torch.float32)).to(self.tree_device, torch.float32)
+        b = self.transform(torch.as_tensor(sigma_next, dtype=torch.float32)).to(self.tree_device, torch.float32)
+        sign = self.sign
+        if a > b:
+            a, b, sign = b, a, -sign
+        w = self.tree(a, b) * sign
+        return (w / (b - a).abs().sqrt()).to(self.out_device, self.out_dtype)

@@ -1,0 +1,243 @@
+"""Stochastic samplers: ancestral (fresh Gaussian noise per step) and SDE (Brownian-tree noise).
+
+Ancestral samplers draw from a generator seeded with ``extra_args["seed"]``; SDE samplers use a
+Brownian tree seeded with it. Either can be overridden with ``noise_sampler=`` (tests inject noise).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import (
+    Denoiser,
+    StepCallback,
+    ancestral_noise,
+    brownian_noise,
+    get_ancestral_step,
+    report,
+    sigma_fn,
+    split_extra,
+    t_fn,
+    to_d,
+)
+
+
+# Euler ancestral (k-diffusion; Song et al. 2021 reverse SDE split into an ODE step + noise), eta=1.
+@torch.no_grad()
+def sample_euler_ancestral(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
+                           eta=1.0, s_noise=1.0, noise_sampler=None):
+    kwargs, seed = split_extra(extra_args)
+    noise = ancestral_noise(x, seed, noise_sampler)
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **kwargs)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        report(callback, i, x, sigmas[i], denoised)
+        x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        if sigmas[i + 1] > 0:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+# DPM-Solver-2 midpoint step to sigma_down plus ancestral noise (k-diffusion "dpm_2_ancestral").
+@torch.no_grad()
+def sample_dpm_2_ancestral(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
+                           eta=1.0, s_noise=1.0, noise_sampler=None):
+    kwargs, seed = split_extra(extra_args)
+    noise = ancestral_noise(x, seed, noise_sampler)
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i]
+        denoised = model(x, sigma * s_in, **kwargs)
+        sigma_down, sigma_up = get_ancestral_step(sigma, sigmas[i + 1], eta)
+        report(callback, i, x, sigma, denoised)
+        d = to_d(x, sigma, denoised)
+        if sigma_down == 0:
+            x = x + d * (sigma_down - sigma)
+        else:
+            sigma_mid = sigma.log().lerp(sigma_down.log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigma)
+            d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in, **kwargs))
+            x = x + d_2 * (sigma_down - sigma)
+            x = x + noise(sigma, sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+# DPM-Solver++(2S) single-step, Lu et al. 2022 (arXiv 2211.01095) Alg. 1, with ancestral noise.
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
+                              eta=1.0, s_noise=1.0, noise_sampler=None):
+    kwargs, seed = split_extra(extra_args)
+    noise = ancestral_noise(x, seed, noise_sampler)
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i]
+        denoised = model(x, sigma * s_in, **kwargs)
+        sigma_down, sigma_up = get_ancestral_step(sigma, sigmas[i + 1], eta)
+        report(callback, i, x, sigma, denoised)
+        if sigma_down == 0:
+            x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
+        else:
+            t, t_next = t_fn(sigma), t_fn(sigma_down)
+            h = t_next - t
+            s = t + 0.5 * h
+            x_2 = (sigma_fn(s) / sigma_fn(t)) * x - (-0.5 * h).expm1() * denoised
+            denoised_2 = model(x_2, sigma_fn(s) * s_in, **kwargs)
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_2
+        if sigmas[i + 1] > 0:
+            x = x + noise(sigma, sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+# DPM-Solver++ (stochastic, 2 stages, r=1/2), k-diffusion "dpmpp_sde"; Lu et al. 2022 with SDE noise.
+@torch.no_grad()
+def sample_dpmpp_sde(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
+                     eta=1.0, s_noise=1.0, noise_sampler=None, r=0.5, cpu_noise=True):
+    kwargs, seed = split_extra(extra_args)
+    noise = brownian_noise(x, sigmas, seed, noise_sampler, cpu=cpu_noise)
+    s_in = x.new_ones([x.shape[0]])
+    fac = 1 / (2 * r)
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i]
+        denoised = model(x, sigma * s_in, **kwargs)
+        report(callback, i, x, sigma, denoised)
+        if sigmas[i + 1] == 0:
+            x = x + to_d(x, sigma, denoised) * (sigmas[i + 1] - sigma)
+            continue
+        t, t_next = t_fn(sigma), t_fn(sigmas[i + 1])
+        h = t_next - t
+        s = t + h * r
+        # stage 1: ancestral step to the intermediate time s
+        sd, su = get_ancestral_step(sigma_fn(t), sigma_fn(s), eta)
+        s_ = t_fn(sd)
+        x_2 = (sigma_fn(s_) / sigma_fn(t)) * x - (t - s_).expm1() * denoised
+        x_2 = x_2 + noise(sigma_fn(t), sigma_fn(s)) * s_noise * su
+        denoised_2 = model(x_2, sigma_fn(s) * s_in, **kwargs)
+        # stage 2: full step with the blended denoised estimate
+        sd, su = get_ancestral_step(sigma_fn(t), sigma_fn(t_next), eta)
+        t_next_ = t_fn(sd)
+        denoised_d = (1 - fac) * denoised + fac * denoised_2
+        x = (sigma_fn(t_next_) / sigma_fn(t)) * x - (t - t_next_).expm1() * denoised_d
+        x = x + noise(sigma_fn(t), sigma_fn(t_next)) * s_noise * su
+    return x
+
+
+# DPM-Solver++(2M) SDE, Lu et al. 2022 (arXiv 2211.01095) Sec. 5 / App. B; solver_type midpoint or heun.
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
+                        eta=1.0, s_noise=1.0, noise_sampler=None, solver_type="midpoint", cpu_noise=True):
+    if solver_type not in ("heun", "midpoint"):
+        raise ValueError("solver_type must be 'heun' or 'midpoint'")
+    kwargs, seed = split_extra(extra_args)
+    noise = brownian_noise(x, sigmas, seed, noise_sampler, cpu=cpu_noise)
+    s_in = x.new_ones([x.shape[0]])
+    old_denoised = None
+    h_last = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **kwargs)
+        report(callback, i, x, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = s - t
+            eta_h = eta * h
+            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                else:
+                    x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
+            if eta:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+            h_last = h
+        old_denoised = denoised
+    return x
+
+
+def sample_dpmpp_2m_sde_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts):
+    # DPM-Solver++(2M) SDE with the Heun-type second-order correction (Lu et al. 2022).
+    return sample_dpmpp_2m_sde(model, x, sigmas, extra_args, callback, disable, solver_type="heun", **opts)
+
+
+# DPM-Solver++(3M) SDE (k-diffusion; third-order multistep extension of Lu et al. 2022).
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
+                        eta=1.0, s_noise=1.0, noise_sampler=None, cpu_noise=True):
+    kwargs, seed = split_extra(extra_args)
+    noise = brownian_noise(x, sigmas, seed, noise_sampler, cpu=cpu_noise)
+    s_in = x.new_ones([x.shape[0]])
+    denoised_1 = denoised_2 = None
+    h = h_1 = h_2 = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **kwargs)
+        report(callback, i, x, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = s - t
+            h_eta = h * (eta + 1)
+            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                d = (denoised - denoised_1) / (h_1 / h)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                x = x + phi_2 * d
+            if eta:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+def _ddpm_step(x_vp, sigma, sigma_prev, eps, noise):
+    """Ho et al. 2020 posterior mean (Eq. 11) plus posterior-variance noise, in VP form."""
+    ac = 1 / (sigma * sigma + 1)
+    ac_prev = 1 / (sigma_prev * sigma_prev + 1)
+    alpha = ac / ac_prev
+    mu = (1.0 / alpha).sqrt() * (x_vp - (1 - alpha) * eps / (1 - ac).sqrt())
+    if sigma_prev > 0:
+        mu = mu + ((1 - alpha) * (1.0 - ac_prev) / (1.0 - ac)).sqrt() * noise(sigma, sigma_prev)
+    return mu
+
+
+# DDPM ancestral sampling, Ho et al. 2020, Alg. 2 (over an arbitrary sigma subsequence).
+@torch.no_grad()
+def sample_ddpm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None, noise_sampler=None):
+    kwargs, seed = split_extra(extra_args)
+    noise = ancestral_noise(x, seed, noise_sampler)
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i]
+        denoised = model(x, sigma * s_in, **kwargs)
+        report(callback, i, x, sigma, denoised)
+        x = _ddpm_step(x / torch.sqrt(1.0 + sigma**2), sigma, sigmas[i + 1], (x - denoised) / sigma, noise)
+        if sigmas[i + 1] != 0:
+            x = x * torch.sqrt(1.0 + sigmas[i + 1] ** 2)
+    return x
+
+
+# Latent Consistency Model sampling, Luo et al. 2023 (arXiv 2310.04378) Alg. 1: predict x0, re-noise.
+@torch.no_grad()
+def sample_lcm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None, noise_sampler=None):
+    kwargs, seed = split_extra(extra_args)
+    noise = ancestral_noise(x, seed, noise_sampler)
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **kwargs)
+        report(callback, i, x, sigmas[i], denoised)
+        x = denoised
+        if sigmas[i + 1] > 0:
+            # eps/v models: noise_scaling is x0 + sigma * noise
+            x = x + sigmas[i + 1] * noise(sigmas[i], sigmas[i + 1])
+    return x

@@ -1,0 +1,110 @@
+"""`/workflows`: a small library of workflow files in `<user_dir>/workflows`.
+
+Names are flat and conservative (letters, digits, space, `_ - . ( )`, at most 120 characters, ".json"
+added when missing) and the resolved path still goes through `contained_path`, so no name can reach
+outside the folder or create hidden files.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from aiohttp import web
+
+from engine.paths import UnsafePathError, contained_path
+
+from .routing import Routes, json_response, read_json
+from .security import ApiError
+from .state import STATE
+
+routes = Routes("workflows")
+
+_NAME = re.compile(r"^[\w][\w .()\-]{0,119}$")
+
+
+def workflows_dir(request: web.Request) -> Path:
+    return Path(request.app[STATE].config.user_dir) / "workflows"
+
+
+def workflow_path(folder: Path, name: str) -> Path:
+    if name.endswith(".json"):
+        name = name[:-5]
+    if not _NAME.match(name) or name.endswith(".") or ".." in name:
+        raise ApiError(400, "invalid workflow name: use letters, digits, spaces and _ - . ( ), at most 120 "
+                            "characters", type_="invalid_name")
+    try:
+        return contained_path(folder, name + ".json")
+    except UnsafePathError as e:
+        raise ApiError(403, f"path refused: {e}", type_="forbidden") from None
+
+
+def _listing(folder: Path) -> list[dict]:
+    if not folder.is_dir():
+        return []
+    out = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name.lower()):
+        if entry.suffix == ".json" and entry.is_file() and not entry.is_symlink():
+            st = entry.stat()
+            out.append({"name": entry.stem, "file": entry.name, "size": st.st_size, "modified": st.st_mtime})
+    return out
+
+
+@routes.get("/workflows", "List saved workflows")
+async def list_workflows(request: web.Request) -> web.Response:
+    return json_response(await asyncio.to_thread(_listing, workflows_dir(request)))
+
+
+@routes.get("/workflows/{name}", "Load a saved workflow (the JSON document as saved)")
+async def load_workflow(request: web.Request) -> web.Response:
+    path = workflow_path(workflows_dir(request), request.match_info["name"])
+    if not path.is_file():
+        raise ApiError(404, "no such workflow", type_="not_found")
+    data = await asyncio.to_thread(path.read_bytes)
+    return web.Response(body=data, content_type="application/json", headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def _save(request: web.Request) -> web.Response:
+    folder = workflows_dir(request)
+    path = workflow_path(folder, request.match_info["name"])
+    doc = await read_json(request)
+    if not isinstance(doc, dict):
+        raise ApiError(400, "a workflow must be a JSON object (UI or API format)")
+    overwrite = request.query.get("overwrite", "true").lower() not in ("false", "0", "no")
+    if path.exists() and not overwrite:
+        raise ApiError(409, "a workflow with that name exists (pass ?overwrite=true)", type_="exists")
+
+    def write() -> int:
+        folder.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(doc, indent=1).encode()
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".wf-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return len(data)
+
+    size = await asyncio.to_thread(write)
+    return json_response({"name": path.stem, "file": path.name, "size": size})
+
+
+@routes.post("/workflows/{name}", "Save a workflow (?overwrite=false refuses to replace one)",
+             body={"type": "object"}, responses={"200": "{name, file, size}", "409": "exists"})
+async def save_workflow(request: web.Request) -> web.Response:
+    return await _save(request)
+
+
+@routes.put("/workflows/{name}", "Save a workflow (same as POST)", body={"type": "object"})
+async def put_workflow(request: web.Request) -> web.Response:
+    return await _save(request)
+
+
+@routes.delete("/workflows/{name}", "Delete a saved workflow")
+async def delete_workflow(request: web.Request) -> web.Response:
+    path = workflow_path(workflows_dir(request), request.match_info["name"])
+    if not path.is_file():
+        raise ApiError(404, "no such workflow", type_="not_found")
+    await asyncio.to_thread(path.unlink)
+    return json_response({"deleted": path.stem})

@@ -1,0 +1,166 @@
+"""The one worker thread: takes prompts from the durable queue in order and runs them with the executor.
+
+The HTTP side only writes to the store and wakes this thread; it never waits for an execution. Events
+from the executor are encoded here (previews become JPEG in this thread, not on the event loop) and
+handed to the hub on the loop. The history entry is committed before the completion signal
+(`executing {node: null}`) goes out, so a client that reacts to it by fetching `/history` finds it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+from engine.events import Event
+from engine.store import QueueItem, Store, failed_entry, history_entry
+
+from .ws import Hub, encode_preview
+
+log = logging.getLogger("sdflow.server")
+
+
+class Worker:
+    def __init__(self, store: Store, executor: Any, hub: Hub, *, preview_size: int = 512,
+                 on_queue_change: Callable[[], None] | None = None) -> None:
+        self.store = store
+        self.executor = executor
+        self.hub = hub
+        self.preview_size = preview_size
+        self.on_queue_change = on_queue_change or (lambda: None)
+        self._cond = threading.Condition()
+        self._stop = False
+        self._free: dict[str, bool] = {}
+        self._thread: threading.Thread | None = None
+        self.paused = store.paused
+        self.running: QueueItem | None = None
+        self.completed = 0
+
+    # ---- control (any thread) -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="sdflow-worker", daemon=True)
+        self._thread.start()
+
+    def notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def set_paused(self, paused: bool) -> None:
+        self.store.set_paused(paused)
+        self.paused = paused
+        self.notify()
+
+    def request_free(self, unload_models: bool, free_memory: bool) -> None:
+        with self._cond:
+            self._free["unload_models"] = self._free.get("unload_models", False) or unload_models
+            self._free["free_memory"] = self._free.get("free_memory", False) or free_memory
+            self._cond.notify_all()
+
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        """Global interrupt, or only if `prompt_id` is the running prompt (ComfyUI's rule)."""
+        running = self.running
+        if prompt_id is not None and (running is None or running.prompt_id != prompt_id):
+            return False
+        self.executor.interrupt(prompt_id)
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self.running is not None:
+            try:
+                self.executor.interrupt(None)
+            except Exception:
+                log.exception("interrupt on shutdown failed")
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the thread -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._free and (self.paused or not self.store.has_pending()):
+                    # the timeout is a safety net; every producer calls notify()
+                    self._cond.wait(timeout=1.0)
+                if self._stop:
+                    return
+                free, self._free = self._free, {}
+            if free:
+                self._do_free(free)
+                continue
+            if self.paused:
+                continue
+            item = self.store.claim_next()
+            if item is None:
+                continue
+            self.running = item
+            self._changed()
+            try:
+                self._run(item)
+            finally:
+                self.running = None
+                self.completed += 1
+                self._changed()
+
+    def _changed(self) -> None:
+        try:
+            self.on_queue_change()
+        except Exception:
+            log.exception("queue change callback failed")
+
+    def _do_free(self, flags: dict[str, bool]) -> None:
+        try:
+            self.executor.free(unload_models=flags.get("unload_models", False),
+                               free_memory=flags.get("free_memory", False))
+        except Exception:
+            log.exception("free failed")
+
+    def _run(self, item: QueueItem) -> None:
+        client_id = item.extra_data.get("client_id")
+        if not isinstance(client_id, str):
+            client_id = None
+        hub = self.hub
+        size = self.preview_size
+
+        def emit(event: Event) -> None:
+            try:
+                if event.type == "preview":
+                    if event.image is not None:
+                        preview = encode_preview(event.image, event.data, size)
+                        hub.post_threadsafe(hub.dispatch, "preview", event.data, client_id, preview)
+                    return
+                if event.type == "executing" and event.data.get("node") is None:
+                    return  # sent below, after the history entry is committed
+                hub.post_threadsafe(hub.dispatch, event.type, event.data, client_id)
+            except Exception:  # an event that cannot be sent must not fail the prompt
+                log.exception("could not forward event %s", event.type)
+
+        try:
+            result = self.executor.execute(item.prompt, item.prompt_id, outputs=list(item.outputs),
+                                           extra_data=dict(item.extra_data), emit=emit)
+            ok = result.status == "success"
+            entry = history_entry(item, status_str="success" if ok else "error", completed=ok,
+                                  messages=list(result.messages), outputs=dict(result.outputs),
+                                  meta=dict(result.meta))
+        except Exception as exc:  # the executor itself failed: record it, tell the client, keep working
+            log.exception("executor failed on prompt %s", item.prompt_id)
+            entry = failed_entry(item, f"{type(exc).__name__}: {exc}", exception_type=type(exc).__name__)
+            err = entry["status"]["messages"][-1][1]
+            err["traceback"] = traceback.format_tb(exc.__traceback__)
+            hub.post_threadsafe(hub.dispatch, "execution_error", err, client_id)
+        for attempt in range(5):
+            try:
+                self.store.finish(item.prompt_id, entry)
+                break
+            except Exception:  # e.g. a locked database; retry rather than lose the result
+                log.exception("could not record history for %s (attempt %d)", item.prompt_id, attempt + 1)
+                time.sleep(0.2 * (attempt + 1))
+        hub.post_threadsafe(hub.dispatch, "executing", {"node": None, "prompt_id": item.prompt_id}, client_id)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()

@@ -1,0 +1,177 @@
+"""Small non-diffusion nodes the engine tests run: arithmetic, strings, an image-ish tensor node,
+list and lazy nodes, and a few that misbehave on purpose. Each records its calls in CALLS."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Literal, NamedTuple, Optional
+
+import torch
+
+from engine import progress
+from engine.inputs import Boolean, Combo, Float, Hidden, Int, Lazy, String, socket
+from engine.node import UI, NodeOutput, node
+
+Image = socket("IMAGE", torch.Tensor)
+Mask = socket("MASK", torch.Tensor)
+Number = socket("INT,FLOAT", float)
+
+CALLS: list[str] = []
+
+
+def calls_of(name: str) -> int:
+    return sum(1 for c in CALLS if c == name)
+
+
+@node("Const", category="math")
+def const(value: Int(0, min=-1000, max=1000)) -> int:
+    """An integer constant."""
+    CALLS.append("Const")
+    return value
+
+
+@node("Add", category="math")
+def add(a: int, b: Int(0, min=-10**9, max=10**9, step=1)) -> int:
+    CALLS.append("Add")
+    return a + b
+
+
+@node("Scale", category="math")
+def scale(x: Number, factor: Float(1.0, min=-100.0, max=100.0, step=0.5) = 1.0) -> float:
+    CALLS.append("Scale")
+    return x * factor
+
+
+class DivMod(NamedTuple):
+    quotient: int
+    remainder: int
+
+
+@node("DivMod", category="math")
+def divmod_node(a: int, b: int = 1) -> DivMod:
+    CALLS.append("DivMod")
+    return DivMod(*divmod(a, b))
+
+
+@node("Concat", category="text")
+def concat(a: String("", multiline=True), b: str = "", sep: Combo([" ", "-", ""], default=" ") = " ") -> str:
+    CALLS.append("Concat")
+    return f"{a}{sep}{b}"
+
+
+@node("Upper", category="text")
+def upper(text: str, enabled: Boolean(True) = True) -> str:
+    CALLS.append("Upper")
+    return text.upper() if enabled else text
+
+
+@node("SolidImage", category="image")
+def solid_image(value: Float(0.5, min=0.0, max=1.0), size: Int(8, min=1, max=64) = 8) -> Image:
+    CALLS.append("SolidImage")
+    return torch.full((1, size, size, 3), value)
+
+
+@node("InvertImage", category="image")
+def invert_image(image: Image) -> Image:
+    CALLS.append("InvertImage")
+    return 1.0 - image
+
+
+@node("BigTensor", category="image")
+def big_tensor(megabytes: Int(1, min=1, max=64), tag: Int(0) = 0) -> Image:
+    CALLS.append("BigTensor")
+    return torch.zeros(megabytes * 262144, dtype=torch.float32)   # megabytes MiB
+
+
+@node("Show", category="output", output_node=True)
+def show(value: socket("*", object), prompt: Hidden("PROMPT") = None, uid: Hidden("UNIQUE_ID") = None) -> NodeOutput:
+    CALLS.append("Show")
+    shown = value.tolist() if hasattr(value, "tolist") and getattr(value, "numel", lambda: 99)() < 16 else value
+    if hasattr(shown, "shape"):
+        shown = list(shown.shape)
+    return UI(text=[repr(shown)])
+
+
+@node("PassThroughOut", category="output", output_node=True)
+def pass_through_out(value: int) -> NodeOutput:
+    CALLS.append("PassThroughOut")
+    return NodeOutput((value,), {"value": [value]})
+
+
+PassThroughOut_returns = None  # (typing helper below)
+pass_through_out.__sdflow_node__.outputs.append(
+    __import__("engine.node", fromlist=["OutputDecl"]).OutputDecl("INT", "INT"))
+
+
+@node("Fail", category="test")
+def fail(value: int, message: str = "boom") -> int:
+    CALLS.append("Fail")
+    raise ValueError(message)
+
+
+@node("Slow", category="test")
+def slow(value: int, steps: Int(10, min=1, max=1000) = 10, delay: Float(0.01, min=0.0, max=5.0) = 0.01) -> int:
+    CALLS.append("Slow")
+    for i in range(steps):
+        time.sleep(delay)
+        progress.report(i + 1, steps)
+    return value
+
+
+@node("Random", category="test", deterministic=False)
+def random_node(low: int = 0) -> int:
+    CALLS.append("Random")
+    return low + int.from_bytes(os.urandom(2), "big")
+
+
+def _file_stamp(path: str) -> str:
+    return str(os.stat(path).st_mtime_ns) if os.path.exists(path) else "missing"
+
+
+@node("ReadFile", category="test", fingerprint=lambda path: _file_stamp(path))
+def read_file(path: str) -> str:
+    CALLS.append("ReadFile")
+    with open(path) as fh:
+        return fh.read()
+
+
+def _validate_even(value: int) -> bool | str:
+    return True if value is None or value % 2 == 0 else f"{value} is odd"
+
+
+@node("EvenOnly", category="test", validate=_validate_even)
+def even_only(value: int) -> int:
+    CALLS.append("EvenOnly")
+    return value
+
+
+# ---- lists ------------------------------------------------------------------------------------
+
+@node("MakeList", category="list", output_is_list=True)
+def make_list(start: int = 0, count: Int(3, min=0, max=100) = 3) -> int:
+    CALLS.append("MakeList")
+    return list(range(start, start + count))
+
+
+@node("SumList", category="list", input_is_list=True)
+def sum_list(values: int, offset: int = 0) -> int:
+    CALLS.append("SumList")
+    return sum(values) + offset[0]
+
+
+# ---- lazy -------------------------------------------------------------------------------------
+
+def _lazy_needs(use_first: bool, first=None, second=None) -> list[str]:
+    return ["first"] if use_first else ["second"]
+
+
+@node("Choose", category="lazy", check_lazy=_lazy_needs)
+def choose(use_first: bool, first: Lazy(int) = None, second: Lazy(int) = None) -> int:
+    CALLS.append("Choose")
+    return first if use_first else second
+
+
+@node("Pick", category="test")
+def pick(mode: Literal["a", "b"] = "a", image: Optional[Image] = None) -> str:
+    CALLS.append("Pick")
+    return mode if image is None else f"{mode}+image"
