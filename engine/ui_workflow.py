@@ -18,7 +18,9 @@ __all__ = [
     "ui_to_api",
     "api_to_ui",
     "unwrap_value",
+    "is_link",
     "widget_layout",
+    "schema_inputs",
     "VIRTUAL_NODE_TYPES",
 ]
 
@@ -178,6 +180,7 @@ def _layout_entries(
     seed_names: bool = True,
     combo_filter: bool = True,
     force_input_widgets: bool = False,
+    controls: bool = True,
 ) -> list[tuple[str, str]]:
     """(input name, slot kind) per widgets_values slot; kind is "value", "control", "filter" or "upload".
 
@@ -201,7 +204,7 @@ def _layout_entries(
         if spec.options.get("forceInput") and not force_input_widgets:
             continue
         entries.append((spec.name, "value"))
-        if _has_control(spec, seed_names):
+        if controls and _has_control(spec, seed_names):
             entries.append((spec.name, "control"))
             if spec.type_name == "COMBO" and combo_filter:
                 entries.append((spec.name, "filter"))
@@ -214,7 +217,7 @@ def widget_layout(class_info: dict, **variant: bool) -> list[str | None]:
     """Positional layout of a node's `widgets_values`: the widget's input name, or None for a slot the
     frontend stores but never sends (control_after_generate, a combo's filter list, an upload button).
 
-    Keyword flags (`upload`, `seed_names`, `combo_filter`, `force_input_widgets`) pick between variants
+    Keyword flags (`upload`, `seed_names`, `combo_filter`, `force_input_widgets`, `controls`) pick variants
     that different frontend versions wrote; the defaults are what the current frontend writes.
     """
     return [name if kind == "value" else None for name, kind in _layout_entries(class_info, **variant)]
@@ -222,7 +225,8 @@ def widget_layout(class_info: dict, **variant: bool) -> list[str | None]:
 
 def _layout_for_count(class_info: dict, count: int) -> list[str | None]:
     """The layout variant whose length matches what the node stored, preferring the current frontend's."""
-    defaults = {"upload": True, "seed_names": True, "combo_filter": True, "force_input_widgets": False}
+    defaults = {"upload": True, "seed_names": True, "combo_filter": True, "force_input_widgets": False,
+                "controls": True}
     keys = list(defaults)
     variants = []
     for flips in itertools.product((False, True), repeat=len(keys)):
@@ -600,24 +604,26 @@ def _ui_id(key: str) -> int | str:
 
 
 def _depths(prompt: dict[str, dict]) -> dict[str, int]:
+    """Longest-path depth of each node from the sources (iterative: long chains must not recurse)."""
+    def sources(nid: str) -> list[str]:
+        return [v[0] for v in (prompt[nid].get("inputs") or {}).values() if is_link(v) and v[0] in prompt]
+
     depth: dict[str, int] = {}
-
-    def visit(nid: str, stack: set[str]) -> int:
-        if nid in depth:
-            return depth[nid]
-        if nid in stack:  # a cycle: validation reports it; layout just needs to terminate
-            return 0
-        stack.add(nid)
-        best = 0
-        for value in prompt[nid].get("inputs", {}).values():
-            if is_link(value) and value[0] in prompt:
-                best = max(best, visit(value[0], stack) + 1)
-        stack.discard(nid)
-        depth[nid] = best
-        return best
-
-    for nid in prompt:
-        visit(nid, set())
+    for start in prompt:
+        if start in depth:
+            continue
+        on_path = {start}
+        stack = [(start, iter(sources(start)))]
+        while stack:
+            nid, pending = stack[-1]
+            nxt = next(pending, None)
+            if nxt is None:
+                stack.pop()
+                on_path.discard(nid)
+                depth[nid] = max((depth.get(src, 0) + 1 for src in sources(nid)), default=0)
+            elif nxt not in depth and nxt not in on_path:  # a cycle is validation's to report
+                on_path.add(nxt)
+                stack.append((nxt, iter(sources(nxt))))
     return depth
 
 
@@ -640,6 +646,7 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
     ui_nodes: dict[str, dict] = {}
     pending_links: list[tuple[str, int, str, int, Any]] = []  # origin, slot, target, target slot, input type
 
+    rows: dict[int, int] = {}
     for index, nid in enumerate(order):
         node = prompt[nid]
         ctype = node["class_type"]
@@ -695,7 +702,8 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
             outputs = []
             title_default = ctype
 
-        col_row = sum(1 for other in order[:index] if depth[other] == depth[nid])
+        col_row = rows.get(depth[nid], 0)
+        rows[depth[nid]] = col_row + 1
         ui_node: dict[str, Any] = {
             "id": _ui_id(nid),
             "type": ctype,

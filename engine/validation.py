@@ -190,7 +190,8 @@ def _check_node(pn: PromptNode, nd: NodeDef, parsed: dict[str, PromptNode],
                                  f"{name}, received_type({received}) mismatch input_type({expected})",
                                  name, [src, slot], received_type=received, input_type=expected))
     for decl in nd.inputs.values():
-        if decl.section == "required" and decl.name not in pn.links and decl.name not in pn.constants:
+        if (decl.section == "required" and decl.name not in pn.links and decl.name not in pn.constants
+                and decl.name not in pn.bad_links):   # a malformed link is reported once, as bad_linked_input
             errors.append(_error("required_input_missing", "Required input is missing", decl.name, decl.name, None))
     constants = {k: v for k, v in pn.constants.items() if k in nd.inputs or nd.accepts_extra}
     for name, value in list(constants.items()):

@@ -70,9 +70,11 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
             return {}
         raise ApiError(400, "request body is empty; expected JSON", type_="invalid_json")
     try:
-        return json.loads(raw, parse_constant=_refuse_constant)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "request body is not UTF-8 text", type_="invalid_json") from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
     except ValueError as e:  # JSONDecodeError, and int strings over Python's digit limit
         raise ApiError(400, f"malformed JSON: {e}", type_="invalid_json") from None
     except RecursionError:

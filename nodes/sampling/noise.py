@@ -57,6 +57,9 @@ class BrownianTreeNoiseSampler:
         if seed is None:
             seed = int(torch.randint(0, 2**63 - 1, []).item())
         self.tree_device = tree_device
+        # torchsde rounds its interval ends to 6 digits (tol 1e-6) and warns on queries just outside;
+        # clamping first gives the same increments without the warning.
+        self._lo, self._hi = round(float(t0), 6), round(float(t1), 6)
         w0 = torch.zeros(x.shape, dtype=torch.float32, device=tree_device)
         self.tree = torchsde.BrownianTree(t0, w0, t1, entropy=int(seed))
 
@@ -66,5 +69,7 @@ class BrownianTreeNoiseSampler:
         sign = self.sign
         if a > b:
             a, b, sign = b, a, -sign
-        w = self.tree(a, b) * sign
+        a_f = min(max(float(a), self._lo), self._hi)
+        b_f = min(max(float(b), self._lo), self._hi)
+        w = self.tree(a_f, b_f) * sign
         return (w / (b - a).abs().sqrt()).to(self.out_device, self.out_dtype)

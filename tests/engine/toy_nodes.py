@@ -175,3 +175,65 @@ def choose(use_first: bool, first: Lazy(int) = None, second: Lazy(int) = None) -
 def pick(mode: Literal["a", "b"] = "a", image: Optional[Image] = None) -> str:
     CALLS.append("Pick")
     return mode if image is None else f"{mode}+image"
+
+
+# ---- added for the declaration / executor tests ---------------------------------------------------
+
+@node("Seeded", category="test/seeds", display_name="Seeded Number")
+def seeded(seed: Int(0, min=0, max=2**64 - 1, control_after_generate=True),
+           scale: Float(1.0, min=0.0, max=10.0, step=0.1, round=0.01) = 1.0) -> int:
+    """Turns a seed into a number.
+
+    This second paragraph is not part of the description."""
+    CALLS.append("Seeded")
+    return int(seed * scale)
+
+
+class Widgets(NamedTuple):
+    text: str
+    flag: bool
+
+
+@node("Widgets", category="test", output_tooltips=["the text", "the flag"])
+def widgets(text: String("hi", placeholder="type here", tooltip="some text"),
+            flag: Boolean(True, label_on="yes", label_off="no"),
+            extra: Optional[Number] = None,
+            pnginfo: Hidden("EXTRA_PNGINFO") = None) -> Widgets:
+    CALLS.append("Widgets")
+    return Widgets(text, flag)
+
+
+# A combo whose choices change at run time (like a folder listing): tests rewrite FILES.
+FILES: list[str] = ["a.safetensors", "b.safetensors"]
+
+
+@node("PickFile", category="test")
+def pick_file(name: Combo(lambda: list(FILES))) -> str:
+    CALLS.append("PickFile")
+    return name
+
+
+@node("Collect", category="output", output_node=True)
+def collect(value: socket("*", object)) -> NodeOutput:
+    """An output node with no hidden UNIQUE_ID, so its cache key is purely content-addressed."""
+    CALLS.append("Collect")
+    return UI(values=[value if isinstance(value, (int, float, str)) else repr(value)])
+
+
+@node("PreviewSteps", category="test")
+def preview_steps(value: int, steps: Int(2, min=1, max=100) = 2) -> int:
+    CALLS.append("PreviewSteps")
+    from PIL import Image as PILImage
+    for i in range(steps):
+        progress.report(i + 1, steps, PILImage.new("RGB", (4, 4), (i * 40, 0, 0)))
+    return value
+
+
+class ToyError(RuntimeError):
+    """An exception type outside builtins, to check how execution_error names it."""
+
+
+@node("FailCustom", category="test")
+def fail_custom(value: int) -> int:
+    CALLS.append("FailCustom")
+    raise ToyError(f"custom failure {value}")

@@ -1,0 +1,166 @@
+"""Tiny random-weight Stable Diffusion models for tests and demos.
+
+They use the real diffusers/transformers classes and the real block structure of each
+architecture (SD1: conv projections and 8 heads; SD2: linear projections and an OpenCLIP-H
+style encoder; SDXL: an attention-free first level, deeper second level, text-time embedding
+and two encoders), only with tiny widths. The VAE keeps four levels so images are still
+downscaled by 8. Configs are derived from the shipped full-size ones with the same rules the
+loader uses to infer them back from tensor shapes (detect.py), so a written tiny checkpoint
+loads into identical models.
+
+The weights are random: every parameter is jittered so that no two tensors are alike and a
+swapped key in a conversion cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from . import detect
+from .checkpoint import CLIP_LAYER_DEFAULTS, LoadedCheckpoint, checkpoint_to_ldm_state_dict
+from .detect import CLIP_COMPONENTS, clip_heads, unet_heads
+from .tokenizer import load_tokenizer
+
+DEMO_NAME = "sdflow-demo-RANDOM-WEIGHTS-sd15.safetensors"
+CLIP_HIDDEN = 32
+SDXL_TIME_EMBED = 8  # per size/crop number; real SDXL uses 256
+MODELSPEC_ARCH = {
+    "sd1": "stable-diffusion-v1",
+    "sd2": "stable-diffusion-v2-768-v",
+    "sdxl": "stable-diffusion-xl-v1-base",
+}
+
+
+def tiny_configs(arch: str = "sd1") -> dict[str, dict]:
+    """diffusers/transformers configs of the tiny models: keys unet, vae, l/h/g."""
+    clips: dict[str, dict] = {}
+    for kind, component in CLIP_COMPONENTS[arch].items():
+        cfg = detect.shipped_config(arch, component)
+        cfg.update(
+            hidden_size=CLIP_HIDDEN,
+            intermediate_size=2 * CLIP_HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=clip_heads(CLIP_HIDDEN),
+            projection_dim=CLIP_HIDDEN,
+        )
+        clips[kind] = cfg
+    context = sum(c["hidden_size"] for c in clips.values())  # SDXL concatenates L and G
+
+    unet = detect.shipped_config(arch, "unet")
+    channels = [32, 64]
+    unet.update(block_out_channels=channels, layers_per_block=1, cross_attention_dim=context)
+    if arch == "sdxl":
+        unet.update(
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+            transformer_layers_per_block=[1, 2],
+            addition_time_embed_dim=SDXL_TIME_EMBED,
+            projection_class_embeddings_input_dim=clips["g"]["projection_dim"] + 6 * SDXL_TIME_EMBED,
+            attention_head_dim=[unet_heads(arch, c) for c in channels],
+        )
+    else:
+        unet.update(
+            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+            transformer_layers_per_block=[1, 1],
+            attention_head_dim=unet_heads(arch, channels[0]) if arch == "sd1" else [unet_heads(arch, c) for c in channels],
+        )
+
+    vae = detect.shipped_config(arch, "vae")
+    vae.update(block_out_channels=[32, 32, 32, 32], layers_per_block=1)
+    return {"unet": unet, "vae": vae, **clips}
+
+
+def _jitter(model: torch.nn.Module, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def _clip_model(cfg: dict) -> CLIPTextModel | CLIPTextModelWithProjection:
+    kwargs = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
+    with_proj = "CLIPTextModelWithProjection" in cfg.get("architectures", [])
+    cls = CLIPTextModelWithProjection if with_proj else CLIPTextModel
+    return cls(CLIPTextConfig(**kwargs))
+
+
+def tiny_checkpoint_models(arch: str = "sd1", *, prediction_type: str = "epsilon", seed: int = 0) -> LoadedCheckpoint:
+    """In-memory tiny models of `arch`, deterministic for a seed (the global RNG is left alone)."""
+    if arch not in detect.ARCHES:
+        raise ValueError(f"unknown architecture {arch!r}")
+    cfgs = tiny_configs(arch)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(cfgs["unet"])
+        vae = AutoencoderKL.from_config(cfgs["vae"])
+        encoders = {kind: _clip_model(cfgs[kind]) for kind in CLIP_COMPONENTS[arch]}
+    for model in (unet, vae, *encoders.values()):
+        _jitter(model, gen)
+        model.eval().requires_grad_(False)
+    sched = detect.shipped_config(arch, "scheduler")
+    sched["prediction_type"] = prediction_type
+    return LoadedCheckpoint(
+        arch=arch,
+        prediction_type=prediction_type,
+        unet=unet,
+        vae=vae,
+        text_encoders=encoders,
+        tokenizers={kind: load_tokenizer(kind) for kind in encoders},
+        source=Path(f"<tiny-{arch}-seed{seed}>"),
+        scheduler_config=sched,
+        metadata={"sdflow.random_weights": "true", "modelspec.prediction_type": prediction_type},
+        clip_layers=dict(CLIP_LAYER_DEFAULTS[arch]),
+    )
+
+
+def write_tiny_checkpoint(
+    path: str | Path, arch: str = "sd1", *, prediction_type: str = "epsilon", seed: int = 0
+) -> Path:
+    """Write a tiny single-file `.safetensors` checkpoint in the original LDM layout."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    ckpt = tiny_checkpoint_models(arch, prediction_type=prediction_type, seed=seed)
+    metadata = {
+        "sdflow.random_weights": "true",
+        "modelspec.prediction_type": prediction_type,
+        "modelspec.architecture": MODELSPEC_ARCH[arch],
+        "modelspec.title": f"sdflow tiny {arch} (random weights)",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    save_file(checkpoint_to_ldm_state_dict(ckpt), str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def write_tiny_diffusers_folder(path: str | Path, arch: str = "sd1", seed: int = 0) -> Path:
+    """Write the tiny models of `arch` as a diffusers pipeline folder."""
+    path = Path(path)
+    ckpt = tiny_checkpoint_models(arch, seed=seed)
+    path.mkdir(parents=True, exist_ok=True)
+    ckpt.unet.save_pretrained(path / "unet")
+    ckpt.vae.save_pretrained(path / "vae")
+    for kind, sub in CLIP_COMPONENTS[arch].items():
+        ckpt.text_encoders[kind].save_pretrained(path / sub)
+        ckpt.tokenizers[kind].save_pretrained(path / sub.replace("text_encoder", "tokenizer"))
+    (path / "scheduler").mkdir(exist_ok=True)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(ckpt.scheduler_config, indent=2))
+    (path / "model_index.json").write_text(json.dumps(detect.shipped_config(arch, "model_index"), indent=2))
+    return path
+
+
+def write_demo_checkpoint(models_dir: str | Path) -> Path:
+    """Ensure `models_dir/checkpoints/sdflow-demo-RANDOM-WEIGHTS-sd15.safetensors` exists (tiny SD1,
+    random weights: it runs every node end to end but produces noise-like images)."""
+    path = Path(models_dir) / "checkpoints" / DEMO_NAME
+    if not path.exists():
+        write_tiny_checkpoint(path, "sd1")
+    return path
