@@ -164,6 +164,7 @@ class _Run:
         existing = self.ex.cache.get(self.keys[nid])    # a duplicate sub-graph computed earlier in this run
         if existing is not None:
             self.entries[nid] = existing
+            self._report_ui(nid, existing.ui)    # a duplicated output node still shows its result
             return
         rn = self.nodes[nid]
         nd = rn.nodedef

@@ -52,7 +52,8 @@ def compute_keys(nodes: dict[str, ResolvedNode], order: Iterable[str], run_nonce
         if nd.fingerprint is not None:
             parts.append(_canonical(_fingerprint(rn)))
         if not nd.deterministic:
-            parts.append(run_nonce)
+            # Per run and per node: two copies of a random node in one prompt must not share a result.
+            parts.append(f"{run_nonce}:{nid}")
         links = rn.links
         for name in sorted(links) if len(links) > 1 else links:
             src, slot = links[name]

@@ -131,15 +131,7 @@ class InputSpec:
 
     @property
     def is_widget_type(self) -> bool:
-        return isinstance(self.type, list) or self.type in WIDGET_TYPES
-
-    def default(self) -> Any:
-        if "default" in self.options:
-            return self.options["default"]
-        values = self.type if isinstance(self.type, list) else self.options.get("options")
-        if self.type_name == "COMBO":
-            return values[0] if values else ""
-        return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(self.type_name)
+        return isinstance(self.type, list) or (isinstance(self.type, str) and self.type in WIDGET_TYPES)
 
 
 def _split_spec(spec: Any) -> tuple[Any, dict]:
@@ -675,7 +667,8 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
             for name, value in api_inputs.items():
                 if name not in spec_names and is_link(value):
                     add_slot(name, "*", value, False)
-            stray = [n for n, v in api_inputs.items() if n not in spec_names and not is_link(v)]
+            placeable = {name for name, kind in _layout_entries(info) if kind == "value"}
+            stray = [n for n, v in api_inputs.items() if n not in placeable and not is_link(v)]
             if stray:
                 # Constants the schema has no widget for cannot be placed positionally: keep them all by
                 # name (the dict form some custom nodes use) rather than lose them.

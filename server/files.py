@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image, PngImagePlugin
 
 from engine.paths import UnsafePathError, contained_path
@@ -168,8 +169,8 @@ async def _read_upload(request: web.Request) -> tuple[dict[str, str], str, bytes
     filename, data = None, None
     try:
         post = await request.post()
-    except ValueError as e:
-        raise ApiError(400, f"malformed multipart body: {e}") from None
+    except (ValueError, HttpProcessingError) as e:   # bad boundary, control chars in part headers, ...
+        raise ApiError(400, f"malformed multipart body: {str(e).strip()[:200]}") from None
     for key, value in post.items():
         if isinstance(value, web.FileField):
             if key == "image":

@@ -19,6 +19,7 @@ from typing import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger("sdflow.server")
 
@@ -57,6 +58,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except (ConnectionResetError, _cancelled()):
         raise
+    except HttpProcessingError as e:  # malformed body parts found while reading
+        status = e.code if 400 <= (e.code or 0) < 500 else 400
+        return json_error(status, f"malformed request: {e.message}"[:300])
     except Exception as e:  # the one place an unexpected bug is turned into a reply
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_error(500, f"internal error: {type(e).__name__}", type_="internal_error", details=str(e)[:500])

@@ -80,6 +80,19 @@ class LoadedCheckpoint:
 
 # ----------------------------------------------------------------------------------- building
 
+def _own_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast floats to `dtype`; copy tensors that still point into a file buffer.
+
+    safetensors hands out views of its read buffer that are not SIMD-aligned; besides pinning
+    the buffer, that makes CPU kernels take other code paths (results differ in the last bit
+    from a model built in memory). A fresh allocation is aligned.
+    """
+    target = dtype if t.is_floating_point() else t.dtype
+    if t.dtype != target or t.data_ptr() % 64 != 0:
+        return t.to(target, copy=True).contiguous()
+    return t
+
+
 def _materialize(
     factory: Callable[[], torch.nn.Module],
     sd: Mapping[str, torch.Tensor],
@@ -93,7 +106,7 @@ def _materialize(
         model = factory()
     if adapt is not None:
         sd = adapt(model, sd)
-    cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items() if v is not None}
+    cast = {k: _own_tensor(v, dtype) for k, v in sd.items() if v is not None}
     try:
         result = model.load_state_dict(cast, strict=False, assign=True)
     except RuntimeError as e:
@@ -269,6 +282,41 @@ def _folder_arch(path: Path) -> str:
     return "sd2" if cfg.get("use_linear_projection") else "sd1"
 
 
+_WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+
+def _strip_meta(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _read_component(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and all weights of one pipeline component folder (plain, fp16 variant or sharded)."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelFileError(folder, "component folder has no config.json")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelFileError(cfg_path, "not valid JSON") from None
+    for variant in ("", ".fp16"):
+        for ext in (".safetensors", ".bin"):
+            for name in _WEIGHT_NAMES:
+                single = folder / f"{name}{variant}{ext}"
+                if single.is_file():
+                    return cfg, read_state_dict(single)
+                index = folder / f"{name}{variant}{ext}.index.json"
+                if index.is_file():
+                    try:
+                        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+                    except (json.JSONDecodeError, KeyError, AttributeError, UnicodeDecodeError):
+                        raise ModelFileError(index, "bad shard index") from None
+                    sd: dict[str, torch.Tensor] = {}
+                    for shard in shards:
+                        sd.update(read_state_dict(folder / shard))
+                    return cfg, sd
+    raise ModelFileError(folder, "component folder has no weights file")
+
+
 def load_diffusers_folder(
     path: str | Path,
     *,
@@ -280,6 +328,7 @@ def load_diffusers_folder(
     """A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/...), local files only.
 
     Tokenizers always come from the shipped files (every SD pipeline uses the same vocabulary).
+    Weights are read directly (no hub code path) and assigned into meta-built models.
     """
     path = Path(path)
     if not (path / "model_index.json").is_file():
@@ -292,28 +341,27 @@ def load_diffusers_folder(
     prediction_type = "v_prediction" if scheduler_config.get("prediction_type") == "v_prediction" else "epsilon"
     scheduler_config["prediction_type"] = prediction_type
 
-    def part(sub: str, loader):
-        try:
-            model = loader(path / sub)
-        except ModelFileError:
-            raise
-        except Exception as e:  # diffusers/transformers raise many types for a missing or bad folder
-            raise ModelFileError(path / sub, f"cannot load {sub}: {type(e).__name__}: {e}") from None
-        return model.eval().requires_grad_(False)
-
-    unet = part("unet", lambda p: UNet2DConditionModel.from_pretrained(p, local_files_only=True, torch_dtype=dtype)) if load_unet else None
-    vae = part("vae", lambda p: AutoencoderKL.from_pretrained(p, local_files_only=True, torch_dtype=dtype)) if load_vae else None
+    unet = vae = None
+    if load_unet:
+        cfg, sd = _read_component(path / "unet")
+        unet = _build_unet(_strip_meta(cfg), sd, dtype, path / "unet")
+    if load_vae:
+        cfg, sd = _read_component(path / "vae")
+        vae = _build_vae(_strip_meta(cfg), sd, dtype, path / "vae")
     text_encoders: dict[str, TextEncoder] = {}
     clip_layers = dict(CLIP_LAYER_DEFAULTS[arch])
     if load_clip:
         for kind, sub in CLIP_COMPONENTS[arch].items():
-            def load_te(p: Path) -> TextEncoder:
-                cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
-                with_proj = "CLIPTextModelWithProjection" in cfg.get("architectures", [])
-                cls = CLIPTextModelWithProjection if with_proj else CLIPTextModel
-                return cls.from_pretrained(p, local_files_only=True, dtype=dtype)
-
-            text_encoders[kind] = part(sub, load_te)
+            cfg, sd = _read_component(path / sub)
+            try:
+                # transformers files name the projection "text_projection.weight" for both classes.
+                if "CLIPTextModelWithProjection" in cfg.get("architectures", []) and not any(
+                    k.startswith("text_model.") for k in sd
+                ):
+                    sd = {k if k.startswith("text_projection") else "text_model." + k: v for k, v in sd.items()}
+                text_encoders[kind] = _build_clip(cfg, sd, dtype, path / sub, kind)
+            except TypeError as e:
+                raise ModelFileError(path / sub, f"bad text encoder config: {e}") from None
         # diffusers' SD2 folders drop OpenCLIP-H's last layer; its "penultimate" is then the last one.
         h = text_encoders.get("h")
         if h is not None and h.config.num_hidden_layers == 23:

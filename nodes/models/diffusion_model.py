@@ -98,14 +98,16 @@ class DiffusionModelHandle(ResidentMixin):
     def is_sdxl(self) -> bool:
         return self.arch == "sdxl"
 
-    @torch.inference_mode()
+    # no_grad rather than inference_mode: callers may update the result in place afterwards.
+    @torch.no_grad()
     def apply(self, x_in: torch.Tensor, timestep: torch.Tensor | float, cond: dict[str, Any]) -> torch.Tensor:
         """Raw UNet output (eps or v) for model-space input `x_in` [B,C,h,w] at `timestep`
         (model timesteps 0..999, scalar or [B]).
 
         `cond`: "context" [B|1, T, D] (required); "pooled" [B|1, P] and "size_cond" [B|1, 6]
         (SDXL's added conditioning: text_embeds / time_ids); optional "control" as a dict with
-        "down" (list of residuals) and/or "mid" (a residual), added to the UNet's skip connections.
+        "down" (list of residuals, one per UNet skip connection) and "mid" (the middle block's
+        residual), added inside the UNet the way a ControlNet's outputs are; anything else is ignored.
         Batch-1 conditioning is broadcast to the batch of `x_in`. Returns on `x_in`'s device and dtype.
         """
         self.ensure_loaded()
@@ -135,11 +137,12 @@ class DiffusionModelHandle(ResidentMixin):
                 raise ValueError("SDXL models need 'pooled' and 'size_cond' in cond")
             kwargs["added_cond_kwargs"] = {"text_embeds": prep(pooled), "time_ids": prep(size_cond)}
         control = cond.get("control")
-        if isinstance(control, dict):
-            if control.get("down") is not None:
-                kwargs["down_block_additional_residuals"] = [prep(r) for r in control["down"]]
-            if control.get("mid") is not None:
-                kwargs["mid_block_additional_residual"] = prep(control["mid"])
+        if isinstance(control, dict) and (control.get("down") is not None or control.get("mid") is not None):
+            # diffusers only applies residuals when both parts are given.
+            if control.get("down") is None or control.get("mid") is None:
+                raise ValueError("control residuals need both 'down' and 'mid'")
+            kwargs["down_block_additional_residuals"] = [prep(r) for r in control["down"]]
+            kwargs["mid_block_additional_residual"] = prep(control["mid"])
         out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
         return out.to(device=x_in.device, dtype=x_in.dtype)
 

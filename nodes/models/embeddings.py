@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -92,10 +92,16 @@ def extract_vectors(data: object, dim: int, key: str | None = None) -> torch.Ten
 class EmbeddingStore:
     """Resolves `embedding:NAME` references for one text encoder width; files are cached by mtime."""
 
-    def __init__(self, directories: Iterable[str | os.PathLike] | None = None) -> None:
-        self.directories: list[Path] = [Path(d) for d in (directories or [])]
+    def __init__(self, directories: Iterable[str | os.PathLike] | Callable[[], Iterable[str | os.PathLike]] | None = None) -> None:
+        # A callable is re-read on every lookup, so folders added later (extra paths YAML) count.
+        self._directories = directories if callable(directories) else [Path(d) for d in (directories or [])]
         self._cache: dict[tuple[str, int, int], object] = {}
         self._lock = threading.Lock()
+
+    @property
+    def directories(self) -> list[Path]:
+        dirs = self._directories() if callable(self._directories) else self._directories
+        return [Path(d) for d in dirs]
 
     def load(self, name: str, dim: int, key: str | None = None) -> torch.Tensor | None:
         """Vectors `[n, dim]` for `name`, or None (logged) when missing, unreadable or the wrong width."""

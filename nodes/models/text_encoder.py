@@ -24,7 +24,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,7 +161,8 @@ class ClipHandle(ResidentMixin):
     """Text encoders + tokenizers + settings. Clones share weights and copy settings."""
 
     def __init__(self, text_encoders: Mapping[str, nn.Module], tokenizers: Mapping[str, Any], arch: str,
-                 embedding_dirs: Iterable[str | Path] | None = None, device: str | None = None,
+                 embedding_dirs: Iterable[str | Path] | Callable[[], Iterable[str | Path]] | None = None,
+                 device: str | None = None,
                  cache_size: int = 16, output_device: str = "cpu") -> None:
         if arch not in ARCH_ENCODERS:
             raise ValueError(f"unknown architecture {arch!r}")
@@ -182,7 +183,8 @@ class ClipHandle(ResidentMixin):
         self._cache_lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Any, embedding_dirs: Iterable[str | Path] | None = None,
+    def from_checkpoint(cls, checkpoint: Any,
+                        embedding_dirs: Iterable[str | Path] | Callable[[], Iterable[str | Path]] | None = None,
                         device: str | None = None) -> "ClipHandle":
         """From a `nodes.models.checkpoint.LoadedCheckpoint` (duck-typed)."""
         return cls(checkpoint.text_encoders, checkpoint.tokenizers, checkpoint.arch,
@@ -296,7 +298,7 @@ class ClipHandle(ResidentMixin):
         with self._cache_lock:
             self._cache.clear()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _encode_uncached(self, tokens: TokenizedPrompt) -> tuple[torch.Tensor, torch.Tensor | None]:
         with self._weights.lock:
             self.ensure_loaded()
@@ -330,7 +332,7 @@ class ClipHandle(ResidentMixin):
             if weighted:
                 w = torch.tensor(chunk.weights, dtype=z.dtype, device=z.device).view(1, -1, 1)
                 z_empty = hidden[-1:]
-                z = torch.where(w != 1.0, z * w, z)
+                z = torch.where(w != 1.0, z_empty + (z - z_empty) * w, z)
             pieces.append(z)
         return torch.cat(pieces, dim=1), pooled
 

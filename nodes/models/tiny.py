@@ -141,10 +141,12 @@ def write_tiny_checkpoint(
     return path
 
 
-def write_tiny_diffusers_folder(path: str | Path, arch: str = "sd1", seed: int = 0) -> Path:
+def write_tiny_diffusers_folder(
+    path: str | Path, arch: str = "sd1", seed: int = 0, *, prediction_type: str = "epsilon"
+) -> Path:
     """Write the tiny models of `arch` as a diffusers pipeline folder."""
     path = Path(path)
-    ckpt = tiny_checkpoint_models(arch, seed=seed)
+    ckpt = tiny_checkpoint_models(arch, prediction_type=prediction_type, seed=seed)
     path.mkdir(parents=True, exist_ok=True)
     ckpt.unet.save_pretrained(path / "unet")
     ckpt.vae.save_pretrained(path / "vae")

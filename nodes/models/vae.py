@@ -71,7 +71,7 @@ class VaeHandle(ResidentMixin):
         top, left = (h % r) // 2, (w % r) // 2
         return pixels[:, top : top + nh, left : left + nw, :]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """`[B,H,W,C]` in 0..1 -> scaled latents `[B, latent_channels, H/8, W/8]` (float32)."""
         if pixels.ndim == 3:
@@ -80,7 +80,7 @@ class VaeHandle(ResidentMixin):
         out = self._batched(pixels, self._encode_batch, self._encode_tiled)
         return out.to(self.output_device)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Scaled latents `[B,C,h,w]` -> images `[B, 8h, 8w, 3]` in 0..1 (float32, clamped)."""
         if samples.ndim == 5:  # video-shaped latents: frames become batch entries
@@ -89,7 +89,7 @@ class VaeHandle(ResidentMixin):
         out = self._batched(samples, self._decode_batch, self._decode_tiled)
         return out.to(self.output_device)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode_tiled(self, samples: torch.Tensor, tile: int = 64, overlap: int = 8) -> torch.Tensor:
         """Decode in latent tiles of `tile` with `overlap`, blended linearly; for images too big to
         decode at once. Exactly equal to `decode` when one tile covers the whole latent."""

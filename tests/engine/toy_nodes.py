@@ -237,3 +237,10 @@ class ToyError(RuntimeError):
 def fail_custom(value: int) -> int:
     CALLS.append("FailCustom")
     raise ToyError(f"custom failure {value}")
+
+
+@node("Join3", category="image")
+def join3(a: Image, b: Image, c: Image) -> float:
+    """Needs three tensors at once (so all three must still be held when it runs)."""
+    CALLS.append("Join3")
+    return float(a.numel() + b.numel() + c.numel())

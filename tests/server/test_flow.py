@@ -491,3 +491,58 @@ async def test_editor_served_from_dist(tmp_path):
     finally:
         await srv.session.close()
         await runner.cleanup()
+
+
+async def test_reconnect_mid_run_gets_current_node_then_global_interrupt(server):
+    ws = await server.connect("owner-1")
+    r = await server.queue_prompt(chain(1, steps=200, delay=0.02), client_id=ws.sid)
+    while (await ws.next_json())["type"] != "progress":
+        pass
+    await ws.close()
+    ws2 = await server.session.ws_connect(server.url + "/ws?clientId=owner-1")
+    status = json.loads((await ws2.receive(timeout=5)).data)
+    assert status["type"] == "status" and status["data"]["sid"] == "owner-1"
+    current = json.loads((await ws2.receive(timeout=5)).data)
+    assert current == {"type": "executing", "data": {"node": "2", "display_node": "2", "prompt_id": r["prompt_id"]}}
+    async with await server.post("/interrupt", data=b"") as resp:   # no body: global interrupt
+        assert resp.status == 200
+    entry = await server.wait_history(r["prompt_id"], timeout=10)
+    assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+    await ws2.close()
+
+
+class BrokenCatalog:
+    def folder_names(self):
+        return ["checkpoints"]
+
+    def list_files(self, folder):
+        raise RuntimeError("disk on fire")
+
+
+async def test_unexpected_errors_are_500_json_and_server_keeps_serving(tmp_path):
+    from aiohttp import web
+
+    from engine.config import RuntimeConfig
+    from engine.registry import Registry
+    from server.app import create_app
+    from server.state import ServerOptions
+
+    from . import plugin_nodes
+    from .conftest import free_port
+
+    port = free_port()
+    app = create_app(RuntimeConfig(data_dir=tmp_path / "d"), Registry.from_nodes(plugin_nodes), BrokenCatalog(),
+                     options=ServerOptions(port=port))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/models/checkpoints") as r:
+                body = await r.json()
+                assert r.status == 500 and body["error"]["type"] == "internal_error"
+                assert "RuntimeError" in body["error"]["message"]
+            async with s.get(f"http://127.0.0.1:{port}/api/prompt") as r:
+                assert r.status == 200
+    finally:
+        await runner.cleanup()

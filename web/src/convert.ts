@@ -1,7 +1,8 @@
 // UI graph → API prompt, with the same rules as ComfyUI's graphToPrompt: widget values by name,
 // links as [String(origin id), slot], muted nodes (mode 2) left out, bypassed nodes (mode 4)
 // bridged by type, Reroute nodes followed, array values wrapped as {"__value__": [...]}.
-import { LGraphEventMode, type LGraph, type LGraphNode, type ISerialisedGraph } from "@comfyorg/litegraph";
+import { LGraphEventMode, type LGraph, type LGraphNode } from "@comfyorg/litegraph";
+import type { ISerialisedGraph } from "./lgtypes";
 import { comfyClassOf, isVirtual } from "./nodetypes";
 
 export type ApiLink = [string, number];

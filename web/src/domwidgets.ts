@@ -1,7 +1,8 @@
 // Multi-line text widgets as real <textarea> elements laid over the canvas, so prompts get native
 // editing (selection, undo, IME, scrolling). Each frame the canvas draws the widget's slot; the
 // element is moved there, and elements of nodes that were not drawn are hidden.
-import type { IBaseWidget, LGraphCanvas, LGraphNode } from "@comfyorg/litegraph";
+import type { LGraphCanvas, LGraphNode } from "@comfyorg/litegraph";
+import type { IBaseWidget } from "./lgtypes";
 
 export interface TextAreaWidget extends IBaseWidget {
   element: HTMLTextAreaElement;
@@ -78,7 +79,7 @@ export function addTextAreaWidget(node: LGraphNode, name: string, value: string,
   }, { passive: false });
 
   live.add(widget);
-  node.addCustomWidget(widget);
+  node.addCustomWidget(widget as unknown as IBaseWidget);
   return widget;
 }
 
@@ -116,7 +117,7 @@ export function syncDomWidgets(): void {
 
 export function removeDomWidgets(node: LGraphNode): void {
   for (const w of node.widgets ?? []) {
-    const tw = w as TextAreaWidget;
+    const tw = w as unknown as TextAreaWidget;
     if (tw.element && live.has(tw)) {
       tw.element.remove();
       live.delete(tw);

@@ -34,7 +34,7 @@ export class ExecutionTracker {
   readonly log: { type: string; data: any; t: number }[] = [];
   private previewUrl: string | null = null;
 
-  constructor(private api: Api, private graph: () => LGraph, private listener: ExecutionListener) {
+  constructor(api: Api, private graph: () => LGraph, private listener: ExecutionListener) {
     api.on("*", (msg) => {
       this.log.push({ type: msg.type, data: msg.data, t: Date.now() });
       if (this.log.length > 500) this.log.splice(0, this.log.length - 500);

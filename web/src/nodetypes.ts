@@ -6,9 +6,9 @@ import {
   LiteGraph,
   RenderShape,
   type INodeInputSlot,
-  type ISerialisedNode,
 } from "@comfyorg/litegraph";
-import { addTextAreaWidget, removeDomWidgets } from "./domwidgets";
+import type { ISerialisedNode } from "./lgtypes";
+import { addTextAreaWidget, isTextAreaWidget, removeDomWidgets } from "./domwidgets";
 import { drawNodeImages, drawNodeOverlay, installStrokeStyles, setIssues, visual } from "./nodevisuals";
 import { displayName, nodeInputs, nodeOutputs, type NodeDef, type ObjectInfo } from "./schema";
 import { CONTROL_WIDGET_NAME, addInputWidget, extras, normaliseControlValue } from "./widgets";
@@ -93,6 +93,10 @@ export function registerNodeDefs(defs: ObjectInfo): void {
         const size = this.computeSize();
         size[0] = Math.max(size[0], def.output_node && !def.output.length ? 260 : 220);
         if (def.output_node && /image/i.test(def.name + (def.category ?? ""))) size[1] = Math.max(size[1], 260);
+        if (this.widgets?.some(isTextAreaWidget)) {
+          size[0] = Math.max(size[0], 400);
+          size[1] = Math.max(size[1], 200);
+        }
         this.setSize(size);
       }
 
@@ -143,7 +147,6 @@ function clearIssue(node: LGraphNode, inputName: string): void {
 class RerouteNode extends LGraphNode {
   static override title = "Reroute";
   isVirtualNode = true;
-  override collapsable = false as any;
 
   constructor(title?: string) {
     super(title ?? "Reroute", "Reroute");

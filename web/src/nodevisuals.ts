@@ -1,6 +1,7 @@
 // What the canvas shows on a node beyond litegraph's own drawing: the running outline, a progress
 // bar, sampler previews and output images, and validation / execution errors.
-import { LiteGraph, type IBaseWidget, type LGraphNode } from "@comfyorg/litegraph";
+import { LiteGraph, type LGraphNode } from "@comfyorg/litegraph";
+import type { IBaseWidget } from "./lgtypes";
 
 export interface NodeIssue {
   message: string;

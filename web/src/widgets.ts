@@ -3,7 +3,8 @@
 //
 // Layout of widgets (and so of `widgets_values`) follows ComfyUI: one widget per widget input in
 // declared order, the control value right after its input, and the upload button after its combo.
-import type { IBaseWidget, LGraphNode } from "@comfyorg/litegraph";
+import type { LGraphNode } from "@comfyorg/litegraph";
+import type { IBaseWidget } from "./lgtypes";
 import { addTextAreaWidget } from "./domwidgets";
 import { hasControlAfterGenerate, type ParsedInput } from "./schema";
 
@@ -128,6 +129,7 @@ export function addInputWidget(node: LGraphNode, input: ParsedInput): IBaseWidge
       // Kept in widgets_values (ComfyUI's layout) but never sent to the server.
       serialize: false,
     } as any);
+    control.label = "control after generate";
     control.tooltip = "What happens to the value after each queued run";
     extras(widget).sdControl = control;
     extras(control).sdTarget = widget;

@@ -1,0 +1,770 @@
+// The editor application: owns the graph and canvas, talks to the server, and wires the UI parts.
+import {
+  LGraph,
+  LGraphCanvas,
+  LiteGraph,
+  type LGraphNode,
+} from "@comfyorg/litegraph";
+import type { IBaseWidget, ISerialisedGraph } from "./lgtypes";
+import { Api, HttpError, PromptError, type ImageRef, type NodeErrors } from "./api";
+import { setToken } from "./auth";
+import { applyTypeColors } from "./colors";
+import { graphToApi, isApiPrompt, serialiseWorkflow, type ApiPrompt } from "./convert";
+import { initDomWidgets, isTextAreaWidget, syncDomWidgets } from "./domwidgets";
+import { ExecutionTracker, nodeById } from "./execution";
+import { buildDefaultGraph, loadApiPrompt } from "./loader";
+import { ensureImageRoom, setIssues, visual, type NodeIssue } from "./nodevisuals";
+import { comfyClassOf, registerNodeDefs, registerVirtualNodes, registry, setNodeHooks } from "./nodetypes";
+import { isPng, readPngText } from "./png";
+import { nodeInputs, nodeOutputs, type ObjectInfo } from "./schema";
+import { promptDialog, confirmDialog } from "./ui/dialog";
+import { h } from "./ui/dom";
+import { DRAG_MIME, NodeLibrary } from "./ui/library";
+import { cachedImageUrl, HistoryPanel, QueuePanel } from "./ui/queue";
+import { entryFromDef, NodeSearch, type SearchEntry, type SearchFilter } from "./ui/search";
+import { SidePanel } from "./ui/sidepanel";
+import { toast } from "./ui/toast";
+import { installTooltips } from "./ui/tooltip";
+import { TopBar } from "./ui/topbar";
+import { WorkflowsPanel } from "./ui/workflows";
+import { applyControlAfterGenerate, setWidgetHost } from "./widgets";
+
+const STORE_KEY = "sdflow.workflow";
+const STORE_NAME_KEY = "sdflow.workflowName";
+
+function errText(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+function download(name: string, text: string, type = "application/json"): void {
+  const url = URL.createObjectURL(new Blob([text], { type }));
+  const a = h("a", { href: url, download: name });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+/** Splits "sub/dir/file.png [input]" into a /view reference. */
+export function inputImageRef(value: string): ImageRef {
+  let type = "input";
+  const m = /^(.*) \[(input|output|temp)\]$/.exec(value);
+  if (m) {
+    value = m[1];
+    type = m[2];
+  }
+  const i = value.lastIndexOf("/");
+  return i < 0 ? { filename: value, subfolder: "", type } : { filename: value.slice(i + 1), subfolder: value.slice(0, i), type };
+}
+
+export class App {
+  readonly api = new Api();
+  readonly graph = new LGraph();
+  canvas!: LGraphCanvas;
+  canvasEl!: HTMLCanvasElement;
+  objectInfo: ObjectInfo = {};
+  workflowName = "Untitled";
+  batchCount = 1;
+  execution!: ExecutionTracker;
+  search!: NodeSearch;
+  library!: NodeLibrary;
+  queuePanel!: QueuePanel;
+  historyPanel!: HistoryPanel;
+  workflowsPanel!: WorkflowsPanel;
+  topbar!: TopBar;
+  side!: SidePanel;
+  /** Prompt ids queued from this page, oldest first. */
+  readonly queued: string[] = [];
+  private entries: SearchEntry[] = [];
+  private overlayEl!: HTMLElement;
+  private queueing = false;
+  private savedVersion = -1;
+  private authPrompt: Promise<boolean> | null = null;
+
+  async start(root: HTMLElement): Promise<void> {
+    this.api.onUnauthorized = () => this.askForToken();
+    this.buildLayout(root);
+    this.setupCanvas();
+    registerVirtualNodes();
+    setWidgetHost({
+      uploadImage: (node, combo) => this.pickAndUpload(node, combo),
+      widgetChanged: (node) => node.setDirtyCanvas(true, false),
+    });
+    setNodeHooks({ nodeValueChanged: (node, name) => this.onNodeValueChanged(node, name) });
+    installExecution(this);
+
+    try {
+      await this.loadObjectInfo();
+    } catch (e) {
+      toast(`Cannot load node definitions from the server: ${errText(e)}`, "error", { timeout: 0 });
+      document.body.classList.add("offline");
+      this.exposeHook();
+      return;
+    }
+    this.restoreOrDefault();
+    this.api.connect();
+    this.queuePanel.refresh();
+    this.historyPanel.refresh();
+    this.workflowsPanel.refresh();
+    setInterval(() => this.persist(), 1000);
+    window.addEventListener("beforeunload", () => this.persist(true));
+    this.exposeHook();
+    document.body.classList.add("ready");
+  }
+
+  // ---------- layout ----------
+
+  private buildLayout(root: HTMLElement): void {
+    this.canvasEl = h("canvas", { id: "graph-canvas", tabindex: "0" });
+    const overlay = h("div", { class: "dom-overlay" });
+    this.overlayEl = overlay;
+    const wrap = h("div", { class: "canvas-wrap" }, this.canvasEl, overlay);
+    this.search = new NodeSearch(() => this.entries);
+    this.library = new NodeLibrary(() => this.entries, (e) => this.addNodeAt(e.name, this.viewCenter()));
+    const actions = {
+      loadWorkflow: (data: unknown, name: string) => this.loadGraphData(data, name),
+      nodeTitle: (id: string) => nodeById(this.graph, id)?.title,
+    };
+    this.queuePanel = new QueuePanel(this.api, actions);
+    this.historyPanel = new HistoryPanel(this.api, actions);
+    this.workflowsPanel = new WorkflowsPanel(this.api, (d, n) => this.loadGraphData(d, n), () => this.saveWorkflow());
+    this.side = new SidePanel([
+      { id: "queue", label: "Queue", el: this.queuePanel.el, onShow: () => this.queuePanel.refresh() },
+      { id: "history", label: "History", el: this.historyPanel.el, onShow: () => this.historyPanel.refresh() },
+      { id: "nodes", label: "Nodes", el: this.library.el, onShow: () => this.library.render() },
+      { id: "workflows", label: "Workflows", el: this.workflowsPanel.el, onShow: () => this.workflowsPanel.refresh() },
+    ]);
+    this.topbar = new TopBar(this);
+    this.queuePanel.onCountChange = (r, p) => this.topbar.setQueueCount(r + p);
+    const main = h("main", { class: "workspace" }, wrap, this.side.el);
+    root.replaceChildren(this.topbar.el, main);
+    this.setupDrop(wrap);
+  }
+
+  private setupCanvas(): void {
+    LiteGraph.release_link_on_empty_shows_menu = false;
+    LiteGraph.alwaysSnapToGrid = false;
+    LiteGraph.snaps_for_comfy = true;
+    LiteGraph.NODE_DEFAULT_BGCOLOR = "#262a33";
+    LiteGraph.NODE_DEFAULT_COLOR = "#323844";
+    LiteGraph.NODE_TITLE_COLOR = "#d8dde6";
+    LiteGraph.NODE_SELECTED_TITLE_COLOR = "#ffffff";
+    LiteGraph.NODE_TEXT_COLOR = "#b7bfcc";
+    LiteGraph.NODE_DEFAULT_BOXCOLOR = "#5d6677";
+    LiteGraph.NODE_BOX_OUTLINE_COLOR = "#8fb4ff";
+    LiteGraph.NODE_ERROR_COLOUR = "#ff4d4f";
+    LiteGraph.WIDGET_BGCOLOR = "#1b1e25";
+    LiteGraph.WIDGET_OUTLINE_COLOR = "#3a4150";
+    LiteGraph.WIDGET_TEXT_COLOR = "#dfe4ec";
+    LiteGraph.WIDGET_SECONDARY_TEXT_COLOR = "#8b93a1";
+    LiteGraph.LINK_COLOR = "#8a94a6";
+    LiteGraph.NODE_FONT = "Inter, system-ui, sans-serif";
+    LiteGraph.DEFAULT_SHADOW_COLOR = "rgba(0,0,0,0.45)";
+    LiteGraph.ROUND_RADIUS = 8;
+
+    const canvas = new LGraphCanvas(this.canvasEl, this.graph);
+    this.canvas = canvas;
+    canvas.background_image = "";
+    canvas.clear_background_color = "#14161b";
+    canvas.allow_searchbox = false;
+    canvas.render_canvas_border = false;
+    canvas.show_info = false;
+    canvas.links_render_mode = LiteGraph.SPLINE_LINK;
+    canvas.connections_width = 3;
+    canvas.onDrawBackground = (ctx, area) => this.drawGrid(ctx, area);
+    canvas.onDrawForeground = () => syncDomWidgets();
+    initDomWidgets(canvas, this.overlayEl);
+    applyTypeColors(canvas, ["MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"]);
+
+    const wrap = this.canvasEl.parentElement!;
+    const resize = () => {
+      const dpr = window.devicePixelRatio || 1;
+      const { width, height } = wrap.getBoundingClientRect();
+      this.canvasEl.width = Math.max(1, Math.round(width * dpr));
+      this.canvasEl.height = Math.max(1, Math.round(height * dpr));
+      this.canvasEl.style.width = `${width}px`;
+      this.canvasEl.style.height = `${height}px`;
+      this.canvasEl.getContext("2d")?.scale(dpr, dpr);
+      canvas.draw(true, true);
+    };
+    new ResizeObserver(resize).observe(wrap);
+    resize();
+
+    // Double-click on empty canvas: node search at the pointer.
+    this.canvasEl.addEventListener("litegraph:canvas", (ev: Event) => {
+      const detail = (ev as CustomEvent).detail;
+      if (detail?.subType === "empty-double-click") {
+        const e = detail.originalEvent;
+        this.openSearch(e.clientX, e.clientY, [e.canvasX, e.canvasY]);
+      }
+    });
+    // A link released on empty canvas: search filtered to nodes that can take it, then connect.
+    canvas.linkConnector.events.addEventListener("dropped-on-canvas", (ev: CustomEvent) => {
+      const e = ev.detail;
+      const first = canvas.linkConnector.renderLinks[0];
+      if (!first || !(first.node as LGraphNode).graph) return;
+      const fromNode = first.node as LGraphNode;
+      const direction = canvas.linkConnector.state.connectingTo === "input" ? "input" : "output";
+      const slotIndex = first.fromSlotIndex;
+      const type = String(first.fromSlot.type ?? "*");
+      this.openSearch(e.clientX, e.clientY, [e.canvasX, e.canvasY], { direction, type }, (node) => {
+        this.connectNew(fromNode, slotIndex, direction, type, node);
+      });
+    });
+    // Refused drops get a message instead of silently doing nothing.
+    let created = false;
+    canvas.linkConnector.events.addEventListener("link-created", () => (created = true));
+    canvas.linkConnector.events.addEventListener("after-drop-links", (ev: CustomEvent) => {
+      const { renderLinks, event } = ev.detail;
+      const first = renderLinks?.[0];
+      const target = event ? this.graph.getNodeOnPos(event.canvasX, event.canvasY) : null;
+      if (!created && first && target && target !== first.node) {
+        const type = String(first.fromSlot?.type ?? "?");
+        const slot = target.getInputOnPos?.([event.canvasX, event.canvasY]) ?? target.getOutputOnPos?.([event.canvasX, event.canvasY]);
+        const where = slot ? `${slot.name} (${slot.type})` : target.title;
+        toast(`Cannot connect ${type} to ${where}: the types do not match`, "warning");
+        this.lastRefusedLink = { type, target: target.id, slot: slot?.name };
+      }
+      created = false;
+    });
+    installTooltips(canvas, this.canvasEl);
+    canvas.startRendering?.();
+  }
+
+  /** The last link drop the editor refused (read by tests through the hook). */
+  lastRefusedLink: { type: string; target: unknown; slot?: string } | null = null;
+
+  private drawGrid(ctx: CanvasRenderingContext2D, area: any): void {
+    const scale = this.canvas.ds.scale;
+    if (scale < 0.35) return;
+    const step = 40;
+    const [x0, y0, w, hgt] = [area[0], area[1], area[2], area[3]];
+    ctx.save();
+    ctx.strokeStyle = "rgba(255,255,255,0.035)";
+    ctx.lineWidth = 1 / scale;
+    ctx.beginPath();
+    for (let x = Math.floor(x0 / step) * step; x < x0 + w; x += step) {
+      ctx.moveTo(x, y0);
+      ctx.lineTo(x, y0 + hgt);
+    }
+    for (let y = Math.floor(y0 / step) * step; y < y0 + hgt; y += step) {
+      ctx.moveTo(x0, y);
+      ctx.lineTo(x0 + w, y);
+    }
+    ctx.stroke();
+    ctx.restore();
+  }
+
+  private setupDrop(wrap: HTMLElement): void {
+    wrap.addEventListener("dragover", (e) => {
+      e.preventDefault();
+      if (e.dataTransfer) e.dataTransfer.dropEffect = "copy";
+      wrap.classList.add("dragging");
+    });
+    wrap.addEventListener("dragleave", () => wrap.classList.remove("dragging"));
+    wrap.addEventListener("drop", async (e) => {
+      e.preventDefault();
+      wrap.classList.remove("dragging");
+      const pos = this.clientToGraph(e.clientX, e.clientY);
+      const type = e.dataTransfer?.getData(DRAG_MIME);
+      if (type) {
+        this.addNodeAt(type, pos);
+        return;
+      }
+      const file = e.dataTransfer?.files?.[0];
+      if (!file) return;
+      // An image dropped on an image-loading node is uploaded into it, not read as a workflow.
+      const target = this.graph.getNodeOnPos(pos[0], pos[1]);
+      const combo = target?.widgets?.find((w) => w.type === "combo" && target.widgets?.some((b) => b.name === "upload"));
+      if (target && combo && file.type.startsWith("image/")) {
+        await this.uploadInto(target, combo, file);
+        return;
+      }
+      await this.handleFile(file);
+    });
+  }
+
+  // ---------- schema ----------
+
+  async loadObjectInfo(): Promise<void> {
+    const info = await this.api.getObjectInfo();
+    this.objectInfo = info;
+    registerNodeDefs(info);
+    const types = new Set<string>();
+    for (const def of Object.values(info)) {
+      for (const i of nodeInputs(def)) types.add(i.type);
+      for (const o of nodeOutputs(def)) types.add(o.type);
+    }
+    applyTypeColors(this.canvas, types);
+    this.entries = Object.values(info).filter((d) => d && !d.deprecated).map(entryFromDef);
+    this.entries.push(
+      { name: "Reroute", title: "Reroute", category: "utils", description: "A dot that passes a link through, to tidy wiring.", inputTypes: ["*"], outputTypes: ["*"] },
+      { name: "Note", title: "Note", category: "utils", description: "A text note on the canvas; never sent to the server.", inputTypes: [], outputTypes: [] },
+    );
+    this.library.render();
+  }
+
+  /** Re-reads /object_info and updates combo lists (new checkpoints, uploaded images…). */
+  async refreshNodeDefs(): Promise<void> {
+    try {
+      await this.loadObjectInfo();
+    } catch (e) {
+      toast(`Refresh failed: ${errText(e)}`, "error");
+      return;
+    }
+    let updated = 0;
+    for (const node of this.graph.nodes) {
+      const def = registry.get(comfyClassOf(node));
+      if (!def) continue;
+      const inputs = new Map(nodeInputs(def).map((i) => [i.name, i]));
+      for (const w of node.widgets ?? []) {
+        const input = inputs.get(w.name);
+        if (w.type !== "combo" || !input?.values) continue;
+        (w.options as any).values = input.values;
+        updated++;
+      }
+    }
+    this.graph.setDirtyCanvas(true, true);
+    toast(`Node definitions refreshed (${Object.keys(this.objectInfo).length} nodes, ${updated} lists)`, "success");
+  }
+
+  // ---------- graph editing ----------
+
+  viewCenter(): [number, number] {
+    const r = this.canvasEl.getBoundingClientRect();
+    return this.clientToGraph(r.left + r.width / 2, r.top + r.height / 2);
+  }
+
+  clientToGraph(x: number, y: number): [number, number] {
+    const r = this.canvasEl.getBoundingClientRect();
+    const { scale, offset } = this.canvas.ds;
+    return [(x - r.left) / scale - offset[0], (y - r.top) / scale - offset[1]];
+  }
+
+  graphToClient(x: number, y: number): [number, number] {
+    const r = this.canvasEl.getBoundingClientRect();
+    const { scale, offset } = this.canvas.ds;
+    return [r.left + (x + offset[0]) * scale, r.top + (y + offset[1]) * scale];
+  }
+
+  addNodeAt(type: string, pos: [number, number]): LGraphNode | null {
+    const node = LiteGraph.createNode(type);
+    if (!node) {
+      toast(`Unknown node type ${type}`, "error");
+      return null;
+    }
+    this.graph.beforeChange();
+    node.pos = [pos[0], pos[1]];
+    this.graph.add(node);
+    this.graph.afterChange();
+    this.canvas.selectItems([node]);
+    this.canvas.setDirty(true, true);
+    return node;
+  }
+
+  openSearch(clientX: number, clientY: number, graphPos: [number, number], filter?: SearchFilter, then?: (node: LGraphNode) => void): void {
+    this.search.open({
+      clientX,
+      clientY,
+      filter,
+      onPick: (entry) => {
+        const node = this.addNodeAt(entry.name, graphPos);
+        if (node && then) then(node);
+      },
+    });
+  }
+
+  /** Connects a node created from a released link to the slot the link came from. */
+  private connectNew(from: LGraphNode, slot: number, direction: "input" | "output", type: string, node: LGraphNode): void {
+    if (direction === "input") {
+      const idx = node.inputs.findIndex((i) => LiteGraph.isValidConnection(type, i.type) && i.link == null);
+      if (idx >= 0) from.connect(slot, node, idx);
+    } else {
+      const idx = node.outputs.findIndex((o) => LiteGraph.isValidConnection(o.type, type));
+      if (idx >= 0) node.connect(idx, from, slot);
+      // Move the new node to the left of the input it feeds.
+      node.pos = [node.pos[0] - node.size[0], node.pos[1]];
+    }
+    this.canvas.setDirty(true, true);
+  }
+
+  fitView(): void {
+    const nodes = this.graph.nodes;
+    if (!nodes.length) {
+      this.canvas.ds.scale = 1;
+      this.canvas.ds.offset = [0, 0];
+      this.canvas.setDirty(true, true);
+      return;
+    }
+    let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+    for (const n of nodes) {
+      x0 = Math.min(x0, n.pos[0]);
+      y0 = Math.min(y0, n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT);
+      x1 = Math.max(x1, n.pos[0] + n.size[0]);
+      y1 = Math.max(y1, n.pos[1] + n.size[1]);
+    }
+    const r = this.canvasEl.getBoundingClientRect();
+    const pad = 60;
+    const scale = Math.max(0.1, Math.min(1.1, Math.min((r.width - pad * 2) / (x1 - x0), (r.height - pad * 2) / (y1 - y0))));
+    this.canvas.ds.scale = scale;
+    this.canvas.ds.offset = [(r.width / scale - (x1 - x0)) / 2 - x0, (r.height / scale - (y1 - y0)) / 2 - y0];
+    this.canvas.setDirty(true, true);
+  }
+
+  // ---------- load / save ----------
+
+  private restoreOrDefault(): void {
+    const saved = localStorage.getItem(STORE_KEY);
+    if (saved) {
+      try {
+        this.loadGraphData(JSON.parse(saved), localStorage.getItem(STORE_NAME_KEY) ?? "Untitled", { quiet: true, keepView: true });
+        return;
+      } catch (e) {
+        console.warn("stored workflow unreadable, starting with the default graph", e);
+      }
+    }
+    this.loadDefault();
+  }
+
+  loadDefault(): void {
+    const missing = buildDefaultGraph(this.graph);
+    this.setName("Untitled");
+    this.fitView();
+    if (missing.length) toast(`The server has no ${missing.join(", ")}: the default graph is incomplete`, "warning");
+  }
+
+  async newGraph(): Promise<void> {
+    if (this.graph.nodes.length && !(await confirmDialog("New workflow", "Clear the canvas? Unsaved changes are lost.", "Clear"))) return;
+    this.graph.clear();
+    this.setName("Untitled");
+    this.fitView();
+  }
+
+  setName(name: string): void {
+    this.workflowName = name || "Untitled";
+    this.topbar?.setName(this.workflowName);
+    document.title = `${this.workflowName} · sdflow`;
+  }
+
+  /** Loads a UI workflow (v0.4 or v1) or an API prompt. */
+  loadGraphData(data: unknown, name = "Untitled", opts: { quiet?: boolean; keepView?: boolean } = {}): void {
+    if (typeof data === "string") data = JSON.parse(data);
+    let missing: string[] = [];
+    if (isApiPrompt(data)) {
+      missing = loadApiPrompt(this.graph, data as ApiPrompt);
+      this.fitView();
+    } else if (data && typeof data === "object" && Array.isArray((data as any).nodes)) {
+      const wf = data as ISerialisedGraph;
+      missing = [...new Set((wf.nodes ?? []).map((n) => String(n.type)).filter((t) => !LiteGraph.registered_node_types[t]))];
+      this.graph.configure(JSON.parse(JSON.stringify(wf)));
+      for (const n of this.graph.nodes) {
+        if (!LiteGraph.registered_node_types[n.type] && (n as any).last_serialization) {
+          n.has_errors = true;
+          setIssues(n, [{ message: `Unknown node type ${(n as any).last_serialization.type}` }]);
+        }
+      }
+      const ds = (wf.extra as any)?.ds;
+      if (opts.keepView && ds?.offset && ds?.scale) {
+        this.canvas.ds.offset = [ds.offset[0], ds.offset[1]];
+        this.canvas.ds.scale = ds.scale;
+      } else this.fitView();
+    } else {
+      throw new Error("This is neither a workflow nor an API prompt");
+    }
+    this.setName(name);
+    this.canvas.setDirty(true, true);
+    this.savedVersion = -1;
+    if (missing.length) toast(`Missing node types: ${missing.join(", ")}`, "warning", { details: "They are kept in the workflow but cannot run on this server." });
+    else if (!opts.quiet) toast(`Loaded ${name}`, "success", { timeout: 2000 });
+  }
+
+  async handleFile(file: File): Promise<void> {
+    try {
+      const buf = new Uint8Array(await file.arrayBuffer());
+      const base = file.name.replace(/\.(json|png)$/i, "");
+      if (isPng(buf)) {
+        const text = await readPngText(buf);
+        if (text.workflow) this.loadGraphData(JSON.parse(text.workflow), base);
+        else if (text.prompt) this.loadGraphData(JSON.parse(text.prompt), base);
+        else toast(`${file.name} carries no workflow`, "error");
+        return;
+      }
+      this.loadGraphData(JSON.parse(new TextDecoder().decode(buf)), base);
+    } catch (e) {
+      toast(`Cannot load ${file.name}: ${errText(e)}`, "error");
+    }
+  }
+
+  openFile(): void {
+    const input = h("input", { type: "file", accept: ".json,.png,application/json,image/png" });
+    input.onchange = () => {
+      const f = input.files?.[0];
+      if (f) this.handleFile(f);
+    };
+    input.click();
+  }
+
+  serialize(): ISerialisedGraph {
+    return serialiseWorkflow(this.graph);
+  }
+
+  async saveWorkflow(): Promise<void> {
+    const name = await promptDialog("Save workflow", this.workflowName === "Untitled" ? "" : this.workflowName, { label: "Name", okText: "Save" });
+    if (!name) return;
+    const wf = this.serialize();
+    if (this.workflowsPanel.available) {
+      try {
+        await this.api.saveWorkflowFile(`${name}.json`, wf);
+        this.setName(name);
+        toast(`Saved ${name}`, "success");
+        this.workflowsPanel.refresh();
+        return;
+      } catch (e) {
+        if (!(e instanceof HttpError) || (e.status !== 404 && e.status !== 405)) {
+          toast(`Save failed: ${errText(e)}`, "error");
+          return;
+        }
+        this.workflowsPanel.available = false;
+      }
+    }
+    download(`${name}.json`, JSON.stringify(wf, null, 2));
+    this.setName(name);
+  }
+
+  exportWorkflow(): void {
+    download(`${this.workflowName}.json`, JSON.stringify(this.serialize(), null, 2));
+  }
+
+  exportApi(): void {
+    download(`${this.workflowName}_api.json`, JSON.stringify(graphToApi(this.graph), null, 2));
+  }
+
+  private persist(force = false): void {
+    const v = this.graph._version + this.canvas.ds.offset[0] + this.canvas.ds.scale * 1e6;
+    if (!force && v === this.savedVersion) return;
+    this.savedVersion = v;
+    try {
+      localStorage.setItem(STORE_KEY, JSON.stringify(this.serialize()));
+      localStorage.setItem(STORE_NAME_KEY, this.workflowName);
+    } catch (e) {
+      console.warn("could not keep the workflow in local storage", e);
+    }
+  }
+
+  // ---------- images ----------
+
+  private pickAndUpload(node: LGraphNode, combo: IBaseWidget): void {
+    const input = h("input", { type: "file", accept: "image/png,image/jpeg,image/webp,image/gif,image/bmp" });
+    input.onchange = () => {
+      const f = input.files?.[0];
+      if (f) this.uploadInto(node, combo, f);
+    };
+    input.click();
+  }
+
+  async uploadInto(node: LGraphNode, combo: IBaseWidget, file: File): Promise<void> {
+    try {
+      const res = await this.api.uploadImage(file, file.name, { type: "input" });
+      const value = res.subfolder ? `${res.subfolder}/${res.name}` : res.name;
+      const values = (combo.options as any).values as unknown[];
+      if (Array.isArray(values) && !values.includes(value)) values.push(value);
+      combo.value = value;
+      this.onNodeValueChanged(node, combo.name);
+      this.graph._version++;
+      toast(`Uploaded ${res.name}`, "success", { timeout: 2000 });
+    } catch (e) {
+      toast(`Upload failed: ${errText(e)}`, "error");
+    }
+  }
+
+  private onNodeValueChanged(node: LGraphNode, _name?: string): void {
+    const hasUpload = node.widgets?.some((w) => w.name === "upload");
+    if (!hasUpload) return;
+    const combo = node.widgets?.find((w) => w.type === "combo");
+    const value = combo?.value;
+    if (typeof value !== "string" || !value) return;
+    cachedImageUrl(this.api, inputImageRef(value))
+      .then((url) => new Promise<HTMLImageElement>((res, rej) => {
+        const img = new Image();
+        img.onload = () => res(img);
+        img.onerror = rej;
+        img.src = url;
+      }))
+      .then((img) => {
+        visual(node).images = [img];
+        ensureImageRoom(node);
+        node.setDirtyCanvas(true, true);
+      })
+      .catch(() => {
+        visual(node).images = undefined;
+      });
+  }
+
+  // ---------- queue ----------
+
+  async queuePrompt(count = this.batchCount, front = false): Promise<string[]> {
+    if (this.queueing) return [];
+    this.queueing = true;
+    const ids: string[] = [];
+    try {
+      for (const n of this.graph.nodes) {
+        if (visual(n).issues && !(n as any).last_serialization) setIssues(n, undefined);
+      }
+      for (let i = 0; i < Math.max(1, count); i++) {
+        const prompt = graphToApi(this.graph);
+        if (!Object.keys(prompt).length) {
+          toast("Nothing to run: the graph has no nodes", "warning");
+          break;
+        }
+        const workflow = this.serialize();
+        try {
+          const res = await this.api.queuePrompt(prompt, workflow, { front });
+          ids.push(res.prompt_id);
+          this.queued.push(res.prompt_id);
+          if (res.node_errors && Object.keys(res.node_errors).length) this.showNodeErrors(res.node_errors);
+        } catch (e) {
+          if (e instanceof PromptError) {
+            this.showNodeErrors(e.body.node_errors ?? {});
+            toast(`Prompt rejected: ${e.message}`, "error", { details: this.describeErrors(e) });
+          } else {
+            toast(`Could not queue: ${errText(e)}`, "error");
+          }
+          break;
+        }
+        // Seeds change after queueing, so the next run differs and this one is reproducible.
+        for (const n of this.graph.nodes) applyControlAfterGenerate(n);
+        this.graph.setDirtyCanvas(true, true);
+      }
+      if (ids.length) toast(ids.length === 1 ? "Queued" : `Queued ${ids.length} prompts`, "success", { timeout: 1500 });
+      this.queuePanel.refresh();
+    } finally {
+      this.queueing = false;
+    }
+    return ids;
+  }
+
+  private describeErrors(e: PromptError): string {
+    const err = e.body.error;
+    const lines: string[] = [];
+    if (typeof err === "object" && err?.details) lines.push(err.details);
+    for (const [id, ne] of Object.entries(e.body.node_errors ?? {})) {
+      for (const x of ne.errors ?? []) lines.push(`#${id} ${ne.class_type ?? ""}: ${x.message}${x.details ? ` (${x.details})` : ""}`);
+    }
+    return [...new Set(lines)].slice(0, 12).join("\n");
+  }
+
+  showNodeErrors(errors: NodeErrors): void {
+    let first: LGraphNode | null = null;
+    for (const [id, ne] of Object.entries(errors)) {
+      const node = nodeById(this.graph, id);
+      if (!node) continue;
+      const issues: NodeIssue[] = (ne.errors ?? []).map((x) => ({
+        message: x.message,
+        details: x.details,
+        input: x.extra_info?.input_name,
+      }));
+      setIssues(node, issues);
+      first ??= node;
+    }
+    if (first && !this.canvas.isNodeVisible(first)) this.canvas.centerOnNode(first);
+    this.canvas.setDirty(true, true);
+  }
+
+  // ---------- auth ----------
+
+  private askForToken(): Promise<boolean> {
+    this.authPrompt ??= promptDialog("Access token required", "", {
+      label: "This server requires a token. Paste the token it was started with.",
+      password: true,
+      okText: "Connect",
+    }).then((t) => {
+      this.authPrompt = null;
+      if (!t) return false;
+      setToken(t.trim());
+      return true;
+    });
+    return this.authPrompt;
+  }
+
+  // ---------- test hook ----------
+
+  private exposeHook(): void {
+    const app = this;
+    (window as any).sdflow = {
+      app,
+      get graph() {
+        return app.graph;
+      },
+      get canvas() {
+        return app.canvas;
+      },
+      LiteGraph,
+      api: app.api,
+      graphToApi: () => graphToApi(app.graph),
+      serialize: () => app.serialize(),
+      queue: (n?: number) => app.queuePrompt(n),
+      load: (data: unknown, name?: string) => app.loadGraphData(data, name),
+      events: () => app.execution?.log ?? [],
+      /** Client (page) coordinates of a slot centre, for driving real mouse drags. */
+      slotPos(nodeId: number, kind: "input" | "output", index: number): [number, number] {
+        const node = app.graph.getNodeById(nodeId);
+        if (!node) throw new Error(`no node ${nodeId}`);
+        const p = kind === "input" ? node.getInputPos(index) : node.getOutputPos(index);
+        return app.graphToClient(p[0], p[1]);
+      },
+      nodeTitlePos(nodeId: number): [number, number] {
+        const node = app.graph.getNodeById(nodeId);
+        if (!node) throw new Error(`no node ${nodeId}`);
+        return app.graphToClient(node.pos[0] + 40, node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2);
+      },
+      nodeState(nodeId: number) {
+        const node = app.graph.getNodeById(nodeId);
+        if (!node) return null;
+        const v = visual(node);
+        return {
+          id: node.id,
+          type: node.type,
+          title: node.title,
+          running: !!v.running,
+          progress: v.progress ?? null,
+          images: (v.images ?? []).map((i) => ({ w: i.naturalWidth, h: i.naturalHeight })),
+          hasPreview: !!v.preview,
+          hasErrors: !!node.has_errors,
+          issues: v.issues ?? [],
+          inputErrors: node.inputs.filter((i) => i.hasErrors).map((i) => i.name),
+          widgets: Object.fromEntries((node.widgets ?? []).map((w) => [w.name, w.value])),
+        };
+      },
+      setWidget(nodeId: number, name: string, value: unknown): void {
+        const node = app.graph.getNodeById(nodeId);
+        const w = node?.widgets?.find((x) => x.name === name);
+        if (!node || !w) throw new Error(`no widget ${name} on ${nodeId}`);
+        w.value = value as any;
+        if (isTextAreaWidget(w)) w.element.dispatchEvent(new Event("input"));
+        node.onWidgetChanged?.(name, value, undefined, w);
+        app.graph._version++;
+        app.canvas.setDirty(true, true);
+      },
+      lastRefusedLink: () => app.lastRefusedLink,
+    };
+  }
+}
+
+export function installExecution(app: App): void {
+  app.execution = new ExecutionTracker(app.api, () => app.graph, {
+    onProgress: (p) => app.queuePanel.setProgress(p),
+    onPromptDone: () => {
+      app.queuePanel.scheduleRefresh();
+      app.historyPanel.refresh();
+    },
+    onQueueChanged: (d) => {
+      app.queuePanel.scheduleRefresh();
+      const remaining = d?.status?.exec_info?.queue_remaining;
+      if (typeof remaining === "number") app.topbar.setQueueCount(remaining);
+      const paused = d?.status?.paused ?? d?.paused;
+      if (typeof paused === "boolean") app.queuePanel.setPaused(paused);
+    },
+    imageUrl: (ref) => cachedImageUrl(app.api, ref),
+  });
+  app.api.on("connection", ({ connected }) => app.topbar.setConnected(connected));
+}

@@ -1,0 +1,35 @@
+// Entry point: styles, token capture, the app, and global keyboard shortcuts.
+import "@comfyorg/litegraph/style.css";
+import "./styles.css";
+import { App } from "./app";
+import { captureTokenFromUrl } from "./auth";
+
+function isEditable(t: EventTarget | null): boolean {
+  const el = t as HTMLElement | null;
+  return !!el && (el.tagName === "INPUT" || el.tagName === "TEXTAREA" || el.tagName === "SELECT" || el.isContentEditable);
+}
+
+captureTokenFromUrl();
+const app = new App();
+
+document.addEventListener("keydown", (e) => {
+  const mod = e.ctrlKey || e.metaKey;
+  if (mod && e.key === "Enter") {
+    e.preventDefault();
+    if (e.altKey) app.queuePanel.interrupt();
+    else app.queuePrompt(app.batchCount, e.shiftKey);
+  } else if (mod && (e.key === "s" || e.key === "S")) {
+    e.preventDefault();
+    app.saveWorkflow();
+  } else if (mod && (e.key === "o" || e.key === "O")) {
+    e.preventDefault();
+    app.openFile();
+  } else if (!mod && !isEditable(e.target) && e.key === "." ) {
+    app.fitView();
+  }
+}, true);
+
+app.start(document.getElementById("app")!).catch((e) => {
+  console.error(e);
+  document.body.append(`Editor failed to start: ${e instanceof Error ? e.message : e}`);
+});

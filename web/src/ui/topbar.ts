@@ -1,0 +1,94 @@
+// The top bar: workflow menu, name, connection state, batch count and the Queue button.
+import type { App } from "../app";
+import { h, icon } from "./dom";
+import { promptDialog } from "./dialog";
+
+function menu(button: HTMLElement, items: [string, string, () => void][]): void {
+  const list = h("div", { class: "menu" });
+  for (const [label, hint, fn] of items) {
+    list.append(h("button", {
+      class: "menu-item",
+      onclick: () => {
+        close();
+        fn();
+      },
+    }, h("span", {}, label), hint ? h("kbd", {}, hint) : null));
+  }
+  const r = button.getBoundingClientRect();
+  Object.assign(list.style, { left: `${r.left}px`, top: `${r.bottom + 4}px` });
+  const close = () => {
+    list.remove();
+    document.removeEventListener("pointerdown", outside, true);
+  };
+  const outside = (e: Event) => {
+    if (!list.contains(e.target as Node)) close();
+  };
+  setTimeout(() => document.addEventListener("pointerdown", outside, true), 0);
+  document.body.append(list);
+}
+
+export class TopBar {
+  readonly el: HTMLElement;
+  private nameEl: HTMLElement;
+  private statusEl: HTMLElement;
+  private queueCountEl: HTMLElement;
+  private batch: HTMLInputElement;
+  readonly queueButton: HTMLButtonElement;
+
+  constructor(private app: App) {
+    const workflowBtn: HTMLButtonElement = h("button", {
+      class: "btn btn-ghost",
+      "aria-haspopup": "menu",
+      onclick: () => menu(workflowBtn, [
+        ["New", "", () => app.newGraph()],
+        ["Open…", "Ctrl+O", () => app.openFile()],
+        ["Save…", "Ctrl+S", () => app.saveWorkflow()],
+        ["Export workflow (.json)", "", () => app.exportWorkflow()],
+        ["Export API prompt (.json)", "", () => app.exportApi()],
+        ["Load default graph", "", () => app.loadDefault()],
+        ["Fit view", ".", () => app.fitView()],
+      ]),
+    }, "Workflow", icon("chevron"));
+    this.nameEl = h("button", { class: "workflow-name", title: "Rename", onclick: () => this.rename() }, app.workflowName);
+    this.statusEl = h("span", { class: "conn", title: "Server connection" }, h("span", { class: "dot" }), h("span", { class: "conn-text" }, "Connecting…"));
+    this.queueCountEl = h("button", { class: "queue-count", title: "Show the queue", onclick: () => app.side.show("queue") }, "Queue 0");
+    this.batch = h("input", { class: "input batch", type: "number", min: "1", max: "100", value: "1", title: "Batch count: how many prompts one click queues", "aria-label": "Batch count" });
+    this.batch.addEventListener("change", () => {
+      const n = Math.max(1, Math.min(100, Math.round(Number(this.batch.value) || 1)));
+      this.batch.value = String(n);
+      app.batchCount = n;
+    });
+    this.batch.addEventListener("keydown", (e) => e.stopPropagation());
+    this.queueButton = h("button", { class: "btn btn-primary queue-btn", title: "Queue the graph (Ctrl+Enter)", onclick: () => app.queuePrompt() }, icon("play"), "Queue");
+    this.el = h("header", { class: "topbar" },
+      h("div", { class: "brand" }, h("span", { class: "logo" }), "sdflow"),
+      workflowBtn,
+      h("button", { class: "btn btn-ghost", title: "Reload node definitions and model lists from the server", onclick: () => app.refreshNodeDefs() }, icon("refresh"), "Refresh"),
+      this.nameEl,
+      h("div", { class: "spacer" }),
+      this.statusEl,
+      this.queueCountEl,
+      h("label", { class: "batch-label" }, "Batch", this.batch),
+      this.queueButton,
+      h("button", { class: "btn btn-ghost icon-only", title: "Toggle side panel", "aria-label": "Toggle side panel", onclick: () => app.side.toggle() }, icon("panel")));
+  }
+
+  setName(name: string): void {
+    this.nameEl.textContent = name;
+  }
+
+  setConnected(connected: boolean): void {
+    this.statusEl.classList.toggle("online", connected);
+    this.statusEl.querySelector(".conn-text")!.textContent = connected ? "Connected" : "Reconnecting…";
+  }
+
+  setQueueCount(n: number): void {
+    this.queueCountEl.textContent = `Queue ${n}`;
+    this.queueCountEl.classList.toggle("busy", n > 0);
+  }
+
+  private async rename(): Promise<void> {
+    const name = await promptDialog("Rename workflow", this.app.workflowName, { okText: "Rename" });
+    if (name) this.app.setName(name);
+  }
+}
