@@ -21,7 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+import uuid
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -135,17 +136,18 @@ async def run(args: argparse.Namespace) -> int:
             async def submit(i: int) -> None:
                 c = clients[i % len(clients)]
                 value = base + i
+                # a client-chosen prompt_id: the owner must know it before its first event can arrive
+                pid = f"load-{uuid.uuid4()}"
+                c.mine.add(pid)
                 async with sem:
                     t0 = time.perf_counter()
                     async with session.post(url + "/prompt", json={"prompt": prompt_for(value, args.steps),
-                                                                   "client_id": c.cid}) as r:
+                                                                   "client_id": c.cid, "prompt_id": pid}) as r:
                         body = await r.json()
                     t1 = time.perf_counter()
-                if r.status != 200:
+                if r.status != 200 or body.get("prompt_id") != pid:
                     failures.append(f"submit {i}: HTTP {r.status} {body}")
                     return
-                pid = body["prompt_id"]
-                c.mine.add(pid)
                 owner[pid] = c
                 expected[pid] = str(value + 1)
                 submitted_at[pid] = t0

@@ -47,6 +47,8 @@ class Executor:
         budgets = getattr(config, "cache_budget_bytes", None) if config is not None else None
         self.cache = cache if cache is not None else OutputCache(budgets)
         self.config = config
+        # Nodes skip making step previews when nobody wants them (RuntimeConfig.preview_method "none").
+        self.previews = getattr(config, "preview_method", "latent2rgb") != "none"
         self._interrupt = threading.Event()
         self._running: str | None = None
         self._last_validation: tuple[str, Any] | None = None   # (digest of prompt + targets, result)
@@ -201,6 +203,7 @@ class _Run:
             if preview is not None:
                 self.emit(Event("preview", {"node_id": nid, "prompt_id": self.prompt_id, "display_node_id": nid,
                                             "parent_node_id": None, "real_node_id": nid}, image=preview))
+        sink.wants_preview = self.ex.previews
         return sink
 
     def _gather(self, rn: ResolvedNode) -> dict[str, list]:

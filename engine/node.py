@@ -108,6 +108,11 @@ class NodeDef:
         return info
 
     # ---- value validation -------------------------------------------------------------------------
+    def validates_itself(self, name: str) -> bool:
+        """Inputs the node's own `validate` takes skip the built-in range and combo checks (ComfyUI's
+        VALIDATE_INPUTS rule; a `**kwargs` validator takes them all)."""
+        return name in self.validate_names or "*" in self.validate_names
+
     @cached_property
     def widget_model(self):
         """A pydantic model over the INT/FLOAT/STRING/BOOLEAN inputs; every field optional because a link
@@ -115,7 +120,7 @@ class NodeDef:
         fields: dict[str, Any] = {}
         for decl in self.inputs.values():
             spec = decl.spec
-            if decl.section == "hidden" or decl.name in self.validate_names:
+            if decl.section == "hidden" or self.validates_itself(decl.name):
                 continue
             if isinstance(spec, IntSpec):
                 fields[decl.name] = (int | None, Field(None, ge=spec.min, le=spec.max))
@@ -154,7 +159,7 @@ class NodeDef:
                         coerced[k] = getattr(parsed, k)
         for name, value in values.items():
             decl = self.inputs.get(name)
-            if decl is None or not isinstance(decl.spec, ComboSpec) or name in self.validate_names:
+            if decl is None or not isinstance(decl.spec, ComboSpec) or self.validates_itself(name):
                 continue
             choices = decl.spec.values()
             if value not in choices:

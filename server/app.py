@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +28,7 @@ from .ws import Hub
 
 log = logging.getLogger("sdflow.server")
 
+LOCK = web.AppKey("sdflow_data_dir_lock", object)
 ROUTE_TABLES: tuple[Routes, ...] = (routes_prompt.routes, routes_info.routes, files.routes, routes_workflows.routes)
 
 
@@ -85,8 +87,29 @@ async def _openapi_placeholder(request: web.Request) -> web.Response:
     return web.Response()
 
 
+class DataDirBusy(RuntimeError):
+    """Another sdflow server already owns this data directory's queue."""
+
+
+def _lock_data_dir(db_path: Path) -> Any:
+    """Hold an exclusive lock next to the database for the server's lifetime: a second server on the same
+    data dir would otherwise mark the first one's running prompt as failed and run prompts twice."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; run one server per data dir
+        return None
+    handle = open(db_path.with_name(db_path.name + ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise DataDirBusy(f"another sdflow server is using {db_path.parent} (lock {handle.name})") from None
+    return handle
+
+
 async def _startup(app: web.Application) -> None:
     state = app[STATE]
+    app[LOCK] = _lock_data_dir(state.store.path)
     state.hub.loop = asyncio.get_running_loop()
     failed = state.store.recover()
     if failed:
@@ -101,5 +124,9 @@ async def _shutdown(app: web.Application) -> None:
 
 async def _cleanup(app: web.Application) -> None:
     state = app[STATE]
-    await asyncio.to_thread(state.worker.stop)
+    if state.worker.alive:
+        await asyncio.to_thread(state.worker.stop)
     state.store.close()
+    lock = app.get(LOCK)
+    if lock is not None:
+        lock.close()

@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-demo-model", help="write the tiny random-weight demo checkpoint into the models dir")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--models-dir")
+    p.add_argument("--if-missing", action="store_true",
+                   help="accepted for scripts; an existing demo checkpoint is always kept")
     p.set_defaults(func=cmd_make_demo_model)
     return parser
 

@@ -50,13 +50,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ApiError as e:
         return json_error(e.status, e.message, type_=e.type_, details=e.details)
     except web.HTTPException as e:
-        if e.status >= 400 and e.content_type != "application/json" and not e.text.startswith("{"):
+        text = e.text or ""
+        if e.status >= 400 and e.content_type != "application/json" and not text.startswith("{"):
             # aiohttp's own 4xx (404, 405, 413) as JSON so API clients get one format
-            return json_error(e.status, e.reason, type_=_http_type(e.status), details=e.text or "",
+            return json_error(e.status, e.reason, type_=_http_type(e.status), details=text[:300],
                               headers={k: v for k, v in e.headers.items()
                                        if k.lower() in ("allow", "www-authenticate")})
         raise
-    except (ConnectionResetError, _cancelled()):
+    except ConnectionResetError:  # the client went away; nothing to answer
         raise
     except HttpProcessingError as e:  # malformed body parts found while reading
         status = e.code if 400 <= (e.code or 0) < 500 else 400
@@ -64,11 +65,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception as e:  # the one place an unexpected bug is turned into a reply
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_error(500, f"internal error: {type(e).__name__}", type_="internal_error", details=str(e)[:500])
-
-
-def _cancelled() -> type[BaseException]:
-    import asyncio
-    return asyncio.CancelledError
 
 
 def _http_type(status: int) -> str:

@@ -197,13 +197,15 @@ class Hub:
         return ws
 
     def _on_text(self, client: Client, text: str) -> None:
-        first = not client.negotiated
+        # Only the first message means anything (feature negotiation); later ones are ignored unparsed.
+        if client.negotiated:
+            return
         client.negotiated = True
         try:
             msg = json.loads(text)
         except ValueError:
             return
-        if first and isinstance(msg, dict) and msg.get("type") == "feature_flags" and isinstance(msg.get("data"), dict):
+        if isinstance(msg, dict) and msg.get("type") == "feature_flags" and isinstance(msg.get("data"), dict):
             client.features = msg["data"]
             self._put(client, json.dumps({"type": "feature_flags", "data": self.server_features}))
 

@@ -220,7 +220,7 @@ def load_checkpoint(
                     raise ModelFileError(path, f"checkpoint has no text encoder {kind!r} ({prefix}*)")
                 cfg = detect.infer_clip_config(clip_sds[kind], arch, kind)
                 text_encoders[kind] = _build_clip(cfg, clip_sds[kind], dtype, path, kind)
-    except (KeyError, ValueError, StopIteration, IndexError) as e:
+    except (KeyError, ValueError, StopIteration, IndexError, TypeError, AttributeError, RuntimeError) as e:
         if isinstance(e, ModelFileError):
             raise
         raise ModelFileError(path, f"unrecognised {arch} checkpoint layout: {type(e).__name__}: {e}") from None
@@ -260,7 +260,7 @@ def load_vae_file(path: str | Path, *, arch: str = "sd1", dtype: torch.dtype = t
             return _build_vae(detect.infer_vae_config(diff, arch), diff, dtype, path)
         if ldm_keys.is_ldm_vae(sd):
             return _vae_from_ldm(sd, arch, dtype, path)
-    except (KeyError, ValueError, StopIteration, IndexError) as e:
+    except (KeyError, ValueError, StopIteration, IndexError, TypeError, AttributeError, RuntimeError) as e:
         if isinstance(e, ModelFileError):
             raise
         raise ModelFileError(path, f"unrecognised VAE layout: {type(e).__name__}: {e}") from None

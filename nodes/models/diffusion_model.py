@@ -86,6 +86,12 @@ class DiffusionModelHandle(ResidentMixin):
         twin.options = copy.deepcopy(self.options)
         return twin
 
+    def with_unet(self, unet: nn.Module) -> "DiffusionModelHandle":
+        """A clone holding different weights (e.g. a LoRA-merged copy); settings carried over."""
+        twin = self.clone()
+        twin._weights = WeightsHolder({"unet": unet})
+        return twin
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -188,6 +188,14 @@ class ModelFolders:
                     log.info("adding extra search path %s %s", key, os.path.normpath(full))
                     self.add_path(str(key), full, is_default)
 
+    def load_default_yaml(self) -> bool:
+        """Load `<base>/extra_model_paths.yaml` if it exists (ComfyUI does this at startup)."""
+        path = self.base_dir / "extra_model_paths.yaml"
+        if path.is_file():
+            self.add_extra_paths_yaml(path)
+            return True
+        return False
+
     def ensure_dirs(self, keys: Iterable[str] | None = None) -> None:
         """Create the first directory of each folder key (where new files would go)."""
         for key in keys if keys is not None else self.keys():
@@ -334,14 +342,3 @@ def _walk_diffusers(root: Path) -> tuple[list[str], dict[str, float]]:
             found.append(os.path.relpath(dirpath, root))
             subdirs[:] = []  # a model's own subfolders are not separate models
     return found, mtimes
-
-
-@dataclass
-class FolderSnapshot:
-    """Plain summary, e.g. for a settings endpoint."""
-
-    folders: dict[str, list[str]] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, folders: ModelFolders) -> "FolderSnapshot":
-        return cls({k: [str(p) for p in folders.paths(k)] for k in folders.keys()})

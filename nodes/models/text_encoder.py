@@ -20,6 +20,7 @@ an |n| larger than the encoder is the normed last layer.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -163,10 +164,19 @@ class ClipHandle(ResidentMixin):
     def __init__(self, text_encoders: Mapping[str, nn.Module], tokenizers: Mapping[str, Any], arch: str,
                  embedding_dirs: Iterable[str | Path] | Callable[[], Iterable[str | Path]] | None = None,
                  device: str | None = None,
-                 cache_size: int = 16, output_device: str = "cpu") -> None:
+                 cache_size: int = 16, output_device: str = "cpu",
+                 layer_defaults: Mapping[str, Any] | None = None) -> None:
         if arch not in ARCH_ENCODERS:
             raise ValueError(f"unknown architecture {arch!r}")
         specs = ARCH_ENCODERS[arch]
+        if layer_defaults:
+            # A loader may state the layer per encoder (objects with .index and .final_norm).
+            specs = tuple(
+                dataclasses.replace(s, default_layer=int(layer_defaults[s.key].index),
+                                    layer_norm_hidden=bool(layer_defaults[s.key].final_norm))
+                if s.key in layer_defaults else s
+                for s in specs
+            )
         missing = [s.key for s in specs if s.key not in text_encoders or s.key not in tokenizers]
         if missing:
             raise ValueError(f"{arch} needs text encoder and tokenizer {missing}")
@@ -188,7 +198,8 @@ class ClipHandle(ResidentMixin):
                         device: str | None = None) -> "ClipHandle":
         """From a `nodes.models.checkpoint.LoadedCheckpoint` (duck-typed)."""
         return cls(checkpoint.text_encoders, checkpoint.tokenizers, checkpoint.arch,
-                   embedding_dirs=embedding_dirs, device=device)
+                   embedding_dirs=embedding_dirs, device=device,
+                   layer_defaults=getattr(checkpoint, "clip_layers", None))
 
     # ------------------------------------------------------------------ settings and clones
     @property
@@ -258,7 +269,7 @@ class ClipHandle(ResidentMixin):
                         continue
                     groups.append([(vectors[i], seg.weight) for i in range(vectors.shape[0])])
                     continue
-                ids = tokenizer.encode(seg.text, add_special_tokens=False)
+                ids = tokenizer.encode(seg.text, add_special_tokens=False, verbose=False)
                 if ids:
                     groups.append([(int(i), seg.weight) for i in ids])
             chunks[spec.key] = chunk_groups(groups, eos if spec.pad_with_end else 0, bos, eos)

@@ -69,3 +69,17 @@ def sigma_fn(t: torch.Tensor) -> torch.Tensor:
 
 def t_fn(sigma: torch.Tensor) -> torch.Tensor:
     return sigma.log().neg()
+
+
+def uncond_getter(model: Denoiser) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For CFG++ samplers: make a CFGDenoiser also compute the negative prediction (even at cfg 1) and
+    return a function giving that unconditional estimate after each call. Denoisers without CFG have
+    no separate uncond, so the guided estimate stands in (CFG++ then reduces to its base sampler)."""
+    if hasattr(model, "need_uncond"):
+        model.need_uncond = True
+
+    def get(denoised: torch.Tensor) -> torch.Tensor:
+        uncond = getattr(model, "last_uncond", None)
+        return denoised if uncond is None else uncond
+
+    return get

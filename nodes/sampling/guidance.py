@@ -209,6 +209,9 @@ class CFGDenoiser:
         self.negative = resolve_conditioning(negative, schedule, latent_shape)
         self._share_control_with_uncond()
         self.skip_uncond = math.isclose(self.cfg, 1.0)
+        # CFG++ samplers set need_uncond and read last_uncond (the negative's denoised estimate)
+        self.need_uncond = False
+        self.last_uncond: torch.Tensor | None = None
         self.model_calls = 0
         self.mask = None
         if noise_mask is not None:
@@ -241,16 +244,19 @@ class CFGDenoiser:
             original = self.latent_image.to(x.device, x.dtype)
             renoised = original + self.inpaint_noise.to(x.device, x.dtype) * _bcast(sigma, x)
             x = x * mask + renoised * (1 - mask)
-        cond, uncond = self.predict(x, sigma)
+        cond, uncond = self.predict(x, sigma, skip_uncond=self.skip_uncond and not self.need_uncond)
+        self.last_uncond = uncond
         out = cond if uncond is None else uncond + (cond - uncond) * self.cfg
         if self.mask is not None:
             out = out * mask + original * (1 - mask)
         return out
 
-    def predict(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Denoised predictions for the positive and (unless cfg == 1) negative conditioning."""
+    def predict(
+        self, x: torch.Tensor, sigma: torch.Tensor, skip_uncond: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Denoised predictions for the positive and (unless skip_uncond) negative conditioning."""
         s = float(sigma.max())
-        sides = [self.positive] if self.skip_uncond else [self.positive, self.negative]
+        sides = [self.positive] if skip_uncond else [self.positive, self.negative]
         full_h, full_w = x.shape[-2], x.shape[-1]
         jobs: list[_Job] = []
         for which, entries in enumerate(sides):
@@ -284,7 +290,7 @@ class CFGDenoiser:
                 for job, den in zip(chunk, outs):
                     results[job.which].append((job, den))
         preds = [self._combine(r, x) for r in results]
-        return preds[0], (None if self.skip_uncond else preds[1])
+        return preds[0], (None if skip_uncond else preds[1])
 
     def _run(self, chunk: list[_Job], sigma: torch.Tensor) -> list[torch.Tensor]:
         n = len(chunk)

@@ -11,7 +11,16 @@ from typing import Callable
 
 import torch
 
-from .samplers_ode import sample_dpm_2, sample_dpmpp_2m, sample_euler, sample_heun, sample_heunpp2, sample_ipndm, sample_lms
+from .samplers_ode import (
+    sample_dpm_2,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_cfg_pp,
+    sample_heun,
+    sample_heunpp2,
+    sample_ipndm,
+    sample_lms,
+)
 from .samplers_sde import (
     sample_ddpm,
     sample_dpm_2_ancestral,
@@ -21,6 +30,7 @@ from .samplers_sde import (
     sample_dpmpp_3m_sde,
     sample_dpmpp_sde,
     sample_euler_ancestral,
+    sample_euler_ancestral_cfg_pp,
     sample_lcm,
 )
 from .uni_pc import sample_uni_pc, sample_uni_pc_bh2
@@ -36,7 +46,9 @@ def _gpu(fn: SamplerFn) -> SamplerFn:
 # Order = ComfyUI's KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"], restricted to what exists here.
 SAMPLERS: dict[str, SamplerFn] = {
     "euler": sample_euler,
+    "euler_cfg_pp": sample_euler_cfg_pp,
     "euler_ancestral": sample_euler_ancestral,
+    "euler_ancestral_cfg_pp": sample_euler_ancestral_cfg_pp,
     "heun": sample_heun,
     "heunpp2": sample_heunpp2,
     "dpm_2": sample_dpm_2,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import Denoiser, StepCallback, ancestral_noise, report, sigma_fn, split_extra, t_fn, to_d
+from ._common import Denoiser, StepCallback, ancestral_noise, report, sigma_fn, split_extra, t_fn, to_d, uncond_getter
 
 
 def _churn(x, sigma, n_steps, s_churn, s_tmin, s_tmax, s_noise, noise_sampler):
@@ -33,6 +33,20 @@ def sample_euler(model: Denoiser, x, sigmas, extra_args=None, callback: StepCall
         d = to_d(x, sigma_hat, denoised)
         report(callback, i, x, sigmas[i], denoised, sigma_hat)
         x = x + d * (sigmas[i + 1] - sigma_hat)
+    return x
+
+
+# CFG++ (Chung et al. 2024, arXiv 2406.08070) with Euler steps: renoise along the unconditional direction.
+@torch.no_grad()
+def sample_euler_cfg_pp(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None):
+    kwargs, _ = split_extra(extra_args)
+    s_in = x.new_ones([x.shape[0]])
+    uncond_of = uncond_getter(model)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **kwargs)
+        d = to_d(x, sigmas[i], uncond_of(denoised))
+        report(callback, i, x, sigmas[i], denoised)
+        x = denoised + d * sigmas[i + 1]
     return x
 
 

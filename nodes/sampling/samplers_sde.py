@@ -19,6 +19,7 @@ from ._common import (
     split_extra,
     t_fn,
     to_d,
+    uncond_getter,
 )
 
 
@@ -34,6 +35,24 @@ def sample_euler_ancestral(model: Denoiser, x, sigmas, extra_args=None, callback
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
         report(callback, i, x, sigmas[i], denoised)
         x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        if sigmas[i + 1] > 0:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+# CFG++ (Chung et al. 2024, arXiv 2406.08070) with Euler-ancestral steps, eta=1.
+@torch.no_grad()
+def sample_euler_ancestral_cfg_pp(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None,
+                                  disable=None, eta=1.0, s_noise=1.0, noise_sampler=None):
+    kwargs, seed = split_extra(extra_args)
+    noise = ancestral_noise(x, seed, noise_sampler)
+    s_in = x.new_ones([x.shape[0]])
+    uncond_of = uncond_getter(model)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **kwargs)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        report(callback, i, x, sigmas[i], denoised)
+        x = denoised + to_d(x, sigmas[i], uncond_of(denoised)) * sigma_down
         if sigmas[i + 1] > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x

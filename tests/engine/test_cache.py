@@ -194,3 +194,16 @@ def test_non_deterministic_keys_differ_per_run_and_per_node(reg):
     k1, k2 = keys_of(reg, prompt, "run1"), keys_of(reg, prompt, "run2")
     assert k1["1"] != k2["1"] and k1["3"] != k2["3"]
     assert k1["1"] != k1["2"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_stay_on_device_until_the_gpu_budget_offloads_them():
+    cache = OutputCache({"cuda": 6 * KiB, "cpu": 100 * KiB})
+    a = torch.zeros(1024, device="cuda")                 # 4 KiB each
+    b = torch.zeros(1024, device="cuda")
+    cache.put("a", [[a]])
+    assert cache.get("a").outputs[0][0].is_cuda and cache.usage() == {"cuda": 4 * KiB}
+    cache.put("b", [[b]])                                # over the GPU budget: a (LRU) moves to CPU
+    assert cache.get("a").outputs[0][0].device.type == "cpu"
+    assert cache.get("b").outputs[0][0].is_cuda
+    assert cache.offloads == 1 and cache.usage() == {"cuda": 4 * KiB, "cpu": 4 * KiB}

@@ -83,3 +83,17 @@ def test_clone_shares_weights_and_memory_protocol(sd1) -> None:
 def test_latent_preview_factors(sd1) -> None:
     rgb = SD15_LATENT.to_rgb(torch.randn(2, 4, 8, 8))
     assert rgb.shape == (2, 8, 8, 3) and rgb.min() >= 0 and rgb.max() <= 1
+
+
+def test_with_unet_swaps_weights_on_the_copy_only(sd1) -> None:
+    import copy
+
+    model = DiffusionModelHandle.from_checkpoint(sd1, device="cpu")
+    other = copy.deepcopy(sd1.unet)
+    with torch.no_grad():
+        other.conv_out.bias.add_(1.0)
+    patched = model.with_unet(other)
+    x, cond = torch.randn(1, 4, 8, 8), {"context": torch.randn(1, 77, 32)}
+    assert patched.unet is other and model.unet is sd1.unet
+    assert patched.weights_key() != model.weights_key()
+    torch.testing.assert_close(patched.apply(x, 100, cond), model.apply(x, 100, cond) + 1.0, atol=1e-5, rtol=1e-5)

@@ -258,3 +258,11 @@ def test_listing_speed_is_cached(tmp_path: Path) -> None:
     for _ in range(50):
         assert folders.list_files("loras") == first
     assert len(first) == 200 and time.perf_counter() - start < 2.0
+
+
+def test_default_yaml_in_base_dir(tmp_path: Path) -> None:
+    folders = ModelFolders(tmp_path)
+    assert folders.load_default_yaml() is False
+    (tmp_path / "extra_model_paths.yaml").write_text("x:\n  loras: more_loras\n", encoding="utf-8")
+    assert folders.load_default_yaml() is True
+    assert folders.paths("loras")[-1] == tmp_path / "more_loras"

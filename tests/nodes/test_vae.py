@@ -67,11 +67,11 @@ def test_non_multiple_of_8_is_center_cropped(vae) -> None:
 
 
 def test_tiled_decode(vae) -> None:
-    latent = vae.encode(torch.rand(1, 128, 128, 3))
+    latent = vae.encode(torch.rand(1, 64, 64, 3))
     whole = vae.decode(latent)
     # One tile covering everything is the plain decode.
-    torch.testing.assert_close(vae.decode_tiled(latent, tile=16, overlap=4), whole, rtol=0, atol=1e-6)
-    tiled = vae.decode_tiled(latent, tile=8, overlap=4)
+    torch.testing.assert_close(vae.decode_tiled(latent, tile=8, overlap=2), whole, rtol=0, atol=1e-6)
+    tiled = vae.decode_tiled(latent, tile=4, overlap=2)
     assert tiled.shape == whole.shape and tiled.min() >= 0 and tiled.max() <= 1
     # Tiles see less context (the VAE's mid-block attention is global), so only roughly equal.
     assert (tiled - whole).abs().mean() < 0.25
@@ -91,3 +91,47 @@ def test_memory_protocol_and_clone(vae, ckpt) -> None:
     assert twin.vae is vae.vae and twin.weights_key() == vae.weights_key()
     twin.to_device("cpu")
     assert twin.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 64, 64, 3)
+
+
+def test_tile_blending_is_exact_for_local_operations() -> None:
+    from nodes.models.vae import _tiled
+
+    x = torch.randn(1, 4, 13, 17)
+
+    def upscale(t: torch.Tensor) -> torch.Tensor:  # channels-last output like the VAE decode
+        return t.repeat_interleave(8, dim=-2).repeat_interleave(8, dim=-1).movedim(1, -1)
+
+    out = _tiled(x, tile=6, overlap=2, scale=8, run=upscale, out_channels_last=True)
+    torch.testing.assert_close(out, upscale(x), atol=1e-5, rtol=1e-5)
+
+
+def test_tiled_encode_shape(vae) -> None:
+    pixels = torch.rand(1, 64, 64, 3)
+    out = vae._encode_tiled(pixels, tile=32, overlap=16)
+    assert out.shape == (1, 4, 8, 8)
+    torch.testing.assert_close(vae._encode_tiled(pixels, tile=64, overlap=16), vae.encode(pixels), rtol=0, atol=1e-6)
+
+
+def test_out_of_memory_falls_back_to_smaller_batches_then_tiles(vae) -> None:
+    calls: list[int] = []
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        if x.shape[0] > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return x * 2
+
+    x = torch.arange(4.0).view(4, 1)
+    torch.testing.assert_close(vae._batched(x, run, tiled=lambda t: t), x * 2)
+    assert calls[:2] == [4, 2] and calls[-4:] == [1, 1, 1, 1]
+
+    def always_oom(x: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("out of memory")
+
+    torch.testing.assert_close(vae._batched(x, always_oom, tiled=lambda t: t - 1), x - 1)
+
+    def other_error(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        vae._batched(x, other_error, tiled=lambda t: t)

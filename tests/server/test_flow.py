@@ -7,6 +7,7 @@ import json
 import struct
 
 import aiohttp
+import pytest
 from PIL import Image
 
 from engine.ui_workflow import api_to_ui
@@ -214,7 +215,7 @@ async def test_queue_order_pause_resume_front_delete(server):
     c = await server.queue_prompt(chain(3), client_id=ws.sid, front=True)
     d = await server.queue_prompt(chain(4), client_id=ws.sid, number=0.5)
     gone = await server.queue_prompt(chain(5), client_id=ws.sid)
-    assert c["number"] == -c["number"] * -1 and c["number"] < 0
+    assert (a["number"], b["number"], c["number"], d["number"]) == (0, 1, -2, 0.5)
     await asyncio.sleep(0.3)
     q = await server.get_json("/queue")
     assert q["queue_running"] == []
@@ -546,3 +547,21 @@ async def test_unexpected_errors_are_500_json_and_server_keeps_serving(tmp_path)
                 assert r.status == 200
     finally:
         await runner.cleanup()
+
+
+async def test_second_server_on_same_data_dir_is_refused(server):
+    from aiohttp import web
+
+    from engine.registry import Registry
+    from server.app import DataDirBusy, create_app
+
+    from . import plugin_nodes
+
+    app = create_app(server.config, Registry.from_nodes(plugin_nodes))
+    runner = web.AppRunner(app)
+    try:
+        with pytest.raises(DataDirBusy):
+            await runner.setup()
+    finally:
+        await runner.cleanup()
+    assert (await server.get_json("/prompt"))["exec_info"]["queue_remaining"] == 0

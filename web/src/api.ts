@@ -252,7 +252,11 @@ export class Api {
   }
 
   saveWorkflowFile(name: string, workflow: unknown): Promise<unknown> {
-    return this.post("/workflows", { name, workflow });
+    return this.post(`/workflows/${encodeURIComponent(name)}`, workflow);
+  }
+
+  async deleteWorkflowFile(name: string): Promise<unknown> {
+    return this.json(`/workflows/${encodeURIComponent(name)}`, { method: "DELETE" });
   }
 
   // ---- websocket ----

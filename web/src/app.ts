@@ -234,24 +234,24 @@ export class App {
   /** The last link drop the editor refused (read by tests through the hook). */
   lastRefusedLink: { type: string; target: unknown; slot?: string } | null = null;
 
+  private gridPattern: CanvasPattern | null = null;
+
+  /** A faint 40-unit grid, filled from a tiled pattern (one fill per frame, not hundreds of lines). */
   private drawGrid(ctx: CanvasRenderingContext2D, area: any): void {
-    const scale = this.canvas.ds.scale;
-    if (scale < 0.35) return;
-    const step = 40;
-    const [x0, y0, w, hgt] = [area[0], area[1], area[2], area[3]];
+    if (this.canvas.ds.scale < 0.35) return;
+    if (!this.gridPattern) {
+      const tile = document.createElement("canvas");
+      tile.width = tile.height = 40;
+      const g = tile.getContext("2d")!;
+      g.fillStyle = "rgba(255,255,255,0.04)";
+      g.fillRect(0, 0, 40, 1);
+      g.fillRect(0, 0, 1, 40);
+      this.gridPattern = ctx.createPattern(tile, "repeat");
+    }
+    if (!this.gridPattern) return;
     ctx.save();
-    ctx.strokeStyle = "rgba(255,255,255,0.035)";
-    ctx.lineWidth = 1 / scale;
-    ctx.beginPath();
-    for (let x = Math.floor(x0 / step) * step; x < x0 + w; x += step) {
-      ctx.moveTo(x, y0);
-      ctx.lineTo(x, y0 + hgt);
-    }
-    for (let y = Math.floor(y0 / step) * step; y < y0 + hgt; y += step) {
-      ctx.moveTo(x0, y);
-      ctx.lineTo(x0 + w, y);
-    }
-    ctx.stroke();
+    ctx.fillStyle = this.gridPattern;
+    ctx.fillRect(area[0], area[1], area[2], area[3]);
     ctx.restore();
   }
 
@@ -514,7 +514,7 @@ export class App {
     const wf = this.serialize();
     if (this.workflowsPanel.available) {
       try {
-        await this.api.saveWorkflowFile(`${name}.json`, wf);
+        await this.api.saveWorkflowFile(name, wf);
         this.setName(name);
         toast(`Saved ${name}`, "success");
         this.workflowsPanel.refresh();
@@ -717,6 +717,14 @@ export class App {
         if (!node) throw new Error(`no node ${nodeId}`);
         return app.graphToClient(node.pos[0] + 40, node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2);
       },
+      /** Client coordinates of the centre of a widget (x at `fx` of its width). */
+      widgetPos(nodeId: number, name: string, fx = 0.5): [number, number] {
+        const node = app.graph.getNodeById(nodeId);
+        const w = node?.widgets?.find((x) => x.name === name);
+        if (!node || !w) throw new Error(`no widget ${name} on ${nodeId}`);
+        const h = (w.computedHeight ?? LiteGraph.NODE_WIDGET_HEIGHT + 4) - 4;
+        return app.graphToClient(node.pos[0] + node.size[0] * fx, node.pos[1] + (w.y ?? 0) + h / 2);
+      },
       nodeState(nodeId: number) {
         const node = app.graph.getNodeById(nodeId);
         if (!node) return null;
@@ -761,10 +769,11 @@ export function installExecution(app: App): void {
       app.queuePanel.scheduleRefresh();
       const remaining = d?.status?.exec_info?.queue_remaining;
       if (typeof remaining === "number") app.topbar.setQueueCount(remaining);
-      const paused = d?.status?.paused ?? d?.paused;
+      const paused = d?.status?.exec_info?.paused ?? d?.status?.paused;
       if (typeof paused === "boolean") app.queuePanel.setPaused(paused);
     },
     imageUrl: (ref) => cachedImageUrl(app.api, ref),
   });
   app.api.on("connection", ({ connected }) => app.topbar.setConnected(connected));
+  app.api.on("execution_start", () => app.queuePanel.scheduleRefresh(30));
 }

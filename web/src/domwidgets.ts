@@ -92,15 +92,34 @@ function place(widget: TextAreaWidget, node: LGraphNode, width: number, y: numbe
     el.style.display = "none";
     return;
   }
-  const rect = canvas.canvas.getBoundingClientRect();
-  const overlayRect = overlay!.getBoundingClientRect();
-  const left = rect.left - overlayRect.left + (node.pos[0] + 10 + offset[0]) * scale;
-  const top = rect.top - overlayRect.top + (node.pos[1] + y + offset[1]) * scale;
-  el.style.display = "";
-  el.style.transform = `translate(${left}px, ${top}px) scale(${scale})`;
-  el.style.width = `${width - 20}px`;
-  el.style.height = `${Math.max(16, h - 6)}px`;
-  el.disabled = !!(node as any).getSlotFromWidget?.(widget)?.link;
+  const [dx, dy] = overlayOffset(canvas);
+  const left = dx + (node.pos[0] + 10 + offset[0]) * scale;
+  const top = dy + (node.pos[1] + y + offset[1]) * scale;
+  // Only touch styles that changed: writes invalidate layout, and this runs every frame.
+  setStyle(el, "display", "");
+  setStyle(el, "transform", `translate(${left.toFixed(1)}px, ${top.toFixed(1)}px) scale(${scale})`);
+  setStyle(el, "width", `${Math.round(width - 20)}px`);
+  setStyle(el, "height", `${Math.round(Math.max(16, h - 6))}px`);
+  const disabled = !!(node as any).getSlotFromWidget?.(widget)?.link;
+  if (el.disabled !== disabled) el.disabled = disabled;
+}
+
+function setStyle(el: HTMLElement, prop: "display" | "transform" | "width" | "height", value: string): void {
+  if (el.style[prop] !== value) el.style[prop] = value;
+}
+
+let offsetFrame = -1;
+let cachedOffset: [number, number] = [0, 0];
+
+/** Canvas position inside the overlay, measured once per frame (reading layout is costly). */
+function overlayOffset(canvas: LGraphCanvas): [number, number] {
+  if (offsetFrame !== canvas.frame) {
+    offsetFrame = canvas.frame;
+    const rect = canvas.canvas.getBoundingClientRect();
+    const o = overlay!.getBoundingClientRect();
+    cachedOffset = [rect.left - o.left, rect.top - o.top];
+  }
+  return cachedOffset;
 }
 
 /** Called after each frame: hides textareas whose node was culled, removed or collapsed. */

@@ -109,13 +109,13 @@ export function buildDefaultGraph(graph: LGraph): string[] {
     graph.add(n);
     return n;
   };
-  const ckpt = make("CheckpointLoaderSimple", [40, 220]);
-  const pos = make("CLIPTextEncode", [430, 40]);
-  const neg = make("CLIPTextEncode", [430, 330]);
-  const latent = make("EmptyLatentImage", [480, 620]);
-  const sampler = make("KSampler", [900, 120]);
-  const decode = make("VAEDecode", [1280, 120]);
-  const save = make("SaveImage", [1520, 120]);
+  const ckpt = make("CheckpointLoaderSimple", [30, 250]);
+  const pos = make("CLIPTextEncode", [380, 40]);
+  const neg = make("CLIPTextEncode", [380, 320]);
+  const latent = make("EmptyLatentImage", [440, 600]);
+  const sampler = make("KSampler", [860, 120]);
+  const decode = make("VAEDecode", [1210, 120]);
+  const save = make("SaveImage", [1470, 120]);
   if (pos) {
     pos.title = "Positive prompt";
     setWidget(pos, "text", POSITIVE);

@@ -91,7 +91,7 @@ export function registerNodeDefs(defs: ObjectInfo): void {
         installStrokeStyles(this);
         addIdBadge(this);
         const size = this.computeSize();
-        size[0] = Math.max(size[0], def.output_node && !def.output.length ? 260 : 220);
+        size[0] = Math.max(size[0], this.widgets?.length ? 280 : 210, def.output_node && !def.output.length ? 260 : 0);
         if (def.output_node && /image/i.test(def.name + (def.category ?? ""))) size[1] = Math.max(size[1], 260);
         if (this.widgets?.some(isTextAreaWidget)) {
           size[0] = Math.max(size[0], 400);

@@ -1,6 +1,7 @@
 // Workflows saved on the server (the user directory), listed and loaded from the side panel.
 import type { Api } from "../api";
 import { clear, h, icon } from "./dom";
+import { confirmDialog } from "./dialog";
 import { toast } from "./toast";
 
 export interface WorkflowFile {
@@ -63,9 +64,28 @@ export class WorkflowsPanel {
     }
     files.sort((a, b) => a.name.localeCompare(b.name));
     for (const f of files) {
-      this.list.append(h("div", { class: "workflow-item", dataset: { name: f.name }, title: `Load ${f.name}`, onclick: () => this.load(f.name) },
-        icon("open"), h("span", {}, f.name.replace(/\.json$/i, ""))));
+      const label = f.name.replace(/\.json$/i, "");
+      this.list.append(h("div", { class: "workflow-item", dataset: { name: label }, title: `Load ${label}`, onclick: () => this.load(f.name) },
+        icon("open"), h("span", { class: "workflow-item-name" }, label),
+        h("button", {
+          class: "icon-btn",
+          title: `Delete ${label}`,
+          onclick: (e: Event) => {
+            e.stopPropagation();
+            this.remove(label);
+          },
+        }, icon("trash"))));
     }
+  }
+
+  async remove(name: string): Promise<void> {
+    if (!(await confirmDialog("Delete workflow", `Delete the saved workflow “${name}”?`, "Delete"))) return;
+    try {
+      await this.api.deleteWorkflowFile(name);
+    } catch (e) {
+      toast(`Could not delete ${name}: ${e instanceof Error ? e.message : e}`, "error");
+    }
+    this.refresh();
   }
 
   async load(name: string): Promise<void> {
