@@ -4,10 +4,10 @@ from __future__ import annotations
 from engine.config import RuntimeConfig
 from engine.registry import Registry
 
-from . import conditioning, image, latent, loaders, sampler_nodes
+from . import conditioning, controlnet, image, latent, loaders, lora, sampler_nodes, upscale
 from .runtime import configure
 
-MODULES = (loaders, conditioning, latent, sampler_nodes, image)
+MODULES = (loaders, conditioning, latent, sampler_nodes, image, lora, controlnet, upscale)
 
 
 class ModelCatalog:

@@ -143,6 +143,9 @@ class DiffusionModelHandle(ResidentMixin):
                 raise ValueError("SDXL models need 'pooled' and 'size_cond' in cond")
             kwargs["added_cond_kwargs"] = {"text_embeds": prep(pooled), "time_ids": prep(size_cond)}
         control = cond.get("control")
+        if control is not None and not isinstance(control, dict) and hasattr(control, "get_control"):
+            # A ControlNet application (nodes/models/controlnet.py) computes residuals for this input.
+            control = control.get_control(x_in, timestep, cond)
         if isinstance(control, dict) and (control.get("down") is not None or control.get("mid") is not None):
             # diffusers only applies residuals when both parts are given.
             if control.get("down") is None or control.get("mid") is None:

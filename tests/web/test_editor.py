@@ -88,11 +88,22 @@ def add_from_library(ed: EditorPage, query: str, node_type: str) -> int:
 def add_from_search(ed: EditorPage, at: tuple[float, float], query: str, node_type: str) -> int:
     """Double-click on empty canvas at graph position `at`, type, pick the entry."""
     before = node_ids(ed)
-    ed.page.mouse.dblclick(*client(ed, *at))
-    ed.page.wait_for_selector(".search-box .search-input")
+    for attempt in range(3):
+        ed.page.mouse.dblclick(*client(ed, *at))
+        try:
+            ed.page.wait_for_selector(".search-box .search-input", timeout=4000)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+    wait_search_focus(ed)
     ed.page.keyboard.type(query)
     ed.page.click(f".search-item[data-type={node_type}]")
     return new_node_id(ed, before)
+
+
+def wait_search_focus(ed: EditorPage) -> None:
+    ed.page.wait_for_function("document.activeElement && document.activeElement.classList.contains('search-input')")
 
 
 def release_link_and_pick(ed: EditorPage, start: tuple[float, float], at: tuple[float, float],
@@ -101,6 +112,7 @@ def release_link_and_pick(ed: EditorPage, start: tuple[float, float], at: tuple[
     before = node_ids(ed)
     drag(ed, start, client(ed, *at))
     ed.page.wait_for_selector(".search-box .search-input")
+    wait_search_focus(ed)
     offered = ed.page.locator(".search-item").evaluate_all("els => els.map(e => e.dataset.type)")
     ed.page.keyboard.type(query)
     ed.page.click(f".search-item[data-type={node_type}]")
@@ -521,6 +533,15 @@ def test_conversion_bypass_mute_reroute_runs(editor: EditorPage, server: Server)
     assert ed.js("sdflow.graphToApi()")[str(g["save"])]["inputs"]["filename_prefix"] == {"__value__": ["a", "b"]}
     ed.js(f"sdflow.setWidget({g['save']}, 'filename_prefix', 'bypass_test')")
 
+    # A Primitive linked to the sampler's seed socket supplies the seed.
+    ks = ed.js("sdflow.graph.nodes.find(n => n.type === 'KSampler').id")
+    prim, offered = release_link_and_pick(ed, slot(ed, ks, "input", "seed"), (560, 900), "primitive", "PrimitiveNode")
+    assert "PrimitiveNode" in offered
+    assert ed.js(f"sdflow.graph.getNodeById({prim}).widgets.map(w => w.name)") == ["value", "control_after_generate"]
+    ed.js(f"sdflow.setWidget({prim}, 'value', 4242); sdflow.setWidget({prim}, 'control_after_generate', 'fixed')")
+    assert ed.js("sdflow.graphToApi()")[str(ks)]["inputs"]["seed"] == 4242
+    assert str(prim) not in ed.js("sdflow.graphToApi()")
+
     ids = ed.js("sdflow.queue(1)")
     assert len(ids) == 1
     ed.page.wait_for_function(f"sdflow.nodeState({g['save']}).images.length > 0", timeout=180000)
@@ -553,3 +574,127 @@ def test_auth_token(browser: Any, editor_dist: Any, models_dir: Any, tmp_path: A
         ctx.close()
     finally:
         srv.stop()
+
+
+def test_execution_error_shown_on_node(editor: EditorPage, server: Server) -> None:
+    ed = editor
+    # A file that passes validation (it exists) but is not an image: LoadImage fails at run time.
+    boundary = "----sdflowtest"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"broken.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\nnot really a png\r\n--{boundary}--\r\n").encode()
+    import urllib.request
+    req = urllib.request.Request(server.url + "/api/upload/image", data=body, method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    urllib.request.urlopen(req, timeout=30).read()
+    ed.page.click("button:has-text('Refresh')")
+    ed.page.wait_for_selector(".toast-success:has-text('refreshed')")
+    reset_view(ed)
+    load = add_from_library(ed, "load image", "LoadImage")
+    place(ed, load, 80, 80)
+    preview, _ = release_link_and_pick(ed, slot(ed, load, "output", "IMAGE"), (600, 200), "preview", "PreviewImage")
+    ed.js(f"sdflow.setWidget({load}, 'image', 'broken.png')")
+    assert len(ed.js("sdflow.queue(1)")) == 1
+    ed.page.wait_for_function(f"sdflow.nodeState({load}).hasErrors", timeout=60000)
+    issue = state(ed, load)["issues"][0]["message"]
+    assert "Execution failed" in issue and "broken.png" in issue
+    assert not state(ed, preview)["hasErrors"]
+    ed.page.wait_for_selector(".toast-error:has-text('LoadImage')")
+    ed.screenshot("editor_execution_error.png")
+
+
+def test_undo_redo_and_mode_shortcuts(editor: EditorPage) -> None:
+    ed = editor
+    ed.js("sdflow.app.loadDefault()")
+    ed.page.wait_for_timeout(400)
+    count = ed.js("sdflow.graph.nodes.length")
+    vae = ed.js("sdflow.graph.nodes.find(n => n.type === 'VAEDecode').id")
+    # Select the decoder with a real click on its title, then delete it with the keyboard.
+    ed.page.mouse.click(*ed.js(f"sdflow.nodeTitlePos({vae})"))
+    ed.page.keyboard.press("Delete")
+    ed.page.wait_for_function(f"sdflow.graph.nodes.length === {count - 1}")
+    ed.page.wait_for_timeout(400)
+    ed.page.keyboard.press("Control+z")
+    ed.page.wait_for_function(f"sdflow.graph.nodes.length === {count}")
+    assert ed.js(f"!!sdflow.graph.getNodeById({vae})")
+    ed.page.keyboard.press("Control+y")
+    ed.page.wait_for_function(f"sdflow.graph.nodes.length === {count - 1}")
+    ed.page.keyboard.press("Control+z")
+    ed.page.wait_for_function(f"sdflow.graph.nodes.length === {count}")
+
+    # Ctrl+B bypasses the selected node: it leaves the prompt, its links are bridged.
+    ed.page.mouse.click(*ed.js(f"sdflow.nodeTitlePos({vae})"))
+    ed.page.keyboard.press("Control+b")
+    assert ed.js(f"sdflow.graph.getNodeById({vae}).mode") == 4
+    assert str(vae) not in ed.js("sdflow.graphToApi()")
+    ed.screenshot("editor_bypassed.png")
+    ed.page.keyboard.press("Control+b")
+    ed.page.keyboard.press("Control+m")
+    assert ed.js(f"sdflow.graph.getNodeById({vae}).mode") == 2
+    api = ed.js("sdflow.graphToApi()")
+    save = ed.js("sdflow.graph.nodes.find(n => n.type === 'SaveImage').id")
+    assert str(vae) not in api and "images" not in api[str(save)]["inputs"]
+    assert ed.errors == []
+
+
+COMFY_DEFAULT_WORKFLOW = {
+    "last_node_id": 9, "last_link_id": 9, "version": 0.4, "config": {}, "groups": [], "extra": {},
+    "links": [[1, 4, 0, 3, 0, "MODEL"], [2, 5, 0, 3, 3, "LATENT"], [3, 4, 1, 6, 0, "CLIP"],
+              [4, 6, 0, 3, 1, "CONDITIONING"], [5, 4, 1, 7, 0, "CLIP"], [6, 7, 0, 3, 2, "CONDITIONING"],
+              [7, 3, 0, 8, 0, "LATENT"], [8, 4, 2, 8, 1, "VAE"], [9, 8, 0, 9, 0, "IMAGE"]],
+    "nodes": [
+        {"id": 3, "type": "KSampler", "pos": [863, 186], "size": [315, 262], "flags": {}, "order": 4, "mode": 0,
+         "inputs": [{"name": "model", "type": "MODEL", "link": 1}, {"name": "positive", "type": "CONDITIONING", "link": 4},
+                    {"name": "negative", "type": "CONDITIONING", "link": 6}, {"name": "latent_image", "type": "LATENT", "link": 2}],
+         "outputs": [{"name": "LATENT", "type": "LATENT", "links": [7], "slot_index": 0}],
+         "properties": {}, "widgets_values": [156680208700286, True, 20, 8, "euler", "normal", 1]},
+        {"id": 4, "type": "CheckpointLoaderSimple", "pos": [26, 474], "size": [315, 98], "flags": {}, "order": 0, "mode": 0,
+         "outputs": [{"name": "MODEL", "type": "MODEL", "links": [1], "slot_index": 0},
+                     {"name": "CLIP", "type": "CLIP", "links": [3, 5], "slot_index": 1},
+                     {"name": "VAE", "type": "VAE", "links": [8], "slot_index": 2}],
+         "properties": {}, "widgets_values": ["v1-5-pruned-emaonly.safetensors"]},
+        {"id": 5, "type": "EmptyLatentImage", "pos": [473, 609], "size": [315, 106], "flags": {}, "order": 1, "mode": 0,
+         "outputs": [{"name": "LATENT", "type": "LATENT", "links": [2], "slot_index": 0}],
+         "properties": {}, "widgets_values": [512, 512, 1]},
+        {"id": 6, "type": "CLIPTextEncode", "pos": [415, 186], "size": [422, 164], "flags": {}, "order": 2, "mode": 0,
+         "inputs": [{"name": "clip", "type": "CLIP", "link": 3}],
+         "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING", "links": [4], "slot_index": 0}],
+         "properties": {}, "widgets_values": ["beautiful scenery nature glass bottle landscape, purple galaxy bottle,"]},
+        {"id": 7, "type": "CLIPTextEncode", "pos": [413, 389], "size": [425, 180], "flags": {}, "order": 3, "mode": 0,
+         "inputs": [{"name": "clip", "type": "CLIP", "link": 5}],
+         "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING", "links": [6], "slot_index": 0}],
+         "properties": {}, "widgets_values": ["text, watermark"]},
+        {"id": 8, "type": "VAEDecode", "pos": [1209, 188], "size": [210, 46], "flags": {}, "order": 5, "mode": 0,
+         "inputs": [{"name": "samples", "type": "LATENT", "link": 7}, {"name": "vae", "type": "VAE", "link": 8}],
+         "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [9], "slot_index": 0}], "properties": {}},
+        {"id": 9, "type": "SaveImage", "pos": [1451, 189], "size": [210, 58], "flags": {}, "order": 6, "mode": 0,
+         "inputs": [{"name": "images", "type": "IMAGE", "link": 9}], "properties": {}, "widgets_values": ["ComfyUI"]},
+    ],
+}
+
+
+def test_comfyui_workflow_loads_and_converts(editor: EditorPage) -> None:
+    """A workflow saved by ComfyUI (no widget sockets, old boolean control value) converts exactly."""
+    ed = editor
+    drop_file(ed, json.dumps(COMFY_DEFAULT_WORKFLOW).encode(), "comfy_default.json", "application/json")
+    ed.page.wait_for_function("sdflow.graph.nodes.length === 7")
+    api = ed.js("sdflow.graphToApi()")
+    assert {k: (v["class_type"], v["inputs"]) for k, v in api.items()} == {
+        "3": ("KSampler", {"seed": 156680208700286, "steps": 20, "cfg": 8, "sampler_name": "euler",
+                           "scheduler": "normal", "denoise": 1, "model": ["4", 0], "positive": ["6", 0],
+                           "negative": ["7", 0], "latent_image": ["5", 0]}),
+        "4": ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+        "5": ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}),
+        "6": ("CLIPTextEncode", {"text": "beautiful scenery nature glass bottle landscape, purple galaxy bottle,",
+                                 "clip": ["4", 1]}),
+        "7": ("CLIPTextEncode", {"text": "text, watermark", "clip": ["4", 1]}),
+        "8": ("VAEDecode", {"samples": ["3", 0], "vae": ["4", 2]}),
+        "9": ("SaveImage", {"filename_prefix": "ComfyUI", "images": ["8", 0]}),
+    }
+    saved = ed.js("sdflow.serialize()")
+    ks = next(n for n in saved["nodes"] if n["id"] == 3)
+    assert ks["widgets_values"] == [156680208700286, "randomize", 20, 8, "euler", "normal", 1]
+    # Widget inputs gained sockets (appended, so existing link slots keep their indexes).
+    names = [i["name"] for i in ks["inputs"]]
+    assert names[:4] == ["model", "positive", "negative", "latent_image"] and "seed" in names
+    assert sorted(tuple(link[:5]) for link in saved["links"]) == sorted(tuple(l[:5]) for l in COMFY_DEFAULT_WORKFLOW["links"])
+    assert ed.errors == []

@@ -27,6 +27,7 @@ import { toast } from "./ui/toast";
 import { installTooltips } from "./ui/tooltip";
 import { TopBar } from "./ui/topbar";
 import { WorkflowsPanel } from "./ui/workflows";
+import { UndoHistory } from "./undo";
 import { applyControlAfterGenerate, setWidgetHost } from "./widgets";
 
 const STORE_KEY = "sdflow.workflow";
@@ -72,6 +73,7 @@ export class App {
   historyPanel!: HistoryPanel;
   workflowsPanel!: WorkflowsPanel;
   topbar!: TopBar;
+  undo!: UndoHistory;
   side!: SidePanel;
   /** Prompt ids queued from this page, oldest first. */
   readonly queued: string[] = [];
@@ -102,6 +104,8 @@ export class App {
       return;
     }
     this.restoreOrDefault();
+    this.undo = new UndoHistory(this);
+    this.undo.reset();
     this.api.connect();
     this.queuePanel.refresh();
     this.historyPanel.refresh();
@@ -143,6 +147,9 @@ export class App {
 
   private setupCanvas(): void {
     LiteGraph.release_link_on_empty_shows_menu = false;
+    // The node menu's "Mode" list, indexed by mode number: only always / muted / bypassed mean
+    // anything to the server (null entries render as separators).
+    (LiteGraph as any).NODE_MODES = ["Always", null, "Never (muted)", null, "Bypass"];
     LiteGraph.alwaysSnapToGrid = false;
     LiteGraph.snaps_for_comfy = true;
     LiteGraph.NODE_DEFAULT_BGCOLOR = "#262a33";
@@ -300,6 +307,7 @@ export class App {
     this.entries.push(
       { name: "Reroute", title: "Reroute", category: "utils", description: "A dot that passes a link through, to tidy wiring.", inputTypes: ["*"], outputTypes: ["*"] },
       { name: "Note", title: "Note", category: "utils", description: "A text note on the canvas; never sent to the server.", inputTypes: [], outputTypes: [] },
+      { name: "PrimitiveNode", title: "Primitive", category: "utils", description: "Holds one value for the widget inputs it is linked to, e.g. one seed shared by several samplers.", inputTypes: [], outputTypes: ["*"] },
     );
     this.library.render();
   }
@@ -411,6 +419,16 @@ export class App {
     this.canvas.setDirty(true, true);
   }
 
+  /** Toggles mute (2) or bypass (4) on the selected nodes (Ctrl+M / Ctrl+B). */
+  toggleMode(mode: 2 | 4): void {
+    const nodes = [...this.canvas.selectedItems].filter((i): i is LGraphNode => (i as LGraphNode).inputs !== undefined && "mode" in (i as any));
+    if (!nodes.length) return;
+    const target = nodes.every((n) => n.mode === mode) ? 0 : mode;
+    for (const n of nodes) n.mode = target;
+    this.graph._version++;
+    this.canvas.setDirty(true, true);
+  }
+
   // ---------- load / save ----------
 
   private restoreOrDefault(): void {
@@ -447,7 +465,7 @@ export class App {
   }
 
   /** Loads a UI workflow (v0.4 or v1) or an API prompt. */
-  loadGraphData(data: unknown, name = "Untitled", opts: { quiet?: boolean; keepView?: boolean } = {}): void {
+  loadGraphData(data: unknown, name = "Untitled", opts: { quiet?: boolean; keepView?: boolean; keepViewAlways?: boolean } = {}): void {
     if (typeof data === "string") data = JSON.parse(data);
     let missing: string[] = [];
     if (isApiPrompt(data)) {
@@ -464,7 +482,9 @@ export class App {
         }
       }
       const ds = (wf.extra as any)?.ds;
-      if (opts.keepView && ds?.offset && ds?.scale) {
+      if (opts.keepViewAlways) {
+        /* undo/redo: leave the view where the user has it */
+      } else if (opts.keepView && ds?.offset && ds?.scale) {
         this.canvas.ds.offset = [ds.offset[0], ds.offset[1]];
         this.canvas.ds.scale = ds.scale;
       } else this.fitView();
@@ -709,6 +729,7 @@ export class App {
       slotPos(nodeId: number, kind: "input" | "output", index: number): [number, number] {
         const node = app.graph.getNodeById(nodeId);
         if (!node) throw new Error(`no node ${nodeId}`);
+        app.canvas.draw(true, true);
         const p = kind === "input" ? node.getInputPos(index) : node.getOutputPos(index);
         return app.graphToClient(p[0], p[1]);
       },
@@ -722,6 +743,7 @@ export class App {
         const node = app.graph.getNodeById(nodeId);
         const w = node?.widgets?.find((x) => x.name === name);
         if (!node || !w) throw new Error(`no widget ${name} on ${nodeId}`);
+        app.canvas.draw(true, true); // lay out widgets of a node added in this same task
         const h = (w.computedHeight ?? LiteGraph.NODE_WIDGET_HEIGHT + 4) - 4;
         return app.graphToClient(node.pos[0] + node.size[0] * fx, node.pos[1] + (w.y ?? 0) + h / 2);
       },

@@ -24,7 +24,21 @@ document.addEventListener("keydown", (e) => {
   } else if (mod && (e.key === "o" || e.key === "O")) {
     e.preventDefault();
     app.openFile();
-  } else if (!mod && !isEditable(e.target) && e.key === "." ) {
+  } else if (isEditable(e.target)) {
+    return;
+  } else if (mod && !e.shiftKey && (e.key === "z" || e.key === "Z")) {
+    e.preventDefault();
+    app.undo?.undo();
+  } else if (mod && ((e.shiftKey && (e.key === "z" || e.key === "Z")) || e.key === "y" || e.key === "Y")) {
+    e.preventDefault();
+    app.undo?.redo();
+  } else if (mod && (e.key === "m" || e.key === "M")) {
+    e.preventDefault();
+    app.toggleMode(2);
+  } else if (mod && (e.key === "b" || e.key === "B")) {
+    e.preventDefault();
+    app.toggleMode(4);
+  } else if (!mod && e.key === ".") {
     app.fitView();
   }
 }, true);

@@ -34,6 +34,22 @@ const ID_BADGE_COLOR = "#2b303b";
 
 function addIdBadge(node: LGraphNode): void {
   node.badges.push(() => new LGraphBadge({ text: `#${node.id}`, fgColor: "#9aa3b2", bgColor: ID_BADGE_COLOR }));
+  // Muted and bypassed nodes say so in words, not only in colour.
+  node.badges.push(() => new LGraphBadge({
+    text: node.mode === MUTED ? "muted" : node.mode === BYPASS ? "bypassed" : "",
+    fgColor: "#f0e6ff",
+    bgColor: node.mode === BYPASS ? "#7a3fb0" : "#4a4f5c",
+  }));
+}
+
+const MUTED = 2;
+const BYPASS = 4;
+
+/** Background and title colours that show a node's mode (muted nodes fade, bypassed turn purple). */
+function modeColors(node: LGraphNode): { bg?: string; title?: string } {
+  if (node.mode === BYPASS) return { bg: "#3a2552", title: "#4b2f6b" };
+  if (node.mode === MUTED) return { bg: "#1a1c21", title: "#22252c" };
+  return {};
 }
 
 function buildNode(node: LGraphNode, def: NodeDef): void {
@@ -98,6 +114,22 @@ export function registerNodeDefs(defs: ObjectInfo): void {
           size[1] = Math.max(size[1], 200);
         }
         this.setSize(size);
+      }
+
+      override get renderingBgColor(): string {
+        return modeColors(this).bg ?? super.renderingBgColor;
+      }
+
+      override get renderingColor(): string {
+        return modeColors(this).title ?? super.renderingColor;
+      }
+
+      override changeMode(mode: number): boolean {
+        if (mode !== 0 && mode !== MUTED && mode !== BYPASS) return false;
+        this.mode = mode;
+        if (this.graph) this.graph._version++;
+        this.setDirtyCanvas(true, true);
+        return true;
       }
 
       override onConfigure(_info: ISerialisedNode): void {
@@ -186,7 +218,72 @@ class NoteNode extends LGraphNode {
   }
 }
 
+/**
+ * ComfyUI's Primitive node: holds one value and feeds it to the widget inputs it is linked to.
+ * Its widget copies the first target widget (type, range, list); the conversion reads its value.
+ */
+class PrimitiveNode extends LGraphNode {
+  static override title = "Primitive";
+  isVirtualNode = true;
+
+  constructor(title?: string) {
+    super(title ?? "Primitive", "PrimitiveNode");
+    this.addOutput("connect to widget input", "*");
+    this.serialize_widgets = true;
+    this.properties["Run widget replace on values"] = false;
+    this.size = [260, 80];
+  }
+
+  /** The first widget this node feeds, if any. */
+  private targetWidget(): { widget: any; type: string } | null {
+    for (const id of this.outputs[0]?.links ?? []) {
+      const link = this.graph?.getLink(id);
+      const node = link ? this.graph?.getNodeById(link.target_id) : null;
+      const input = node?.inputs?.[link!.target_slot];
+      const widget = input?.widget ? node?.widgets?.find((w) => w.name === input.widget!.name) : undefined;
+      if (widget) return { widget, type: String(input!.type) };
+    }
+    return null;
+  }
+
+  private build(values: unknown[] | undefined): void {
+    if (this.widgets?.length) return;
+    const target = this.targetWidget();
+    const first = values?.length ? values[0] : target?.widget.value;
+    if (first === undefined) return;
+    const opts = target ? { ...target.widget.options } : {};
+    let w;
+    if (target?.widget.type === "combo") w = this.addWidget("combo", "value", first as any, () => {}, { values: opts.values ?? [first] });
+    else if (typeof first === "number") w = this.addWidget("number", "value", first, () => {}, opts);
+    else if (typeof first === "boolean") w = this.addWidget("toggle", "value", first, () => {}, opts);
+    else w = this.addWidget("text", "value", String(first), () => {}, {});
+    const controlValue = values?.[1];
+    const wantsControl = typeof controlValue === "string" || !!extras(target?.widget ?? {}).sdControl;
+    if (wantsControl && (typeof first === "number" || target?.widget.type === "combo")) {
+      const control = this.addWidget("combo", CONTROL_WIDGET_NAME, normaliseControlValue(controlValue ?? "fixed"), () => {}, {
+        values: ["fixed", "increment", "decrement", "randomize"],
+        serialize: false,
+      } as any);
+      control.label = "control after generate";
+      extras(w).sdControl = control;
+      extras(control).sdTarget = w;
+    }
+    if (target) this.outputs[0].type = target.type;
+    this.setSize([Math.max(this.size[0], 260), this.computeSize()[1]]);
+  }
+
+  override onConfigure(info: ISerialisedNode): void {
+    this.build(Array.isArray(info.widgets_values) ? info.widgets_values : undefined);
+  }
+
+  override onConnectionsChange(): void {
+    this.build(undefined);
+  }
+}
+
 export function registerVirtualNodes(): void {
+  LiteGraph.registerNodeType("PrimitiveNode", PrimitiveNode);
+  (PrimitiveNode as any).category = "utils";
   LiteGraph.registerNodeType("Reroute", RerouteNode);
   (RerouteNode as any).category = "utils";
   LiteGraph.registerNodeType("Note", NoteNode);

@@ -48,6 +48,15 @@ export function promptDialog(title: string, value = "", opts: { label?: string; 
   });
 }
 
+export function infoDialog(title: string, content: HTMLElement): void {
+  const box = h("div", { class: "modal modal-wide" },
+    h("h2", {}, title),
+    content,
+    h("div", { class: "modal-actions" },
+      h("button", { type: "button", class: "btn", onclick: () => m.close() }, "Close")));
+  const m = modal(box, () => {});
+}
+
 export function confirmDialog(title: string, message: string, okText = "OK"): Promise<boolean> {
   return new Promise((resolve) => {
     const ok = h("button", { type: "button", class: "btn btn-danger", onclick: () => { m.close(); resolve(true); } }, okText);

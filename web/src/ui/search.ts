@@ -118,6 +118,7 @@ export class NodeSearch {
     this.root.addEventListener("pointerdown", (e) => e.stopPropagation());
     setTimeout(() => document.addEventListener("pointerdown", this.outside, true), 0);
     this.refresh();
+    this.input.focus();
     requestAnimationFrame(() => this.input.focus());
   }
 

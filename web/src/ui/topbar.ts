@@ -1,7 +1,29 @@
 // The top bar: workflow menu, name, connection state, batch count and the Queue button.
 import type { App } from "../app";
 import { h, icon } from "./dom";
-import { promptDialog } from "./dialog";
+import { infoDialog, promptDialog } from "./dialog";
+
+const SHORTCUTS: [string, string][] = [
+  ["Ctrl+Enter", "Queue the graph (batch count times)"],
+  ["Ctrl+Shift+Enter", "Queue at the front of the queue"],
+  ["Ctrl+Alt+Enter", "Interrupt the running prompt"],
+  ["Ctrl+S", "Save the workflow"],
+  ["Ctrl+O", "Open a workflow (.json or .png)"],
+  ["Ctrl+Z / Ctrl+Y", "Undo / redo"],
+  ["Ctrl+M", "Mute / unmute the selected nodes"],
+  ["Ctrl+B", "Bypass / un-bypass the selected nodes"],
+  ["Ctrl+C / Ctrl+V", "Copy / paste nodes"],
+  ["Delete", "Delete the selected nodes"],
+  ["Double-click canvas", "Search and add a node"],
+  ["Drag a link to empty space", "Add a node that takes it"],
+  [".", "Fit the whole graph in view"],
+];
+
+function showShortcuts(): void {
+  const table = h("table", { class: "shortcuts" },
+    SHORTCUTS.map(([k, d]) => h("tr", {}, h("td", {}, h("kbd", {}, k)), h("td", {}, d))));
+  infoDialog("Keyboard shortcuts", table);
+}
 
 function menu(button: HTMLElement, items: [string, string, () => void][]): void {
   const list = h("div", { class: "menu" });
@@ -46,7 +68,10 @@ export class TopBar {
         ["Export workflow (.json)", "", () => app.exportWorkflow()],
         ["Export API prompt (.json)", "", () => app.exportApi()],
         ["Load default graph", "", () => app.loadDefault()],
+        ["Undo", "Ctrl+Z", () => app.undo?.undo()],
+        ["Redo", "Ctrl+Y", () => app.undo?.redo()],
         ["Fit view", ".", () => app.fitView()],
+        ["Keyboard shortcuts", "", () => showShortcuts()],
       ]),
     }, "Workflow", icon("chevron"));
     this.nameEl = h("button", { class: "workflow-name", title: "Rename", onclick: () => this.rename() }, app.workflowName);

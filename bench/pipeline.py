@@ -1,0 +1,265 @@
+"""txt2img through sdflow vs the same steps written directly against diffusers, on the same weights.
+
+sdflow side: the API-format workflows/txt2img_api.json (CheckpointLoaderSimple, two CLIPTextEncode,
+EmptyLatentImage, KSampler, VAEDecode, SaveImage) run by engine.Executor. diffusers side:
+StableDiffusionPipeline (StableDiffusionXLPipeline for --arch sdxl) built from the same checkpoint file,
+EulerDiscreteScheduler with timestep_spacing="linspace" (the same math as KSampler euler/normal, see
+tests/nodes/test_parity.py), the same seed, noise, prompts, CFG, steps and size, and the image saved
+as a PNG (compress level 4, as SaveImage).
+
+Each side runs in its own child process (so each one's peak RSS is its own); the parent alternates
+single runs between them (A B A B ...), so load from other processes on the machine hits both alike.
+Model loading is excluded on both sides: each child loads, does one untimed warm-up run, then times
+runs as a user's second and later prompts would. Every timed run uses a new seed and a new prompt
+suffix, so sdflow's output cache cannot skip the text encoding, the sampling or the decode.
+sdflow's per-step latent previews are on (as for a user with a browser open).
+
+Prints the median wall time per run for each side, the ratio sdflow/diffusers (target <= 1.05), the
+median time per sampler step, each child's peak RSS, and how far the two sides' PNGs differ.
+
+Run: .venv/bin/python bench/pipeline.py [--arch sd1|sd2|sdxl] [--size 256] [--steps 20] [--repeats 7]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CKPT_NAME = "bench-tiny.safetensors"
+NEGATIVE = "text, watermark"
+BASE_SEED = 156680208700286
+
+
+def load_workflow() -> dict:
+    """The txt2img example in API format (workflows/txt2img_api.json; txt2img.json is the UI format)."""
+    return json.loads((ROOT / "workflows" / "txt2img_api.json").read_text())
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def prompt_for(base: str, run: int) -> str:
+    return f"{base} run {run}"
+
+
+# ----------------------------------------------------------------------------------------- children
+
+class SdflowSide:
+    def __init__(self, args: argparse.Namespace, data_dir: Path) -> None:
+        import nodes
+        from engine.config import RuntimeConfig
+        from engine.executor import Executor
+
+        self.cfg = RuntimeConfig(data_dir=data_dir)
+        registry, _ = nodes.build_registry(self.cfg, plugins=False)
+        self.executor = Executor(registry)
+        self.workflow = load_workflow()
+        self.args = args
+
+    def prompt(self, run: int) -> dict:
+        wf = json.loads(json.dumps(self.workflow))
+        wf["4"]["inputs"]["ckpt_name"] = CKPT_NAME
+        wf["5"]["inputs"].update(width=self.args.size, height=self.args.size)
+        ks = wf["3"]["inputs"]
+        ks.update(seed=BASE_SEED + run, steps=self.args.steps, cfg=self.args.cfg, sampler_name="euler",
+                  scheduler="normal")
+        wf["6"]["inputs"]["text"] = prompt_for(self.workflow["6"]["inputs"]["text"], run)
+        wf["7"]["inputs"]["text"] = NEGATIVE
+        wf["9"]["inputs"]["filename_prefix"] = f"bench_{run}"
+        return wf
+
+    def run(self, run: int) -> dict:
+        stamps: list[float] = []
+
+        def on_event(event) -> None:
+            if event.type == "progress" and event.data.get("node") == "3":
+                stamps.append(time.perf_counter())
+
+        t0 = time.perf_counter()
+        result = self.executor.execute(self.prompt(run), f"bench-{run}", emit=on_event)
+        total = time.perf_counter() - t0
+        if result.status != "success":
+            raise RuntimeError(f"sdflow run failed: {result.error}")
+        if "3" not in result.executed:
+            raise RuntimeError("KSampler came from the cache: the benchmark would not measure sampling")
+        image = result.outputs["9"]["images"][0]
+        png = self.cfg.output_dir / image["subfolder"] / image["filename"]
+        return {"total_s": total, "step_s": [b - a for a, b in zip(stamps, stamps[1:])], "png": str(png)}
+
+
+class DiffusersSide:
+    def __init__(self, args: argparse.Namespace, data_dir: Path) -> None:
+        import torch
+        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        from nodes.models.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(data_dir / "models" / "checkpoints" / CKPT_NAME)
+        scheduler = EulerDiscreteScheduler.from_config(ckpt.scheduler_config, timestep_spacing="linspace")
+        common = dict(vae=ckpt.vae, unet=ckpt.unet, scheduler=scheduler)
+        if ckpt.arch == "sdxl":
+            self.pipe = StableDiffusionXLPipeline(
+                text_encoder=ckpt.text_encoders["l"], tokenizer=ckpt.tokenizers["l"],
+                text_encoder_2=ckpt.text_encoders["g"], tokenizer_2=ckpt.tokenizers["g"],
+                force_zeros_for_empty_prompt=False, **common)
+        else:
+            text_encoder = ckpt.text_encoders["l" if ckpt.arch == "sd1" else "h"]
+            tokenizer = ckpt.tokenizers["l" if ckpt.arch == "sd1" else "h"]
+            self.pipe = StableDiffusionPipeline(text_encoder=text_encoder, tokenizer=tokenizer, safety_checker=None,
+                                                feature_extractor=None, requires_safety_checker=False, **common)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.base_prompt = load_workflow()["6"]["inputs"]["text"]
+        self.out_dir = data_dir / "diffusers_out"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.args = args
+        self.torch = torch
+
+    def run(self, run: int) -> dict:
+        torch = self.torch
+        seed = BASE_SEED + run
+        stamps: list[float] = []
+
+        def on_step(pipe, i, t, kwargs):
+            stamps.append(time.perf_counter())
+            return kwargs
+
+        t0 = time.perf_counter()
+        # ComfyUI's noise (CPU generator, seed) and start point sqrt(1 + sigma_max^2); the pipeline
+        # multiplies `latents` by init_noise_sigma (= sigma_max for "linspace"), so divide that out.
+        gen = torch.Generator().manual_seed(seed)
+        latent_hw = self.args.size // 8
+        noise = torch.randn((1, 4, latent_hw, latent_hw), generator=gen)
+        sched = self.pipe.scheduler
+        sched.set_timesteps(self.args.steps)
+        sigma_max = float(sched.sigmas.max())
+        latents = noise * (math.sqrt(1 + sigma_max**2) / float(sched.init_noise_sigma))
+        with torch.inference_mode():
+            image = self.pipe(prompt_for(self.base_prompt, run), negative_prompt=NEGATIVE,
+                              num_inference_steps=self.args.steps, guidance_scale=self.args.cfg,
+                              height=self.args.size, width=self.args.size, latents=latents,
+                              generator=torch.Generator().manual_seed(seed), output_type="pil",
+                              callback_on_step_end=on_step).images[0]
+        png = self.out_dir / f"bench_{run}.png"
+        image.save(png, compress_level=4)
+        total = time.perf_counter() - t0
+        return {"total_s": total, "step_s": [b - a for a, b in zip(stamps, stamps[1:])], "png": str(png)}
+
+
+def child_main(side: str, args: argparse.Namespace) -> None:
+    """Load, warm up, then answer {"run": i} lines on stdin with one JSON result line each."""
+    data_dir = Path(args.data_dir)
+    t0 = time.perf_counter()
+    runner = SdflowSide(args, data_dir) if side == "sdflow" else DiffusersSide(args, data_dir)
+    runner.run(-1)  # sdflow loads the checkpoint here; both sides warm up their kernels
+    print(json.dumps({"ready": True, "setup_s": time.perf_counter() - t0, "rss_mib": peak_rss_mib()}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if "run" not in cmd:
+            break
+        print(json.dumps(runner.run(int(cmd["run"]))), flush=True)
+    print(json.dumps({"peak_rss_mib": peak_rss_mib()}), flush=True)
+
+
+# ------------------------------------------------------------------------------------------- parent
+
+class Child:
+    def __init__(self, side: str, argv: list[str]) -> None:
+        self.side = side
+        self.proc = subprocess.Popen([sys.executable, __file__, "--child", side, *argv], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{self.side} child exited (rc {self.proc.wait()})")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def run(self, i: int) -> dict:
+        self.proc.stdin.write(json.dumps({"run": i}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def finish(self) -> dict:
+        self.proc.stdin.write("{}\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        self.proc.wait()
+        return out
+
+
+def png_diff(a: str, b: str) -> int:
+    import numpy as np
+    from PIL import Image
+
+    x = np.asarray(Image.open(a).convert("RGB"), dtype=np.int16)
+    y = np.asarray(Image.open(b).convert("RGB"), dtype=np.int16)
+    return int(np.abs(x - y).max())
+
+
+def parent_main(args: argparse.Namespace) -> None:
+    from nodes.models.tiny import write_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="sdflow-bench-") as tmp:
+        data_dir = Path(tmp)
+        write_tiny_checkpoint(data_dir / "models" / "checkpoints" / CKPT_NAME, args.arch)
+        argv = ["--arch", args.arch, "--size", str(args.size), "--steps", str(args.steps), "--cfg", str(args.cfg),
+                "--data-dir", str(data_dir)]
+        print(f"tiny {args.arch} checkpoint (random weights), {args.size}x{args.size}, {args.steps} steps euler/normal, "
+              f"cfg {args.cfg}, {args.repeats} timed runs per side (alternating), model load excluded")
+        sides = {name: Child(name, argv) for name in ("sdflow", "diffusers")}
+        results: dict[str, list[dict]] = {name: [] for name in sides}
+        for i in range(args.repeats):
+            order = ("sdflow", "diffusers") if i % 2 == 0 else ("diffusers", "sdflow")
+            for name in order:
+                results[name].append(sides[name].run(i))
+        finals = {name: child.finish() for name, child in sides.items()}
+
+        med = {name: statistics.median(r["total_s"] for r in rs) for name, rs in results.items()}
+        step = {name: statistics.median(s for r in rs for s in r["step_s"]) for name, rs in results.items()}
+        print(f"{'side':<10} {'median run':>11} {'min run':>9} {'per step':>10} {'setup':>8} {'peak RSS':>10}")
+        for name in sides:
+            runs = [r["total_s"] for r in results[name]]
+            print(f"{name:<10} {med[name] * 1e3:9.1f}ms {min(runs) * 1e3:7.1f}ms {step[name] * 1e3:8.2f}ms "
+                  f"{sides[name].ready['setup_s']:7.2f}s {finals[name]['peak_rss_mib']:7.0f}MiB")
+        ratio = med["sdflow"] / med["diffusers"]
+        print(f"ratio sdflow/diffusers (median run): {ratio:.3f}  (target <= 1.05: {'OK' if ratio <= 1.05 else 'MISSED'})")
+        print(f"ratio sdflow/diffusers (per step):   {step['sdflow'] / step['diffusers']:.3f}")
+        diffs = [png_diff(a["png"], b["png"]) for a, b in zip(results["sdflow"], results["diffusers"])]
+        print(f"max 8-bit pixel difference between the two sides' PNGs: {max(diffs)} "
+              "(ComfyUI truncates to 8 bits, diffusers rounds: up to 1 is expected)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], default="sd1")
+    ap.add_argument("--size", type=int, default=256, help="image width and height in pixels (multiple of 8)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=8.0)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--child", choices=["sdflow", "diffusers"], help=argparse.SUPPRESS)
+    ap.add_argument("--data-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child_main(args.child, args)
+    else:
+        parent_main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""LoRA loader nodes: merge a LoRA file into copies of the MODEL's UNet and the CLIP's text encoders.
+
+The inputs are never modified: the result holds new module objects in which only the adapted
+weights are new tensors (everything else shares storage with the input handles).
+"""
+from __future__ import annotations
+
+from engine.inputs import Combo, Float
+from engine.node import node
+
+from .loaders import _exists, _stat
+from .models.diffusion_model import DiffusionModelHandle
+from .models.lora import apply_lora, load_lora_file
+from .models.text_encoder import ClipHandle
+from .runtime import model_files, runtime
+from .types import Clip, Model
+
+_STRENGTH = dict(min=-100.0, max=100.0, step=0.01)
+
+
+def _lora_fingerprint(lora_name: str) -> str:
+    return _stat(runtime().folders.full_path("loras", lora_name))
+
+
+def _lora_exists(lora_name: str) -> bool | str:
+    return _exists("loras", "LoRA")(lora_name=lora_name)
+
+
+def load_lora(model: DiffusionModelHandle | None, clip: ClipHandle | None, lora_name: str,
+              strength_model: float, strength_clip: float) -> tuple[DiffusionModelHandle | None, ClipHandle | None]:
+    """What both loader nodes do: read (cached), merge into copies, wrap in new handles."""
+    lora = load_lora_file(runtime().folders.require("loras", lora_name))
+    # Both sides take part in matching keys even at strength 0, so only truly unknown keys are reported.
+    unet = model.unet if model is not None else None
+    encoders = clip.text_encoders if clip is not None else None
+    new_unet, new_encoders, _ = apply_lora(lora, unet, encoders, strength_model, strength_clip)
+    out_model = model.with_unet(new_unet) if new_unet is not None else model
+    out_clip = clip.with_text_encoders(new_encoders) if new_encoders else clip
+    return out_model, out_clip
+
+
+@node("LoraLoader", category="loaders", display_name="Load LoRA",
+      fingerprint=_lora_fingerprint, validate=_lora_exists)
+def lora_loader(model: Model, clip: Clip,
+                lora_name: Combo(model_files("loras"), tooltip="The name of the LoRA."),
+                strength_model: Float(1.0, **_STRENGTH, tooltip="How strongly to modify the diffusion model. "
+                                      "This value can be negative."),
+                strength_clip: Float(1.0, **_STRENGTH, tooltip="How strongly to modify the CLIP model. "
+                                     "This value can be negative.")) -> tuple[Model, Clip]:
+    """LoRAs are used to modify diffusion and CLIP models, altering the way in which latents are denoised
+    such as applying styles. Multiple LoRA nodes can be linked together."""
+    if strength_model == 0 and strength_clip == 0:
+        return model, clip
+    return load_lora(model, clip, lora_name, strength_model, strength_clip)
+
+
+@node("LoraLoaderModelOnly", category="loaders", fingerprint=_lora_fingerprint, validate=_lora_exists)
+def lora_loader_model_only(model: Model, lora_name: Combo(model_files("loras")),
+                           strength_model: Float(1.0, **_STRENGTH)) -> Model:
+    """Applies a LoRA to the diffusion model only (its text encoder part is ignored)."""
+    if strength_model == 0:
+        return model
+    return load_lora(model, None, lora_name, strength_model, 0.0)[0]
