@@ -502,6 +502,16 @@ def test_upload_image_on_load_image(editor: EditorPage, server: Server, tmp_path
     ed.page.wait_for_selector(".toast-success:has-text('refreshed')")
     values = ed.js(f"sdflow.graph.getNodeById({node}).widgets[0].options.values")
     assert "upload me.png" in values
+
+    # A plain image (no workflow inside) dropped on the canvas becomes a LoadImage node holding it.
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 24), (20, 120, 220)).save(buf, "JPEG")
+    before = node_ids(ed)
+    drop_file(ed, buf.getvalue(), "photo.jpg", "image/jpeg", at=client(ed, 600, 500))
+    ed.page.wait_for_function(f"sdflow.graph.nodes.length === {len(before) + 1}", timeout=10000)
+    dropped = new_node_id(ed, before)
+    ed.page.wait_for_function(f"sdflow.nodeState({dropped}).images.length === 1", timeout=10000)
+    assert state(ed, dropped)["type"] == "LoadImage" and state(ed, dropped)["widgets"]["image"] == "photo.jpg"
     ed.screenshot("editor_upload.png")
 
 

@@ -175,6 +175,9 @@ export class App {
     canvas.clear_background_color = "#14161b";
     canvas.allow_searchbox = false;
     canvas.render_canvas_border = false;
+    // litegraph stops drawing titles and widget text below 0.6 zoom; a fitted default graph on a laptop
+    // screen lands around there, so keep text down to 0.4 where it is still readable.
+    canvas.low_quality_zoom_threshold = 0.4;
     canvas.show_info = false;
     canvas.links_render_mode = LiteGraph.SPLINE_LINK;
     canvas.connections_width = 3;
@@ -287,7 +290,7 @@ export class App {
         await this.uploadInto(target, combo, file);
         return;
       }
-      await this.handleFile(file);
+      await this.handleFile(file, pos);
     });
   }
 
@@ -362,7 +365,13 @@ export class App {
       return null;
     }
     this.graph.beforeChange();
-    node.pos = [pos[0], pos[1]];
+    // Several adds at the same spot (e.g. clicks in the library) fan out instead of stacking.
+    let [x, y] = pos;
+    for (let i = 0; i < 20 && this.graph.nodes.some((n) => Math.abs(n.pos[0] - x) < 8 && Math.abs(n.pos[1] - y) < 8); i++) {
+      x += 30;
+      y += 30;
+    }
+    node.pos = [x, y];
     this.graph.add(node);
     this.graph.afterChange();
     this.canvas.selectItems([node]);
@@ -498,7 +507,7 @@ export class App {
     else if (!opts.quiet) toast(`Loaded ${name}`, "success", { timeout: 2000 });
   }
 
-  async handleFile(file: File): Promise<void> {
+  async handleFile(file: File, dropPos?: [number, number]): Promise<void> {
     try {
       const buf = new Uint8Array(await file.arrayBuffer());
       const base = file.name.replace(/\.(json|png)$/i, "");
@@ -506,13 +515,27 @@ export class App {
         const text = await readPngText(buf);
         if (text.workflow) this.loadGraphData(JSON.parse(text.workflow), base);
         else if (text.prompt) this.loadGraphData(JSON.parse(text.prompt), base);
-        else toast(`${file.name} carries no workflow`, "error");
+        else if (!(await this.imageAsLoadNode(file, dropPos))) toast(`${file.name} carries no workflow`, "error");
+        return;
+      }
+      if (file.type.startsWith("image/")) {
+        if (!(await this.imageAsLoadNode(file, dropPos))) toast(`${file.name} carries no workflow`, "error");
         return;
       }
       this.loadGraphData(JSON.parse(new TextDecoder().decode(buf)), base);
     } catch (e) {
       toast(`Cannot load ${file.name}: ${errText(e)}`, "error");
     }
+  }
+
+  /** A plain image dropped on the canvas becomes a LoadImage node holding it. */
+  private async imageAsLoadNode(file: File, pos?: [number, number]): Promise<boolean> {
+    if (!LiteGraph.registered_node_types.LoadImage) return false;
+    const node = this.addNodeAt("LoadImage", pos ?? this.viewCenter());
+    const combo = node?.widgets?.find((w) => w.type === "combo");
+    if (!node || !combo) return false;
+    await this.uploadInto(node, combo, file);
+    return true;
   }
 
   openFile(): void {
@@ -796,6 +819,10 @@ export function installExecution(app: App): void {
     },
     imageUrl: (ref) => cachedImageUrl(app.api, ref),
   });
-  app.api.on("connection", ({ connected }) => app.topbar.setConnected(connected));
+  app.api.on("connection", ({ connected }) => {
+    app.topbar.setConnected(connected);
+    // After a reconnect (e.g. a server restart) the queue may have changed while we were away.
+    if (connected) app.queuePanel.scheduleRefresh();
+  });
   app.api.on("execution_start", () => app.queuePanel.scheduleRefresh(30));
 }
