@@ -337,36 +337,9 @@ class CFGDenoiser:
         return total / weight
 
 
-def make_denoiser(
-    apply_model: ApplyModel,
-    schedule: DiscreteSchedule,
-    positive: Conditioning,
-    negative: Conditioning,
-    cfg: float,
-    *,
-    latent_shape: Sequence[int],
-    noise_mask: torch.Tensor | None = None,
-    latent_image: torch.Tensor | None = None,
-    seed: int = 0,
-    noise: torch.Tensor | None = None,
-) -> CFGDenoiser:
-    """Build the sampler-facing denoiser ``(x, sigma[B]) -> denoised``.
-
-    ``apply_model(x_in, timestep[B], cond) -> eps|v`` gets c_in-scaled input; ``cond`` holds ``context``,
-    ``pooled`` + ``size_cond`` (SDXL, only when the entry has pooled_output), ``control`` (passthrough),
-    ``cond_or_uncond`` (0/1 per stacked chunk of the batch) and ``sigma``.
-    With ``noise_mask`` (1 = regenerate) the unmasked region is held at ``latent_image`` re-noised with
-    ``noise`` (drawn from ``seed`` when not given).
-    """
-    return CFGDenoiser(
-        apply_model,
-        schedule,
-        positive,
-        negative,
-        cfg,
-        latent_shape=latent_shape,
-        noise_mask=noise_mask,
-        latent_image=latent_image,
-        seed=seed,
-        noise=noise,
-    )
+# The sampler-facing denoiser ``(x, sigma[B]) -> denoised``. ``apply_model(x_in, timestep[B], cond) -> eps|v``
+# gets c_in-scaled input; ``cond`` holds ``context``, ``pooled`` + ``size_cond`` (SDXL, only when the entry
+# has pooled_output), ``control`` (passthrough), ``cond_or_uncond`` (0/1 per stacked chunk of the batch) and
+# ``sigma``. With ``noise_mask`` (1 = regenerate) the unmasked region is held at ``latent_image`` re-noised
+# with ``noise`` (drawn from ``seed`` when not given).
+make_denoiser = CFGDenoiser

@@ -16,9 +16,22 @@ from PIL import Image  # noqa: E402
 TINY_SD1 = "tiny-sd1.safetensors"
 
 
+@pytest.fixture
+def sd_env(_sd_session):
+    """(registry, RuntimeConfig) with tiny-sd1.safetensors in models/checkpoints and two input images.
+
+    The SD nodes read a process-wide runtime; another test may have configured a different data dir
+    (building its own registry), so this one is made current again for each test that uses it."""
+    from nodes.runtime import configure, runtime
+
+    registry, config = _sd_session
+    if runtime().config is not config:
+        configure(config)
+    return registry, config
+
+
 @pytest.fixture(scope="session")
-def sd_env(tmp_path_factory):
-    """(registry, RuntimeConfig) with tiny-sd1.safetensors in models/checkpoints and two input images."""
+def _sd_session(tmp_path_factory):
     import nodes
     from engine.config import RuntimeConfig
     from nodes.models.tiny import write_tiny_checkpoint
