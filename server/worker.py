@@ -21,6 +21,48 @@ from .ws import Hub, encode_preview
 log = logging.getLogger("sdflow.server")
 
 
+class ProgressStates:
+    """Builds ComfyUI's `progress_state` frames from the executor's event stream: every node that left
+    'pending' with its state ("running", "finished", "error"), value and max. One per prompt."""
+
+    def __init__(self, prompt_id: str) -> None:
+        self.prompt_id = prompt_id
+        self.nodes: dict[str, dict] = {}
+        self.current: str | None = None
+
+    def update(self, event: Event) -> dict | None:
+        kind, data = event.type, event.data
+        if kind == "executing":
+            self._finish_current()
+            node = data.get("node")
+            if node is None:
+                return None
+            self.current = node
+            self._set(node, "running", 0, 1)
+        elif kind == "progress" and data.get("node"):
+            self._set(data["node"], "running", data.get("value", 0), data.get("max", 1))
+        elif kind == "execution_success":
+            self._finish_current()
+        elif kind in ("execution_error", "execution_interrupted") and data.get("node_id") in self.nodes:
+            entry = self.nodes[data["node_id"]]
+            entry["state"] = "error" if kind == "execution_error" else entry["state"]
+            self.current = None
+        else:
+            return None
+        return {"prompt_id": self.prompt_id, "nodes": {k: dict(v) for k, v in self.nodes.items()}}
+
+    def _finish_current(self) -> None:
+        if self.current is not None and self.current in self.nodes:
+            entry = self.nodes[self.current]
+            entry.update(state="finished", value=entry["max"])
+        self.current = None
+
+    def _set(self, node: str, state: str, value: float, maximum: float) -> None:
+        self.nodes[node] = {"value": value, "max": maximum, "state": state, "node_id": node,
+                            "prompt_id": self.prompt_id, "display_node_id": node, "parent_node_id": None,
+                            "real_node_id": node}
+
+
 class Worker:
     def __init__(self, store: Store, executor: Any, hub: Hub, *, preview_size: int = 512,
                  on_queue_change: Callable[[], None] | None = None) -> None:
@@ -125,9 +167,13 @@ class Worker:
             client_id = None
         hub = self.hub
         size = self.preview_size
+        states = ProgressStates(item.prompt_id)
 
         def emit(event: Event) -> None:
             try:
+                frame = states.update(event)
+                if frame is not None:
+                    hub.post_threadsafe(hub.dispatch, "progress_state", frame, client_id)
                 if event.type == "preview":
                     if event.image is not None:
                         preview = encode_preview(event.image, event.data, size)

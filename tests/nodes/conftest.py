@@ -16,22 +16,25 @@ from PIL import Image  # noqa: E402
 TINY_SD1 = "tiny-sd1.safetensors"
 
 
-@pytest.fixture
-def sd_env(_sd_session):
-    """(registry, RuntimeConfig) with tiny-sd1.safetensors in models/checkpoints and two input images.
-
-    The SD nodes read a process-wide runtime; another test may have configured a different data dir
-    (building its own registry), so this one is made current again for each test that uses it."""
+def activate(env) -> None:
+    """Make `env`'s runtime the current one. The SD nodes read a process-wide runtime and another test
+    may have configured a different data dir (building its own registry)."""
     from nodes.runtime import configure, runtime
 
-    registry, config = _sd_session
+    _, config = env
     if runtime().config is not config:
         configure(config)
-    return registry, config
+
+
+@pytest.fixture(autouse=True)
+def _sd_runtime_for_test(request):
+    if "sd_env" in request.fixturenames:
+        activate(request.getfixturevalue("sd_env"))
 
 
 @pytest.fixture(scope="session")
-def _sd_session(tmp_path_factory):
+def sd_env(tmp_path_factory):
+    """(registry, RuntimeConfig) with tiny-sd1.safetensors in models/checkpoints and two input images."""
     import nodes
     from engine.config import RuntimeConfig
     from nodes.models.tiny import write_tiny_checkpoint

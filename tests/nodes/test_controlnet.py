@@ -14,11 +14,12 @@ from nodes.models.controlnet import ControlApplication, controlnet_diffusers_to_
 from nodes.models.state_dict import ModelFileError
 from nodes.sampler_nodes import common_ksampler
 
-from .conftest import TINY_SD1
+from .conftest import TINY_SD1, activate
 
 
 @pytest.fixture(scope="module")
 def handles(sd_env):
+    activate(sd_env)
     model, clip, _ = checkpoint_loader_simple(TINY_SD1)
     return model, clip
 

@@ -16,7 +16,7 @@ from nodes.lora import lora_loader, lora_loader_model_only
 from nodes.models import lora as lora_models
 from nodes.sampler_nodes import common_ksampler
 
-from .conftest import TINY_SD1
+from .conftest import TINY_SD1, activate
 
 RANK, ALPHA = 4, 2.0
 
@@ -52,6 +52,7 @@ def _pair_for(weight: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor,
 
 @pytest.fixture(scope="module")
 def base(sd_env):
+    activate(sd_env)
     return checkpoint_loader_simple(TINY_SD1)[:2]
 
 

@@ -25,7 +25,7 @@ async def test_full_event_sequence_and_history(server):
     pid = r["prompt_id"]
     assert r["node_errors"] == {} and isinstance(r["number"], int)
     frames = await ws.until_done(pid)
-    seq = [t for t in types(frames) if t != "status"]
+    seq = [t for t in types(frames) if t not in ("status", "progress_state")]
     assert seq == ["execution_start", "execution_cached",
                    "executing", "executing", "progress", "binary", "progress", "binary", "progress", "binary",
                    "executing", "executing", "executed", "execution_success", "executing"]
@@ -39,6 +39,13 @@ async def test_full_event_sequence_and_history(server):
     kind, fmt = struct.unpack(">II", binary[0][:8])
     assert (kind, fmt) == (1, 1)
     assert Image.open(io.BytesIO(binary[0][8:])).format == "JPEG"
+    # progress_state: every node that left 'pending', with its state; the last one has all finished
+    states = [f[1]["data"] for f in frames if f[0] == "json" and f[1]["type"] == "progress_state"]
+    assert states[0]["nodes"]["1"]["state"] == "running"
+    assert any(s["nodes"].get("2", {}).get("value") == 2 and s["nodes"]["2"]["max"] == 3 for s in states)
+    assert {n: v["state"] for n, v in states[-1]["nodes"].items()} == {n: "finished" for n in "1234"}
+    assert set(states[-1]["nodes"]["2"]) == {"value", "max", "state", "node_id", "prompt_id", "display_node_id",
+                                             "parent_node_id", "real_node_id"}
     # every JSON event of this prompt names it
     assert all(f[1]["data"].get("prompt_id") == pid for f in frames if f[0] == "json" and f[1]["type"] != "status")
 
