@@ -133,12 +133,32 @@ class NodeDef:
         config = ConfigDict(coerce_numbers_to_str=True, extra="ignore")
         return create_model(f"{self.name}Widgets", __config__=config, **fields)
 
+    @cached_property
+    def _exact_types(self) -> dict[str, tuple[type, Any, Any]]:
+        """name -> (python type, min, max) of the widget inputs pydantic validates."""
+        kinds = {IntSpec: int, FloatSpec: float, StringSpec: str, BooleanSpec: bool}
+        out = {}
+        for name in self.widget_model.model_fields:
+            spec = self.inputs[name].spec
+            out[name] = (kinds[type(spec)], getattr(spec, "min", None), getattr(spec, "max", None))
+        return out
+
+    def _already_valid(self, name: str, value: Any) -> bool:
+        """The common case, a value of exactly the right type within range, needs no pydantic round trip
+        (validation cost matters for large graphs); anything else goes through the model."""
+        kind, low, high = self._exact_types[name]
+        if type(value) is not kind:
+            return False
+        if kind is float and (value != value or value in (float("inf"), float("-inf"))):
+            return False
+        return (low is None or value >= low) and (high is None or value <= high)
+
     def check_values(self, values: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
         """Coerce and range-check constant widget values. Returns (coerced values, ComfyUI error dicts)."""
         errors: list[dict] = []
         coerced = dict(values)
         model = self.widget_model
-        subset = {k: v for k, v in values.items() if k in model.model_fields}
+        subset = {k: v for k, v in values.items() if k in model.model_fields and not self._already_valid(k, v)}
         if subset:
             try:
                 parsed = model.model_validate(subset)

@@ -86,20 +86,22 @@ def validate_prompt(prompt: Any, registry: Registry,
         return ValidationResult(_top("prompt_no_outputs", "Prompt has no outputs"))
 
     # The nodes the outputs need, and the link graph among them.
-    graph = nx.DiGraph()
     needed: set[str] = set()
+    edges: list[tuple[str, str]] = []
     stack = list(outputs)
     while stack:
         nid = stack.pop()
         if nid in needed:
             continue
         needed.add(nid)
-        graph.add_node(nid)
         for src, _slot in parsed[nid].links.values():
             if src in parsed:
-                graph.add_edge(src, nid)
+                edges.append((src, nid))
                 if src not in needed:
                     stack.append(src)
+    graph = nx.DiGraph()
+    graph.add_nodes_from(nid for nid in parsed if nid in needed)   # prompt order keeps runs deterministic
+    graph.add_edges_from(edges)
 
     # Layer 3: each needed node on its own.
     own_errors: dict[str, list[dict]] = {}

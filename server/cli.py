@@ -297,7 +297,16 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 def cmd_make_demo_model(args: argparse.Namespace) -> int:
     from nodes.models.tiny import write_demo_checkpoint
 
+    from nodes.models.folders import ModelFolders
+
     models_dir = Path(args.models_dir) if args.models_dir else Path(args.data_dir) / "models"
+    if args.if_missing:
+        # `make run` on a machine that already has real models must not add a random-weight one.
+        folders = ModelFolders(args.data_dir, models_dir=models_dir)
+        existing = folders.list_files("checkpoints") + folders.list_files("diffusers")
+        if existing:
+            print(f"{len(existing)} model(s) already in {models_dir}; no demo checkpoint written")
+            return 0
     path = write_demo_checkpoint(models_dir)
     print(path)
     return 0
@@ -346,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--models-dir")
     p.add_argument("--if-missing", action="store_true",
-                   help="accepted for scripts; an existing demo checkpoint is always kept")
+                   help="only write it when the models folder has no checkpoint yet")
     p.set_defaults(func=cmd_make_demo_model)
     return parser
 

@@ -93,3 +93,20 @@ def test_nodes_lists_types(tmp_path):
     assert {"TestConst", "TestSlow", "TestShow"} <= names
     r = sdflow(tmp_path, "nodes", "--json")
     assert "TestAdd" in json.loads(r.stdout)
+
+
+def test_make_demo_model_if_missing_leaves_real_collections_alone(tmp_path):
+    data = tmp_path / "data"
+    first = subprocess.run([sys.executable, "-m", "server", "make-demo-model", "--data-dir", str(data), "--if-missing"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    demo = data / "models" / "checkpoints" / "sdflow-demo-RANDOM-WEIGHTS-sd15.safetensors"
+    assert demo.is_file() and "RANDOM-WEIGHTS" in first.stdout
+
+    other = tmp_path / "collection"
+    (other / "models" / "checkpoints").mkdir(parents=True)
+    (other / "models" / "checkpoints" / "real.safetensors").write_bytes(b"not checked here")
+    second = subprocess.run([sys.executable, "-m", "server", "make-demo-model", "--data-dir", str(other), "--if-missing"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert sorted(p.name for p in (other / "models" / "checkpoints").iterdir()) == ["real.safetensors"]
