@@ -1,6 +1,7 @@
 """Where a running sdflow keeps its files, and how much memory its cache may hold."""
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,3 +29,20 @@ class RuntimeConfig:
     def ensure_dirs(self) -> None:
         for path in (self.data_dir, self.models_dir, self.input_dir, self.output_dir, self.temp_dir, self.user_dir):
             path.mkdir(parents=True, exist_ok=True)
+
+
+# The config of the execution running in this thread, so node code reads the directories of the executor
+# that runs it (several configured environments can live in one process: tests, embedding applications).
+_current: contextvars.ContextVar[RuntimeConfig | None] = contextvars.ContextVar("sdflow_config", default=None)
+
+
+def current_config() -> RuntimeConfig | None:
+    return _current.get()
+
+
+def set_current_config(config: RuntimeConfig | None) -> contextvars.Token:
+    return _current.set(config)
+
+
+def reset_current_config(token: contextvars.Token) -> None:
+    _current.reset(token)

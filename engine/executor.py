@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cache import CacheEntry, OutputCache
+from .config import reset_current_config, set_current_config
 from .events import Emit, Event, no_emit, now_ms
 from .node import NodeDef, NodeOutput
 from .planning import compute_keys, needed_nodes
@@ -44,6 +45,7 @@ class NodeFailure(Exception):
 class Executor:
     def __init__(self, registry: Registry, cache: OutputCache | None = None, config: Any = None) -> None:
         self.registry = registry
+        config = config if config is not None else getattr(registry, "config", None)
         budgets = getattr(config, "cache_budget_bytes", None) if config is not None else None
         self.cache = cache if cache is not None else OutputCache(budgets)
         self.config = config
@@ -76,9 +78,11 @@ class Executor:
                 extra_data: dict | None = None, emit: Emit = no_emit) -> RunResult:
         self._interrupt.clear()
         self._running = prompt_id
+        token = set_current_config(self.config)
         try:
             return _Run(self, prompt, prompt_id, outputs, extra_data or {}, emit).go()
         finally:
+            reset_current_config(token)
             self._running = None
             self.cache.unpin_all()
 

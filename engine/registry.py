@@ -21,6 +21,9 @@ class Registry:
     def __init__(self) -> None:
         self._nodes: dict[str, NodeDef] = {}
         self.plugin_errors: dict[str, str] = {}
+        # The RuntimeConfig these nodes were set up for (directories); an Executor without a config of
+        # its own runs with it.
+        self.config = None
 
     @classmethod
     def from_nodes(cls, *sources: Any) -> "Registry":

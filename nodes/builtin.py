@@ -28,6 +28,7 @@ class ModelCatalog:
 def build_registry(config: RuntimeConfig, *, plugins: bool = True) -> tuple[Registry, ModelCatalog]:
     rt = configure(config)
     registry = Registry.from_nodes(*MODULES)
+    registry.config = config
     for nd in registry:
         nd.python_module = "nodes"
     if plugins:

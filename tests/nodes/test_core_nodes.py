@@ -171,3 +171,32 @@ def test_validation_of_sd_inputs_names_node_and_input(sd_env):
     kinds = {(nid, e["type"]) for nid, entry in vr.node_errors.items() for e in entry["errors"]}
     assert ("3", "value_smaller_than_min") in kinds and ("3", "value_not_in_list") in kinds
     assert ("4", "custom_validation_failed") in kinds
+
+
+def test_two_configured_environments_in_one_process_keep_their_own_folders(sd_env, tmp_path):
+    """An executor runs its nodes with its registry's config, whatever the process default is."""
+    import nodes
+    from engine.config import RuntimeConfig
+    from nodes.models.tiny import write_tiny_checkpoint
+    from nodes.runtime import runtime
+
+    registry_a, config_a = sd_env
+    config_b = RuntimeConfig(data_dir=tmp_path / "b")
+    config_b.ensure_dirs()
+    write_tiny_checkpoint(config_b.models_dir / "checkpoints" / "only-in-b.safetensors", "sd1", seed=1)
+    registry_b, _ = nodes.build_registry(config_b, plugins=False)      # makes b the process default
+    assert runtime().config is config_b
+
+    def save_prompt(ckpt: str, prefix: str) -> dict:
+        prompt = _txt2img(steps=1)
+        prompt["4"]["inputs"]["ckpt_name"] = ckpt
+        prompt["9"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}}
+        return prompt
+
+    out_a = Executor(registry_a).execute(save_prompt(TINY_SD1, "envA"), "a")
+    out_b = Executor(registry_b).execute(save_prompt("only-in-b.safetensors", "envB"), "b")
+    assert out_a.status == "success", out_a.error
+    assert out_b.status == "success", out_b.error
+    assert (config_a.output_dir / out_a.outputs["9"]["images"][0]["filename"]).is_file()
+    assert (config_b.output_dir / out_b.outputs["9"]["images"][0]["filename"]).is_file()
+    assert not list(config_b.output_dir.glob("envA*")) and not list(config_a.output_dir.glob("envB*"))
