@@ -179,7 +179,11 @@ class _Run:
         inputs = self._gather(rn)
         try:
             if nd.check_lazy is not None:
+                ran_before = len(self.result.executed)
                 inputs = self._resolve_lazy(rn, inputs)
+                if len(self.result.executed) != ran_before:   # its lazy branch ran: this node runs again now
+                    self._current_node = nid
+                    self.send("executing", {"node": nid, "display_node": nid, "prompt_id": self.prompt_id})
             token = _current.set(NodeContext(nid, self.prompt_id, self.ex._check_interrupt,
                                              self._progress_sink(nid), nd.name))
             try:
@@ -188,7 +192,7 @@ class _Run:
                 _current.reset(token)
         except (Interrupted, NodeFailure):
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:   # a plugin calling sys.exit() fails its node, not the process
             raise NodeFailure(nid, nd, exc, inputs) from exc
         self.entries[nid] = self.ex.cache.put(self.keys[nid], outputs, ui, nd.name)
         self.result.executed.append(nid)

@@ -87,17 +87,25 @@ def _dumps(value: Any) -> str:
     try:
         return json.dumps(value, separators=(",", ":"), allow_nan=False, default=str)
     except ValueError:
-        return json.dumps(_finite(value), separators=(",", ":"), allow_nan=False, default=str)
+        return json.dumps(finite_json(value), separators=(",", ":"), allow_nan=False, default=str)
 
 
-def _finite(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
+    """`value` with NaN/inf floats replaced by None (JSON has no NaN; clients choke on it)."""
     if isinstance(value, float):
         return value if value == value and value not in (float("inf"), float("-inf")) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    try:
+        db.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass   # no transaction was open
 
 
 class Store:
@@ -123,12 +131,25 @@ class Store:
 
         def __enter__(self) -> sqlite3.Connection:
             self.store._lock.acquire()
-            self.store._db.execute("BEGIN IMMEDIATE")
+            try:
+                self.store._db.execute("BEGIN IMMEDIATE")
+            except BaseException:   # a locked or closed database must not keep the lock held forever
+                self.store._lock.release()
+                raise
             return self.store._db
 
         def __exit__(self, exc_type, exc, tb) -> None:
+            db = self.store._db
             try:
-                self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+                if exc_type is None:
+                    try:
+                        db.execute("COMMIT")
+                    except BaseException:
+                        # leave no transaction open, or every later BEGIN would fail
+                        _rollback(db)
+                        raise
+                else:
+                    _rollback(db)
             finally:
                 self.store._lock.release()
 

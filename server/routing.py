@@ -9,6 +9,8 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from engine.store import finite_json
+
 from .security import ApiError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -124,18 +126,8 @@ def json_response(data: Any, status: int = 200, headers: dict | None = None) -> 
     try:
         text = json.dumps(data, allow_nan=False, default=_jsonable)
     except ValueError:  # NaN/inf somewhere in a node's UI output: send null rather than invalid JSON
-        text = json.dumps(_finite(data), allow_nan=False, default=_jsonable)
+        text = json.dumps(finite_json(data), allow_nan=False, default=_jsonable)
     return web.Response(text=text, status=status, content_type="application/json", headers=headers)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _jsonable(value: Any) -> Any:

@@ -143,6 +143,8 @@ class Worker:
             self._changed()
             try:
                 self._run(item)
+            except BaseException:   # the worker thread must outlive any prompt, or the queue stops for good
+                log.exception("worker failed while running prompt %s", item.prompt_id)
             finally:
                 self.running = None
                 self.completed += 1
@@ -192,7 +194,7 @@ class Worker:
             entry = history_entry(item, status_str="success" if ok else "error", completed=ok,
                                   messages=list(result.messages), outputs=dict(result.outputs),
                                   meta=dict(result.meta))
-        except Exception as exc:  # the executor itself failed: record it, tell the client, keep working
+        except BaseException as exc:  # the executor itself failed: record it, tell the client, keep working
             log.exception("executor failed on prompt %s", item.prompt_id)
             entry = failed_entry(item, f"{type(exc).__name__}: {exc}", exception_type=type(exc).__name__)
             err = entry["status"]["messages"][-1][1]

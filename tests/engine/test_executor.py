@@ -415,6 +415,22 @@ def test_lazy_untaken_branch_never_executes(ex):
     assert {"1", "2"} <= set(res.cached)
 
 
+def test_lazy_node_is_announced_again_when_it_runs_after_its_branch(ex):
+    _, rec = run(ex, lazy_prompt(True), "lazy-order")
+    # Choose (5) is staged, its lazy branch (1, 2) runs, then Choose really runs: clients see it last.
+    assert rec.executing_nodes() == ["5", "1", "2", "5", "6"]
+
+
+def test_a_node_calling_sys_exit_fails_its_node_not_the_process(ex):
+    res, rec = run(ex, {"1": n("Const", value=1), "2": n("Exit", value=["1", 0]), "3": n("Show", value=["2", 0])},
+                   "exit")
+    assert res.status == "error"
+    err = rec.of("execution_error")[0]
+    assert err["node_id"] == "2" and err["exception_type"] == "SystemExit"
+    res, _ = run(ex, {"1": n("Const", value=5), "3": n("Show", value=["1", 0])}, "after")
+    assert res.status == "success"
+
+
 # ---- progress and previews -------------------------------------------------------------------------------------
 
 def test_progress_events_from_report(ex):

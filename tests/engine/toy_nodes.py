@@ -244,3 +244,9 @@ def join3(a: Image, b: Image, c: Image) -> float:
     """Needs three tensors at once (so all three must still be held when it runs)."""
     CALLS.append("Join3")
     return float(a.numel() + b.numel() + c.numel())
+
+
+@node("Exit", category="test")
+def exit_node(value: int) -> int:
+    CALLS.append("Exit")
+    raise SystemExit(3)

@@ -102,3 +102,18 @@ def test_concurrent_writers(tmp_path):
         t.join()
     assert not errors
     assert len(claimed) == len(set(claimed)) == 200 and s.history_count() == 200
+
+
+def test_a_failed_transaction_start_releases_the_lock(tmp_path):
+    import sqlite3
+    import threading
+
+    store = Store(tmp_path / "q.db")
+    store.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        store.set_paused(True)           # BEGIN on a closed database fails...
+    got = []
+    worker = threading.Thread(target=lambda: got.append(store._lock.acquire(timeout=2)))
+    worker.start()
+    worker.join()
+    assert got == [True]                  # ...and the lock is free for other threads
