@@ -211,7 +211,10 @@ class _Run:
             if preview is not None:
                 self.emit(Event("preview", {"node_id": nid, "prompt_id": self.prompt_id, "display_node_id": nid,
                                             "parent_node_id": None, "real_node_id": nid}, image=preview))
-        sink.wants_preview = self.ex.previews
+        # Previews are made only when enabled and when the receiver of the events wants them (an `emit`
+        # may say so with a `wants_preview` callable: a server with no connected client does not).
+        asks = getattr(self.emit, "wants_preview", None)
+        sink.wants_preview = asks if (self.ex.previews and callable(asks)) else self.ex.previews
         return sink
 
     def _gather(self, rn: ResolvedNode) -> dict[str, list]:

@@ -47,4 +47,7 @@ def check_interrupt() -> None:
 def wants_preview() -> bool:
     """Whether anyone listens for previews, so nodes can skip making them."""
     ctx = _current.get()
-    return ctx is not None and getattr(ctx.on_progress, "wants_preview", True)
+    if ctx is None:
+        return False
+    flag = getattr(ctx.on_progress, "wants_preview", True)
+    return bool(flag()) if callable(flag) else bool(flag)

@@ -234,6 +234,12 @@ class Store:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
 
+    def counts(self) -> dict[str, int]:
+        """Queue items per status ("pending", "running"), without reading the prompts."""
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM queue GROUP BY status").fetchall()
+        return {"pending": 0, "running": 0, **{status: n for status, n in rows}}
+
     def has_pending(self) -> bool:
         with self._lock:
             return self._db.execute("SELECT 1 FROM queue WHERE status='pending' LIMIT 1").fetchone() is not None

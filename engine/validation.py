@@ -129,17 +129,14 @@ def validate_prompt(prompt: Any, registry: Registry,
                 _top("dependency_cycle", "Dependency cycle detected",
                      f"nodes {', '.join(members)} depend on each other", {"cycle": members}))
 
-    # Propagate: an output is valid when neither it nor any ancestor has errors.
+    # Propagate: an output is valid when neither it nor any ancestor has errors. Each walk below is one
+    # pass over the graph, whatever the number of bad nodes (a large graph may have many).
     bad_nodes = set(own_errors)
-    tainted: set[str] = set()
-    for nid in bad_nodes:
-        tainted.add(nid)
-        tainted |= nx.descendants(graph, nid)
+    tainted = _reach(graph.successors, bad_nodes)
     good_outputs = [o for o in outputs if o not in tainted]
+    dependents = _dependent_outputs(graph, bad_nodes, [o for o in outputs if o in tainted])
     for nid, errors in own_errors.items():
-        downstream = nx.descendants(graph, nid) | {nid}
-        dependents = [o for o in outputs if o in downstream]
-        node_errors[nid] = {"errors": errors, "dependent_outputs": dependents,
+        node_errors[nid] = {"errors": errors, "dependent_outputs": dependents.get(nid, []),
                             "class_type": parsed[nid].class_type}
 
     if not good_outputs:
@@ -150,13 +147,30 @@ def validate_prompt(prompt: Any, registry: Registry,
         return ValidationResult(_top("prompt_outputs_failed_validation", "Prompt outputs failed validation",
                                      "\n".join(lines)), node_errors)
     if tainted:
-        keep = set(good_outputs)
-        for o in good_outputs:
-            keep |= nx.ancestors(graph, o)
+        keep = _reach(graph.predecessors, set(good_outputs))
         order = [n for n in (order or nx.topological_sort(graph.subgraph(keep))) if n in keep]
-    else:
-        keep = needed
     return ValidationResult(None, node_errors, good_outputs, {nid: resolved[nid] for nid in order}, order)
+
+
+def _reach(step, start: set[str]) -> set[str]:
+    """`start` and everything reachable from it by `step` (successors or predecessors)."""
+    seen = set(start)
+    stack = list(start)
+    while stack:
+        for nxt in step(stack.pop()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def _dependent_outputs(graph: nx.DiGraph, bad: set[str], outputs: list[str]) -> dict[str, list[str]]:
+    """For each bad node, the (invalid) outputs that depend on it: one ancestor walk per affected output."""
+    found: dict[str, list[str]] = {}
+    for out in outputs:
+        for nid in _reach(graph.predecessors, {out}) & bad:
+            found.setdefault(nid, []).append(out)
+    return found
 
 
 def _check_node(pn: PromptNode, nd: NodeDef, parsed: dict[str, PromptNode],

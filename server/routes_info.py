@@ -108,8 +108,7 @@ async def system_stats(request: web.Request) -> web.Response:
         },
         "devices": _devices(),
         "cache": cache.stats() if cache is not None and hasattr(cache, "stats") else {},
-        "queue": {"pending": len(state.store.pending()), "running": len(state.store.running()),
-                  "paused": state.worker.paused, "history": state.store.history_count(),
+        "queue": {**state.store.counts(), "paused": state.worker.paused, "history": state.store.history_count(),
                   "completed_since_start": state.worker.completed},
     }
     return json_response(data)

@@ -43,7 +43,7 @@ class AppState:
     started_at: float = 0.0
 
     def exec_info(self) -> dict:
-        return {"exec_info": {"queue_remaining": self.store.queue_remaining(), "paused": self.store.paused}}
+        return {"exec_info": {"queue_remaining": self.store.queue_remaining(), "paused": self.worker.paused}}
 
     @property
     def features(self) -> dict:

@@ -23,33 +23,53 @@ log = logging.getLogger("sdflow.server")
 
 class ProgressStates:
     """Builds ComfyUI's `progress_state` frames from the executor's event stream: every node that left
-    'pending' with its state ("running", "finished", "error"), value and max. One per prompt."""
+    'pending' with its state ("running", "finished", "error"), value and max. One per prompt.
+
+    Each frame holds every started node, so a frame per event would cost O(n^2) for big graphs: updates
+    only mark the state dirty, one send is scheduled at a time, and it carries the latest state."""
 
     def __init__(self, prompt_id: str) -> None:
         self.prompt_id = prompt_id
         self.nodes: dict[str, dict] = {}
         self.current: str | None = None
+        self.lock = threading.Lock()
+        self.scheduled = False
 
-    def update(self, event: Event) -> dict | None:
+    def update(self, event: Event) -> bool:
+        """Apply one event; True when it changed the state."""
         kind, data = event.type, event.data
-        if kind == "executing":
-            self._finish_current()
-            node = data.get("node")
-            if node is None:
-                return None
-            self.current = node
-            self._set(node, "running", 0, 1)
-        elif kind == "progress" and data.get("node"):
-            self._set(data["node"], "running", data.get("value", 0), data.get("max", 1))
-        elif kind == "execution_success":
-            self._finish_current()
-        elif kind in ("execution_error", "execution_interrupted") and data.get("node_id") in self.nodes:
-            entry = self.nodes[data["node_id"]]
-            entry["state"] = "error" if kind == "execution_error" else entry["state"]
-            self.current = None
-        else:
-            return None
-        return {"prompt_id": self.prompt_id, "nodes": {k: dict(v) for k, v in self.nodes.items()}}
+        with self.lock:
+            if kind == "executing":
+                self._finish_current()
+                node = data.get("node")
+                if node is None:
+                    return False
+                self.current = node
+                self._set(node, "running", 0, 1)
+            elif kind == "progress" and data.get("node"):
+                self._set(data["node"], "running", data.get("value", 0), data.get("max", 1))
+            elif kind == "execution_success":
+                self._finish_current()
+            elif kind in ("execution_error", "execution_interrupted") and data.get("node_id") in self.nodes:
+                if kind == "execution_error":
+                    self.nodes[data["node_id"]]["state"] = "error"
+                self.current = None
+            else:
+                return False
+            return True
+
+    def take_schedule(self) -> bool:
+        """True if the caller should schedule a send (none is pending yet)."""
+        with self.lock:
+            if self.scheduled:
+                return False
+            self.scheduled = True
+            return True
+
+    def frame(self) -> dict:
+        with self.lock:
+            self.scheduled = False
+            return {"prompt_id": self.prompt_id, "nodes": {k: dict(v) for k, v in self.nodes.items()}}
 
     def _finish_current(self) -> None:
         if self.current is not None and self.current in self.nodes:
@@ -171,13 +191,15 @@ class Worker:
         size = self.preview_size
         states = ProgressStates(item.prompt_id)
 
+        def send_progress_state() -> None:   # on the event loop: the latest state, once per schedule
+            hub.dispatch("progress_state", states.frame(), client_id)
+
         def emit(event: Event) -> None:
             try:
-                frame = states.update(event)
-                if frame is not None:
-                    hub.post_threadsafe(hub.dispatch, "progress_state", frame, client_id)
+                if states.update(event) and states.take_schedule():
+                    hub.post_threadsafe(send_progress_state)
                 if event.type == "preview":
-                    if event.image is not None:
+                    if event.image is not None and hub.has_listener(client_id):
                         preview = encode_preview(event.image, event.data, size)
                         hub.post_threadsafe(hub.dispatch, "preview", event.data, client_id, preview)
                     return
@@ -187,6 +209,7 @@ class Worker:
             except Exception:  # an event that cannot be sent must not fail the prompt
                 log.exception("could not forward event %s", event.type)
 
+        emit.wants_preview = lambda: hub.has_listener(client_id)
         try:
             result = self.executor.execute(item.prompt, item.prompt_id, outputs=list(item.outputs),
                                            extra_data=dict(item.extra_data), emit=emit)

@@ -109,6 +109,11 @@ class Hub:
         client = self.clients.get(sid)
         return [client] if client else []
 
+    def has_listener(self, sid: str | None) -> bool:
+        """Whether a frame for `sid` (None = broadcast) would reach anyone. Read from the worker thread:
+        a dict lookup is atomic, and a stale answer only costs or skips one preview."""
+        return bool(self.clients) if sid is None else sid in self.clients
+
     def send(self, event: str, data: dict, sid: str | None = None) -> None:
         text = json.dumps({"type": event, "data": data}, default=str)
         for client in self._targets(sid):

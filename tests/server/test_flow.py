@@ -39,11 +39,12 @@ async def test_full_event_sequence_and_history(server):
     kind, fmt = struct.unpack(">II", binary[0][:8])
     assert (kind, fmt) == (1, 1)
     assert Image.open(io.BytesIO(binary[0][8:])).format == "JPEG"
-    # progress_state: every node that left 'pending', with its state; the last one has all finished
+    # progress_state: every node that left 'pending', with its state (frames are coalesced under load,
+    # so only the first and the last are certain); the last one has them all finished
     states = [f[1]["data"] for f in frames if f[0] == "json" and f[1]["type"] == "progress_state"]
-    assert states[0]["nodes"]["1"]["state"] == "running"
-    assert any(s["nodes"].get("2", {}).get("value") == 2 and s["nodes"]["2"]["max"] == 3 for s in states)
+    assert states and "running" in {v["state"] for v in states[0]["nodes"].values()}
     assert {n: v["state"] for n, v in states[-1]["nodes"].items()} == {n: "finished" for n in "1234"}
+    assert states[-1]["nodes"]["2"]["value"] == states[-1]["nodes"]["2"]["max"] == 3
     assert set(states[-1]["nodes"]["2"]) == {"value", "max", "state", "node_id", "prompt_id", "display_node_id",
                                              "parent_node_id", "real_node_id"}
     # every JSON event of this prompt names it
