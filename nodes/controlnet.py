@@ -15,22 +15,14 @@ import torch.nn.functional as F
 from engine.inputs import Combo, Float
 from engine.node import node
 
-from .loaders import _exists, _stat
 from .models.controlnet import ControlNetHandle, load_controlnet_model
-from .runtime import model_files, runtime
+from .runtime import model_file_exists, model_file_fingerprint, model_files, runtime
 from .types import Conditioning, ControlNet, Image, Vae
 
 
-def _cn_fingerprint(control_net_name: str) -> str:
-    return _stat(runtime().folders.full_path("controlnet", control_net_name))
-
-
-def _cn_exists(control_net_name: str) -> bool | str:
-    return _exists("controlnet", "ControlNet")(control_net_name=control_net_name)
-
-
 @node("ControlNetLoader", category="loaders", display_name="Load ControlNet Model",
-      fingerprint=_cn_fingerprint, validate=_cn_exists)
+      fingerprint=model_file_fingerprint("controlnet", "control_net_name"),
+      validate=model_file_exists("controlnet", "control_net_name", "ControlNet"))
 def controlnet_loader(control_net_name: Combo(model_files("controlnet"))) -> ControlNet:
     """Loads a ControlNet (original single-file layout or diffusers layout)."""
     path = runtime().folders.require("controlnet", control_net_name)

@@ -18,7 +18,7 @@ from engine.node import UI, NodeOutput, node
 from engine.paths import UnsafePathError, contained_path
 from engine.png_metadata import png_text_chunks
 
-from .imaging import IMAGE_METHODS, keep_aspect, resize
+from .imaging import IMAGE_METHODS, keep_aspect, resize, tensor_to_pil
 from .runtime import runtime
 from .types import MAX_RESOLUTION, Image, Mask
 
@@ -110,7 +110,7 @@ def load_image(image: Combo(input_images, image_upload=True)) -> tuple[Image, Ma
     for frame in _frames(img):
         t = _frame_tensor(frame)
         if images and t.shape != images[0].shape:
-            break   # frames of another size are not part of the batch
+            continue   # a frame of another size cannot join the batch; later ones still may
         images.append(t)
         masks.append(_alpha_mask(frame))
     return torch.stack(images), torch.stack(masks)
@@ -122,13 +122,11 @@ def load_image_mask(image: Combo(input_images, image_upload=True),
                     channel: Combo(["alpha", "red", "green", "blue"])) -> Mask:
     """Loads one channel of an image as a mask (alpha is inverted: transparent = 1)."""
     frame = ImageOps.exif_transpose(_open(annotated_path(image)))
+    if frame.getbands() != ("R", "G", "B", "A"):
+        if frame.mode == "I":   # 16-bit greyscale stored as 32-bit ints
+            frame = frame.point(lambda v: v * (1 / 255))
+        frame = frame.convert("RGBA")   # every mode (L, LA, P, I;16, CMYK...) has all four bands after this
     band = {"alpha": "A", "red": "R", "green": "G", "blue": "B"}[channel]
-    if frame.mode == "P":
-        frame = frame.convert("RGBA")
-    if band not in frame.getbands():
-        if channel == "alpha" or frame.mode not in ("RGB", "RGBA", "L"):
-            return torch.zeros((1, 64, 64), dtype=torch.float32)
-        frame = frame.convert("RGB")
     values = np.asarray(frame.getchannel(band), dtype=np.float32) / 255.0
     mask = torch.from_numpy(values)
     return (1.0 - mask if channel == "alpha" else mask).unsqueeze(0)
@@ -164,10 +162,9 @@ def save_images(images: torch.Tensor, prefix: str, base: Path, kind: str, compre
     for key, text in png_text_chunks(prompt, extra_pnginfo):
         info.add_text(key, text)
     results = []
-    arrays = np.clip(255.0 * images.detach().float().cpu().numpy(), 0, 255).astype(np.uint8)
-    for batch_number, arr in enumerate(arrays):
+    for batch_number, image in enumerate(images):
         name = f"{stem.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-        PILImage.fromarray(arr).save(folder / name, pnginfo=info, compress_level=compress_level)
+        tensor_to_pil(image).save(folder / name, pnginfo=info, compress_level=compress_level)
         results.append({"filename": name, "subfolder": folder_part, "type": kind})
         counter += 1
     return {"images": results}

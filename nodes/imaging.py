@@ -96,11 +96,3 @@ def tensor_to_pil(image: torch.Tensor) -> PILImage.Image:
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     return PILImage.fromarray(arr)
-
-
-def pil_to_tensor(image: PILImage.Image) -> torch.Tensor:
-    """A PIL image to [H,W,C] float32 in 0..1."""
-    arr = np.asarray(image).astype(np.float32) / 255.0
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    return torch.from_numpy(arr)

@@ -26,16 +26,13 @@ def empty_latent_image(width: Int(512, min=16, max=MAX_RESOLUTION, step=8, toolt
 @node("VAEDecode", category="latent", display_name="VAE Decode")
 def vae_decode(samples: Latent, vae: Vae) -> Image:
     """Decodes latent images back into pixel space images."""
-    latent = samples["samples"]
-    if latent.dim() == 5:   # video latents flatten to a batch of frames
-        latent = latent.movedim(2, 1).flatten(0, 1)
-    return vae.decode(latent)
+    return vae.decode(samples["samples"])   # the VAE flattens video-shaped latents to a batch
 
 
 @node("VAEEncode", category="latent", display_name="VAE Encode")
 def vae_encode(pixels: Image, vae: Vae) -> Latent:
     """Encodes pixel images into latents."""
-    return {"samples": vae.encode(pixels[:, :, :, :3])}
+    return {"samples": vae.encode(pixels)}   # the VAE takes RGB of RGBA and crops to its stride
 
 
 @node("VAEEncodeForInpaint", category="latent/inpaint", display_name="VAE Encode (for Inpainting)")
@@ -80,6 +77,8 @@ def latent_upscale(samples: Latent, upscale_method: Combo(LATENT_METHODS),
     s = samples["samples"]
     if width == 0 and height == 0:
         return samples
+    # ComfyUI's order: the given side is clamped to 64 px first, the other follows the aspect ratio
+    width, height = (max(64, width) if width else 0), (max(64, height) if height else 0)
     w, h = keep_aspect(width, height, s.shape[3] * 8, s.shape[2] * 8)
     w, h = max(64, w), max(64, h)
     return {**samples, "samples": resize(s, w // 8, h // 8, upscale_method, crop)}

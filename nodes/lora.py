@@ -8,22 +8,13 @@ from __future__ import annotations
 from engine.inputs import Combo, Float
 from engine.node import node
 
-from .loaders import _exists, _stat
 from .models.diffusion_model import DiffusionModelHandle
 from .models.lora import apply_lora, load_lora_file
 from .models.text_encoder import ClipHandle
-from .runtime import model_files, runtime
+from .runtime import model_file_exists, model_file_fingerprint, model_files, runtime
 from .types import Clip, Model
 
 _STRENGTH = dict(min=-100.0, max=100.0, step=0.01)
-
-
-def _lora_fingerprint(lora_name: str) -> str:
-    return _stat(runtime().folders.full_path("loras", lora_name))
-
-
-def _lora_exists(lora_name: str) -> bool | str:
-    return _exists("loras", "LoRA")(lora_name=lora_name)
 
 
 def load_lora(model: DiffusionModelHandle | None, clip: ClipHandle | None, lora_name: str,
@@ -40,7 +31,8 @@ def load_lora(model: DiffusionModelHandle | None, clip: ClipHandle | None, lora_
 
 
 @node("LoraLoader", category="loaders", display_name="Load LoRA",
-      fingerprint=_lora_fingerprint, validate=_lora_exists)
+      fingerprint=model_file_fingerprint("loras", "lora_name"),
+      validate=model_file_exists("loras", "lora_name", "LoRA"))
 def lora_loader(model: Model, clip: Clip,
                 lora_name: Combo(model_files("loras"), tooltip="The name of the LoRA."),
                 strength_model: Float(1.0, **_STRENGTH, tooltip="How strongly to modify the diffusion model. "
@@ -54,7 +46,9 @@ def lora_loader(model: Model, clip: Clip,
     return load_lora(model, clip, lora_name, strength_model, strength_clip)
 
 
-@node("LoraLoaderModelOnly", category="loaders", fingerprint=_lora_fingerprint, validate=_lora_exists)
+@node("LoraLoaderModelOnly", category="loaders",
+      fingerprint=model_file_fingerprint("loras", "lora_name"),
+      validate=model_file_exists("loras", "lora_name", "LoRA"))
 def lora_loader_model_only(model: Model, lora_name: Combo(model_files("loras")),
                            strength_model: Float(1.0, **_STRENGTH)) -> Model:
     """Applies a LoRA to the diffusion model only (its text encoder part is ignored)."""

@@ -7,6 +7,8 @@ lists) call into it each time the schema is read, so new files show up.
 """
 from __future__ import annotations
 
+import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,3 +75,38 @@ def model_files(key: str):
         return runtime().folders.list_files(key)
     choices.__name__ = f"{key}_files"
     return choices
+
+
+def _takes(param: str, fn):
+    """Give `fn(**values)` the signature `fn(*, <param>)`: the engine passes a node's fingerprint and
+    validate functions exactly the inputs they name."""
+    fn.__signature__ = inspect.Signature([inspect.Parameter(param, inspect.Parameter.KEYWORD_ONLY)])
+    return fn
+
+
+def _stat(path: Path | None) -> str:
+    if path is None:
+        return "missing"
+    if path.is_dir():   # a diffusers folder: the newest file inside decides
+        return str(max((os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(path) for f in fs),
+                       default=path.stat().st_mtime_ns))
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def model_file_fingerprint(key: str, param: str):
+    """A node fingerprint for a model-file input: the file's size and modification time (hashing gigabytes
+    per prompt would cost more than it saves)."""
+    return _takes(param, lambda **values: _stat(runtime().folders.full_path(key, values[param])))
+
+
+def model_file_exists(key: str, param: str, label: str):
+    """A node validator for a model-file input: the name must be safe and the file present."""
+    def validate(**values) -> bool | str:
+        name = values[param]
+        try:
+            path = runtime().folders.full_path(key, name)
+        except ValueError as exc:
+            return f"invalid {label} name {name!r}: {exc}"
+        return True if path is not None else f"{label} not found: {name!r} (looked in {key})"
+    return _takes(param, validate)

@@ -11,24 +11,16 @@ from engine import progress
 from engine.inputs import Combo
 from engine.node import node
 
-from .loaders import _exists, _stat
 from .models.upscale import UpscaleModelHandle, load_upscale_model, tiled_upscale
-from .runtime import model_files, runtime
+from .runtime import model_file_exists, model_file_fingerprint, model_files, runtime
 from .types import Image, UpscaleModel
 
 TILE, OVERLAP, MIN_TILE = 512, 32, 128
 
 
-def _fingerprint(model_name: str) -> str:
-    return _stat(runtime().folders.full_path("upscale_models", model_name))
-
-
-def _validate(model_name: str) -> bool | str:
-    return _exists("upscale_models", "upscale model")(model_name=model_name)
-
-
 @node("UpscaleModelLoader", category="loaders", display_name="Load Upscale Model",
-      fingerprint=_fingerprint, validate=_validate)
+      fingerprint=model_file_fingerprint("upscale_models", "model_name"),
+      validate=model_file_exists("upscale_models", "model_name", "upscale model"))
 def upscale_model_loader(model_name: Combo(model_files("upscale_models"))) -> UpscaleModel:
     """Loads an image upscale model (ESRGAN, SwinIR, ... through spandrel)."""
     return load_upscale_model(runtime().folders.require("upscale_models", model_name), "UpscaleModelLoader")

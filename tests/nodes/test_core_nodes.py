@@ -200,3 +200,30 @@ def test_two_configured_environments_in_one_process_keep_their_own_folders(sd_en
     assert (config_a.output_dir / out_a.outputs["9"]["images"][0]["filename"]).is_file()
     assert (config_b.output_dir / out_b.outputs["9"]["images"][0]["filename"]).is_file()
     assert not list(config_b.output_dir.glob("envA*")) and not list(config_a.output_dir.glob("envB*"))
+
+
+def test_load_image_mask_channels_of_any_mode(sd_env):
+    _, config = sd_env
+    la = Image.fromarray(np.dstack([np.full((20, 30), 200, np.uint8), np.full((20, 30), 51, np.uint8)]), "LA")
+    la.save(config.input_dir / "grey_alpha.png")
+    red = image_nodes.load_image_mask("grey_alpha.png", "red")
+    assert red.shape == (1, 20, 30) and torch.allclose(red, torch.full_like(red, 200 / 255))
+    alpha = image_nodes.load_image_mask("grey_alpha.png", "alpha")
+    assert torch.allclose(alpha, torch.full_like(alpha, 1 - 51 / 255))
+    rgb_alpha = image_nodes.load_image_mask("example.png", "alpha")          # no alpha: nothing masked
+    assert rgb_alpha.shape == (1, 64, 64) and rgb_alpha.sum() == 0
+
+
+def test_load_image_keeps_later_frames_of_the_batch_size(sd_env):
+    _, config = sd_env
+    frames = [Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 255, 0)),
+              Image.new("RGB", (16, 16), (0, 0, 255))]
+    frames[0].save(config.input_dir / "pages.tiff", save_all=True, append_images=frames[1:])
+    images, masks = image_nodes.load_image("pages.tiff")
+    assert images.shape == (2, 16, 16, 3) and masks.shape[0] == 2
+    assert images[1, 0, 0].tolist() == [0.0, 0.0, 1.0]                        # the blue page, after the odd one
+
+
+def test_latent_upscale_clamps_the_given_side_before_the_aspect_ratio():
+    lat = {"samples": torch.zeros(1, 4, 64, 128)}                               # 1024 x 512 pixels
+    assert latent_nodes.latent_upscale(lat, "nearest-exact", 0, 32, "disabled")["samples"].shape == (1, 4, 8, 16)
