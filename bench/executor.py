@@ -18,7 +18,7 @@ from engine.cache import OutputCache  # noqa: E402
 from engine.executor import Executor  # noqa: E402
 from engine.inputs import Int, socket  # noqa: E402
 from engine.node import UI, node  # noqa: E402
-from engine.planning import compute_keys, topological_order  # noqa: E402
+from engine.planning import compute_keys  # noqa: E402
 from engine.registry import Registry  # noqa: E402
 from engine.validation import validate_prompt  # noqa: E402
 
@@ -77,8 +77,7 @@ def measure(name: str, build, n: int = 1000, repeats: int = 5) -> None:
         val_t.append(time.perf_counter() - t0)
         assert vr.ok, vr.error
         t0 = time.perf_counter()
-        order = topological_order(vr.nodes)
-        compute_keys(vr.nodes, order, uuid.uuid4().hex)
+        compute_keys(vr.nodes, vr.order, uuid.uuid4().hex)   # validation already ordered the nodes
         plan_t.append(time.perf_counter() - t0)
         ex = Executor(reg, OutputCache({"cpu": 1 << 30}))
         t0 = time.perf_counter()

@@ -11,19 +11,7 @@ import hashlib
 import json
 from typing import Any, Iterable
 
-import networkx as nx
-
 from .validation import ResolvedNode
-
-
-def topological_order(nodes: dict[str, ResolvedNode]) -> list[str]:
-    graph = nx.DiGraph()
-    graph.add_nodes_from(nodes)
-    for nid, rn in nodes.items():
-        for src, _slot in rn.links.values():
-            if src in nodes:
-                graph.add_edge(src, nid)
-    return list(nx.topological_sort(graph))
 
 
 def _canonical(value: Any) -> str:

@@ -21,7 +21,7 @@ from . import files, routes_info, routes_prompt, routes_workflows
 from .openapi import build_openapi
 from .routing import API_PREFIX, RouteDoc, Routes, json_response
 from .security import OriginPolicy, auth_middleware, error_middleware, host_origin_middleware, is_loopback_bind
-from .state import STATE, AppState, ServerOptions
+from .state import STATE, AppState, ServerOptions, server_features
 from .static import add_static_routes, is_public
 from .worker import Worker
 from .ws import Hub
@@ -48,7 +48,7 @@ def create_app(config: RuntimeConfig, registry: Registry, catalog: Any = None, *
     )
 
     state_box: dict[str, AppState] = {}
-    hub = Hub({"supports_preview_metadata": True, "max_upload_size": options.max_upload_bytes},
+    hub = Hub(server_features(options),
               status=lambda: state_box["state"].exec_info())
     worker = Worker(store, executor, hub, preview_size=options.preview_size,
                     on_queue_change=lambda: hub.post_threadsafe(hub.broadcast_status))

@@ -153,8 +153,6 @@ def _reencode(path: Path, preview: str | None, channel: str) -> tuple[bytes, str
             img.save(buf, format="PNG")
             return buf.getvalue(), "image/png"
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, ApiError):
-            raise
         raise ApiError(400, f"cannot re-encode this file as an image: {e}") from None
 
 

@@ -47,7 +47,12 @@ class AppState:
 
     @property
     def features(self) -> dict:
-        return {"supports_preview_metadata": True, "max_upload_size": self.options.max_upload_bytes}
+        return server_features(self.options)
+
+
+def server_features(options: ServerOptions) -> dict:
+    """The feature flags `/features` and the websocket negotiation answer with."""
+    return {"supports_preview_metadata": True, "max_upload_size": options.max_upload_bytes}
 
 
 STATE = web.AppKey("sdflow_state", AppState)
