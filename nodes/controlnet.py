@@ -16,6 +16,7 @@ from engine.inputs import Combo, Float
 from engine.node import node
 
 from .models.controlnet import ControlNetHandle, load_controlnet_model
+from .models.memory import compute_dtype, default_device
 from .runtime import model_file_exists, model_file_fingerprint, model_files, runtime
 from .types import Conditioning, ControlNet, Image, Vae
 
@@ -26,7 +27,8 @@ from .types import Conditioning, ControlNet, Image, Vae
 def controlnet_loader(control_net_name: Combo(model_files("controlnet"))) -> ControlNet:
     """Loads a ControlNet (original single-file layout or diffusers layout)."""
     path = runtime().folders.require("controlnet", control_net_name)
-    return ControlNetHandle(load_controlnet_model(path), source=path)
+    dtype = compute_dtype(default_device())   # half precision on CUDA, like the UNet it feeds
+    return ControlNetHandle(load_controlnet_model(path, dtype=dtype), source=path)
 
 
 @node("ControlNetApply", category="conditioning/controlnet", display_name="Apply ControlNet (OLD)",

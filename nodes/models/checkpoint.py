@@ -12,17 +12,22 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from . import detect, ldm_keys
 from .detect import CLIP_COMPONENTS, CLIP_LOCATIONS, VAE_PREFIX
 from .state_dict import ModelFileError, read_metadata, read_state_dict
 from .tokenizer import load_tokenizer
 
-TextEncoder = CLIPTextModel | CLIPTextModelWithProjection
+# diffusers and transformers take seconds to import; they are imported where models are built,
+# so that starting the server (which imports every node module) does not pay for them.
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    TextEncoder = CLIPTextModel | CLIPTextModelWithProjection
 
 __all__ = [
     "CLIP_LAYER_DEFAULTS",
@@ -133,14 +138,20 @@ def _materialize(
 
 
 def _build_unet(config: Mapping, sd, dtype, path) -> UNet2DConditionModel:
+    from diffusers import UNet2DConditionModel
+
     return _materialize(lambda: UNet2DConditionModel.from_config(dict(config)), sd, dtype, path, "UNet")
 
 
 def _build_vae(config: Mapping, sd, dtype, path) -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
     return _materialize(lambda: AutoencoderKL.from_config(dict(config)), sd, dtype, path, "VAE")
 
 
 def _build_clip(config: Mapping, sd, dtype, path, kind: str) -> TextEncoder:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     cfg = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
     cls = CLIPTextModelWithProjection if "text_projection.weight" in sd else CLIPTextModel
     return _materialize(
@@ -176,11 +187,14 @@ def load_checkpoint(
     path: str | Path,
     *,
     dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
     load_unet: bool = True,
     load_vae: bool = True,
     load_clip: bool = True,
 ) -> LoadedCheckpoint:
-    """Load an SD1/SD2/SDXL single-file checkpoint in the original LDM key layout."""
+    """Load an SD1/SD2/SDXL single-file checkpoint in the original LDM key layout.
+
+    Floating tensors are cast to `dtype`, the VAE's to `vae_dtype` (default: `dtype`)."""
     path = Path(path)
     sd = read_state_dict(path)
     metadata = read_metadata(path)
@@ -213,7 +227,7 @@ def load_checkpoint(
             vae_ldm = {k: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
             if not vae_ldm:
                 raise ModelFileError(path, f"checkpoint has no VAE ({VAE_PREFIX}*)")
-            vae = _vae_from_ldm(vae_ldm, arch, dtype, path)
+            vae = _vae_from_ldm(vae_ldm, arch, vae_dtype or dtype, path)
         if load_clip:
             for kind, (prefix, _) in CLIP_LOCATIONS[arch].items():
                 if kind not in clip_sds:
@@ -321,6 +335,7 @@ def load_diffusers_folder(
     path: str | Path,
     *,
     dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
     load_unet: bool = True,
     load_vae: bool = True,
     load_clip: bool = True,
@@ -329,6 +344,7 @@ def load_diffusers_folder(
 
     Tokenizers always come from the shipped files (every SD pipeline uses the same vocabulary).
     Weights are read directly (no hub code path) and assigned into meta-built models.
+    Floating tensors are cast to `dtype`, the VAE's to `vae_dtype` (default: `dtype`).
     """
     path = Path(path)
     if not (path / "model_index.json").is_file():
@@ -347,7 +363,7 @@ def load_diffusers_folder(
         unet = _build_unet(_strip_meta(cfg), sd, dtype, path / "unet")
     if load_vae:
         cfg, sd = _read_component(path / "vae")
-        vae = _build_vae(_strip_meta(cfg), sd, dtype, path / "vae")
+        vae = _build_vae(_strip_meta(cfg), sd, vae_dtype or dtype, path / "vae")
     text_encoders: dict[str, TextEncoder] = {}
     clip_layers = dict(CLIP_LAYER_DEFAULTS[arch])
     if load_clip:

@@ -20,20 +20,30 @@ import inspect
 import json
 import re
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import ControlNetModel
 
 from . import detect, ldm_keys
 from .checkpoint import _materialize
 from .memory import ResidentMixin, WeightsHolder, default_device
 from .state_dict import ModelFileError, read_state_dict
 
+if TYPE_CHECKING:  # diffusers is imported when a ControlNet is built: importing it costs seconds
+    from diffusers import ControlNetModel
+
 LDM_PREFIX = "control_model."
-_CONTROLNET_ARGS = frozenset(inspect.signature(ControlNetModel.__init__).parameters) - {"self"}
+
+
+@cache
+def _controlnet_args() -> frozenset[str]:
+    """The config keys ControlNetModel accepts (UNet configs carry more)."""
+    from diffusers import ControlNetModel
+
+    return frozenset(inspect.signature(ControlNetModel.__init__).parameters) - {"self"}
 
 
 # ------------------------------------------------------------------------------------ key layouts
@@ -107,7 +117,7 @@ def infer_controlnet_config(ldm: Mapping[str, torch.Tensor]) -> dict:
     probe = dict(ldm)
     probe.setdefault("out.2.weight", ldm["input_blocks.0.0.weight"])
     unet_cfg = detect.infer_unet_config(probe, arch)
-    cfg = {k: v for k, v in unet_cfg.items() if k in _CONTROLNET_ARGS}
+    cfg = {k: v for k, v in unet_cfg.items() if k in _controlnet_args()}
     idx = _hint_indices(ldm)
     if len(idx) < 2 or (len(idx) - 2) % 2:
         raise ValueError(f"unexpected hint encoder layout (convs at {idx})")
@@ -121,7 +131,10 @@ def infer_controlnet_config(ldm: Mapping[str, torch.Tensor]) -> dict:
 # ----------------------------------------------------------------------------------------- loading
 
 def _build(config: Mapping, sd: Mapping[str, torch.Tensor], dtype: torch.dtype, path: Path) -> ControlNetModel:
-    cfg = {k: v for k, v in config.items() if k in _CONTROLNET_ARGS}
+    from diffusers import ControlNetModel
+
+    args = _controlnet_args()
+    cfg = {k: v for k, v in config.items() if k in args}
     if "conditioning_embedding_out_channels" in cfg:
         cfg["conditioning_embedding_out_channels"] = tuple(cfg["conditioning_embedding_out_channels"])
     model = _materialize(lambda: ControlNetModel.from_config(cfg), sd, dtype, path, "ControlNet")

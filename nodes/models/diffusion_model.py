@@ -1,8 +1,6 @@
 """What the MODEL socket carries: a diffusers UNet plus the facts a sampler needs about it."""
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -10,53 +8,12 @@ from torch import nn
 
 from .memory import ResidentMixin, WeightsHolder, default_device
 
-# Linear latent -> RGB approximations used for cheap previews (per-channel weights, then bias).
-_SD15_RGB = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350),
-             (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177))
-_SDXL_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068),
-             (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188))
-_SDXL_RGB_BIAS = (0.1084, -0.0175, -0.0011)
-
-
-@dataclass(frozen=True)
-class LatentFormat:
-    """How a model's latent space looks: `name` is "sd15" or "sdxl" (SD2 shares SD1.5's)."""
-
-    name: str
-    scale_factor: float
-    channels: int = 4
-    rgb_factors: tuple[tuple[float, float, float], ...] = ()
-    rgb_bias: tuple[float, float, float] | None = None
-
-    def to_rgb(self, latent: torch.Tensor) -> torch.Tensor:
-        """`[B,C,h,w]` (model-space latents) -> rough `[B,h,w,3]` in 0..1, for previews."""
-        factors = torch.tensor(self.rgb_factors, dtype=torch.float32, device=latent.device)
-        rgb = torch.einsum("bchw,cr->bhwr", latent.float(), factors)
-        if self.rgb_bias is not None:
-            rgb = rgb + torch.tensor(self.rgb_bias, device=latent.device)
-        return ((rgb + 1.0) / 2.0).clamp(0.0, 1.0)
-
-
-SD15_LATENT = LatentFormat("sd15", 0.18215, 4, _SD15_RGB)
-SDXL_LATENT = LatentFormat("sdxl", 0.13025, 4, _SDXL_RGB, _SDXL_RGB_BIAS)
-
-
-def latent_format_for(arch: str) -> LatentFormat:
-    return SDXL_LATENT if arch == "sdxl" else SD15_LATENT
-
-
-@dataclass
-class ModelOptions:
-    """Per-clone settings that do not touch the shared weights (extend freely)."""
-
-    extra: dict[str, Any] = field(default_factory=dict)
-
 
 class DiffusionModelHandle(ResidentMixin):
     """A UNet2DConditionModel with its architecture facts; `apply` runs one denoiser evaluation."""
 
     def __init__(self, unet: nn.Module, arch: str, prediction_type: str = "epsilon",
-                 device: str | None = None, latent_format: LatentFormat | None = None) -> None:
+                 device: str | None = None) -> None:
         if arch not in ("sd1", "sd2", "sdxl"):
             raise ValueError(f"unknown architecture {arch!r}")
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -65,8 +22,6 @@ class DiffusionModelHandle(ResidentMixin):
         self.arch = arch
         self.prediction_type = prediction_type
         self.load_device = device or default_device()
-        self.latent_format = latent_format or latent_format_for(arch)
-        self.options = ModelOptions()
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Any, device: str | None = None) -> "DiffusionModelHandle":
@@ -80,10 +35,9 @@ class DiffusionModelHandle(ResidentMixin):
         return self._weights.modules["unet"]
 
     def clone(self) -> "DiffusionModelHandle":
-        """Shares the weights; settings are copied so patching a clone leaves the original alone."""
+        """Shares the weights; attributes set on the clone leave the original alone."""
         twin = object.__new__(DiffusionModelHandle)
         twin.__dict__.update(self.__dict__)
-        twin.options = copy.deepcopy(self.options)
         return twin
 
     def with_unet(self, unet: nn.Module) -> "DiffusionModelHandle":
@@ -114,7 +68,9 @@ class DiffusionModelHandle(ResidentMixin):
         (SDXL's added conditioning: text_embeds / time_ids); optional "control" as a dict with
         "down" (list of residuals, one per UNet skip connection) and "mid" (the middle block's
         residual), added inside the UNet the way a ControlNet's outputs are; anything else is ignored.
-        Batch-1 conditioning is broadcast to the batch of `x_in`. Returns on `x_in`'s device and dtype.
+        Batch-1 conditioning is broadcast to the batch of `x_in`. Inputs are cast to the UNet's
+        dtype (float16 on CUDA); the result is on `x_in`'s device in float32 (or `x_in`'s dtype if
+        that is wider), so samplers keep full precision whatever the weights are stored in.
         """
         self.ensure_loaded()
         device = next(self.unet.parameters()).device
@@ -153,7 +109,7 @@ class DiffusionModelHandle(ResidentMixin):
             kwargs["down_block_additional_residuals"] = [prep(r) for r in control["down"]]
             kwargs["mid_block_additional_residual"] = prep(control["mid"])
         out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
-        return out.to(device=x_in.device, dtype=x_in.dtype)
+        return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))
 
     def _needs_added_cond(self) -> bool:
         return getattr(self.unet.config, "addition_embed_type", None) == "text_time"

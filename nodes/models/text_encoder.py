@@ -2,7 +2,9 @@
 
 Per text encoder, a prompt becomes chunks of 77 tokens: BOS, up to 75 prompt tokens, EOS, then
 padding (EOS for CLIP-L, 0 for OpenCLIP H/G). Every token carries the weight of its prompt segment;
-`embedding:NAME` segments become one slot per textual-inversion vector.
+`embedding:NAME` segments become one slot per textual-inversion vector. Segments are tokenized
+word by word (split on spaces and newlines); a word that does not fit in the current chunk starts
+the next one, unless it is MAX_WORD_LENGTH tokens or longer, then it is split (ComfyUI's rule).
 
 Encoding follows ComfyUI: all chunks go through the encoder as one batch; if any weight differs
 from 1.0 an "empty prompt" chunk (BOS, EOS, padding) is encoded alongside and each weighted
@@ -19,7 +21,6 @@ an |n| larger than the encoder is the normed last layer.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import logging
@@ -269,9 +270,14 @@ class ClipHandle(ResidentMixin):
                         continue
                     groups.append([(vectors[i], seg.weight) for i in range(vectors.shape[0])])
                     continue
-                ids = tokenizer.encode(seg.text, add_special_tokens=False, verbose=False)
-                if ids:
-                    groups.append([(int(i), seg.weight) for i in ids])
+                # Word by word, as ComfyUI does: each word is one group, so chunk_groups moves a
+                # word that does not fit whole to the next chunk instead of cutting it in two.
+                for word in seg.text.replace("\n", " ").split(" "):
+                    if not word:
+                        continue
+                    ids = tokenizer.encode(word, add_special_tokens=False, verbose=False)
+                    if ids:
+                        groups.append([(int(i), seg.weight) for i in ids])
             chunks[spec.key] = chunk_groups(groups, eos if spec.pad_with_end else 0, bos, eos)
         return TokenizedPrompt(text, chunks)
 
@@ -336,7 +342,8 @@ class ClipHandle(ResidentMixin):
         if weighted:
             batch.append(empty_chunk(eos if spec.pad_with_end else 0, bos, eos))
         hidden, pooled = self._run_encoder(model, spec, batch)
-        pooled = pooled[0:1]
+        # Weighting (and everything after) in float32, whatever dtype the encoder runs in.
+        hidden, pooled = hidden.float(), pooled[0:1].float()
         pieces = []
         for k, chunk in enumerate(chunks):
             z = hidden[k : k + 1]
@@ -378,7 +385,3 @@ class ClipHandle(ResidentMixin):
                 hidden = inner.final_layer_norm(hidden)
         return hidden, pooled
 
-
-def copy_text_encoders(handle: ClipHandle) -> dict[str, nn.Module]:
-    """Deep copies of a handle's encoders, for callers that merge weights (LoRA) into a copy."""
-    return {k: copy.deepcopy(m) for k, m in handle.text_encoders.items()}

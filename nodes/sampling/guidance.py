@@ -38,6 +38,18 @@ class CondEntry:
     sigma_start: float | None  # inactive while sigma > sigma_start
     sigma_end: float | None  # inactive while sigma < sigma_end
     options: dict[str, Any] = field(default_factory=dict)
+    # Per-device copies and per-shape weights, built on first use: the sampler calls the denoiser with the
+    # same entries every step, so nothing here is rebuilt or re-uploaded after the first step.
+    cache: dict[tuple, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def tensors_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(context, pooled, size_cond) on ``device`` (dtypes unchanged: the model casts as it needs)."""
+        key = ("tensors", device)
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = tuple(None if t is None else t.to(device) for t in (self.context, self.pooled, self.size_cond))
+            self.cache[key] = hit
+        return hit
 
 
 def _to_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -130,7 +142,18 @@ def resolve_conditioning(
 
 
 def _weights(entry: CondEntry, like: torch.Tensor, full_h: int, full_w: int) -> torch.Tensor | None:
-    """Per-pixel weight of an entry over its area ([B, C, h, w]); None means a uniform 1."""
+    """Per-pixel weight of an entry over its area ([B, C, h, w]); None means a uniform 1.
+
+    Cached on the entry per (shape, device, dtype): the result only depends on those and the entry.
+    Callers must not modify it in place.
+    """
+    key = ("weights", tuple(like.shape), like.device, like.dtype, full_h, full_w)
+    if key not in entry.cache:
+        entry.cache[key] = _build_weights(entry, like, full_h, full_w)
+    return entry.cache[key]
+
+
+def _build_weights(entry: CondEntry, like: torch.Tensor, full_h: int, full_w: int) -> torch.Tensor | None:
     has_area = entry.area is not None and (entry.area[0], entry.area[1]) != (full_h, full_w)
     if entry.mask is None and not has_area and entry.strength == 1.0:
         return None
@@ -213,6 +236,12 @@ class CFGDenoiser:
         self.need_uncond = False
         self.last_uncond: torch.Tensor | None = None
         self.model_calls = 0
+        # (device, dtype) -> (mask, latent_image, inpaint_noise) on that device; see _inpaint_tensors
+        self._inpaint_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # (entry ids of a batched chunk, token length, device) -> the stacked cond tensors for apply_model
+        self._chunk_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._has_ranges = any(e.sigma_start is not None or e.sigma_end is not None
+                               for e in self.positive + self.negative)
         self.mask = None
         if noise_mask is not None:
             if latent_image is None:
@@ -240,9 +269,8 @@ class CFGDenoiser:
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         if self.mask is not None:
-            mask = self.mask.to(x.device, x.dtype)
-            original = self.latent_image.to(x.device, x.dtype)
-            renoised = original + self.inpaint_noise.to(x.device, x.dtype) * _bcast(sigma, x)
+            mask, original, inpaint_noise = self._inpaint_tensors(x)
+            renoised = original + inpaint_noise * _bcast(sigma, x)
             x = x * mask + renoised * (1 - mask)
         cond, uncond = self.predict(x, sigma, skip_uncond=self.skip_uncond and not self.need_uncond)
         self.last_uncond = uncond
@@ -251,11 +279,21 @@ class CFGDenoiser:
             out = out * mask + original * (1 - mask)
         return out
 
+    def _inpaint_tensors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The inpainting mask, original latent and re-noise noise on x's device/dtype, moved once."""
+        key = (x.device, x.dtype)
+        hit = self._inpaint_cache.get(key)
+        if hit is None:
+            hit = tuple(t.to(x.device, x.dtype) for t in (self.mask, self.latent_image, self.inpaint_noise))
+            self._inpaint_cache[key] = hit
+        return hit
+
     def predict(
         self, x: torch.Tensor, sigma: torch.Tensor, skip_uncond: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Denoised predictions for the positive and (unless skip_uncond) negative conditioning."""
-        s = float(sigma.max())
+        # reading sigma back to the host syncs a GPU, so only do it when an entry has a timestep range
+        s = float(sigma.max()) if self._has_ranges else 0.0
         sides = [self.positive] if skip_uncond else [self.positive, self.negative]
         full_h, full_w = x.shape[-2], x.shape[-1]
         jobs: list[_Job] = []
@@ -292,22 +330,33 @@ class CFGDenoiser:
         preds = [self._combine(r, x) for r in results]
         return preds[0], (None if skip_uncond else preds[1])
 
+    def _chunk_conds(self, chunk: list[_Job], device: torch.device) -> dict[str, torch.Tensor]:
+        """context (repeat-padded to one token length), pooled and size_cond of a chunk, stacked on device.
+
+        Cached per chunk composition: the same entries batch together every step.
+        """
+        length = _lcm([j.entry.context.shape[1] for j in chunk])
+        key = (tuple(id(j.entry) for j in chunk), length, device)
+        hit = self._chunk_cache.get(key)
+        if hit is not None:
+            return hit
+        parts = [j.entry.tensors_on(device) for j in chunk]
+        ctx = [c if c.shape[1] == length else c.repeat(1, length // c.shape[1], 1) for c, _, _ in parts]
+        hit = {"context": torch.cat(ctx) if len(ctx) > 1 else ctx[0]}
+        if chunk[0].entry.pooled is not None:
+            hit["pooled"] = torch.cat([p for _, p, _ in parts])
+            hit["size_cond"] = torch.cat([sc for _, _, sc in parts])
+        self._chunk_cache[key] = hit
+        return hit
+
     def _run(self, chunk: list[_Job], sigma: torch.Tensor) -> list[torch.Tensor]:
         n = len(chunk)
         x_in = torch.cat([j.x for j in chunk]) if n > 1 else chunk[0].x
         sig_in = sigma.repeat(n)
-        length = _lcm([j.entry.context.shape[1] for j in chunk])
-        ctx = [j.entry.context for j in chunk]
-        ctx = [c.repeat(1, length // c.shape[1], 1) if c.shape[1] != length else c for c in ctx]
-        cond: dict[str, Any] = {
-            "context": (torch.cat(ctx) if n > 1 else ctx[0]).to(x_in.device),
-            "cond_or_uncond": [j.which for j in chunk],
-            "sigma": sig_in,
-        }
+        cond: dict[str, Any] = dict(self._chunk_conds(chunk, x_in.device))
+        cond["cond_or_uncond"] = [j.which for j in chunk]
+        cond["sigma"] = sig_in
         first = chunk[0].entry
-        if first.pooled is not None:
-            cond["pooled"] = torch.cat([j.entry.pooled for j in chunk]).to(x_in.device)
-            cond["size_cond"] = torch.cat([j.entry.size_cond for j in chunk]).to(x_in.device)
         if first.control is not None:
             cond["control"] = first.control
         timestep = self.schedule.timestep(sig_in)

@@ -360,3 +360,58 @@ def test_demo_checkpoint(tmp_path):
 def test_shipped_configs_are_valid_json():
     for f in detect.CONFIG_DIR.rglob("*.json"):
         assert isinstance(json.loads(f.read_text()), dict), f
+
+
+# ------------------------------------------------------------------------------ precision and start-up
+
+def test_compute_dtype_rule():
+    from nodes.models.memory import compute_dtype
+
+    # torch.device("cuda") can be named without a GPU: the rule only looks at the device type.
+    assert compute_dtype("cuda") == compute_dtype(torch.device("cuda:1")) == torch.float16
+    assert compute_dtype("cpu") == compute_dtype(torch.device("cpu")) == torch.float32
+    assert compute_dtype("cuda", vae=True) == compute_dtype("cpu", vae=True) == torch.float32
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_half_precision_checkpoint_runs_and_returns_float32(tiny_files, tmp_path, arch):
+    from nodes.models.diffusion_model import DiffusionModelHandle
+    from nodes.models.text_encoder import ClipHandle
+    from nodes.models.vae import VaeHandle
+
+    path = tiny_files[(arch, "epsilon")]
+    full = load_checkpoint(path)
+    half = load_checkpoint(path, dtype=torch.float16, vae_dtype=torch.float32)
+    assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32
+    assert all(m.dtype == torch.float16 for m in half.text_encoders.values())
+
+    clip16, clip32 = (ClipHandle.from_checkpoint(c, device="cpu") for c in (half, full))
+    cond16, pooled16 = clip16.encode(clip16.tokenize("a (red:1.3) cat"))
+    cond32, pooled32 = clip32.encode(clip32.tokenize("a (red:1.3) cat"))
+    assert cond16.dtype == pooled16.dtype == torch.float32
+    torch.testing.assert_close(cond16, cond32, atol=2e-2, rtol=2e-2)
+
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    extra = {"pooled": pooled32, "size_cond": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    cond = {"context": cond32, **(extra if arch == "sdxl" else {})}
+    out16 = DiffusionModelHandle.from_checkpoint(half, device="cpu").apply(x, 500, cond)
+    out32 = DiffusionModelHandle.from_checkpoint(full, device="cpu").apply(x, 500, cond)
+    assert out16.dtype == torch.float32 and torch.isfinite(out16).all()
+    assert not torch.equal(out16, out32)  # it really ran in half precision...
+    torch.testing.assert_close(out16, out32, atol=2e-2, rtol=2e-2)  # ...and agrees closely
+
+    image = VaeHandle(half.vae, device="cpu").decode(x)
+    assert image.dtype == torch.float32 and image.shape == (1, 64, 64, 3)
+
+
+def test_importing_the_node_set_does_not_import_diffusers_or_transformers():
+    # Both take seconds to import; they load when a model is first built, not at start-up.
+    import subprocess
+    import sys
+
+    code = ("import sys, nodes.builtin; "
+            "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,6 +1,7 @@
 """ClipHandle on tiny real CLIP models: tokenizing, weighting, embeddings, layer choice, cache."""
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -14,7 +15,6 @@ from nodes.models.text_encoder import (
     MAX_LENGTH,
     ClipHandle,
     chunk_groups,
-    copy_text_encoders,
 )
 from nodes.models.tiny import tiny_checkpoint_models
 
@@ -91,6 +91,29 @@ def test_tokenize_long_prompt_makes_more_chunks(sd1) -> None:
     assert tok.num_chunks() == 2
     cond, _ = clip.encode(tok)
     assert cond.shape == (1, 2 * MAX_LENGTH, 32)
+
+
+def test_word_that_does_not_fit_starts_the_next_chunk(sd1) -> None:
+    clip = handle(sd1)
+    photo, word = ids_of(clip, "photograph"), ids_of(clip, "extraordinarily")
+    assert len(photo) == 1 and 1 < len(word) < 8  # 74 + 2 tokens overflow the 75-token chunk
+    for text, weight in (("photograph " * 74 + "extraordinarily", 1.0),
+                         ("(" + "photograph\n" * 74 + "extraordinarily:1.3)", 1.3)):
+        c0, c1 = clip.tokenize(text).chunks["l"]
+        # Chunk 0: BOS, the 74 photographs, then EOS padding where the word would have been cut.
+        assert c0.ids[:75] == [BOS_ID] + photo * 74 and set(c0.ids[75:]) == {EOS_ID}
+        assert c0.weights[1:75] == [weight] * 74 and c0.weights[0] == c0.weights[75] == 1.0
+        # Chunk 1 starts with the whole word, each of its tokens carrying the segment's weight.
+        assert c1.ids[: 2 + len(word)] == [BOS_ID, *word, EOS_ID]
+        assert c1.weights[1 : 1 + len(word)] == [weight] * len(word)
+        assert c1.weights[0] == c1.weights[1 + len(word)] == 1.0
+
+
+def test_words_are_split_on_spaces_and_newlines(sd1) -> None:
+    clip = handle(sd1)
+    tok = clip.tokenize("  a\n\ncat  ")
+    a, cat = ids_of(clip, "a"), ids_of(clip, "cat")
+    assert tok.chunks["l"][0].ids[: 2 + len(a) + len(cat)] == [BOS_ID, *a, *cat, EOS_ID]
 
 
 def test_openclip_pads_with_zero(sd2, sdxl) -> None:
@@ -311,7 +334,7 @@ def test_footprint_and_device_protocol(sd1) -> None:
 def test_with_text_encoders_replaces_weights_only_on_the_copy(sd1) -> None:
     clip = handle(sd1)
     base, _ = clip.encode(clip.tokenize("a cat"))
-    copies = copy_text_encoders(clip)
+    copies = {k: copy.deepcopy(m) for k, m in clip.text_encoders.items()}
     with torch.no_grad():
         for p in copies["l"].parameters():
             p.mul_(1.05)

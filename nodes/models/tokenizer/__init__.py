@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import CLIPTokenizer
+if TYPE_CHECKING:  # transformers is imported on first use: it is slow to import
+    from transformers import CLIPTokenizer
 
 TOKENIZER_DIR = Path(__file__).parent
 MAX_LENGTH = 77
@@ -30,6 +32,8 @@ def load_tokenizer(kind: str = "l") -> CLIPTokenizer:
     """A new CLIPTokenizer for text encoder `kind` ("l", "g" or "h"), fully offline."""
     if kind not in PAD_TOKENS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(PAD_TOKENS)}")
+    from transformers import CLIPTokenizer
+
     vocab, merges = _bpe_data()
     return CLIPTokenizer(
         vocab=dict(vocab), merges=list(merges), pad_token=PAD_TOKENS[kind], model_max_length=MAX_LENGTH
