@@ -232,7 +232,10 @@ class CFGDenoiser:
         self.negative = resolve_conditioning(negative, schedule, latent_shape)
         self._share_control_with_uncond()
         self.skip_uncond = math.isclose(self.cfg, 1.0)
-        # CFG++ samplers set need_uncond and read last_uncond (the negative's denoised estimate)
+        # CFG++ protocol (see _common.uncond_getter): a sampler sets need_uncond = True, which forces the
+        # negative pass even at cfg 1 (ComfyUI's disable_cfg1_optimization), and after every call reads
+        # last_uncond: the negative conditioning's denoised estimate from that call, before the inpaint
+        # blend (ComfyUI's post-CFG "uncond_denoised"); None when the negative pass was skipped.
         self.need_uncond = False
         self.last_uncond: torch.Tensor | None = None
         self.model_calls = 0

@@ -60,6 +60,7 @@ class DiscreteSchedule:
         self.sigmas = sigmas64.float()
         self._log_sigmas64 = sigmas64.log()
         self.log_sigmas = self._log_sigmas64.float()
+        self._tables: dict[tuple, torch.Tensor] = {}
 
     # -- table ends ---------------------------------------------------------------------------------
     @property
@@ -75,31 +76,43 @@ class DiscreteSchedule:
         return int(self.sigmas.shape[0])
 
     # -- sigma <-> timestep ---------------------------------------------------------------------------
+    def _log_table(self, device: torch.device) -> tuple[torch.Tensor, torch.dtype]:
+        """The float64 log-sigma table on ``device`` (cached: samplers query it every model call)."""
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        key = (device, dtype)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._log_sigmas64.to(device=device, dtype=dtype)
+            self._tables[key] = table
+        return table, dtype
+
     def timestep(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """Continuous timestep for sigma, interpolating linearly in log-sigma between table entries.
 
-        Values outside the table clamp to 0 / len-1 (sigma 0 maps to timestep 0).
+        Values outside the table clamp to 0 / len-1 (sigma 0 maps to timestep 0). Computed on sigma's
+        device, so sampling on a GPU never round-trips through the host here.
         """
         sigma_t = torch.as_tensor(sigma)
         out_dtype = sigma_t.dtype if sigma_t.is_floating_point() else torch.float32
-        log_sigma = sigma_t.detach().to("cpu", torch.float64).clamp(min=1e-30).log()
-        table = self._log_sigmas64
-        low = (torch.searchsorted(table, log_sigma.reshape(-1), right=True) - 1).clamp(0, table.shape[0] - 2)
+        table, work = self._log_table(sigma_t.device)
+        log_sigma = sigma_t.detach().to(work).clamp(min=1e-30).log()
+        flat = log_sigma.reshape(-1)
+        low = (torch.searchsorted(table, flat, right=True) - 1).clamp(0, table.shape[0] - 2)
         lo, hi = table[low], table[low + 1]
-        w = ((log_sigma.reshape(-1) - lo) / (hi - lo)).clamp(0.0, 1.0)
-        t = (low.to(torch.float64) + w).reshape(log_sigma.shape)
-        return t.to(device=sigma_t.device, dtype=out_dtype)
+        w = ((flat - lo) / (hi - lo)).clamp(0.0, 1.0)
+        t = (low.to(work) + w).reshape(log_sigma.shape)
+        return t.to(dtype=out_dtype)
 
     def sigma(self, timestep: torch.Tensor | float) -> torch.Tensor:
         """Inverse of ``timestep``: log-linear interpolation of the sigma table at a (fractional) timestep."""
         t_in = torch.as_tensor(timestep)
         out_dtype = t_in.dtype if t_in.is_floating_point() else torch.float32
-        t = t_in.detach().to("cpu", torch.float64).clamp(0, self.num_timesteps - 1)
+        table, work = self._log_table(t_in.device)
+        t = t_in.detach().to(work).clamp(0, self.num_timesteps - 1)
         low = t.floor().long().clamp(max=self.num_timesteps - 2)
         w = t - low
-        table = self._log_sigmas64
         log_sigma = (1.0 - w) * table[low] + w * table[low + 1]
-        return log_sigma.exp().to(device=t_in.device, dtype=out_dtype)
+        return log_sigma.exp().to(dtype=out_dtype)
 
     def percent_to_sigma(self, percent: float) -> float:
         """Sampling progress in [0, 1] -> sigma (used for start_percent/end_percent of conditionings)."""

@@ -73,16 +73,16 @@ def sample(
     force_full_denoise: bool = False,
     add_noise: bool = True,
     callback: ProgressCallback | None = None,
-    latent_scale_factor: float = 1.0,
     sigmas: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run one KSampler call and return the sampled latent (same space and shape as ``latent_image``).
 
-    ``latent_image``/``noise`` are [B, C, h, w]. ComfyUI's LATENT holds VAE-space latents: pass the
-    model's ``latent_scale_factor`` (0.18215 SD1, 0.13025 SDXL) to scale in and out here, or 1.0 if the
-    caller already works in model space. ``callback(step_index, total_steps, x0)`` runs after each step's
-    model evaluation (0-based step_index; progress is step_index + 1); x0 is the denoised estimate in
-    model space (what ``preview.latent_to_rgb`` expects). An exception raised by the callback propagates
+    ``latent_image``/``noise`` are [B, C, h, w] in model space: sdflow's LATENT already holds scaled
+    latents (the VAE applies the scaling factor on encode/decode), so nothing is rescaled here.
+    ``callback(step_index, total_steps, x0)`` runs after each step's model evaluation (0-based
+    step_index, at most total_steps - 1; progress is step_index + 1); x0 is the denoised estimate
+    (what ``preview.latent_to_rgb`` expects). Samplers with their own step grid (dpm_fast,
+    dpm_adaptive) report their own step indices, as in ComfyUI. An exception raised by the callback propagates
     and stops sampling (the interrupt path). ``sigmas`` overrides the scheduler (custom sampling).
     """
     get_sampler(sampler_name)  # fail fast on an unknown name
@@ -103,8 +103,7 @@ def sample(
     if sigmas.numel() <= 1:
         return latent_image
 
-    scale = float(latent_scale_factor)
-    latent = latent_image.to(torch.float32) * scale
+    latent = latent_image.to(torch.float32)
     if not add_noise or noise is None:
         noise = torch.zeros_like(latent)
     noise = noise.to(device=device, dtype=torch.float32)
@@ -133,7 +132,8 @@ def sample(
     step_cb = None
     if callback is not None:
         def step_cb(info: dict[str, Any]) -> None:
-            callback(int(info["i"]), total, info["denoised"])
+            # dpm_adaptive may take more steps than planned; ComfyUI's progress bar clamps the same way
+            callback(min(int(info["i"]), total - 1), total, info["denoised"])
 
     sampler = get_sampler(sampler_name)
     x = sampler(denoiser, x, sigmas, extra_args={"seed": int(seed)}, callback=step_cb)
@@ -143,4 +143,4 @@ def sample(
         # exact original outside the mask (float error and non-final-denoise samplers aside)
         mask = prepare_mask(noise_mask, tuple(latent.shape)).to(device)
         x = x * mask + latent * (1 - mask)
-    return (x / scale).to(latent_image.dtype)
+    return x.to(latent_image.dtype)

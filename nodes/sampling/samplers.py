@@ -11,14 +11,27 @@ from typing import Callable
 
 import torch
 
+from .deis import sample_deis
+from .dpm_solver import sample_dpm_adaptive, sample_dpm_fast
+from .res_multistep import (
+    sample_res_multistep,
+    sample_res_multistep_ancestral,
+    sample_res_multistep_ancestral_cfg_pp,
+    sample_res_multistep_cfg_pp,
+)
+from .sa_solver import sample_sa_solver, sample_sa_solver_pece
 from .samplers_ode import (
     sample_dpm_2,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_cfg_pp,
     sample_euler,
     sample_euler_cfg_pp,
+    sample_gradient_estimation,
+    sample_gradient_estimation_cfg_pp,
     sample_heun,
     sample_heunpp2,
     sample_ipndm,
+    sample_ipndm_v,
     sample_lms,
 )
 from .samplers_sde import (
@@ -27,11 +40,15 @@ from .samplers_sde import (
     sample_dpmpp_2m_sde,
     sample_dpmpp_2m_sde_heun,
     sample_dpmpp_2s_ancestral,
+    sample_dpmpp_2s_ancestral_cfg_pp,
     sample_dpmpp_3m_sde,
     sample_dpmpp_sde,
+    sample_er_sde,
     sample_euler_ancestral,
     sample_euler_ancestral_cfg_pp,
     sample_lcm,
+    sample_seeds_2,
+    sample_seeds_3,
 )
 from .uni_pc import sample_uni_pc, sample_uni_pc_bh2
 
@@ -43,7 +60,7 @@ def _gpu(fn: SamplerFn) -> SamplerFn:
     return functools.partial(fn, cpu_noise=False)
 
 
-# Order = ComfyUI's KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"], restricted to what exists here.
+# Order = ComfyUI's KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"] (all of them).
 SAMPLERS: dict[str, SamplerFn] = {
     "euler": sample_euler,
     "euler_cfg_pp": sample_euler_cfg_pp,
@@ -54,10 +71,14 @@ SAMPLERS: dict[str, SamplerFn] = {
     "dpm_2": sample_dpm_2,
     "dpm_2_ancestral": sample_dpm_2_ancestral,
     "lms": sample_lms,
+    "dpm_fast": sample_dpm_fast,
+    "dpm_adaptive": sample_dpm_adaptive,
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
+    "dpmpp_2s_ancestral_cfg_pp": sample_dpmpp_2s_ancestral_cfg_pp,
     "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_sde_gpu": _gpu(sample_dpmpp_sde),
     "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_cfg_pp": sample_dpmpp_2m_cfg_pp,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "dpmpp_2m_sde_gpu": _gpu(sample_dpmpp_2m_sde),
     "dpmpp_2m_sde_heun": sample_dpmpp_2m_sde_heun,
@@ -67,6 +88,19 @@ SAMPLERS: dict[str, SamplerFn] = {
     "ddpm": sample_ddpm,
     "lcm": sample_lcm,
     "ipndm": sample_ipndm,
+    "ipndm_v": sample_ipndm_v,
+    "deis": sample_deis,
+    "res_multistep": sample_res_multistep,
+    "res_multistep_cfg_pp": sample_res_multistep_cfg_pp,
+    "res_multistep_ancestral": sample_res_multistep_ancestral,
+    "res_multistep_ancestral_cfg_pp": sample_res_multistep_ancestral_cfg_pp,
+    "gradient_estimation": sample_gradient_estimation,
+    "gradient_estimation_cfg_pp": sample_gradient_estimation_cfg_pp,
+    "er_sde": sample_er_sde,
+    "seeds_2": sample_seeds_2,
+    "seeds_3": sample_seeds_3,
+    "sa_solver": sample_sa_solver,
+    "sa_solver_pece": sample_sa_solver_pece,
     # ComfyUI runs "ddim" as Euler (with fresh random noise for the inpainting re-noise, see sample.py)
     "ddim": sample_euler,
     "uni_pc": sample_uni_pc,
@@ -77,11 +111,6 @@ SAMPLER_NAMES: list[str] = list(SAMPLERS)
 
 # These compute steps+1 sigmas and drop the second-to-last one (ComfyUI KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS).
 DISCARD_PENULTIMATE_SIGMA_SAMPLERS: frozenset[str] = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
-
-# Samplers that consume the seed for noise during sampling (the node may use this for caching decisions).
-STOCHASTIC_SAMPLERS: frozenset[str] = frozenset(
-    {name for name in SAMPLER_NAMES if "ancestral" in name or "sde" in name or name in ("ddpm", "lcm")}
-)
 
 
 def get_sampler(name: str) -> SamplerFn:

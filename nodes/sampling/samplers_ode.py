@@ -212,3 +212,117 @@ def sample_ipndm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCall
             history.pop(0)
         x = x_next
     return x
+
+
+# DPM-Solver++(2M) (Lu et al. 2022) with CFG++ (Chung et al. 2024, arXiv 2406.08070): x is carried along
+# the unconditional prediction and lands on the guided one; the 2M correction uses the previous uncond.
+@torch.no_grad()
+def sample_dpmpp_2m_cfg_pp(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None):
+    kwargs, _ = split_extra(extra_args)
+    s_in = x.new_ones([x.shape[0]])
+    uncond_of = uncond_getter(model)
+    old_uncond = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **kwargs)
+        uncond = uncond_of(denoised)
+        report(callback, i, x, sigmas[i], denoised)
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t
+        x = denoised + torch.exp(-h) * (x - uncond)
+        if old_uncond is not None and sigmas[i + 1] != 0:
+            r = (t - t_fn(sigmas[i - 1])) / h
+            x = x - torch.expm1(-h) / (2 * r) * (denoised - old_uncond)
+        old_uncond = uncond
+    return x
+
+
+def _ipndm_v_coeffs(h: list[float], order: int) -> list[float]:
+    """Weights of d_cur, d_prev1, ... for iPNDM-v, the variable-step iPNDM of Zhou et al. 2024
+    ("Fast ODE-based Sampling for Diffusion Models in Around 5 Steps", diff-solvers).
+
+    ``h = [h_n, h_{n-1}, h_{n-2}, h_{n-3}]`` are the latest sigma steps (negative). Order 2 is the exact
+    variable-step Adams-Bashforth rule. Orders 3 and 4 are the published closed forms, which are not
+    exact Adams-Bashforth: order 3 matches it only on uniform steps, and order 4 not even there
+    (57/24, -65/24, 43/24, -11/24 instead of 55/24, -59/24, 37/24, -9/24); both are still consistent
+    (weights sum to 1). They are kept as published because ComfyUI's ``ipndm_v`` runs exactly these.
+    """
+    hn, h1 = h[0], h[1]
+    first = [(2 + hn / h1) / 2, -(hn / h1) / 2]
+    if order == 2:
+        return first
+    h2 = h[2]
+    t1 = (1 - hn / (3 * (hn + h1)) * (hn * (hn + h1)) / (h1 * (h1 + h2))) / 2
+    if order == 3:
+        return [first[0] + t1, first[1] - (1 + h1 / h2) * t1, t1 * h1 / h2]
+    h3 = h[3]
+    t2 = ((1 - hn / (3 * (hn + h1))) / 2 + (1 - hn / (2 * (hn + h1))) * hn / (6 * (hn + h1 + h2))) * (
+        hn * (hn + h1) * (hn + h1 + h2)) / (h1 * (h1 + h2) * (h1 + h2 + h3))
+    q = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    return [
+        first[0] + t1 + t2,
+        first[1] - (1 + h1 / h2) * t1 - (1 + h1 / h2 + q) * t2,
+        t1 * h1 / h2 + (h1 / h2 + q * (1 + h2 / h3)) * t2,
+        -t2 * q * h1 / h2,
+    ]
+
+
+# iPNDM-v: iPNDM (Zhang & Chen 2023) with step-size-aware multistep weights (see _ipndm_v_coeffs).
+@torch.no_grad()
+def sample_ipndm_v(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None, max_order=4):
+    kwargs, _ = split_extra(extra_args)
+    s_in = x.new_ones([x.shape[0]])
+    sig = [float(s) for s in sigmas]
+    history: list[torch.Tensor] = []  # previous derivatives, oldest first
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **kwargs)
+        d = to_d(x, sigmas[i], denoised)
+        report(callback, i, x, sigmas[i], denoised)
+        order = min(max_order, i + 1)
+        if sig[i + 1] == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x + (sigmas[i + 1] - sigmas[i]) * d
+        else:
+            steps = [sig[i + 1 - k] - sig[i - k] for k in range(order)]  # h_n, h_{n-1}, ...
+            coeffs = _ipndm_v_coeffs(steps, order)
+            x_next = x + steps[0] * sum(c * dd for c, dd in zip(coeffs, [d] + history[::-1]))
+        history.append(d)
+        if len(history) > max_order - 1:
+            history.pop(0)
+        x = x_next
+    return x
+
+
+# Gradient estimation (Permenter & Yuan 2024, "Interpreting and Improving Diffusion Models from an
+# Optimization Perspective"): Euler plus (ge_gamma - 1) times the change of the direction since the last step.
+def _gradient_estimation(model: Denoiser, x, sigmas, extra_args, callback: StepCallback, ge_gamma: float, cfg_pp: bool):
+    kwargs, _ = split_extra(extra_args)
+    s_in = x.new_ones([x.shape[0]])
+    uncond_of = uncond_getter(model) if cfg_pp else None
+    old_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **kwargs)
+        d = to_d(x, sigmas[i], uncond_of(denoised) if uncond_of is not None else denoised)
+        report(callback, i, x, sigmas[i], denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = denoised + d * sigmas[i + 1] if cfg_pp else x + d * dt
+            if old_d is not None:
+                x = x + (ge_gamma - 1) * (d - old_d) * dt
+        old_d = d
+    return x
+
+
+@torch.no_grad()
+def sample_gradient_estimation(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None,
+                               disable=None, ge_gamma=2.0):
+    return _gradient_estimation(model, x, sigmas, extra_args, callback, ge_gamma, cfg_pp=False)
+
+
+@torch.no_grad()
+def sample_gradient_estimation_cfg_pp(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None,
+                                      disable=None, ge_gamma=2.0):
+    # the same with CFG++ (Chung et al. 2024): the direction comes from the unconditional prediction
+    return _gradient_estimation(model, x, sigmas, extra_args, callback, ge_gamma, cfg_pp=True)

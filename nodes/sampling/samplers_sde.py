@@ -260,3 +260,178 @@ def sample_lcm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallba
             # eps/v models: noise_scaling is x0 + sigma * noise
             x = x + sigmas[i + 1] * noise(sigmas[i], sigmas[i + 1])
     return x
+
+
+# DPM-Solver++(2S) ancestral with CFG++ (Chung et al. 2024, arXiv 2406.08070): both stages step with the
+# unconditional predictions (the midpoint's guided output is unused), then the guidance vector of the
+# step's first evaluation, denoised - uncond, is added back once the noise is in.
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral_cfg_pp(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None,
+                                     disable=None, eta=1.0, s_noise=1.0, noise_sampler=None):
+    kwargs, seed = split_extra(extra_args)
+    noise = ancestral_noise(x, seed, noise_sampler)
+    s_in = x.new_ones([x.shape[0]])
+    uncond_of = uncond_getter(model)
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i]
+        denoised = model(x, sigma * s_in, **kwargs)
+        uncond = uncond_of(denoised)
+        guidance = denoised - uncond
+        sigma_down, sigma_up = get_ancestral_step(sigma, sigmas[i + 1], eta)
+        report(callback, i, x, sigma, denoised)
+        if sigma_down == 0:
+            x = x + to_d(x, sigma, uncond) * (sigma_down - sigma)
+        else:
+            t, t_next = t_fn(sigma), t_fn(sigma_down)
+            h = t_next - t
+            s = t + 0.5 * h
+            x_2 = (sigma_fn(s) / sigma_fn(t)) * x - (-0.5 * h).expm1() * uncond
+            uncond_2 = uncond_of(model(x_2, sigma_fn(s) * s_in, **kwargs))
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * uncond_2
+        if sigmas[i + 1] > 0:
+            x = x + noise(sigma, sigmas[i + 1]) * s_noise * sigma_up
+        x = x + guidance
+    return x
+
+
+def _er_sde_noise_scaler(v: torch.Tensor) -> torch.Tensor:
+    # the ER-SDE paper's default noise scale function for VP models: lambda * (e^(lambda^0.3) + 10)
+    return v * ((v**0.3).exp() + 10.0)
+
+
+# ER-SDE-Solver-3 (Cui et al. 2023, "Elucidating the Solution Space of Extended Reverse-Time SDE for
+# Diffusion Models", arXiv 2309.06169): stages 1-3 use the last 1-3 denoised values; the integrals of the
+# noise-scale function are 200-point Riemann sums (as the reference implementation). With alpha = 1
+# (VE parametrisation) the paper's lambda = sigma / alpha is sigma itself.
+@torch.no_grad()
+def sample_er_sde(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
+                  s_noise=1.0, noise_sampler=None, noise_scaler=None, max_stage=3):
+    kwargs, seed = split_extra(extra_args)
+    noise = ancestral_noise(x, seed, noise_sampler)
+    s_in = x.new_ones([x.shape[0]])
+    scaler = _er_sde_noise_scaler if noise_scaler is None else noise_scaler
+    points = 200
+    index = torch.arange(points, dtype=torch.float32, device=x.device)
+    lambdas = sigmas
+    old_denoised = old_denoised_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **kwargs)
+        report(callback, i, x, sigmas[i], denoised)
+        stage = min(max_stage, i + 1)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            lam_s, lam_t = lambdas[i], lambdas[i + 1]
+            r = scaler(lam_t) / scaler(lam_s)
+            x = r * x + (1 - r) * denoised
+            if stage >= 2:
+                dt = lam_t - lam_s
+                step = -dt / points
+                pos = lam_t + index * step
+                scaled = scaler(pos)
+                integral = torch.sum(1 / scaled) * step
+                denoised_d = (denoised - old_denoised) / (lam_s - lambdas[i - 1])
+                x = x + (dt + integral * scaler(lam_t)) * denoised_d
+                if stage >= 3:
+                    integral_u = torch.sum((pos - lam_s) / scaled) * step
+                    denoised_u = (denoised_d - old_denoised_d) / ((lam_s - lambdas[i - 2]) / 2)
+                    x = x + (dt**2 / 2 + integral_u * scaler(lam_t)) * denoised_u
+                old_denoised_d = denoised_d
+            if s_noise > 0:
+                std = (lam_t**2 - lam_s**2 * r**2).sqrt().nan_to_num(nan=0.0)
+                x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * std
+        old_denoised = denoised
+    return x
+
+
+def _ei_phi1(h: torch.Tensor) -> torch.Tensor:
+    """h * phi_1(h) of exponential integrators."""
+    return torch.expm1(h)
+
+
+def _ei_phi2(h: torch.Tensor) -> torch.Tensor:
+    """h * phi_2(h) of exponential integrators."""
+    return (torch.expm1(h) - h) / h
+
+
+# SEEDS-2 (Gonzalez et al. 2023, "SEEDS: Exponential SDE Solvers for Fast High-Quality Sampling from
+# Diffusion Models", arXiv 2305.14267), data prediction in lambda = -log(sigma), stage r = 1/2, eta = 1.
+# The two sub-steps' noises are correlated as increments of one Brownian path.
+@torch.no_grad()
+def sample_seeds_2(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
+                   eta=1.0, s_noise=1.0, noise_sampler=None, r=0.5, solver_type="phi_1"):
+    if solver_type not in ("phi_1", "phi_2"):
+        raise ValueError("solver_type must be 'phi_1' or 'phi_2'")
+    kwargs, seed = split_extra(extra_args)
+    noise = ancestral_noise(x, seed, noise_sampler)
+    s_in = x.new_ones([x.shape[0]])
+    inject = eta > 0 and s_noise > 0
+    fac = 1 / (2 * r)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **kwargs)
+        report(callback, i, x, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lam_s, lam_t = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = lam_t - lam_s
+        h_eta = h * (eta + 1)
+        sigma_1 = sigma_fn(torch.lerp(lam_s, lam_t, r))
+        x_2 = sigma_1 / sigmas[i] * (-r * h * eta).exp() * x - _ei_phi1(-r * h_eta) * denoised
+        if inject:
+            sde_noise = (-2 * r * h * eta).expm1().neg().sqrt() * noise(sigmas[i], sigma_1)
+            x_2 = x_2 + sde_noise * sigma_1 * s_noise
+        denoised_2 = model(x_2, sigma_1 * s_in, **kwargs)
+        if solver_type == "phi_1":
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - _ei_phi1(-h_eta) * torch.lerp(denoised, denoised_2, fac)
+        else:
+            b2 = _ei_phi2(-h_eta) / r
+            b1 = _ei_phi1(-h_eta) - b2
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - (b1 * denoised + b2 * denoised_2)
+        if inject:
+            seg = (r - 1) * h * eta
+            sde_noise = sde_noise * seg.exp() + seg.mul(2).expm1().neg().sqrt() * noise(sigma_1, sigmas[i + 1])
+            x = x + sde_noise * sigmas[i + 1] * s_noise
+    return x
+
+
+# SEEDS-3 (Gonzalez et al. 2023, arXiv 2305.14267): three stages at r1 = 1/3, r2 = 2/3, eta = 1.
+@torch.no_grad()
+def sample_seeds_3(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
+                   eta=1.0, s_noise=1.0, noise_sampler=None, r_1=1.0 / 3, r_2=2.0 / 3):
+    kwargs, seed = split_extra(extra_args)
+    noise = ancestral_noise(x, seed, noise_sampler)
+    s_in = x.new_ones([x.shape[0]])
+    inject = eta > 0 and s_noise > 0
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **kwargs)
+        report(callback, i, x, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lam_s, lam_t = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = lam_t - lam_s
+        h_eta = h * (eta + 1)
+        sigma_1 = sigma_fn(torch.lerp(lam_s, lam_t, r_1))
+        sigma_2 = sigma_fn(torch.lerp(lam_s, lam_t, r_2))
+        x_2 = sigma_1 / sigmas[i] * (-r_1 * h * eta).exp() * x - _ei_phi1(-r_1 * h_eta) * denoised
+        if inject:
+            sde_noise = (-2 * r_1 * h * eta).expm1().neg().sqrt() * noise(sigmas[i], sigma_1)
+            x_2 = x_2 + sde_noise * sigma_1 * s_noise
+        denoised_2 = model(x_2, sigma_1 * s_in, **kwargs)
+        a3_2 = r_2 / r_1 * _ei_phi2(-r_2 * h_eta)
+        a3_1 = _ei_phi1(-r_2 * h_eta) - a3_2
+        x_3 = sigma_2 / sigmas[i] * (-r_2 * h * eta).exp() * x - (a3_1 * denoised + a3_2 * denoised_2)
+        if inject:
+            seg = (r_1 - r_2) * h * eta
+            sde_noise = sde_noise * seg.exp() + seg.mul(2).expm1().neg().sqrt() * noise(sigma_1, sigma_2)
+            x_3 = x_3 + sde_noise * sigma_2 * s_noise
+        denoised_3 = model(x_3, sigma_2 * s_in, **kwargs)
+        b3 = _ei_phi2(-h_eta) / r_2
+        b1 = _ei_phi1(-h_eta) - b3
+        x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - (b1 * denoised + b3 * denoised_3)
+        if inject:
+            seg = (r_2 - 1) * h * eta
+            sde_noise = sde_noise * seg.exp() + seg.mul(2).expm1().neg().sqrt() * noise(sigma_2, sigmas[i + 1])
+            x = x + sde_noise * sigmas[i + 1] * s_noise
+    return x
