@@ -16,11 +16,14 @@ NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def default_noise_sampler(x: torch.Tensor, seed: int | None = None) -> NoiseSampler:
-    """Independent N(0, 1) draws from a generator on x's device seeded with ``seed`` (ComfyUI's choice)."""
+    """Independent N(0, 1) draws from a generator on x's device seeded with ``seed`` (ComfyUI's choice).
+
+    On the CPU the initial noise comes from a generator with the same seed, so the per-step draws use
+    ``seed + 1`` there (as ComfyUI does): otherwise the first step would re-add the initial noise."""
     generator: torch.Generator | None = None
     if seed is not None:
         generator = torch.Generator(device=x.device)
-        generator.manual_seed(int(seed))
+        generator.manual_seed((int(seed) + (1 if x.device.type == "cpu" else 0)) % 2**64)
 
     def sample(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device, generator=generator)

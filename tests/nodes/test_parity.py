@@ -37,11 +37,12 @@ How the two differ, and what the test does about it
   integer; ComfyUI feeds the fractional timestep. Stock diffusers therefore differs by ~1e-3 relative
   (checked with a loose tolerance); with the scheduler's timesteps replaced by the unrounded ones
   (subclass below, nothing else changed) the runs agree to float round-off.
-* Ancestral noise. ComfyUI's euler_ancestral draws each step's noise from a CPU generator seeded with
-  the seed; diffusers' EulerAncestralDiscreteScheduler draws it with ``randn`` from the pipeline's
-  ``generator``. Since the initial latents are passed in, the pipeline draws nothing else from that
-  generator, so seeding it with the same seed gives identical per-step noise (diffusers also draws
-  one unused tensor at the final step to sigma=0, after all others). Compared exactly, not by statistics.
+* Ancestral noise. ComfyUI's euler_ancestral draws each step's noise from a generator on the latent's
+  device, seeded with the seed, plus one on the CPU (where the initial noise already used the seed);
+  diffusers' EulerAncestralDiscreteScheduler draws it with ``randn`` from the pipeline's ``generator``.
+  Since the initial latents are passed in, the pipeline draws nothing else from that generator, so
+  seeding it with seed + 1 gives identical per-step noise on the CPU (diffusers also draws one unused
+  tensor at the final step to sigma=0, after all others). Compared exactly, not by statistics.
 * CFG batching. sdflow evaluates [positive, negative] in one batch, diffusers [negative, positive]:
   float round-off only.
 
@@ -168,7 +169,7 @@ def _reference(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> tuple[to
     """Final latents (scaled, as the pipeline hands them to the VAE) and the decoded image [B,H,W,C]."""
     lat = pipe(POSITIVE, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
                height=SIZE, width=SIZE, latents=latents, output_type="latent",
-               generator=torch.Generator().manual_seed(SEED)).images
+               generator=torch.Generator().manual_seed(SEED + 1)).images   # sdflow's per-step seed on CPU
     decoded = pipe.vae.decode(lat / pipe.vae.config.scaling_factor, return_dict=False)[0]
     image = pipe.image_processor.postprocess(decoded, output_type="pt")
     return lat, image.permute(0, 2, 3, 1)

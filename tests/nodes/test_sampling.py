@@ -245,10 +245,10 @@ def test_higher_order_beats_euler() -> None:
 @pytest.mark.parametrize("name", [n for n in SAMPLER_NAMES if n not in DETERMINISTIC and n != "lcm"])
 def test_stochastic_samplers_sample_the_data_distribution(name: str) -> None:
     latent = torch.zeros(1, 4, 64, 64)  # 16384 independent scalars
-    # The initial noise comes from another seed than the sampler's: with one seed, the CPU generator of
-    # the per-step noise repeats the initial noise (ComfyUI offsets it by one on CPU; sdflow does not yet),
-    # and that correlation over-disperses e.g. er_sde by ~12%. Here only the sampler's statistics are tested.
-    out = run(name, steps=30, latent=latent, seed=7, noise=prepare_noise(latent, 1007))
+    # Initial noise and per-step noise from the same seed, as KSampler does: on the CPU the per-step
+    # generator is offset by one (ComfyUI's rule), else the first step would re-add the initial noise
+    # and over-disperse e.g. er_sde by ~12%.
+    out = run(name, steps=30, latent=latent, seed=7, noise=prepare_noise(latent, 7))
     assert float(out.mean()) == pytest.approx(MU, abs=0.03)
     # Karras' ancestral Euler (= DDPM) under-disperses at 30 steps (first order); the others are within 5%.
     tol = 0.12 if name in ("euler_ancestral", "euler_ancestral_cfg_pp", "ddpm") else 0.05
