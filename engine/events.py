@@ -23,3 +23,6 @@ def now_ms() -> int:
 
 def no_emit(event: Event) -> None:
     return None
+
+
+no_emit.wants_preview = lambda: False   # nobody listens, so nodes need not make step previews
