@@ -133,23 +133,23 @@ def load_prompt(path: str, registry: Registry) -> tuple[dict, dict]:
 
 def apply_sets(prompt: dict, sets: Sequence[str]) -> None:
     """`--set NODE.INPUT=VALUE`: NODE is a node id or a node title; VALUE is JSON, or else a plain string."""
+    from engine.prompt import apply_overrides
+
+    overrides = {}
     for item in sets:
         target, sep, raw = item.partition("=")
-        node_ref, dot, input_name = target.rpartition(".")
-        if not sep or not dot or not node_ref or not input_name:
+        if not sep:
             raise SystemExit(f"--set {item!r}: expected NODE.INPUT=VALUE")
-        matches = [nid for nid, n in prompt.items()
-                   if nid == node_ref or (isinstance(n, dict) and (n.get("_meta") or {}).get("title") == node_ref)]
-        if not matches:
-            raise SystemExit(f"--set {item!r}: no node with id or title {node_ref!r}")
-        if len(matches) > 1 and node_ref not in prompt:
-            raise SystemExit(f"--set {item!r}: several nodes are titled {node_ref!r}; use the node id")
-        nid = node_ref if node_ref in prompt else matches[0]
         try:
-            value = json.loads(raw)
+            overrides[target] = json.loads(raw)
         except ValueError:
-            value = raw
-        prompt[nid].setdefault("inputs", {})[input_name] = value
+            overrides[target] = raw
+    try:
+        updated = apply_overrides(prompt, overrides)
+    except ValueError as exc:
+        raise SystemExit(f"--set: {exc}") from None
+    prompt.clear()
+    prompt.update(updated)
 
 
 def format_errors(result: Any) -> str:

@@ -6,6 +6,7 @@ import uuid
 
 from aiohttp import web
 
+from engine.prompt import apply_overrides
 from engine.store import DuplicatePromptId
 from engine.ui_workflow import is_ui_workflow, ui_to_api
 from engine.validation import validate_prompt
@@ -69,15 +70,24 @@ async def post_prompt(request: web.Request) -> web.Response:
             raise ApiError(400, "'partial_execution_targets' must be a list of node ids")
         targets = [str(t) for t in targets]
     prompt_id = body.get("prompt_id")
-    if prompt_id is None:
-        prompt_id = str(uuid.uuid4())
-    elif not isinstance(prompt_id, str) or not prompt_id or len(prompt_id) > MAX_PROMPT_ID:
+    if prompt_id is not None and (not isinstance(prompt_id, str) or not prompt_id
+                                  or len(prompt_id) > MAX_PROMPT_ID):
         raise ApiError(400, f"'prompt_id' must be a non-empty string of at most {MAX_PROMPT_ID} characters")
     front = body.get("front", False)
     if not isinstance(front, bool):
         raise ApiError(400, "'front' must be true or false")
     number = finite_number(body["number"], "number") if body.get("number") is not None else None
 
+    return await enqueue(state, prompt, extra_data, targets=targets, prompt_id=prompt_id, front=front,
+                         number=number)
+
+
+async def enqueue(state: AppState, prompt, extra_data: dict, *, targets: list[str] | None = None,
+                  prompt_id: str | None = None, front: bool = False, number: float | None = None,
+                  overrides: dict | None = None) -> web.Response:
+    """Convert (UI format), apply input overrides, validate and queue: /prompt's answer, shared by the
+    routes that queue work."""
+    prompt_id = prompt_id or str(uuid.uuid4())
     if is_ui_workflow(prompt):
         # A UI-format workflow: convert with the live node schemas; keep the original for PNG metadata.
         try:
@@ -93,6 +103,11 @@ async def post_prompt(request: web.Request) -> web.Response:
     if prompt is not None and not isinstance(prompt, dict):
         return _bad_prompt("invalid_prompt", "'prompt' must be a JSON object of nodes",
                            f"got {type(prompt).__name__}")
+    if overrides:
+        try:
+            prompt = apply_overrides(prompt or {}, overrides)
+        except ValueError as e:
+            return _bad_prompt("invalid_prompt", "Cannot apply the inputs", str(e))
 
     result = await asyncio.to_thread(validate_prompt, prompt, state.registry, targets)
     if not result.ok:

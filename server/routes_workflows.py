@@ -17,6 +17,7 @@ from aiohttp import web
 
 from engine.paths import UnsafePathError, contained_path
 
+from .routes_prompt import MAX_PROMPT_ID, enqueue
 from .routing import Routes, json_response, read_json
 from .security import ApiError
 from .state import STATE
@@ -108,3 +109,36 @@ async def delete_workflow(request: web.Request) -> web.Response:
         raise ApiError(404, "no such workflow", type_="not_found")
     await asyncio.to_thread(path.unlink)
     return json_response({"deleted": path.stem})
+
+
+@routes.post("/workflows/{name}/run", "Queue a saved workflow with only its inputs given",
+             body={"type": "object", "properties": {
+                 "inputs": {"type": "object", "description": '{"NODE.INPUT": value}; NODE is a node id or title'},
+                 "client_id": {"type": "string"}, "front": {"type": "boolean"}, "prompt_id": {"type": "string"}}},
+             responses={"200": "{prompt_id, number, node_errors}", "400": "{error, node_errors}", "404": "no such workflow"})
+async def run_workflow(request: web.Request) -> web.Response:
+    """Headless use of a workflow saved from the editor: no graph in the request, just the inputs."""
+    path = workflow_path(workflows_dir(request), request.match_info["name"])
+    if not path.is_file():
+        raise ApiError(404, "no such workflow", type_="not_found")
+    body = await read_json(request) if request.can_read_body else {}
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    inputs = body.get("inputs") or {}
+    if not isinstance(inputs, dict):
+        raise ApiError(400, "'inputs' must be an object of {\"NODE.INPUT\": value}")
+    client_id = body.get("client_id")
+    if client_id is not None and not isinstance(client_id, str):
+        raise ApiError(400, "'client_id' must be a string")
+    prompt_id = body.get("prompt_id")
+    if prompt_id is not None and (not isinstance(prompt_id, str) or not prompt_id or len(prompt_id) > MAX_PROMPT_ID):
+        raise ApiError(400, f"'prompt_id' must be a non-empty string of at most {MAX_PROMPT_ID} characters")
+    front = body.get("front", False)
+    if not isinstance(front, bool):
+        raise ApiError(400, "'front' must be true or false")
+    try:
+        doc = json.loads(await asyncio.to_thread(path.read_bytes))
+    except ValueError as e:
+        raise ApiError(400, f"the saved workflow is not valid JSON: {e}") from None
+    extra_data = {"client_id": client_id} if client_id else {}
+    return await enqueue(request.app[STATE], doc, extra_data, prompt_id=prompt_id, front=front, overrides=inputs)

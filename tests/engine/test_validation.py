@@ -355,3 +355,18 @@ def test_executor_reports_validation_failure_as_execution_error(reg):
     assert data["node_id"] == "1" and data["node_type"] == "Const"
     assert data["node_errors"]["1"]["errors"][0]["type"] == "value_bigger_than_max"
     assert events[2].data == {"node": None, "display_node": None, "prompt_id": "bad"}
+
+
+def test_apply_overrides_by_id_and_title_without_touching_the_original():
+    from engine.prompt import apply_overrides
+
+    prompt = {"1": {"class_type": "Const", "inputs": {"value": 1}, "_meta": {"title": "Seed"}},
+              "2": {"class_type": "Const", "inputs": {"value": 2}, "_meta": {"title": "Twin"}},
+              "3": {"class_type": "Const", "inputs": {"value": 3}, "_meta": {"title": "Twin"}}}
+    out = apply_overrides(prompt, {"Seed.value": 7, "3.value": 9})
+    assert out["1"]["inputs"]["value"] == 7 and out["3"]["inputs"]["value"] == 9
+    assert prompt["1"]["inputs"]["value"] == 1                        # the input prompt is unchanged
+    with pytest.raises(ValueError, match="all titled 'Twin'"):
+        apply_overrides(prompt, {"Twin.value": 0})
+    with pytest.raises(ValueError, match="expected NODE.INPUT"):
+        apply_overrides(prompt, {"value": 0})

@@ -476,6 +476,34 @@ async def test_workflow_library(server):
         assert r.status == 400
 
 
+async def test_saved_workflow_runs_headless_with_only_its_inputs(server):
+    object_info = await server.get_json("/object_info")
+    ui = api_to_ui(chain(1), object_info)
+    for node in ui["nodes"]:
+        if node["type"] == "TestAdd":
+            node["title"] = "Offset"
+    async with await server.post("/workflows/adder", json=ui) as r:
+        assert r.status == 200
+    # by node id and by title; the saved file is not changed
+    async with await server.post("/api/workflows/adder/run", json={"inputs": {"1.value": 5, "Offset.b": 100}}) as r:
+        assert r.status == 200, await r.text()
+        pid = (await r.json())["prompt_id"]
+    entry = await server.wait_history(pid)
+    assert entry["outputs"]["4"] == {"text": ["105"]}
+    assert entry["prompt"][3]["extra_pnginfo"]["workflow"]["nodes"]       # the UI workflow kept for PNG metadata
+    async with await server.post("/workflows/adder/run", json={}) as r:    # no inputs: the workflow as saved
+        entry = await server.wait_history((await r.json())["prompt_id"])
+    assert entry["outputs"]["4"] == {"text": ["11"]}
+    # mistakes are 4xx with the reason
+    async with await server.post("/workflows/adder/run", json={"inputs": {"Nope.b": 1}}) as r:
+        assert r.status == 400 and "no node with id or title 'Nope'" in (await r.json())["error"]["details"]
+    async with await server.post("/workflows/adder/run", json={"inputs": {"1.value": "x"}}) as r:
+        body = await r.json()
+        assert r.status == 400 and body["node_errors"]["1"]["errors"][0]["type"] == "invalid_input_type"
+    async with await server.post("/workflows/missing/run", json={}) as r:
+        assert r.status == 404
+
+
 async def test_editor_root_without_build_explains_how(server):
     async with await server.get("/") as r:
         text = await r.text()
