@@ -4,6 +4,10 @@ Keys come from planning (class, version, constants, fingerprint and the keys of 
 or duplicated sub-graphs hit. Entries stay on the device that produced them. When a GPU budget is exceeded,
 the least recently used entry moves to CPU if the CPU budget has room (cheaper than recomputing a model
 load or a sampling run), otherwise it is dropped. Entries used by the running prompt are pinned.
+
+Memory shared by several entries (a model and its LoRA-patched or clip-skip clones) is counted once: each
+entry lists its memory parts, and the cache knows which entries hold each part. Eviction goes oldest first
+among entries holding memory that could be freed at all (memory also held by a pinned entry cannot be).
 """
 from __future__ import annotations
 
@@ -13,16 +17,21 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .memory import Footprint, default_budgets, device_kind, footprint, move
+from .memory import Footprint, Parts, default_budgets, device_kind, move, parts, sum_parts
 
 
 @dataclass
 class CacheEntry:
     outputs: list[list[Any]]          # per output slot, one item per mapped call
     ui: dict | None = None
-    footprint: Footprint = field(default_factory=dict)
+    parts: Parts = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     node_type: str = ""
+
+    @property
+    def footprint(self) -> Footprint:
+        """All the memory this entry holds, shared or not."""
+        return sum_parts(self.parts)
 
 
 class OutputCache:
@@ -32,6 +41,7 @@ class OutputCache:
         self._pinned: set[str] = set()
         self._lock = threading.RLock()
         self._used: dict[str, int] = {}   # bytes per device kind, kept up to date on every change
+        self._refs: dict[Any, list] = {}  # memory part -> [holder entry keys, device kind, bytes]
         self.hits = self.misses = self.evictions = self.offloads = 0
 
     # ---- lookups --------------------------------------------------------------------------------
@@ -52,21 +62,43 @@ class OutputCache:
             return entry
 
     def put(self, key: str, outputs: list[list[Any]], ui: dict | None = None, node_type: str = "") -> CacheEntry:
-        entry = CacheEntry(outputs, ui, footprint(outputs), node_type=node_type)
+        entry = CacheEntry(outputs, ui, parts(outputs), node_type=node_type)
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self._account(old, -1)
+                self._account(key, old, -1)
             self._entries[key] = entry
-            self._account(entry, +1)
+            self._account(key, entry, +1)
             if self._over_budget():
                 self.evict_to_budget()
         return entry
 
-    def _account(self, entry: CacheEntry, sign: int) -> None:
-        for device, nbytes in entry.footprint.items():
-            kind = device_kind(device)
-            self._used[kind] = self._used.get(kind, 0) + sign * nbytes
+    def _account(self, key: str, entry: CacheEntry, sign: int) -> None:
+        refs, used = self._refs, self._used
+        for part, (device, nbytes) in entry.parts.items():
+            ref = refs.get(part)
+            if sign > 0:
+                if ref is None:
+                    kind = device_kind(device)
+                    refs[part] = [{key}, kind, nbytes]
+                    used[kind] = used.get(kind, 0) + nbytes
+                else:
+                    ref[0].add(key)
+            elif ref is not None:
+                ref[0].discard(key)
+                if not ref[0]:
+                    del refs[part]
+                    used[ref[1]] = used.get(ref[1], 0) - ref[2]
+
+    def _freeable(self, entry: CacheEntry, kind: str) -> int:
+        """Bytes of `kind` memory held by `entry` that no pinned entry holds: what evicting it, and the
+        other unpinned holders in their turn, can give back."""
+        total = 0
+        for part in entry.parts:
+            ref = self._refs.get(part)
+            if ref is not None and ref[1] == kind and not (ref[0] & self._pinned):
+                total += ref[2]
+        return total
 
     def _over_budget(self) -> bool:
         return any(used > self.budgets.get(kind, used) for kind, used in self._used.items())
@@ -90,27 +122,39 @@ class OutputCache:
 
     def evict_to_budget(self) -> None:
         with self._lock:
-            for kind, used in list(self.usage().items()):
+            for kind in list(self._used):
                 budget = self._budget(kind)
                 if budget is None:
                     continue
-                while used > budget:
-                    victim = next((k for k, e in self._entries.items() if k not in self._pinned
-                                   and any(device_kind(d) == kind for d in e.footprint)), None)
+                while self._used.get(kind, 0) > budget:
+                    # The oldest unpinned entry holding memory of this kind that can be freed; an entry
+                    # whose memory others share frees it once the last of them goes.
+                    victim, freed = None, 0
+                    for key, entry in self._entries.items():
+                        if key not in self._pinned:
+                            freed = self._freeable(entry, kind)
+                            if freed:
+                                victim = key
+                                break
                     if victim is None:
                         break
-                    entry = self._entries[victim]
-                    freed = sum(n for d, n in entry.footprint.items() if device_kind(d) == kind)
-                    self._account(entry, -1)
                     if kind != "cpu" and self._cpu_has_room(freed):
-                        entry.outputs = move(entry.outputs, "cpu")
-                        entry.footprint = footprint(entry.outputs)
-                        self._account(entry, +1)
-                        self.offloads += 1
+                        self._offload(victim)
                     else:
-                        del self._entries[victim]
+                        self._account(victim, self._entries.pop(victim), -1)
                         self.evictions += 1
-                    used -= freed
+
+    def _offload(self, key: str) -> None:
+        """Move an entry's values to the CPU. Its objects may be shared with other entries (a model moved
+        in place moves for every holder), so every entry's parts are taken again."""
+        entry = self._entries[key]
+        entry.outputs = move(entry.outputs, "cpu")
+        self.offloads += 1
+        self._refs.clear()
+        self._used.clear()
+        for other_key, other in self._entries.items():
+            other.parts = parts(other.outputs)
+            self._account(other_key, other, +1)
 
     def _cpu_has_room(self, nbytes: int) -> bool:
         budget = self._budget("cpu")
@@ -120,7 +164,7 @@ class OutputCache:
         """Drop entries (all, or those holding objects with their own footprint: loaded models)."""
         with self._lock:
             for key in [k for k, e in self._entries.items() if not only_models or _holds_model(e.outputs)]:
-                self._account(self._entries.pop(key), -1)
+                self._account(key, self._entries.pop(key), -1)
 
     def stats(self) -> dict:
         with self._lock:

@@ -1,12 +1,14 @@
 """Memory accounting for cached values, without importing torch.
 
-A value's footprint is the bytes it holds per device ("cpu", "cuda:0", ...). Tensors are recognised by
-duck typing; any other object can take part by defining `footprint() -> dict[str, int]` and
-`to_device(device: str)` (loaded models do), so models and intermediate tensors share one budget.
+A value's footprint is the bytes it holds per device ("cpu", "cuda:0", ...), built from its memory parts
+(one per tensor storage), so memory shared between values is recognised. Tensors are found by duck
+typing; any other object can take part by defining `memory_parts()` (or just `footprint() -> {device:
+bytes}`) and `to_device(device: str)` (loaded models do), so models and intermediate tensors share one
+budget.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Hashable
 
 Footprint = dict[str, int]
 
@@ -15,39 +17,60 @@ def _is_tensor(value: Any) -> bool:
     return hasattr(value, "element_size") and hasattr(value, "nelement") and hasattr(value, "device")
 
 
-def footprint(value: Any, _seen: set[int] | None = None) -> Footprint:
-    seen = _seen if _seen is not None else set()
-    out: Footprint = {}
-    _walk(value, out, seen)
+# A value's memory as parts: identity of a block of memory -> (device, bytes). Two cached values that
+# share memory (a LoRA-patched model shares every untouched weight with its base; a CLIP clone shares
+# all of them) name the same parts, so the cache counts that memory once.
+Parts = dict[Hashable, tuple[str, int]]
+
+
+def tensor_part(tensor: Any) -> tuple[Hashable, tuple[str, int]]:
+    device = str(tensor.device)
+    try:
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        return (("storage", device, ptr) if ptr else ("tensor", id(tensor))), (device, storage.nbytes())
+    except Exception:
+        return ("tensor", id(tensor)), (device, tensor.element_size() * tensor.nelement())
+
+
+def parts(value: Any) -> Parts:
+    """The memory `value` holds. Objects take part with `memory_parts() -> Parts`, or more coarsely with
+    `footprint() -> {device: bytes}` (counted as their own, unshared memory)."""
+    out: Parts = {}
+    _walk(value, out, set())
     return out
 
 
-def _add(out: Footprint, device: str, nbytes: int) -> None:
-    if nbytes:
-        out[device] = out.get(device, 0) + nbytes
+def footprint(value: Any) -> Footprint:
+    return sum_parts(parts(value))
 
 
-def _walk(value: Any, out: Footprint, seen: set[int]) -> None:
+def sum_parts(value_parts: Parts) -> Footprint:
+    total: Footprint = {}
+    for device, nbytes in value_parts.values():
+        if nbytes:
+            total[device] = total.get(device, 0) + nbytes
+    return total
+
+
+def _walk(value: Any, out: Parts, seen: set[int]) -> None:
     if value is None or isinstance(value, (str, bytes, int, float, bool)):
         return
     if id(value) in seen:
         return
     seen.add(id(value))
     if _is_tensor(value):
-        try:
-            storage = value.untyped_storage()
-            key = storage.data_ptr()
-            if key and key in seen:
-                return
-            seen.add(key)
-            _add(out, str(value.device), storage.nbytes())
-        except Exception:
-            _add(out, str(value.device), value.element_size() * value.nelement())
+        key, part = tensor_part(value)
+        out[key] = part
+        return
+    own_parts = getattr(value, "memory_parts", None)
+    if callable(own_parts) and not isinstance(value, type):
+        out.update(own_parts())
         return
     own = getattr(value, "footprint", None)
     if callable(own) and not isinstance(value, type):
         for device, nbytes in own().items():
-            _add(out, device, int(nbytes))
+            out[("object", id(value), device)] = (device, int(nbytes))
         return
     if isinstance(value, dict):
         for item in value.values():

@@ -21,6 +21,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from engine.memory import tensor_part
+
 
 def default_device() -> str:
     """Where models compute unless told otherwise."""
@@ -101,6 +103,16 @@ class WeightsHolder:
     def footprint(self) -> dict[str, int]:
         return module_footprint(self.present())
 
+    def memory_parts(self) -> dict:
+        """Each weight storage as a part, so the engine's cache counts weights shared between handles
+        (clones, LoRA-patched copies) once."""
+        out = {}
+        for module in self.present():
+            for tensor in _tensors(module):
+                key, part = tensor_part(tensor)
+                out[key] = part
+        return out
+
     def move(self, device: str | torch.device) -> None:
         target = torch.device(device)
         with self.lock:
@@ -132,6 +144,9 @@ class ResidentMixin:
 
     def footprint(self) -> dict[str, int]:
         return self._weights.footprint()
+
+    def memory_parts(self) -> dict:
+        return self._weights.memory_parts()
 
     def to_device(self, device: str) -> None:
         self._weights.move(device)

@@ -207,3 +207,19 @@ def test_cuda_tensors_stay_on_device_until_the_gpu_budget_offloads_them():
     assert cache.get("a").outputs[0][0].device.type == "cpu"
     assert cache.get("b").outputs[0][0].is_cuda
     assert cache.offloads == 1 and cache.usage() == {"cuda": 4 * KiB, "cpu": 4 * KiB}
+
+
+def test_shared_memory_is_counted_once_and_sharing_entries_free_nothing():
+    import torch
+
+    big = torch.zeros(262144)                      # 1 MiB
+    view = big[: 1024]                             # same storage
+    cache = OutputCache({"cpu": 3 * 2**20})
+    cache.put("a", [[big]])
+    cache.put("b", [[view]])                        # shares a's memory
+    cache.put("c", [[{"x": big, "y": view}]])       # and again
+    assert cache.usage()["cpu"] == 2**20
+    cache.put("d", [[torch.zeros(262144 * 3)]])     # 3 MiB more: over budget
+    # a, b and c hold the same MiB; only dropping all three frees it, oldest first
+    assert cache.usage()["cpu"] == 3 * 2**20
+    assert "d" in cache and not ({"a", "b", "c"} & {k for k in ("a", "b", "c") if k in cache})

@@ -250,3 +250,30 @@ def test_other_spellings_resolve_to_the_same_modules(base):
     patches, unknown = lora_models.resolve(lora, model.unet, clip.text_encoders)
     assert not unknown
     assert {(p.target, p.module) for p in patches} == set(names.values())
+
+
+def test_cache_counts_memory_shared_with_the_base_model_once(base, kohya_file):
+    """A LoRA-patched model and a clip-skip clone share most weights with the base checkpoint: the
+    cache's byte accounting must count that memory once, not once per entry."""
+    from engine.cache import OutputCache
+    from nodes.conditioning import clip_set_last_layer
+
+    model, clip = base
+    name, expected = kohya_file
+    cache = OutputCache({"cpu": 1 << 40})
+    cache.put("ckpt", [[model], [clip]])
+    base_bytes = cache.usage()["cpu"]
+    cache.put("clip-skip", [[clip_set_last_layer(clip, -2)]])
+    assert cache.usage()["cpu"] == base_bytes                         # a clone adds nothing
+    lora_models.clear_cache()
+    patched = lora_loader(model, clip, name, 1.0, 1.0)
+    cache.put("lora", [[patched[0]], [patched[1]]])
+    changed = sum(d.numel() * 4 for d in expected.values())          # float32 copies of the patched weights
+    assert cache.usage()["cpu"] == base_bytes + changed
+    # With room for one model's worth: evicting the (older) base frees exactly the unpatched originals of
+    # the patched weights; everything else stays, held by the LoRA entry.
+    tight = OutputCache({"cpu": base_bytes})
+    tight.put("ckpt", [[model], [clip]])
+    tight.put("lora", [[patched[0]], [patched[1]]])
+    assert "ckpt" not in tight and "lora" in tight
+    assert tight.usage()["cpu"] == base_bytes and tight.evictions == 1
