@@ -48,24 +48,28 @@ def parse_node(node_id: str, raw: dict) -> PromptNode:
 
 
 def apply_overrides(prompt: dict, overrides: dict[str, Any]) -> dict:
-    """Set inputs by `"NODE.INPUT": value`, where NODE is a node id or a node title (`_meta.title`), so
-    a saved workflow runs headless with only its inputs given. Returns a new prompt; raises ValueError
-    naming the override that does not fit."""
+    """Set inputs by `"NODE.INPUT": value`, where NODE is a node id, a node title (`_meta.title`) or a
+    node type that occurs once, so a saved workflow runs headless with only its inputs given. Returns a
+    new prompt; raises ValueError naming the override that does not fit."""
     out = {nid: {**node, "inputs": dict(node.get("inputs") or {})} if isinstance(node, dict) else node
            for nid, node in prompt.items()}
     for target, value in overrides.items():
         node_ref, dot, input_name = str(target).rpartition(".")
         if not dot or not node_ref or not input_name:
-            raise ValueError(f"override {target!r}: expected NODE.INPUT (a node id or title, then an input name)")
-        if node_ref in out:
-            nid = node_ref
-        else:
-            titled = [k for k, n in out.items() if isinstance(n, dict) and (n.get("_meta") or {}).get("title") == node_ref]
-            if not titled:
-                raise ValueError(f"override {target!r}: no node with id or title {node_ref!r}")
-            if len(titled) > 1:
-                raise ValueError(f"override {target!r}: nodes {', '.join(titled)} are all titled {node_ref!r}; "
-                                 "use a node id")
-            nid = titled[0]
+            raise ValueError(f"override {target!r}: expected NODE.INPUT (a node id, title or type, then an input)")
+        nid = node_ref if node_ref in out else _find_node(out, node_ref, target)
         out[nid]["inputs"][input_name] = value
     return out
+
+
+def _find_node(prompt: dict, ref: str, target: str) -> str:
+    """The node a title names, else the only node of that type."""
+    nodes = {nid: n for nid, n in prompt.items() if isinstance(n, dict)}
+    by_title = [nid for nid, n in nodes.items() if (n.get("_meta") or {}).get("title") == ref]
+    by_type = [nid for nid, n in nodes.items() if n.get("class_type") == ref]
+    for found, label in ((by_title, "titled"), (by_type, "of type")):
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise ValueError(f"override {target!r}: nodes {', '.join(found)} are all {label} {ref!r}; use a node id")
+    raise ValueError(f"override {target!r}: no node with id, title or type {ref!r}")

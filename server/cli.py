@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a workflow file (API or UI JSON, or a PNG carrying one) in-process")
     p.add_argument("workflow")
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
-                   help="override an input (NODE is an id or title; VALUE is JSON or a string)")
+                   help="override an input (NODE is an id, title or type; VALUE is JSON or a string)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the output paths")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_run)

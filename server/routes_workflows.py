@@ -113,7 +113,7 @@ async def delete_workflow(request: web.Request) -> web.Response:
 
 @routes.post("/workflows/{name}/run", "Queue a saved workflow with only its inputs given",
              body={"type": "object", "properties": {
-                 "inputs": {"type": "object", "description": '{"NODE.INPUT": value}; NODE is a node id or title'},
+                 "inputs": {"type": "object", "description": '{"NODE.INPUT": value}; NODE is a node id, title or type'},
                  "client_id": {"type": "string"}, "front": {"type": "boolean"}, "prompt_id": {"type": "string"}}},
              responses={"200": "{prompt_id, number, node_errors}", "400": "{error, node_errors}", "404": "no such workflow"})
 async def run_workflow(request: web.Request) -> web.Response:

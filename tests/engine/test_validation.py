@@ -366,6 +366,10 @@ def test_apply_overrides_by_id_and_title_without_touching_the_original():
     out = apply_overrides(prompt, {"Seed.value": 7, "3.value": 9})
     assert out["1"]["inputs"]["value"] == 7 and out["3"]["inputs"]["value"] == 9
     assert prompt["1"]["inputs"]["value"] == 1                        # the input prompt is unchanged
+    with pytest.raises(ValueError, match="all of type 'Const'"):
+        apply_overrides(prompt, {"Const.value": 4})                   # three nodes of that type
+    single = {"9": {"class_type": "Add", "inputs": {"a": 1}}, **prompt}
+    assert apply_overrides(single, {"Add.b": 2})["9"]["inputs"] == {"a": 1, "b": 2}
     with pytest.raises(ValueError, match="all titled 'Twin'"):
         apply_overrides(prompt, {"Twin.value": 0})
     with pytest.raises(ValueError, match="expected NODE.INPUT"):

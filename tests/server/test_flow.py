@@ -491,12 +491,15 @@ async def test_saved_workflow_runs_headless_with_only_its_inputs(server):
     entry = await server.wait_history(pid)
     assert entry["outputs"]["4"] == {"text": ["105"]}
     assert entry["prompt"][3]["extra_pnginfo"]["workflow"]["nodes"]       # the UI workflow kept for PNG metadata
+    async with await server.post("/workflows/adder/run", json={"inputs": {"TestConst.value": 2}}) as r:  # by type
+        entry = await server.wait_history((await r.json())["prompt_id"])
+    assert entry["outputs"]["4"] == {"text": ["12"]}
     async with await server.post("/workflows/adder/run", json={}) as r:    # no inputs: the workflow as saved
         entry = await server.wait_history((await r.json())["prompt_id"])
     assert entry["outputs"]["4"] == {"text": ["11"]}
     # mistakes are 4xx with the reason
     async with await server.post("/workflows/adder/run", json={"inputs": {"Nope.b": 1}}) as r:
-        assert r.status == 400 and "no node with id or title 'Nope'" in (await r.json())["error"]["details"]
+        assert r.status == 400 and "no node with id, title or type 'Nope'" in (await r.json())["error"]["details"]
     async with await server.post("/workflows/adder/run", json={"inputs": {"1.value": "x"}}) as r:
         body = await r.json()
         assert r.status == 400 and body["node_errors"]["1"]["errors"][0]["type"] == "invalid_input_type"
