@@ -163,16 +163,23 @@ def format_errors(result: Any) -> str:
     return "\n".join(lines)
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def prepare(args: argparse.Namespace):
+    """What `run` and `validate` share: the workflow loaded, `--set` applied, validated, problems printed.
+    Returns (config, registry, prompt, pnginfo, validation result)."""
     from engine.validation import validate_prompt
 
     config = make_config(args)
     registry, _ = build_registry(args, config)
-    prompt, _ = load_prompt(args.workflow, registry)
+    prompt, pnginfo = load_prompt(args.workflow, registry)
     apply_sets(prompt, args.set)
     result = validate_prompt(prompt, registry)
     if not result.ok or result.node_errors:
         print(format_errors(result), file=sys.stderr)
+    return config, registry, prompt, pnginfo, result
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    _, _, prompt, _, result = prepare(args)
     if not result.ok:
         return 1
     print(f"ok: {len(prompt)} nodes, outputs {', '.join(result.outputs)}")
@@ -248,18 +255,10 @@ def output_paths(config: RuntimeConfig, outputs: dict) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from engine.executor import Executor
-    from engine.validation import validate_prompt
 
-    config = make_config(args)
-    registry, _ = build_registry(args, config)
-    prompt, pnginfo = load_prompt(args.workflow, registry)
-    apply_sets(prompt, args.set)
-    result = validate_prompt(prompt, registry)
+    config, registry, prompt, pnginfo, result = prepare(args)
     if not result.ok:
-        print(format_errors(result), file=sys.stderr)
         return 1
-    if result.node_errors:
-        print(format_errors(result), file=sys.stderr)
     executor = Executor(registry, config=config)
     printer = ProgressPrinter(prompt)
     started = time.monotonic()

@@ -175,7 +175,8 @@ def clip_file_state_dict(model: TextEncoder) -> dict[str, torch.Tensor]:
     return {"text_model." + k: v for k, v in sd.items()}
 
 
-def _scheduler_config(arch: str, prediction_type: str) -> dict:
+def scheduler_config(arch: str, prediction_type: str) -> dict:
+    """The shipped diffusers scheduler config of `arch`, with its prediction type."""
     cfg = detect.shipped_config(arch, "scheduler")
     cfg["prediction_type"] = prediction_type
     return cfg
@@ -247,7 +248,7 @@ def load_checkpoint(
         text_encoders=text_encoders,
         tokenizers={kind: load_tokenizer(kind) for kind in text_encoders} if load_clip else {},
         source=path,
-        scheduler_config=_scheduler_config(arch, prediction_type),
+        scheduler_config=scheduler_config(arch, prediction_type),
         metadata=metadata,
         clip_layers=dict(CLIP_LAYER_DEFAULTS[arch]),
     )
@@ -351,11 +352,11 @@ def load_diffusers_folder(
         raise ModelFileError(path, "not a diffusers pipeline folder: no model_index.json")
     arch = _folder_arch(path)
     sched_path = path / "scheduler" / "scheduler_config.json"
-    scheduler_config = detect.shipped_config(arch, "scheduler")
+    sched = detect.shipped_config(arch, "scheduler")
     if sched_path.is_file():
-        scheduler_config = json.loads(sched_path.read_text(encoding="utf-8"))
-    prediction_type = "v_prediction" if scheduler_config.get("prediction_type") == "v_prediction" else "epsilon"
-    scheduler_config["prediction_type"] = prediction_type
+        sched = json.loads(sched_path.read_text(encoding="utf-8"))
+    prediction_type = "v_prediction" if sched.get("prediction_type") == "v_prediction" else "epsilon"
+    sched["prediction_type"] = prediction_type
 
     unet = vae = None
     if load_unet:
@@ -390,7 +391,7 @@ def load_diffusers_folder(
         text_encoders=text_encoders,
         tokenizers={kind: load_tokenizer(kind) for kind in text_encoders},
         source=path,
-        scheduler_config=scheduler_config,
+        scheduler_config=sched,
         metadata={},
         clip_layers=clip_layers,
     )

@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from . import detect
-from .checkpoint import CLIP_LAYER_DEFAULTS, LoadedCheckpoint, checkpoint_to_ldm_state_dict
+from .checkpoint import CLIP_LAYER_DEFAULTS, LoadedCheckpoint, checkpoint_to_ldm_state_dict, scheduler_config
 from .detect import CLIP_COMPONENTS, clip_heads, unet_heads
 from .tokenizer import load_tokenizer
 
@@ -104,8 +104,6 @@ def tiny_checkpoint_models(arch: str = "sd1", *, prediction_type: str = "epsilon
     for model in (unet, vae, *encoders.values()):
         _jitter(model, gen)
         model.eval().requires_grad_(False)
-    sched = detect.shipped_config(arch, "scheduler")
-    sched["prediction_type"] = prediction_type
     return LoadedCheckpoint(
         arch=arch,
         prediction_type=prediction_type,
@@ -114,7 +112,7 @@ def tiny_checkpoint_models(arch: str = "sd1", *, prediction_type: str = "epsilon
         text_encoders=encoders,
         tokenizers={kind: load_tokenizer(kind) for kind in encoders},
         source=Path(f"<tiny-{arch}-seed{seed}>"),
-        scheduler_config=sched,
+        scheduler_config=scheduler_config(arch, prediction_type),
         metadata={"sdflow.random_weights": "true", "modelspec.prediction_type": prediction_type},
         clip_layers=dict(CLIP_LAYER_DEFAULTS[arch]),
     )

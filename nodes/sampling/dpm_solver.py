@@ -68,6 +68,16 @@ def _ends(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sigmas[0].log().neg(), sigma_min.log().neg()
 
 
+def _ancestral_target(solver: "_Solver", t, t_next, t_end, eta: float):
+    """Where an ancestral step from t to t_next lands deterministically (in -log sigma), and the noise
+    added on top to reach sigma(t_next); eta = 0 is the plain step."""
+    if not eta:
+        return t_next, 0.0
+    sigma_down, _ = get_ancestral_step(solver.sigma(t), solver.sigma(t_next), eta)
+    t_target = torch.minimum(t_end, sigma_down.log().neg())
+    return t_target, (solver.sigma(t_next) ** 2 - solver.sigma(t_target) ** 2) ** 0.5
+
+
 def _report(callback: StepCallback, i: int, x, t, denoised) -> None:
     if callback is not None:
         sigma = t.neg().exp()
@@ -92,11 +102,7 @@ def sample_dpm_fast(model: Denoiser, x, sigmas, extra_args=None, callback: StepC
     for i, order in enumerate(orders):
         solver.cache = {}
         t, t_next = ts[i], ts[i + 1]
-        t_target, sigma_up = t_next, 0.0
-        if eta:
-            sd, _ = get_ancestral_step(solver.sigma(t), solver.sigma(t_next), eta)
-            t_target = torch.minimum(t_end, sd.log().neg())
-            sigma_up = (solver.sigma(t_next) ** 2 - solver.sigma(t_target) ** 2) ** 0.5
+        t_target, sigma_up = _ancestral_target(solver, t, t_next, t_end, eta)
         solver.eps("eps", x, t)
         _report(callback, i, x, t, solver.last_denoised)
         step = (solver.step_1, solver.step_2, solver.step_3)[order - 1]
@@ -154,11 +160,7 @@ def sample_dpm_adaptive(model: Denoiser, x, sigmas, extra_args=None, callback: S
     while s < t_end - 1e-5:
         solver.cache = {}
         t = torch.minimum(t_end, s + pid.h)
-        t_target, sigma_up = t, 0.0
-        if eta:
-            sd, _ = get_ancestral_step(solver.sigma(s), solver.sigma(t), eta)
-            t_target = torch.minimum(t_end, sd.log().neg())
-            sigma_up = (solver.sigma(t) ** 2 - solver.sigma(t_target) ** 2) ** 0.5
+        t_target, sigma_up = _ancestral_target(solver, s, t, t_end, eta)
         solver.eps("eps", x, s)
         denoised = solver.last_denoised
         if order == 2:
