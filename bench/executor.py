@@ -6,6 +6,8 @@ Run: .venv/bin/python bench/executor.py
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import statistics
 import sys
 import time
@@ -26,7 +28,7 @@ Any_ = socket("*", object)
 
 
 @node("Source")
-def source(value: Int(0, min=0, max=10**9)) -> int:
+def source(value: Annotated[int, Int(0, min=0, max=10**9)]) -> int:
     return value
 
 

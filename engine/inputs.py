@@ -1,11 +1,15 @@
 """Input and socket declarations: what a node parameter's annotation may say.
 
-A parameter annotation resolves to one `InputSpec`:
-- a socket type made with `socket("IMAGE", torch.Tensor)` (an `Annotated` alias, so type checkers see the
-  real Python type);
-- a widget: `Int(...)`, `Float(...)`, `String(...)`, `Boolean(...)`, `Combo(...)`, or the plain types
-  int/float/str/bool, or `Literal[...]` (a fixed combo);
-- `Hidden("PROMPT")` and friends for values the executor fills in.
+A parameter annotation resolves to one `InputSpec`. Declarations are `typing.Annotated`, so type checkers
+see the real Python type and sdflow reads the spec from the metadata (FastAPI's `Annotated[int, Query()]`):
+- a socket type: `Image = Annotated[torch.Tensor, Socket("IMAGE")]` (or `socket("IMAGE", torch.Tensor)`,
+  which builds the same alias at run time but is not a type alias to a type checker);
+- a widget: `seed: Annotated[int, Int(0, min=0)]`, likewise `Float`, `String`, `Boolean`, `Combo`; or the
+  plain types int/float/str/bool, or `Literal[...]` (a fixed combo);
+- `Annotated[Any, Hidden("PROMPT")]` and friends for values the executor fills in;
+- `Annotated[Image, Lazy()]` marks a socket or widget lazy.
+The helpers return specs; the older bare form `seed: Int(0)` still works at run time (the annotation is then
+the spec itself) but type checkers reject a call in an annotation, so the code base uses `Annotated`.
 """
 from __future__ import annotations
 
@@ -162,55 +166,67 @@ class SocketSpec(InputSpec):
 
 # ---- the public declaration helpers -------------------------------------------------------------
 
+def Socket(wire: str, **options: Any) -> SocketSpec:
+    """The metadata of a socket type: `Image = Annotated[torch.Tensor, Socket("IMAGE")]`."""
+    return SocketSpec(wire=wire, **options)
+
+
 def socket(wire: str, python_type: Any = Any) -> Any:
-    """A socket type: `Image = socket("IMAGE", torch.Tensor)`; use it as an annotation."""
+    """A socket type built at run time: `Image = socket("IMAGE", torch.Tensor)` (for plugins; in typed code
+    write the `Annotated` alias so type checkers accept it)."""
     return Annotated[python_type, SocketSpec(wire=wire)]
 
 
 def Int(default: int = _UNSET, *, min: int | None = None, max: int | None = None, step: int | None = None,
         control_after_generate: bool = False, tooltip: str | None = None, lazy: bool = False,
-        force_input: bool = False, **extra: Any) -> Any:
-    return Annotated[int, IntSpec(default=default, min=min, max=max, step=step,
+        force_input: bool = False, **extra: Any) -> IntSpec:
+    return (IntSpec(default=default, min=min, max=max, step=step,
                                   control_after_generate=control_after_generate, tooltip=tooltip,
-                                  lazy=lazy, force_input=force_input, extra=extra)]
+                                  lazy=lazy, force_input=force_input, extra=extra))
 
 
 def Float(default: float = _UNSET, *, min: float | None = None, max: float | None = None,
           step: float | None = None, round: float | None = None, tooltip: str | None = None,
-          lazy: bool = False, force_input: bool = False, **extra: Any) -> Any:
-    return Annotated[float, FloatSpec(default=default, min=min, max=max, step=step, round=round,
-                                      tooltip=tooltip, lazy=lazy, force_input=force_input, extra=extra)]
+          lazy: bool = False, force_input: bool = False, **extra: Any) -> FloatSpec:
+    return (FloatSpec(default=default, min=min, max=max, step=step, round=round,
+                                      tooltip=tooltip, lazy=lazy, force_input=force_input, extra=extra))
 
 
 def String(default: str = _UNSET, *, multiline: bool = False, dynamic_prompts: bool = False,
            placeholder: str | None = None, tooltip: str | None = None, lazy: bool = False,
-           force_input: bool = False, **extra: Any) -> Any:
-    return Annotated[str, StringSpec(default=default, multiline=multiline, dynamic_prompts=dynamic_prompts,
+           force_input: bool = False, **extra: Any) -> StringSpec:
+    return (StringSpec(default=default, multiline=multiline, dynamic_prompts=dynamic_prompts,
                                      placeholder=placeholder, tooltip=tooltip, lazy=lazy,
-                                     force_input=force_input, extra=extra)]
+                                     force_input=force_input, extra=extra))
 
 
 def Boolean(default: bool = _UNSET, *, label_on: str | None = None, label_off: str | None = None,
-            tooltip: str | None = None, lazy: bool = False, **extra: Any) -> Any:
-    return Annotated[bool, BooleanSpec(default=default, label_on=label_on, label_off=label_off,
-                                       tooltip=tooltip, lazy=lazy, extra=extra)]
+            tooltip: str | None = None, lazy: bool = False, **extra: Any) -> BooleanSpec:
+    return (BooleanSpec(default=default, label_on=label_on, label_off=label_off,
+                                       tooltip=tooltip, lazy=lazy, extra=extra))
 
 
 def Combo(choices: Sequence[Any] | Callable[[], Sequence[Any]], default: Any = _UNSET, *,
-          tooltip: str | None = None, lazy: bool = False, **extra: Any) -> Any:
-    return Annotated[str, ComboSpec(choices=choices, default=default, tooltip=tooltip, lazy=lazy, extra=extra)]
+          tooltip: str | None = None, lazy: bool = False, **extra: Any) -> ComboSpec:
+    return ComboSpec(choices=choices, default=default, tooltip=tooltip, lazy=lazy, extra=extra)
 
 
-def Hidden(kind: str) -> Any:
+def Hidden(kind: str) -> HiddenSpec:
     if kind not in HIDDEN_KINDS:
         raise ValueError(f"unknown hidden input kind {kind!r}; expected one of {HIDDEN_KINDS}")
-    return Annotated[Any, HiddenSpec(wire=kind)]
+    return HiddenSpec(wire=kind)
 
 
-def Lazy(annotation: Any) -> Any:
-    """Mark an input lazy: it is evaluated only when the node's `check_lazy` asks for it."""
-    spec = spec_from_annotation(annotation)
-    return Annotated[Any, replace(spec, lazy=True)]
+@dataclass(frozen=True)
+class LazyMarker:
+    """`Annotated[Image, Lazy()]`: the input is evaluated only when the node's `check_lazy` asks for it."""
+
+
+def Lazy(annotation: Any = None) -> Any:
+    """`Annotated[T, Lazy()]` marks an input lazy. The older `Lazy(T)` form returns the lazy spec of `T`."""
+    if annotation is None:
+        return LazyMarker()
+    return replace(spec_from_annotation(annotation), lazy=True)
 
 
 # ---- annotation -> spec -------------------------------------------------------------------------
@@ -221,10 +237,13 @@ _PLAIN = {int: IntSpec, float: FloatSpec, str: StringSpec, bool: BooleanSpec}
 def spec_from_annotation(annotation: Any) -> InputSpec:
     """Resolve a parameter annotation to its InputSpec (raises TypeError for anything else)."""
     if get_origin(annotation) is Annotated:
-        for meta in get_args(annotation)[1:]:
+        metas = get_args(annotation)[1:]
+        lazy = any(isinstance(m, LazyMarker) for m in metas)
+        for meta in reversed(metas):   # the innermost alias's spec comes first; the outermost wins
             if isinstance(meta, InputSpec):
-                return meta
-        annotation = get_args(annotation)[0]
+                return replace(meta, lazy=True) if lazy else meta
+        inner = spec_from_annotation(get_args(annotation)[0])
+        return replace(inner, lazy=True) if lazy else inner
     if isinstance(annotation, InputSpec):
         return annotation
     if annotation in _PLAIN:

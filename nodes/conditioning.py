@@ -1,6 +1,8 @@
 """Conditioning nodes: prompt encoding and the ways conditionings are combined or restricted."""
 from __future__ import annotations
 
+from typing import Annotated
+
 from engine.inputs import Float, Int, String
 from engine.node import node
 
@@ -8,7 +10,7 @@ from .types import MAX_RESOLUTION, Clip, Conditioning
 
 
 @node("CLIPTextEncode", category="conditioning", display_name="CLIP Text Encode (Prompt)")
-def clip_text_encode(text: String(multiline=True, dynamic_prompts=True, tooltip="The text to be encoded."),
+def clip_text_encode(text: Annotated[str, String(multiline=True, dynamic_prompts=True, tooltip="The text to be encoded.")],
                      clip: Clip) -> Conditioning:
     """Encodes a text prompt with a CLIP model into a conditioning that guides the diffusion model.
     Supports (text:1.2) weights, (text) emphasis, escaped \\( \\) and embedding:name."""
@@ -19,7 +21,7 @@ def clip_text_encode(text: String(multiline=True, dynamic_prompts=True, tooltip=
 
 
 @node("CLIPSetLastLayer", category="conditioning")
-def clip_set_last_layer(clip: Clip, stop_at_clip_layer: Int(-1, min=-24, max=-1, step=1)) -> Clip:
+def clip_set_last_layer(clip: Clip, stop_at_clip_layer: Annotated[int, Int(-1, min=-24, max=-1, step=1)]) -> Clip:
     """Uses the output of an earlier CLIP layer ("clip skip"): -1 is the last layer, -2 the one before."""
     clip = clip.clone()
     clip.set_last_layer(stop_at_clip_layer)
@@ -38,11 +40,11 @@ def _with(conditioning: list, **options) -> list:
 
 @node("ConditioningSetArea", category="conditioning", display_name="Conditioning (Set Area)")
 def conditioning_set_area(conditioning: Conditioning,
-                          width: Int(64, min=64, max=MAX_RESOLUTION, step=8),
-                          height: Int(64, min=64, max=MAX_RESOLUTION, step=8),
-                          x: Int(0, min=0, max=MAX_RESOLUTION, step=8),
-                          y: Int(0, min=0, max=MAX_RESOLUTION, step=8),
-                          strength: Float(1.0, min=0.0, max=10.0, step=0.01)) -> Conditioning:
+                          width: Annotated[int, Int(64, min=64, max=MAX_RESOLUTION, step=8)],
+                          height: Annotated[int, Int(64, min=64, max=MAX_RESOLUTION, step=8)],
+                          x: Annotated[int, Int(0, min=0, max=MAX_RESOLUTION, step=8)],
+                          y: Annotated[int, Int(0, min=0, max=MAX_RESOLUTION, step=8)],
+                          strength: Annotated[float, Float(1.0, min=0.0, max=10.0, step=0.01)]) -> Conditioning:
     """Restricts a conditioning to a rectangle of the image (pixel units; applied in latent units)."""
     return _with(conditioning, area=(height // 8, width // 8, y // 8, x // 8), strength=strength,
                  set_area_to_bounds=False)
@@ -50,11 +52,11 @@ def conditioning_set_area(conditioning: Conditioning,
 
 @node("ConditioningSetAreaPercentage", category="conditioning")
 def conditioning_set_area_percentage(conditioning: Conditioning,
-                                     width: Float(1.0, min=0, max=1.0, step=0.01),
-                                     height: Float(1.0, min=0, max=1.0, step=0.01),
-                                     x: Float(0, min=0, max=1.0, step=0.01),
-                                     y: Float(0, min=0, max=1.0, step=0.01),
-                                     strength: Float(1.0, min=0.0, max=10.0, step=0.01)) -> Conditioning:
+                                     width: Annotated[float, Float(1.0, min=0, max=1.0, step=0.01)],
+                                     height: Annotated[float, Float(1.0, min=0, max=1.0, step=0.01)],
+                                     x: Annotated[float, Float(0, min=0, max=1.0, step=0.01)],
+                                     y: Annotated[float, Float(0, min=0, max=1.0, step=0.01)],
+                                     strength: Annotated[float, Float(1.0, min=0.0, max=10.0, step=0.01)]) -> Conditioning:
     """Restricts a conditioning to a rectangle given as fractions of the image size."""
     return _with(conditioning, area=("percentage", height, width, y, x), strength=strength,
                  set_area_to_bounds=False)
@@ -62,7 +64,7 @@ def conditioning_set_area_percentage(conditioning: Conditioning,
 
 @node("ConditioningSetAreaStrength", category="conditioning")
 def conditioning_set_area_strength(conditioning: Conditioning,
-                                   strength: Float(1.0, min=0.0, max=10.0, step=0.01)) -> Conditioning:
+                                   strength: Annotated[float, Float(1.0, min=0.0, max=10.0, step=0.01)]) -> Conditioning:
     return _with(conditioning, strength=strength)
 
 
@@ -80,7 +82,7 @@ def conditioning_zero_out(conditioning: Conditioning) -> Conditioning:
 
 @node("ConditioningSetTimestepRange", category="advanced/conditioning")
 def conditioning_set_timestep_range(conditioning: Conditioning,
-                                    start: Float(0.0, min=0.0, max=1.0, step=0.001),
-                                    end: Float(1.0, min=0.0, max=1.0, step=0.001)) -> Conditioning:
+                                    start: Annotated[float, Float(0.0, min=0.0, max=1.0, step=0.001)],
+                                    end: Annotated[float, Float(1.0, min=0.0, max=1.0, step=0.001)]) -> Conditioning:
     """Applies a conditioning only between two fractions of the sampling schedule."""
     return _with(conditioning, start_percent=start, end_percent=end)

@@ -7,6 +7,8 @@ passthrough, and the old node also applies the control to the negative prompt.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import math
 
 import torch
@@ -24,7 +26,7 @@ from .types import Conditioning, ControlNet, Image, Vae
 @node("ControlNetLoader", category="loaders", display_name="Load ControlNet Model",
       fingerprint=model_file_fingerprint("controlnet", "control_net_name"),
       validate=model_file_exists("controlnet", "control_net_name", "ControlNet"))
-def controlnet_loader(control_net_name: Combo(model_files("controlnet"))) -> ControlNet:
+def controlnet_loader(control_net_name: Annotated[str, Combo(model_files("controlnet"))]) -> ControlNet:
     """Loads a ControlNet (original single-file layout or diffusers layout)."""
     path = runtime().folders.require("controlnet", control_net_name)
     dtype = compute_dtype(default_device())   # half precision on CUDA, like the UNet it feeds
@@ -34,7 +36,7 @@ def controlnet_loader(control_net_name: Combo(model_files("controlnet"))) -> Con
 @node("ControlNetApply", category="conditioning/controlnet", display_name="Apply ControlNet (OLD)",
       deprecated=True)
 def controlnet_apply(conditioning: Conditioning, control_net: ControlNet, image: Image,
-                     strength: Float(1.0, min=0.0, max=10.0, step=0.01)) -> Conditioning:
+                     strength: Annotated[float, Float(1.0, min=0.0, max=10.0, step=0.01)]) -> Conditioning:
     """Guides sampling with a ControlNet and a hint image; also applied to the negative prompt."""
     if strength == 0:
         return conditioning
@@ -51,9 +53,9 @@ def controlnet_apply(conditioning: Conditioning, control_net: ControlNet, image:
       output_names=("positive", "negative"))
 def controlnet_apply_advanced(positive: Conditioning, negative: Conditioning, control_net: ControlNet,
                               image: Image,
-                              strength: Float(1.0, min=0.0, max=10.0, step=0.01),
-                              start_percent: Float(0.0, min=0.0, max=1.0, step=0.001),
-                              end_percent: Float(1.0, min=0.0, max=1.0, step=0.001),
+                              strength: Annotated[float, Float(1.0, min=0.0, max=10.0, step=0.01)],
+                              start_percent: Annotated[float, Float(0.0, min=0.0, max=1.0, step=0.001)],
+                              end_percent: Annotated[float, Float(1.0, min=0.0, max=1.0, step=0.001)],
                               vae: Vae | None = None) -> tuple[Conditioning, Conditioning]:
     """Guides sampling with a ControlNet between two fractions of the schedule. (`vae` is for
     ControlNets that take latent hints; the SD1/SD2/SDXL ones here work on pixels and ignore it.)"""
@@ -135,8 +137,8 @@ def canny(image: torch.Tensor, low: float, high: float, kernel_size: int = 5, si
 
 
 @node("Canny", category="image/preprocessors")
-def canny_node(image: Image, low_threshold: Float(0.4, min=0.01, max=0.99, step=0.01),
-               high_threshold: Float(0.8, min=0.01, max=0.99, step=0.01)) -> Image:
+def canny_node(image: Image, low_threshold: Annotated[float, Float(0.4, min=0.01, max=0.99, step=0.01)],
+               high_threshold: Annotated[float, Float(0.8, min=0.01, max=0.99, step=0.01)]) -> Image:
     """Detects edges (Canny); the result is a black and white image, e.g. a ControlNet hint."""
     edges = canny(image.movedim(-1, 1), low_threshold, high_threshold)
     return edges.repeat(1, 3, 1, 1).movedim(1, -1).cpu()

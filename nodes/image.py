@@ -1,6 +1,8 @@
 """Image nodes: load from the input folder, save and preview with ComfyUI's PNG metadata, and resize."""
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import hashlib
 import os
 import random
@@ -103,7 +105,7 @@ def _alpha_mask(frame: PILImage.Image) -> torch.Tensor:
 
 @node("LoadImage", category="image", display_name="Load Image", validate=_validate_image,
       fingerprint=_file_sha256)
-def load_image(image: Combo(input_images, image_upload=True)) -> tuple[Image, Mask]:
+def load_image(image: Annotated[str, Combo(input_images, image_upload=True)]) -> tuple[Image, Mask]:
     """Loads an image from the input folder; its alpha channel becomes the mask (1 = transparent)."""
     img = _open(annotated_path(image))
     images, masks = [], []
@@ -118,8 +120,8 @@ def load_image(image: Combo(input_images, image_upload=True)) -> tuple[Image, Ma
 
 @node("LoadImageMask", category="mask", display_name="Load Image (as Mask)", validate=_validate_image,
       fingerprint=_file_sha256)
-def load_image_mask(image: Combo(input_images, image_upload=True),
-                    channel: Combo(["alpha", "red", "green", "blue"])) -> Mask:
+def load_image_mask(image: Annotated[str, Combo(input_images, image_upload=True)],
+                    channel: Annotated[str, Combo(["alpha", "red", "green", "blue"])]) -> Mask:
     """Loads one channel of an image as a mask (alpha is inverted: transparent = 1)."""
     frame = ImageOps.exif_transpose(_open(annotated_path(image)))
     if frame.getbands() != ("R", "G", "B", "A"):
@@ -172,17 +174,17 @@ def save_images(images: torch.Tensor, prefix: str, base: Path, kind: str, compre
 
 @node("SaveImage", category="image", display_name="Save Image", output_node=True)
 def save_image(images: Image,
-               filename_prefix: String("ComfyUI", tooltip="The prefix for the file to save. May contain "
-                                       "%width%, %height%, %year% ... and a subfolder path."),
-               prompt: Hidden("PROMPT") = None, extra_pnginfo: Hidden("EXTRA_PNGINFO") = None) -> NodeOutput:
+               filename_prefix: Annotated[str, String("ComfyUI", tooltip="The prefix for the file to save. May contain "
+                                       "%width%, %height%, %year% ... and a subfolder path.")],
+               prompt: Annotated[Any, Hidden("PROMPT")] = None, extra_pnginfo: Annotated[Any, Hidden("EXTRA_PNGINFO")] = None) -> NodeOutput:
     """Saves the input images to the output folder, with the workflow in the PNG metadata."""
     ui = save_images(images, filename_prefix, runtime().output_dir, "output", 4, prompt, extra_pnginfo)
     return UI(**ui)
 
 
 @node("PreviewImage", category="image", display_name="Preview Image", output_node=True)
-def preview_image(images: Image, prompt: Hidden("PROMPT") = None,
-                  extra_pnginfo: Hidden("EXTRA_PNGINFO") = None) -> NodeOutput:
+def preview_image(images: Image, prompt: Annotated[Any, Hidden("PROMPT")] = None,
+                  extra_pnginfo: Annotated[Any, Hidden("EXTRA_PNGINFO")] = None) -> NodeOutput:
     """Shows the input images (written to the temp folder, which is emptied on start)."""
     suffix = "".join(random.choice(string.ascii_lowercase) for _ in range(5))
     ui = save_images(images, f"ComfyUI_temp_{suffix}", runtime().temp_dir, "temp", 1, prompt, extra_pnginfo)
@@ -192,10 +194,10 @@ def preview_image(images: Image, prompt: Hidden("PROMPT") = None,
 # ---- resizing -------------------------------------------------------------------------------------
 
 @node("ImageScale", category="image/upscaling", display_name="Upscale Image")
-def image_scale(image: Image, upscale_method: Combo(IMAGE_METHODS),
-                width: Int(512, min=0, max=MAX_RESOLUTION, step=1),
-                height: Int(512, min=0, max=MAX_RESOLUTION, step=1),
-                crop: Combo(["disabled", "center"])) -> Image:
+def image_scale(image: Image, upscale_method: Annotated[str, Combo(IMAGE_METHODS)],
+                width: Annotated[int, Int(512, min=0, max=MAX_RESOLUTION, step=1)],
+                height: Annotated[int, Int(512, min=0, max=MAX_RESOLUTION, step=1)],
+                crop: Annotated[str, Combo(["disabled", "center"])]) -> Image:
     """Resizes images; 0 in one dimension keeps the aspect ratio, both 0 leaves the image unchanged."""
     if width == 0 and height == 0:
         return image
@@ -204,8 +206,8 @@ def image_scale(image: Image, upscale_method: Combo(IMAGE_METHODS),
 
 
 @node("ImageScaleBy", category="image/upscaling", display_name="Upscale Image By")
-def image_scale_by(image: Image, upscale_method: Combo(IMAGE_METHODS),
-                   scale_by: Float(1.0, min=0.01, max=8.0, step=0.01)) -> Image:
+def image_scale_by(image: Image, upscale_method: Annotated[str, Combo(IMAGE_METHODS)],
+                   scale_by: Annotated[float, Float(1.0, min=0.01, max=8.0, step=0.01)]) -> Image:
     """Resizes images by a factor (dimensions rounded)."""
     w, h = round(image.shape[2] * scale_by), round(image.shape[1] * scale_by)
     return resize(image.movedim(-1, 1), max(1, w), max(1, h), upscale_method, "disabled").movedim(1, -1)
@@ -217,7 +219,7 @@ def image_invert(image: Image) -> Image:
 
 
 @node("EmptyImage", category="image")
-def empty_image(width: Int(512, min=1, max=MAX_RESOLUTION, step=1), height: Int(512, min=1, max=MAX_RESOLUTION, step=1),
-                batch_size: Int(1, min=1, max=4096), color: Int(0, min=0, max=0xFFFFFF, step=1, display="color")) -> Image:
+def empty_image(width: Annotated[int, Int(512, min=1, max=MAX_RESOLUTION, step=1)], height: Annotated[int, Int(512, min=1, max=MAX_RESOLUTION, step=1)],
+                batch_size: Annotated[int, Int(1, min=1, max=4096)], color: Annotated[int, Int(0, min=0, max=0xFFFFFF, step=1, display="color")]) -> Image:
     r, g, b = ((color >> 16) & 0xFF) / 255.0, ((color >> 8) & 0xFF) / 255.0, (color & 0xFF) / 255.0
     return torch.tensor([r, g, b]).expand(batch_size, height, width, 3).clone()

@@ -1,6 +1,8 @@
 """Latent nodes: empty latents, VAE encode/decode, inpainting masks and latent resizing."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import math
 
 import torch
@@ -15,9 +17,9 @@ from .types import MAX_RESOLUTION, Image, Latent, Mask, Vae
 
 
 @node("EmptyLatentImage", category="latent")
-def empty_latent_image(width: Int(512, min=16, max=MAX_RESOLUTION, step=8, tooltip="The width of the latent images in pixels."),
-                       height: Int(512, min=16, max=MAX_RESOLUTION, step=8, tooltip="The height of the latent images in pixels."),
-                       batch_size: Int(1, min=1, max=4096, tooltip="The number of latent images in the batch.")) -> Latent:
+def empty_latent_image(width: Annotated[int, Int(512, min=16, max=MAX_RESOLUTION, step=8, tooltip="The width of the latent images in pixels.")],
+                       height: Annotated[int, Int(512, min=16, max=MAX_RESOLUTION, step=8, tooltip="The height of the latent images in pixels.")],
+                       batch_size: Annotated[int, Int(1, min=1, max=4096, tooltip="The number of latent images in the batch.")]) -> Latent:
     """Creates a batch of empty latent images to be denoised via sampling."""
     samples = torch.zeros([batch_size, 4, height // 8, width // 8], device=default_device())
     return {"samples": samples}
@@ -37,7 +39,7 @@ def vae_encode(pixels: Image, vae: Vae) -> Latent:
 
 @node("VAEEncodeForInpaint", category="latent/inpaint", display_name="VAE Encode (for Inpainting)")
 def vae_encode_for_inpaint(pixels: Image, vae: Vae, mask: Mask,
-                           grow_mask_by: Int(6, min=0, max=64, step=1)) -> Latent:
+                           grow_mask_by: Annotated[int, Int(6, min=0, max=64, step=1)]) -> Latent:
     """Encodes an image for inpainting: masked pixels become neutral grey and the mask is grown so the
     sampler can blend the seams."""
     ratio = vae.downscale_ratio
@@ -69,10 +71,10 @@ def set_latent_noise_mask(samples: Latent, mask: Mask) -> Latent:
 
 
 @node("LatentUpscale", category="latent", display_name="Upscale Latent")
-def latent_upscale(samples: Latent, upscale_method: Combo(LATENT_METHODS),
-                   width: Int(512, min=0, max=MAX_RESOLUTION, step=8),
-                   height: Int(512, min=0, max=MAX_RESOLUTION, step=8),
-                   crop: Combo(["disabled", "center"])) -> Latent:
+def latent_upscale(samples: Latent, upscale_method: Annotated[str, Combo(LATENT_METHODS)],
+                   width: Annotated[int, Int(512, min=0, max=MAX_RESOLUTION, step=8)],
+                   height: Annotated[int, Int(512, min=0, max=MAX_RESOLUTION, step=8)],
+                   crop: Annotated[str, Combo(["disabled", "center"])]) -> Latent:
     """Resizes latents to a pixel size (divided by 8); 0 in one dimension keeps the aspect ratio."""
     s = samples["samples"]
     if width == 0 and height == 0:
@@ -85,8 +87,8 @@ def latent_upscale(samples: Latent, upscale_method: Combo(LATENT_METHODS),
 
 
 @node("LatentUpscaleBy", category="latent", display_name="Upscale Latent By")
-def latent_upscale_by(samples: Latent, upscale_method: Combo(LATENT_METHODS),
-                      scale_by: Float(1.5, min=0.01, max=8.0, step=0.01)) -> Latent:
+def latent_upscale_by(samples: Latent, upscale_method: Annotated[str, Combo(LATENT_METHODS)],
+                      scale_by: Annotated[float, Float(1.5, min=0.01, max=8.0, step=0.01)]) -> Latent:
     """Resizes latents by a factor."""
     s = samples["samples"]
     w, h = round(s.shape[3] * scale_by), round(s.shape[2] * scale_by)

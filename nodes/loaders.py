@@ -6,6 +6,8 @@ files. A changed file (size or modification time) is loaded again.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 from engine.inputs import Combo
 from engine.node import node
 
@@ -35,7 +37,7 @@ def _handles(ckpt, embedding_dirs) -> tuple[DiffusionModelHandle, ClipHandle, Va
       fingerprint=model_file_fingerprint("checkpoints", "ckpt_name"),
       validate=model_file_exists("checkpoints", "ckpt_name", "checkpoint"))
 def checkpoint_loader_simple(
-        ckpt_name: Combo(model_files("checkpoints"), tooltip="The checkpoint (model) to load.")) -> tuple[Model, Clip, Vae]:
+        ckpt_name: Annotated[str, Combo(model_files("checkpoints"), tooltip="The checkpoint (model) to load.")]) -> tuple[Model, Clip, Vae]:
     """Loads a diffusion model checkpoint; diffusion models denoise latents."""
     rt = runtime()
     ckpt = load_checkpoint(rt.folders.require("checkpoints", ckpt_name), **_dtypes())
@@ -45,7 +47,7 @@ def checkpoint_loader_simple(
 @node("DiffusersLoader", category="advanced/loaders", display_name="Load Diffusers Model",
       fingerprint=model_file_fingerprint("diffusers", "model_path"),
       validate=model_file_exists("diffusers", "model_path", "diffusers folder"))
-def diffusers_loader(model_path: Combo(model_files("diffusers"))) -> tuple[Model, Clip, Vae]:
+def diffusers_loader(model_path: Annotated[str, Combo(model_files("diffusers"))]) -> tuple[Model, Clip, Vae]:
     """Loads a model stored as a diffusers folder (model_index.json, unet/, vae/, text_encoder/...)."""
     rt = runtime()
     ckpt = load_diffusers_folder(rt.folders.require("diffusers", model_path), **_dtypes())
@@ -54,7 +56,7 @@ def diffusers_loader(model_path: Combo(model_files("diffusers"))) -> tuple[Model
 
 @node("VAELoader", category="loaders", display_name="Load VAE",
       fingerprint=model_file_fingerprint("vae", "vae_name"), validate=model_file_exists("vae", "vae_name", "VAE"))
-def vae_loader(vae_name: Combo(model_files("vae"))) -> Vae:
+def vae_loader(vae_name: Annotated[str, Combo(model_files("vae"))]) -> Vae:
     """Loads a standalone VAE file (original or diffusers key layout)."""
     return VaeHandle(load_vae_file(runtime().folders.require("vae", vae_name),
                                    dtype=compute_dtype(default_device(), vae=True)))

@@ -5,6 +5,8 @@ weights are new tensors (everything else shares storage with the input handles).
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 from engine.inputs import Combo, Float
 from engine.node import node
 
@@ -34,11 +36,11 @@ def load_lora(model: DiffusionModelHandle | None, clip: ClipHandle | None, lora_
       fingerprint=model_file_fingerprint("loras", "lora_name"),
       validate=model_file_exists("loras", "lora_name", "LoRA"))
 def lora_loader(model: Model, clip: Clip,
-                lora_name: Combo(model_files("loras"), tooltip="The name of the LoRA."),
-                strength_model: Float(1.0, **_STRENGTH, tooltip="How strongly to modify the diffusion model. "
-                                      "This value can be negative."),
-                strength_clip: Float(1.0, **_STRENGTH, tooltip="How strongly to modify the CLIP model. "
-                                     "This value can be negative.")) -> tuple[Model, Clip]:
+                lora_name: Annotated[str, Combo(model_files("loras"), tooltip="The name of the LoRA.")],
+                strength_model: Annotated[float, Float(1.0, **_STRENGTH, tooltip="How strongly to modify the diffusion model. "
+                                      "This value can be negative.")],
+                strength_clip: Annotated[float, Float(1.0, **_STRENGTH, tooltip="How strongly to modify the CLIP model. "
+                                     "This value can be negative.")]) -> tuple[Model, Clip]:
     """LoRAs are used to modify diffusion and CLIP models, altering the way in which latents are denoised
     such as applying styles. Multiple LoRA nodes can be linked together."""
     if strength_model == 0 and strength_clip == 0:
@@ -49,8 +51,8 @@ def lora_loader(model: Model, clip: Clip,
 @node("LoraLoaderModelOnly", category="loaders",
       fingerprint=model_file_fingerprint("loras", "lora_name"),
       validate=model_file_exists("loras", "lora_name", "LoRA"))
-def lora_loader_model_only(model: Model, lora_name: Combo(model_files("loras")),
-                           strength_model: Float(1.0, **_STRENGTH)) -> Model:
+def lora_loader_model_only(model: Model, lora_name: Annotated[str, Combo(model_files("loras"))],
+                           strength_model: Annotated[float, Float(1.0, **_STRENGTH)]) -> Model:
     """Applies a LoRA to the diffusion model only (its text encoder part is ignored)."""
     if strength_model == 0:
         return model

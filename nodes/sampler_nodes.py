@@ -6,6 +6,8 @@ LATENT values hold model-space latents (the VAE's scaling factor is applied by t
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from engine import progress
@@ -48,16 +50,16 @@ def common_ksampler(model: DiffusionModelHandle, seed: int, steps: int, cfg: flo
 
 @node("KSampler", category="sampling")
 def ksampler(model: Model,
-             seed: Int(0, min=0, max=MAX_SEED, control_after_generate=True,
-                       tooltip="The random seed used for creating the noise."),
-             steps: Int(20, min=1, max=10000, tooltip="The number of steps used in the denoising process."),
-             cfg: Float(8.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                        tooltip="Classifier-free guidance scale: higher follows the prompt more closely."),
-             sampler_name: Combo(SAMPLER_NAMES, tooltip="The algorithm used when sampling."),
-             scheduler: Combo(SCHEDULER_NAMES, tooltip="How the noise level decreases over the steps."),
+             seed: Annotated[int, Int(0, min=0, max=MAX_SEED, control_after_generate=True,
+                       tooltip="The random seed used for creating the noise.")],
+             steps: Annotated[int, Int(20, min=1, max=10000, tooltip="The number of steps used in the denoising process.")],
+             cfg: Annotated[float, Float(8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                        tooltip="Classifier-free guidance scale: higher follows the prompt more closely.")],
+             sampler_name: Annotated[str, Combo(SAMPLER_NAMES, tooltip="The algorithm used when sampling.")],
+             scheduler: Annotated[str, Combo(SCHEDULER_NAMES, tooltip="How the noise level decreases over the steps.")],
              positive: Conditioning, negative: Conditioning, latent_image: Latent,
-             denoise: Float(1.0, min=0.0, max=1.0, step=0.01,
-                            tooltip="How much of the latent is replaced by noise (1.0 = all, for text-to-image).")
+             denoise: Annotated[float, Float(1.0, min=0.0, max=1.0, step=0.01,
+                            tooltip="How much of the latent is replaced by noise (1.0 = all, for text-to-image).")]
              ) -> Latent:
     """Uses the provided model, positive and negative conditioning to denoise the latent image."""
     return common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
@@ -65,14 +67,14 @@ def ksampler(model: Model,
 
 
 @node("KSamplerAdvanced", category="sampling", display_name="KSampler (Advanced)")
-def ksampler_advanced(model: Model, add_noise: Combo(["enable", "disable"]),
-                      noise_seed: Int(0, min=0, max=MAX_SEED, control_after_generate=True),
-                      steps: Int(20, min=1, max=10000),
-                      cfg: Float(8.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                      sampler_name: Combo(SAMPLER_NAMES), scheduler: Combo(SCHEDULER_NAMES),
+def ksampler_advanced(model: Model, add_noise: Annotated[str, Combo(["enable", "disable"])],
+                      noise_seed: Annotated[int, Int(0, min=0, max=MAX_SEED, control_after_generate=True)],
+                      steps: Annotated[int, Int(20, min=1, max=10000)],
+                      cfg: Annotated[float, Float(8.0, min=0.0, max=100.0, step=0.1, round=0.01)],
+                      sampler_name: Annotated[str, Combo(SAMPLER_NAMES)], scheduler: Annotated[str, Combo(SCHEDULER_NAMES)],
                       positive: Conditioning, negative: Conditioning, latent_image: Latent,
-                      start_at_step: Int(0, min=0, max=10000), end_at_step: Int(10000, min=0, max=10000),
-                      return_with_leftover_noise: Combo(["disable", "enable"])) -> Latent:
+                      start_at_step: Annotated[int, Int(0, min=0, max=10000)], end_at_step: Annotated[int, Int(10000, min=0, max=10000)],
+                      return_with_leftover_noise: Annotated[str, Combo(["disable", "enable"])]) -> Latent:
     """Samples a range of steps of a schedule, for multi-stage workflows (base/refiner hand-off)."""
     return common_ksampler(model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
                            latent_image, denoise=1.0, disable_noise=add_noise == "disable",

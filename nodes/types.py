@@ -6,24 +6,24 @@ CONDITIONING is a list of [tensor [B,T,D], dict of options].
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, TypeAlias
 
 import torch
 
-from engine.inputs import socket
+from engine.inputs import Socket
 
 from .models.diffusion_model import DiffusionModelHandle
 from .models.text_encoder import ClipHandle
 from .models.vae import VaeHandle
 
-Model = socket("MODEL", DiffusionModelHandle)
-Clip = socket("CLIP", ClipHandle)
-Vae = socket("VAE", VaeHandle)
-Conditioning = socket("CONDITIONING", list)
-Latent = socket("LATENT", dict)
-Image = socket("IMAGE", torch.Tensor)
-Mask = socket("MASK", torch.Tensor)
-ControlNet = socket("CONTROL_NET", Any)
-UpscaleModel = socket("UPSCALE_MODEL", Any)
+Model: TypeAlias = Annotated[DiffusionModelHandle, Socket("MODEL")]
+Clip: TypeAlias = Annotated[ClipHandle, Socket("CLIP")]
+Vae: TypeAlias = Annotated[VaeHandle, Socket("VAE")]
+Conditioning: TypeAlias = Annotated[list, Socket("CONDITIONING")]
+Latent: TypeAlias = Annotated[dict, Socket("LATENT")]
+Image: TypeAlias = Annotated[torch.Tensor, Socket("IMAGE")]
+Mask: TypeAlias = Annotated[torch.Tensor, Socket("MASK")]
+ControlNet: TypeAlias = Annotated[Any, Socket("CONTROL_NET")]
+UpscaleModel: TypeAlias = Annotated[Any, Socket("UPSCALE_MODEL")]
 
 MAX_RESOLUTION = 16384

@@ -5,6 +5,8 @@ without them and a workflow that never loads an upscaler never needs them.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from engine import progress
@@ -21,7 +23,7 @@ TILE, OVERLAP, MIN_TILE = 512, 32, 128
 @node("UpscaleModelLoader", category="loaders", display_name="Load Upscale Model",
       fingerprint=model_file_fingerprint("upscale_models", "model_name"),
       validate=model_file_exists("upscale_models", "model_name", "upscale model"))
-def upscale_model_loader(model_name: Combo(model_files("upscale_models"))) -> UpscaleModel:
+def upscale_model_loader(model_name: Annotated[str, Combo(model_files("upscale_models"))]) -> UpscaleModel:
     """Loads an image upscale model (ESRGAN, SwinIR, ... through spandrel)."""
     return load_upscale_model(runtime().folders.require("upscale_models", model_name), "UpscaleModelLoader")
 

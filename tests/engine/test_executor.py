@@ -1,3 +1,4 @@
+from typing import Annotated, Any
 """The executor on small non-diffusion nodes: events, partial re-execution, content-addressed caching,
 eviction, interrupt, errors, list mapping, lazy inputs, progress and previews."""
 import os
@@ -476,8 +477,8 @@ def test_hidden_inputs_are_filled(reg):
     from engine.node import UI, node
 
     @node("Spy", output_node=True)
-    def spy(prompt: Hidden("PROMPT") = None, uid: Hidden("UNIQUE_ID") = None,
-            info: Hidden("EXTRA_PNGINFO") = None):
+    def spy(prompt: Annotated[Any, Hidden("PROMPT")] = None, uid: Annotated[Any, Hidden("UNIQUE_ID")] = None,
+            info: Annotated[Any, Hidden("EXTRA_PNGINFO")] = None):
         seen.update(prompt=prompt, uid=uid, info=info)
         return UI(ok=[True])
 

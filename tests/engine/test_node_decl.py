@@ -1,7 +1,7 @@
 """A node's one Python declaration -> its `/object_info` entry (ComfyUI's shape) and its callable."""
 
 import json
-from typing import Literal, NamedTuple, Optional
+from typing import Annotated, Any, Literal, NamedTuple, Optional
 
 import pytest
 
@@ -164,8 +164,8 @@ def test_fresh_declaration_round_trip():
 
     @node("Fresh", category="x/y", description="explicit text", output_node=True,
           output_is_list=[False, True])
-    def fresh(samples: Latent, mode: Literal["fast", "slow"], n: Int(2, min=1) = 2,
-              hint: Optional[str] = None, uid: Hidden("UNIQUE_ID") = None) -> Pair:
+    def fresh(samples: Latent, mode: Literal["fast", "slow"], n: Annotated[int, Int(2, min=1)] = 2,
+              hint: Optional[str] = None, uid: Annotated[Any, Hidden("UNIQUE_ID")] = None) -> Pair:
         """Docstring ignored because description= is given."""
         return Pair(samples, [n])
 
@@ -196,7 +196,7 @@ def test_combo_callable_is_read_every_time():
         return ["x"]
 
     @node("ComboCount")
-    def cc(name: Combo(listing)) -> str:
+    def cc(name: Annotated[str, Combo(listing)]) -> str:
         return name
 
     nd = cc.__sdflow_node__

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Literal, NamedTuple, Optional
+from typing import Annotated, Any, Literal, NamedTuple, Optional
 
 import torch
 
@@ -24,20 +24,20 @@ def calls_of(name: str) -> int:
 
 
 @node("Const", category="math")
-def const(value: Int(0, min=-1000, max=1000)) -> int:
+def const(value: Annotated[int, Int(0, min=-1000, max=1000)]) -> int:
     """An integer constant."""
     CALLS.append("Const")
     return value
 
 
 @node("Add", category="math")
-def add(a: int, b: Int(0, min=-10**9, max=10**9, step=1)) -> int:
+def add(a: int, b: Annotated[int, Int(0, min=-10**9, max=10**9, step=1)]) -> int:
     CALLS.append("Add")
     return a + b
 
 
 @node("Scale", category="math")
-def scale(x: Number, factor: Float(1.0, min=-100.0, max=100.0, step=0.5) = 1.0) -> float:
+def scale(x: Number, factor: Annotated[float, Float(1.0, min=-100.0, max=100.0, step=0.5)] = 1.0) -> float:
     CALLS.append("Scale")
     return x * factor
 
@@ -54,19 +54,19 @@ def divmod_node(a: int, b: int = 1) -> DivMod:
 
 
 @node("Concat", category="text")
-def concat(a: String("", multiline=True), b: str = "", sep: Combo([" ", "-", ""], default=" ") = " ") -> str:
+def concat(a: Annotated[str, String("", multiline=True)], b: str = "", sep: Annotated[str, Combo([" ", "-", ""], default=" ")] = " ") -> str:
     CALLS.append("Concat")
     return f"{a}{sep}{b}"
 
 
 @node("Upper", category="text")
-def upper(text: str, enabled: Boolean(True) = True) -> str:
+def upper(text: str, enabled: Annotated[bool, Boolean(True)] = True) -> str:
     CALLS.append("Upper")
     return text.upper() if enabled else text
 
 
 @node("SolidImage", category="image")
-def solid_image(value: Float(0.5, min=0.0, max=1.0), size: Int(8, min=1, max=64) = 8) -> Image:
+def solid_image(value: Annotated[float, Float(0.5, min=0.0, max=1.0)], size: Annotated[int, Int(8, min=1, max=64)] = 8) -> Image:
     CALLS.append("SolidImage")
     return torch.full((1, size, size, 3), value)
 
@@ -78,13 +78,13 @@ def invert_image(image: Image) -> Image:
 
 
 @node("BigTensor", category="image")
-def big_tensor(megabytes: Int(1, min=1, max=64), tag: Int(0) = 0) -> Image:
+def big_tensor(megabytes: Annotated[int, Int(1, min=1, max=64)], tag: Annotated[int, Int(0)] = 0) -> Image:
     CALLS.append("BigTensor")
     return torch.zeros(megabytes * 262144, dtype=torch.float32)   # megabytes MiB
 
 
 @node("Show", category="output", output_node=True)
-def show(value: socket("*", object), prompt: Hidden("PROMPT") = None, uid: Hidden("UNIQUE_ID") = None) -> NodeOutput:
+def show(value: socket("*", object), prompt: Annotated[Any, Hidden("PROMPT")] = None, uid: Annotated[Any, Hidden("UNIQUE_ID")] = None) -> NodeOutput:
     CALLS.append("Show")
     shown = value.tolist() if hasattr(value, "tolist") and getattr(value, "numel", lambda: 99)() < 16 else value
     if hasattr(shown, "shape"):
@@ -110,7 +110,7 @@ def fail(value: int, message: str = "boom") -> int:
 
 
 @node("Slow", category="test")
-def slow(value: int, steps: Int(10, min=1, max=1000) = 10, delay: Float(0.01, min=0.0, max=5.0) = 0.01) -> int:
+def slow(value: int, steps: Annotated[int, Int(10, min=1, max=1000)] = 10, delay: Annotated[float, Float(0.01, min=0.0, max=5.0)] = 0.01) -> int:
     CALLS.append("Slow")
     for i in range(steps):
         time.sleep(delay)
@@ -148,7 +148,7 @@ def even_only(value: int) -> int:
 # ---- lists ------------------------------------------------------------------------------------
 
 @node("MakeList", category="list", output_is_list=True)
-def make_list(start: int = 0, count: Int(3, min=0, max=100) = 3) -> int:
+def make_list(start: int = 0, count: Annotated[int, Int(3, min=0, max=100)] = 3) -> int:
     CALLS.append("MakeList")
     return list(range(start, start + count))
 
@@ -166,7 +166,7 @@ def _lazy_needs(use_first: bool, first=None, second=None) -> list[str]:
 
 
 @node("Choose", category="lazy", check_lazy=_lazy_needs)
-def choose(use_first: bool, first: Lazy(int) = None, second: Lazy(int) = None) -> int:
+def choose(use_first: bool, first: Annotated[int, Lazy()] = None, second: Annotated[int, Lazy()] = None) -> int:
     CALLS.append("Choose")
     return first if use_first else second
 
@@ -180,8 +180,8 @@ def pick(mode: Literal["a", "b"] = "a", image: Optional[Image] = None) -> str:
 # ---- added for the declaration / executor tests ---------------------------------------------------
 
 @node("Seeded", category="test/seeds", display_name="Seeded Number")
-def seeded(seed: Int(0, min=0, max=2**64 - 1, control_after_generate=True),
-           scale: Float(1.0, min=0.0, max=10.0, step=0.1, round=0.01) = 1.0) -> int:
+def seeded(seed: Annotated[int, Int(0, min=0, max=2**64 - 1, control_after_generate=True)],
+           scale: Annotated[float, Float(1.0, min=0.0, max=10.0, step=0.1, round=0.01)] = 1.0) -> int:
     """Turns a seed into a number.
 
     This second paragraph is not part of the description."""
@@ -195,10 +195,10 @@ class Widgets(NamedTuple):
 
 
 @node("Widgets", category="test", output_tooltips=["the text", "the flag"])
-def widgets(text: String("hi", placeholder="type here", tooltip="some text"),
-            flag: Boolean(True, label_on="yes", label_off="no"),
+def widgets(text: Annotated[str, String("hi", placeholder="type here", tooltip="some text")],
+            flag: Annotated[bool, Boolean(True, label_on="yes", label_off="no")],
             extra: Optional[Number] = None,
-            pnginfo: Hidden("EXTRA_PNGINFO") = None) -> Widgets:
+            pnginfo: Annotated[Any, Hidden("EXTRA_PNGINFO")] = None) -> Widgets:
     CALLS.append("Widgets")
     return Widgets(text, flag)
 
@@ -208,7 +208,7 @@ FILES: list[str] = ["a.safetensors", "b.safetensors"]
 
 
 @node("PickFile", category="test")
-def pick_file(name: Combo(lambda: list(FILES))) -> str:
+def pick_file(name: Annotated[str, Combo(lambda: list(FILES))]) -> str:
     CALLS.append("PickFile")
     return name
 
@@ -221,7 +221,7 @@ def collect(value: socket("*", object)) -> NodeOutput:
 
 
 @node("PreviewSteps", category="test")
-def preview_steps(value: int, steps: Int(2, min=1, max=100) = 2) -> int:
+def preview_steps(value: int, steps: Annotated[int, Int(2, min=1, max=100)] = 2) -> int:
     CALLS.append("PreviewSteps")
     from PIL import Image as PILImage
     for i in range(steps):

@@ -5,6 +5,8 @@ SDFLOW_TEST_INPUT_DIR / SDFLOW_TEST_OUTPUT_DIR (set by the tests, in-process or 
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import hashlib
 import os
 import time
@@ -30,18 +32,18 @@ def _input_files() -> list[str]:
 
 
 @node("TestConst", category="test")
-def const(value: Int(0, min=-(2**53), max=2**53)) -> int:
+def const(value: Annotated[int, Int(0, min=-(2**53), max=2**53)]) -> int:
     return value
 
 
 @node("TestAdd", category="test")
-def add(a: Int(0, min=-(2**53), max=2**53), b: Int(0, min=-(2**53), max=2**53)) -> int:
+def add(a: Annotated[int, Int(0, min=-(2**53), max=2**53)], b: Annotated[int, Int(0, min=-(2**53), max=2**53)]) -> int:
     return a + b
 
 
 @node("TestSlow", category="test")
-def slow(value: Int(0, min=-(2**53), max=2**53), steps: Int(5, min=1, max=1000),
-         delay: Float(0.05, min=0.0, max=10.0)) -> int:
+def slow(value: Annotated[int, Int(0, min=-(2**53), max=2**53)], steps: Annotated[int, Int(5, min=1, max=1000)],
+         delay: Annotated[float, Float(0.05, min=0.0, max=10.0)]) -> int:
     """Sleeps `steps` times, reporting progress with a small preview image each step."""
     for i in range(steps):
         time.sleep(delay)
@@ -51,17 +53,17 @@ def slow(value: Int(0, min=-(2**53), max=2**53), steps: Int(5, min=1, max=1000),
 
 
 @node("TestFail", category="test")
-def fail(value: Int(0, min=-(2**53), max=2**53), message: String("boom")) -> int:
+def fail(value: Annotated[int, Int(0, min=-(2**53), max=2**53)], message: Annotated[str, String("boom")]) -> int:
     raise ValueError(message)
 
 
 @node("TestShow", category="test", output_node=True)
-def show(value: Int(0, min=-(2**53), max=2**53)):
+def show(value: Annotated[int, Int(0, min=-(2**53), max=2**53)]):
     return UI(text=[str(value)])
 
 
 @node("TestSaveImage", category="test", output_node=True)
-def save_image(value: Int(0, min=-(2**53), max=2**53), filename_prefix: String("test")):
+def save_image(value: Annotated[int, Int(0, min=-(2**53), max=2**53)], filename_prefix: Annotated[str, String("test")]):
     """Writes a 8x8 PNG whose red channel is value % 256 into the output dir."""
     out = _dir("output")
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,7 @@ def _file_hash(image: str) -> str:
 
 
 @node("TestLoadImage", category="test", fingerprint=_file_hash)
-def load_image(image: Combo(_input_files, image_upload=True)) -> int:
+def load_image(image: Annotated[str, Combo(_input_files, image_upload=True)]) -> int:
     """Opens an uploaded input image (name checked by containment) and returns its width * 1000 + height."""
     with Image.open(contained_path(_dir("input"), image)) as img:
         return img.size[0] * 1000 + img.size[1]
