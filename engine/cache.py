@@ -138,11 +138,16 @@ class OutputCache:
                                 break
                     if victim is None:
                         break
+                    # Every turn frees memory of this kind or removes an entry, so the loop ends. An
+                    # offload that frees nothing here (a value that reports memory but cannot move, or
+                    # one whose move left it where it was) falls through to dropping the entry.
+                    before = self._used.get(kind, 0)
                     if kind != "cpu" and self._cpu_has_room(freed):
                         self._offload(victim)
-                    else:
-                        self._account(victim, self._entries.pop(victim), -1)
-                        self.evictions += 1
+                        if self._used.get(kind, 0) < before or victim not in self._entries:
+                            continue
+                    self._account(victim, self._entries.pop(victim), -1)
+                    self.evictions += 1
 
     def _offload(self, key: str) -> None:
         """Move an entry's values to the CPU. Its objects may be shared with other entries (a model moved

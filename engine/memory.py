@@ -97,8 +97,11 @@ def move(value: Any, device: str) -> Any:
         return {k: move(v, device) for k, v in value.items()}
     if isinstance(value, list):
         return [move(v, device) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(move(v, device) for v in value)
+    if isinstance(value, tuple):
+        moved = [move(v, device) for v in value]
+        # NamedTuples (multi-output nodes) are rebuilt as their own type, so what the walker counts the
+        # mover can move.
+        return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)
     return value
 
 

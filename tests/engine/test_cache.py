@@ -223,3 +223,35 @@ def test_shared_memory_is_counted_once_and_sharing_entries_free_nothing():
     # a, b and c hold the same MiB; only dropping all three frees it, oldest first
     assert cache.usage()["cpu"] == 3 * 2**20
     assert "d" in cache and not ({"a", "b", "c"} & {k for k in ("a", "b", "c") if k in cache})
+
+
+class ReportsOnly:
+    """An object that reports device memory but has no `to_device`: the cache can count it, not move it."""
+
+    def footprint(self) -> dict[str, int]:
+        return {"cuda:0": 1000}
+
+
+def test_eviction_terminates_when_an_offload_frees_nothing():
+    cache = OutputCache({"cuda": 1500, "cpu": 10_000})
+    cache.put("a", [[ReportsOnly()]])
+    cache.put("b", [[ReportsOnly()]])   # over budget; "a" cannot move, so it is dropped, not retried
+    assert "a" not in cache and "b" in cache
+    assert cache.usage() == {"cuda": 1000} and cache.evictions == 1
+
+
+def test_namedtuple_values_move_to_cpu_on_offload():
+    from typing import NamedTuple
+
+    class Pair(NamedTuple):
+        model: FakeModel
+        weights: torch.Tensor
+
+    cache = OutputCache({"cuda": 1500, "cpu": 100_000})
+    first = Pair(FakeModel(1000), tensor_kib(1))
+    cache.put("pair", [[first]])
+    cache.put("m", [[FakeModel(1000)]])
+    entry = cache.get("pair")
+    assert entry is not None and isinstance(entry.outputs[0][0], Pair)
+    assert first.model.device == "cpu" and cache.offloads == 1
+    assert cache.usage() == {"cuda": 1000, "cpu": 1000 + KiB}
