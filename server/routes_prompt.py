@@ -105,7 +105,7 @@ async def enqueue(state: AppState, prompt, extra_data: dict, *, targets: list[st
                            f"got {type(prompt).__name__}")
     if overrides:
         try:
-            prompt = apply_overrides(prompt or {}, overrides)
+            prompt = apply_overrides(prompt or {}, overrides, state.registry)
         except ValueError as e:
             return _bad_prompt("invalid_prompt", "Cannot apply the inputs", str(e))
 
