@@ -10,6 +10,7 @@ returned unchanged, so a node is unit-tested by calling it.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import types
 import typing
@@ -184,13 +185,21 @@ class NodeDef:
             choices = decl.spec.values()
             if value not in choices:
                 shown = f"(list of length {len(choices)})" if len(choices) > 20 else str(choices)
+                text = value if isinstance(value, str) else repr(value)
+                hint = ""
+                if isinstance(value, str) and len(value) < 200 and len(choices) <= 500:
+                    close = difflib.get_close_matches(value, [str(c) for c in choices], n=1, cutoff=0.6)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
                 errors.append(_error("value_not_in_list", "Value not in list",
-                                     f"{name}: '{value}' not in {shown}", name, value))
+                                     f"{name}: '{text[:200]}' not in {shown}{hint}", name, value))
         return coerced, errors
 
 
 def _error(kind: str, message: str, details: str, name: str, value: Any, **more: Any) -> dict:
-    extra = {"input_name": name, "received_value": value if _jsonable(value) else repr(value)}
+    shown = value if _jsonable(value) else repr(value)
+    if isinstance(shown, str) and len(shown) > 200:   # an error must stay small whatever was sent
+        shown = shown[:200] + "…"
+    extra = {"input_name": name, "received_value": shown}
     extra.update(more)
     return {"type": kind, "message": message, "details": details, "extra_info": extra}
 

@@ -101,6 +101,17 @@ def finite_json(value: Any) -> Any:
     return value
 
 
+def _storable(value: object) -> bool:
+    """A str SQLite can bind: UTF-8 has no lone surrogates, which JSON lets a client send."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _rollback(db: sqlite3.Connection) -> None:
     try:
         db.execute("ROLLBACK")
@@ -245,7 +256,7 @@ class Store:
             return self._db.execute("SELECT 1 FROM queue WHERE status='pending' LIMIT 1").fetchone() is not None
 
     def delete_pending(self, prompt_ids: Iterable[str]) -> int:
-        ids = [p for p in prompt_ids if isinstance(p, str)]
+        ids = [p for p in prompt_ids if _storable(p)]
         with self._tx() as db:
             n = 0
             for pid in ids:
@@ -306,6 +317,8 @@ class Store:
         return {pid: json.loads(entry) for pid, entry in rows}
 
     def history_item(self, prompt_id: str) -> dict | None:
+        if not _storable(prompt_id):
+            return None
         with self._lock:
             row = self._db.execute("SELECT entry FROM history WHERE prompt_id=?", (prompt_id,)).fetchone()
         return json.loads(row[0]) if row else None
@@ -315,7 +328,7 @@ class Store:
             return self._db.execute("SELECT COUNT(*) FROM history").fetchone()[0]
 
     def delete_history(self, prompt_ids: Iterable[str]) -> int:
-        ids = [p for p in prompt_ids if isinstance(p, str)]
+        ids = [p for p in prompt_ids if _storable(p)]
         with self._tx() as db:
             return sum(db.execute("DELETE FROM history WHERE prompt_id=?", (pid,)).rowcount for pid in ids)
 

@@ -131,7 +131,7 @@ def load_prompt(path: str, registry: Registry) -> tuple[dict, dict]:
     return doc, {}
 
 
-def apply_sets(prompt: dict, sets: Sequence[str]) -> None:
+def apply_sets(prompt: dict, sets: Sequence[str], registry: Registry | None = None) -> None:
     """`--set NODE.INPUT=VALUE`: NODE is a node id or a node title; VALUE is JSON, or else a plain string."""
     from engine.prompt import apply_overrides
 
@@ -145,7 +145,7 @@ def apply_sets(prompt: dict, sets: Sequence[str]) -> None:
         except ValueError:
             overrides[target] = raw
     try:
-        updated = apply_overrides(prompt, overrides)
+        updated = apply_overrides(prompt, overrides, registry)
     except ValueError as exc:
         raise SystemExit(f"--set: {exc}") from None
     prompt.clear()
@@ -171,7 +171,7 @@ def prepare(args: argparse.Namespace):
     config = make_config(args)
     registry, _ = build_registry(args, config)
     prompt, pnginfo = load_prompt(args.workflow, registry)
-    apply_sets(prompt, args.set)
+    apply_sets(prompt, args.set, registry)
     result = validate_prompt(prompt, registry)
     if not result.ok or result.node_errors:
         print(format_errors(result), file=sys.stderr)

@@ -56,9 +56,16 @@ def check_name(name: str, what: str = "filename") -> str:
         raise ApiError(400, f"{what} contains a NUL byte")
     if "/" in name or "\\" in name:
         raise ApiError(400, f"{what} must not contain a path separator")
-    if len(name.encode()) > MAX_NAME:
-        raise ApiError(400, f"{what} is too long")
+    if len(_utf8(name, what)) > MAX_NAME:
+        raise ApiError(400, f"{what} is too long (at most {MAX_NAME} bytes)")
     return name
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:   # a lone surrogate, or bytes the URL decoder could not read as UTF-8
+        raise ApiError(400, f"{what} is not valid UTF-8 text") from None
 
 
 def check_subfolder(sub: str) -> str:
@@ -68,6 +75,9 @@ def check_subfolder(sub: str) -> str:
         raise ApiError(400, "subfolder contains a NUL byte")
     if len(sub) > 1024:
         raise ApiError(400, "subfolder is too long")
+    for part in sub.replace("\\", "/").split("/"):
+        if len(_utf8(part, "subfolder")) > MAX_NAME:
+            raise ApiError(400, f"a subfolder component is too long (at most {MAX_NAME} bytes)")
     return sub
 
 
@@ -213,6 +223,20 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _make_folder(base: Path, folder: Path) -> None:
+    """Create the upload folder; a subfolder that names an existing file is the client's mistake."""
+    base = Path(os.path.realpath(base))
+    probe = folder
+    while probe != base and base in probe.parents:
+        if probe.exists() and not probe.is_dir():
+            raise ApiError(400, f"subfolder '{probe.relative_to(base)}' is a file, not a folder")
+        probe = probe.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ApiError(400, "subfolder names an existing file, not a folder") from None
+
+
 def _store_upload(state: AppState, fields: dict[str, str], filename: str, data: bytes,
                   transform=None) -> dict:
     kind = fields.get("type") or "input"
@@ -225,7 +249,7 @@ def _store_upload(state: AppState, fields: dict[str, str], filename: str, data: 
     overwrite = fields.get("overwrite", "").lower() in ("true", "1")
     if transform is not None:
         data = transform(data)
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_folder(base, folder)
     final = _free_name(folder, name, data, overwrite)
     target = resolve(base, subfolder, final)
     if target.exists() and not target.is_file():

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from engine.paths import UnsafePathError, contained_path
 
-from .routes_prompt import MAX_PROMPT_ID, enqueue
+from .routes_prompt import MAX_PROMPT_ID, enqueue, is_text
 from .routes_userdata import user_root
 from .routing import Routes, json_response, read_json
 from .security import ApiError
@@ -130,17 +130,17 @@ async def run_workflow(request: web.Request) -> web.Response:
     if not isinstance(inputs, dict):
         raise ApiError(400, "'inputs' must be an object of {\"NODE.INPUT\": value}")
     client_id = body.get("client_id")
-    if client_id is not None and not isinstance(client_id, str):
-        raise ApiError(400, "'client_id' must be a string")
+    if client_id is not None and not is_text(client_id, allow_empty=True):
+        raise ApiError(400, f"'client_id' must be a UTF-8 string of at most {MAX_PROMPT_ID} characters")
     prompt_id = body.get("prompt_id")
-    if prompt_id is not None and (not isinstance(prompt_id, str) or not prompt_id or len(prompt_id) > MAX_PROMPT_ID):
-        raise ApiError(400, f"'prompt_id' must be a non-empty string of at most {MAX_PROMPT_ID} characters")
+    if prompt_id is not None and not is_text(prompt_id):
+        raise ApiError(400, f"'prompt_id' must be a non-empty UTF-8 string of at most {MAX_PROMPT_ID} characters")
     front = body.get("front", False)
     if not isinstance(front, bool):
         raise ApiError(400, "'front' must be true or false")
     try:
         doc = json.loads(await asyncio.to_thread(path.read_bytes))
-    except ValueError as e:
-        raise ApiError(400, f"the saved workflow is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"the saved workflow is not valid JSON: {str(e)[:200]}") from None
     extra_data = {"client_id": client_id} if client_id else {}
     return await enqueue(request.app[STATE], doc, extra_data, prompt_id=prompt_id, front=front, overrides=inputs)
