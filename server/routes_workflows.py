@@ -1,4 +1,5 @@
-"""`/workflows`: a small library of workflow files in `<user_dir>/workflows`.
+"""`/workflows`: a small library of workflow files in `<user_dir>/default/workflows`, the folder where
+ComfyUI's front end keeps its saved workflows (`/userdata/workflows%2F...`), so both editors see the same ones.
 
 Names are flat and conservative (letters, digits, space, `_ - . ( )`, at most 120 characters, ".json"
 added when missing) and the resolved path still goes through `contained_path`, so no name can reach
@@ -18,6 +19,7 @@ from aiohttp import web
 from engine.paths import UnsafePathError, contained_path
 
 from .routes_prompt import MAX_PROMPT_ID, enqueue
+from .routes_userdata import user_root
 from .routing import Routes, json_response, read_json
 from .security import ApiError
 from .state import STATE
@@ -28,7 +30,7 @@ _NAME = re.compile(r"^[\w][\w .()\-]{0,119}$")
 
 
 def workflows_dir(request: web.Request) -> Path:
-    return Path(request.app[STATE].config.user_dir) / "workflows"
+    return user_root(request.app[STATE].config) / "workflows"
 
 
 def workflow_path(folder: Path, name: str) -> Path:
