@@ -473,6 +473,11 @@ export class App {
     document.title = `${this.workflowName} · sdflow`;
   }
 
+  /** Puts back a graph recorded by the undo history, leaving the view where the user has it. */
+  restoreSnapshot(wf: ISerialisedGraph): void {
+    this.loadGraphData(wf, this.workflowName, { quiet: true, keepViewAlways: true });
+  }
+
   /** Loads a UI workflow (v0.4 or v1) or an API prompt. */
   loadGraphData(data: unknown, name = "Untitled", opts: { quiet?: boolean; keepView?: boolean; keepViewAlways?: boolean } = {}): void {
     if (typeof data === "string") data = JSON.parse(data);
@@ -759,6 +764,7 @@ export class App {
       nodeTitlePos(nodeId: number): [number, number] {
         const node = app.graph.getNodeById(nodeId);
         if (!node) throw new Error(`no node ${nodeId}`);
+        app.canvas.draw(true, true); // lay out a node added or loaded in this same task
         return app.graphToClient(node.pos[0] + 40, node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2);
       },
       /** Client coordinates of the centre of a widget (x at `fx` of its width). */
@@ -799,6 +805,15 @@ export class App {
         app.canvas.setDirty(true, true);
       },
       lastRefusedLink: () => app.lastRefusedLink,
+      /** The workflow as kept in local storage for the next page load. */
+      persisted: () => JSON.parse(localStorage.getItem(STORE_KEY) ?? "null"),
+      /** Ids of the selected nodes. */
+      selected: () => [...app.canvas.selectedItems].map((i: any) => i.id).filter((id) => id !== undefined),
+      /** Undo and redo stack sizes, with any pending change recorded first. */
+      undoDepth() {
+        app.undo?.check();
+        return app.undo?.depth ?? { undo: 0, redo: 0 };
+      },
     };
   }
 }
