@@ -1,7 +1,7 @@
 """Image nodes: load from the input folder, save and preview with ComfyUI's PNG metadata, and resize."""
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterator
 
 import hashlib
 import os
@@ -9,12 +9,15 @@ import random
 import re
 import string
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image as PILImage, ImageOps, ImageSequence, PngImagePlugin
 
+from engine.config import current_config
+from engine.image_limits import ImageTooLarge, check_image_file, check_pixels, pixel_budget
 from engine.inputs import Combo, Float, Hidden, Int, String
 from engine.node import UI, NodeOutput, node
 from engine.paths import UnsafePathError, contained_path
@@ -60,7 +63,17 @@ def _validate_image(image: str) -> bool | str:
         path = annotated_path(image)
     except (UnsafePathError, ValueError) as exc:
         return f"Invalid image file: {image} ({exc})"
-    return True if path.is_file() else f"Invalid image file: {image}"
+    if not path.is_file():
+        return f"Invalid image file: {image}"
+    try:   # the pixel budget, from the header: an image bomb is refused before the prompt is queued
+        check_image_file(path, _budget(), f"image {image!r}")
+    except ImageTooLarge as exc:
+        return str(exc)
+    return True
+
+
+def _budget() -> int | None:
+    return pixel_budget(current_config() or runtime().config)
 
 
 def _file_sha256(image: str) -> str:
@@ -73,20 +86,24 @@ def _file_sha256(image: str) -> str:
 
 def _open(path: Path) -> PILImage.Image:
     try:
-        img = PILImage.open(path)
+        with warnings.catch_warnings():   # PIL's bomb warning: the budget below decides
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            img = PILImage.open(path)
+        check_pixels(img.width, img.height, _budget(), f"image {path.name!r}")   # before decoding
         img.load()
         return img
+    except ImageTooLarge:
+        raise
     except Exception as exc:
         raise ValueError(f"cannot read image {path.name!r}: {exc}") from None
 
 
-def _frames(img: PILImage.Image) -> list[PILImage.Image]:
-    frames = []
+def _frames(img: PILImage.Image) -> Iterator[PILImage.Image]:
+    """The frames one at a time (a caller may stop early: each one is decoded only when reached)."""
     for frame in ImageSequence.Iterator(img):
-        frames.append(ImageOps.exif_transpose(frame))
+        yield ImageOps.exif_transpose(frame)
         if img.format == "MPO":   # MPO's extra frames are depth maps, not a batch
             break
-    return frames
 
 
 def _frame_tensor(frame: PILImage.Image) -> torch.Tensor:
@@ -109,7 +126,12 @@ def load_image(image: Annotated[str, Combo(input_images, image_upload=True)]) ->
     """Loads an image from the input folder; its alpha channel becomes the mask (1 = transparent)."""
     img = _open(annotated_path(image))
     images, masks = [], []
+    budget, pixels = _budget(), 0
     for frame in _frames(img):
+        pixels += frame.width * frame.height   # many frames are a bomb too
+        if budget and pixels > budget:
+            raise ImageTooLarge(f"image {image!r}: its frames hold more than the budget of "
+                                f"{budget:,} pixels (--max-image-pixels)")
         t = _frame_tensor(frame)
         if images and t.shape != images[0].shape:
             continue   # a frame of another size cannot join the batch; later ones still may

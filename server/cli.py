@@ -38,6 +38,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="a ComfyUI extra_model_paths.yaml (repeatable)")
     g.add_argument("--cache-budget", type=float, metavar="MB",
                    help="byte budget of the output/model cache per device, in MB (default: automatic)")
+    g.add_argument("--max-image-pixels", type=float, default=64, metavar="MEGAPIXELS",
+                   help="largest image file that uploads and LoadImage accept, checked from its header "
+                        "before decoding (default 64 = 8192x8192; 0 = no limit)")
     g.add_argument("--nodes-module", action="append", default=[], metavar="MODULE",
                    help="import MODULE and register every node declared in it (repeatable)")
     g.add_argument("--no-builtin-nodes", action="store_true",
@@ -56,6 +59,10 @@ def make_config(args: argparse.Namespace) -> RuntimeConfig:
                            temp_dir=_opt_path(args.temp_dir), user_dir=_opt_path(args.user_dir),
                            extra_model_paths=[Path(p) for p in args.extra_model_paths_config],
                            cache_budget_bytes=budget)
+    if getattr(args, "max_image_pixels", None) is not None:
+        if args.max_image_pixels < 0:
+            raise SystemExit("--max-image-pixels must not be negative")
+        config.max_image_pixels = int(args.max_image_pixels * 1024 * 1024) or None
     config.ensure_dirs()
     return config
 
