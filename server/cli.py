@@ -108,9 +108,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not is_loopback_bind(args.host) and not token:
         log.warning("listening on %s without --auth-token: anyone who can reach this port can run workflows",
                     args.host)
-    app = create_app(config, registry, catalog, options=options)
+    from engine.store import StoreUnusable
+    try:
+        app = create_app(config, registry, catalog, options=options)
+    except StoreUnusable as e:
+        raise SystemExit(f"sdflow: {e}") from None
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"sdflow {len(registry)} node types; data in {config.data_dir.resolve()}", flush=True)
+    from .state import STATE
+    if app[STATE].store.problem:
+        print(f"WARNING: {app[STATE].store.problem}", file=sys.stderr, flush=True)
     print(f"sdflow serving on http://{shown}:{args.port}" + ("  (auth token required)" if token else ""), flush=True)
     web.run_app(app, host=args.host, port=args.port, print=None,
                 access_log=logging.getLogger("aiohttp.access") if args.verbose else None)
