@@ -187,7 +187,7 @@ async def post_interrupt(request: web.Request) -> web.Response:
     prompt_id = body.get("prompt_id")
     if prompt_id is not None and not is_text(prompt_id, 10_000):
         raise ApiError(400, "'prompt_id' must be a non-empty UTF-8 string")
-    state.worker.interrupt(prompt_id)
+    await asyncio.to_thread(state.worker.interrupt, prompt_id)   # it may wait for a claim in progress
     return web.Response(status=200)
 
 
