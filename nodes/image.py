@@ -23,6 +23,7 @@ from engine.node import UI, NodeOutput, node
 from engine.paths import UnsafePathError, contained_path
 from engine.png_metadata import png_text_chunks
 
+from . import costs
 from .imaging import IMAGE_METHODS, keep_aspect, resize, tensor_to_pil
 from .runtime import runtime
 from .types import MAX_RESOLUTION, Image, Mask
@@ -120,8 +121,22 @@ def _alpha_mask(frame: PILImage.Image) -> torch.Tensor:
     return torch.zeros((64, 64), dtype=torch.float32)
 
 
+def _load_image_cost(image: str, **_: Any) -> costs.Estimate | None:
+    """The size from the file's header, so the nodes downstream (VAEEncode, scaling) can be estimated."""
+    from engine.image_limits import image_size
+    try:
+        size = image_size(annotated_path(image))
+    except (UnsafePathError, ValueError, OSError):
+        return None
+    if size is None:
+        return None
+    w, h = size
+    out = {"shape": (1, h, w, 3)}
+    return costs.Estimate(costs.tensor_bytes(out["shape"]), [out, None], ("image",))
+
+
 @node("LoadImage", category="image", display_name="Load Image", validate=_validate_image,
-      fingerprint=_file_sha256)
+      fingerprint=_file_sha256, cost=_load_image_cost)
 def load_image(image: Annotated[str, Combo(input_images, image_upload=True)]) -> tuple[Image, Mask]:
     """Loads an image from the input folder; its alpha channel becomes the mask (1 = transparent)."""
     img = _open(annotated_path(image))
@@ -215,7 +230,7 @@ def preview_image(images: Image, prompt: Annotated[Any, Hidden("PROMPT")] = None
 
 # ---- resizing -------------------------------------------------------------------------------------
 
-@node("ImageScale", category="image/upscaling", display_name="Upscale Image")
+@node("ImageScale", category="image/upscaling", display_name="Upscale Image", cost=costs.image_scale)
 def image_scale(image: Image, upscale_method: Annotated[str, Combo(IMAGE_METHODS)],
                 width: Annotated[int, Int(512, min=0, max=MAX_RESOLUTION, step=1)],
                 height: Annotated[int, Int(512, min=0, max=MAX_RESOLUTION, step=1)],
@@ -227,7 +242,8 @@ def image_scale(image: Image, upscale_method: Annotated[str, Combo(IMAGE_METHODS
     return resize(image.movedim(-1, 1), w, h, upscale_method, crop).movedim(1, -1)
 
 
-@node("ImageScaleBy", category="image/upscaling", display_name="Upscale Image By")
+@node("ImageScaleBy", category="image/upscaling", display_name="Upscale Image By",
+      cost=costs.image_scale_by)
 def image_scale_by(image: Image, upscale_method: Annotated[str, Combo(IMAGE_METHODS)],
                    scale_by: Annotated[float, Float(1.0, min=0.01, max=8.0, step=0.01)]) -> Image:
     """Resizes images by a factor (dimensions rounded)."""
@@ -240,7 +256,7 @@ def image_invert(image: Image) -> Image:
     return 1.0 - image
 
 
-@node("EmptyImage", category="image")
+@node("EmptyImage", category="image", cost=costs.empty_image)
 def empty_image(width: Annotated[int, Int(512, min=1, max=MAX_RESOLUTION, step=1)], height: Annotated[int, Int(512, min=1, max=MAX_RESOLUTION, step=1)],
                 batch_size: Annotated[int, Int(1, min=1, max=4096)], color: Annotated[int, Int(0, min=0, max=0xFFFFFF, step=1, display="color")]) -> Image:
     r, g, b = ((color >> 16) & 0xFF) / 255.0, ((color >> 8) & 0xFF) / 255.0, (color & 0xFF) / 255.0

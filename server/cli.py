@@ -41,6 +41,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-image-pixels", type=float, default=64, metavar="MEGAPIXELS",
                    help="largest image file that uploads and LoadImage accept, checked from its header "
                         "before decoding (default 64 = 8192x8192; 0 = no limit)")
+    g.add_argument("--memory-budget", type=float, metavar="MB",
+                   help="refuse prompts whose estimated memory for one node exceeds this (default: 80%% of "
+                        "the GPU's memory, or of system RAM without one)")
     g.add_argument("--nodes-module", action="append", default=[], metavar="MODULE",
                    help="import MODULE and register every node declared in it (repeatable)")
     g.add_argument("--no-builtin-nodes", action="store_true",
@@ -59,6 +62,10 @@ def make_config(args: argparse.Namespace) -> RuntimeConfig:
                            temp_dir=_opt_path(args.temp_dir), user_dir=_opt_path(args.user_dir),
                            extra_model_paths=[Path(p) for p in args.extra_model_paths_config],
                            cache_budget_bytes=budget)
+    if getattr(args, "memory_budget", None) is not None:
+        if args.memory_budget <= 0:
+            raise SystemExit("--memory-budget must be positive")
+        config.work_budget_bytes = int(args.memory_budget * MB)
     if getattr(args, "max_image_pixels", None) is not None:
         if args.max_image_pixels < 0:
             raise SystemExit("--max-image-pixels must not be negative")
