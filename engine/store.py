@@ -137,6 +137,7 @@ class Store:
         self.problem: str | None = None
         self.set_aside: Path | None = None
         self._db = self._open_checked()
+        self._recount(self._db)
 
     # -- opening, with an integrity check ----------------------------------------------------------
 
@@ -243,6 +244,7 @@ class Store:
                         # leave no transaction open, or every later BEGIN would fail
                         _rollback(db)
                         raise
+                    self.store._recount(db)
                 else:
                     _rollback(db)
             finally:
@@ -325,9 +327,13 @@ class Store:
         return [self._item(r) for r in rows]
 
     def queue_remaining(self) -> int:
-        """Pending plus running, as ComfyUI's `exec_info.queue_remaining` counts them."""
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+        """Pending plus running, as ComfyUI's `exec_info.queue_remaining` counts them. Kept in memory and
+        updated by every transaction that changes the queue, so the event loop can read it on each status
+        broadcast without touching SQLite or waiting for the lock a long transaction holds."""
+        return self._queue_rows
+
+    def _recount(self, db: sqlite3.Connection) -> None:
+        self._queue_rows = db.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
 
     def counts(self) -> dict[str, int]:
         """Queue items per status ("pending", "running"), without reading the prompts."""
