@@ -51,14 +51,27 @@ class Executor:
         self.config = config
         # Nodes skip making step previews when nobody wants them (RuntimeConfig.preview_method "none").
         self.previews = getattr(config, "preview_method", "latent2rgb") != "none"
-        self._interrupt = threading.Event()
+        # Interrupts are keyed by prompt id and may arrive before that prompt's execution starts (the
+        # worker has claimed it, the executor has not begun): they are kept until it ends, never cleared
+        # by its start. Bounded: ids of prompts that never ran here are dropped oldest first.
+        self._interrupts: dict[str, None] = {}
+        self._interrupt_lock = threading.Lock()
         self._running: str | None = None
         self._last_validation: tuple[str, Any] | None = None   # (digest of prompt + targets, result)
 
     # ---- control from other threads --------------------------------------------------------------
     def interrupt(self, prompt_id: str | None = None) -> None:
-        if prompt_id is None or prompt_id == self._running:
-            self._interrupt.set()
+        """Interrupt `prompt_id` (now, or as soon as it starts), or with None the running prompt."""
+        with self._interrupt_lock:
+            target = prompt_id if prompt_id is not None else self._running
+            if target is None:
+                return
+            self._interrupts[target] = None
+            while len(self._interrupts) > 1000:
+                del self._interrupts[next(iter(self._interrupts))]
+
+    def is_interrupted(self, prompt_id: str) -> bool:
+        return prompt_id in self._interrupts
 
     @property
     def running(self) -> str | None:
@@ -76,14 +89,16 @@ class Executor:
     # ---- running a prompt -------------------------------------------------------------------------
     def execute(self, prompt: dict, prompt_id: str, *, outputs: list[str] | None = None,
                 extra_data: dict | None = None, emit: Emit = no_emit) -> RunResult:
-        self._interrupt.clear()
-        self._running = prompt_id
+        with self._interrupt_lock:
+            self._running = prompt_id
         token = set_current_config(self.config)
         try:
             return _Run(self, prompt, prompt_id, outputs, extra_data or {}, emit).go()
         finally:
             reset_current_config(token)
-            self._running = None
+            with self._interrupt_lock:
+                self._running = None
+                self._interrupts.pop(prompt_id, None)
             self.cache.unpin_all()
 
     def _validate(self, prompt: dict, targets: list[str] | None):
@@ -101,7 +116,7 @@ class Executor:
         return vr
 
     def _check_interrupt(self) -> None:
-        if self._interrupt.is_set():
+        if self._interrupts and self._running in self._interrupts:
             raise Interrupted("interrupted")
 
 

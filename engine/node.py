@@ -78,6 +78,9 @@ class NodeDef:
     python_module: str = "nodes"
     validate_names: frozenset[str] = field(default_factory=frozenset)
     fingerprint_names: frozenset[str] | None = None
+    # `cost(**inputs) -> engine.cost.Estimate`: the memory the node will need, from its constants and its
+    # linked inputs' estimated sizes, so a prompt that cannot fit is refused before it runs.
+    cost: Callable[..., Any] | None = None
 
     # ---- schema -----------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -229,7 +232,8 @@ def node(name: str | None = None, *, category: str = "sdflow", display_name: str
          validate: Callable[..., Any] | None = None, check_lazy: Callable[..., Any] | None = None,
          input_is_list: bool = False, output_is_list: bool | Sequence[bool] = False,
          output_names: Sequence[str] | None = None, output_tooltips: Sequence[str] | None = None,
-         deprecated: bool = False, experimental: bool = False) -> Callable[[Callable], Callable]:
+         deprecated: bool = False, experimental: bool = False,
+         cost: Callable[..., Any] | None = None) -> Callable[[Callable], Callable]:
     """Declare a node type. `fingerprint(**constants)` returns what else the result depends on (a file's
     hash); `deterministic=False` re-runs the node on every prompt; `validate(**constants)` returns True or
     an error string; `check_lazy(**inputs)` returns the names of lazy inputs it needs."""
@@ -240,7 +244,7 @@ def node(name: str | None = None, *, category: str = "sdflow", display_name: str
                            deterministic=deterministic, fingerprint=fingerprint, validate=validate,
                            check_lazy=check_lazy, input_is_list=input_is_list, output_is_list=output_is_list,
                            output_names=output_names, output_tooltips=output_tooltips,
-                           deprecated=deprecated, experimental=experimental)
+                           deprecated=deprecated, experimental=experimental, cost=cost)
         fn.__sdflow_node__ = nd
         return fn
 

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 import networkx as nx
 
+from .cost import check_costs, work_budget
 from .inputs import ComboSpec, types_match
 from .node import NodeDef, _error
 from .prompt import PromptNode, parse_node
@@ -84,8 +85,10 @@ def _short(value: Any) -> str:
     return _cut(text, 80)
 
 
-def validate_prompt(prompt: Any, registry: Registry,
-                    partial_execution_targets: list[str] | None = None) -> ValidationResult:
+def validate_prompt(prompt: Any, registry: Registry, partial_execution_targets: list[str] | None = None,
+                    *, budget_bytes: int | None = None) -> ValidationResult:
+    """`budget_bytes`: the memory one node may need (default: `engine.cost.work_budget` of the registry's
+    config); nodes whose cost estimate exceeds it are refused."""
     if prompt is None or prompt == {}:
         return ValidationResult(_top("no_prompt", "No prompt provided"))
     if not isinstance(prompt, dict):
@@ -189,6 +192,12 @@ def validate_prompt(prompt: Any, registry: Registry,
         for nid in members[:MAX_CYCLE_REPORTS]:
             own_errors.setdefault(nid, []).append(err)
         cycle_members.update(members)
+
+    # Layer 5: the memory estimate, over the valid nodes in order (sizes flow from sources to consumers).
+    if order and any(rn.nodedef.cost is not None for rn in resolved.values()):
+        budget = budget_bytes if budget_bytes is not None else work_budget(getattr(registry, "config", None))
+        for nid, err in check_costs(resolved, order, budget, skip=set(own_errors) | set(unknown)).items():
+            own_errors.setdefault(nid, []).append(err)
 
     # Propagate: an output is valid when neither it nor any ancestor has errors. Each walk below is one
     # pass over the graph, whatever the number of bad nodes (a large graph may have many).

@@ -1,7 +1,7 @@
 """Image nodes: load from the input folder, save and preview with ComfyUI's PNG metadata, and resize."""
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterator
 
 import hashlib
 import os
@@ -9,17 +9,21 @@ import random
 import re
 import string
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image as PILImage, ImageOps, ImageSequence, PngImagePlugin
 
+from engine.config import current_config
+from engine.image_limits import ImageTooLarge, check_image_file, check_pixels, pixel_budget
 from engine.inputs import Combo, Float, Hidden, Int, String
 from engine.node import UI, NodeOutput, node
 from engine.paths import UnsafePathError, contained_path
 from engine.png_metadata import png_text_chunks
 
+from . import costs
 from .imaging import IMAGE_METHODS, keep_aspect, resize, tensor_to_pil
 from .runtime import runtime
 from .types import MAX_RESOLUTION, Image, Mask
@@ -60,7 +64,17 @@ def _validate_image(image: str) -> bool | str:
         path = annotated_path(image)
     except (UnsafePathError, ValueError) as exc:
         return f"Invalid image file: {image} ({exc})"
-    return True if path.is_file() else f"Invalid image file: {image}"
+    if not path.is_file():
+        return f"Invalid image file: {image}"
+    try:   # the pixel budget, from the header: an image bomb is refused before the prompt is queued
+        check_image_file(path, _budget(), f"image {image!r}")
+    except ImageTooLarge as exc:
+        return str(exc)
+    return True
+
+
+def _budget() -> int | None:
+    return pixel_budget(current_config() or runtime().config)
 
 
 def _file_sha256(image: str) -> str:
@@ -73,20 +87,24 @@ def _file_sha256(image: str) -> str:
 
 def _open(path: Path) -> PILImage.Image:
     try:
-        img = PILImage.open(path)
+        with warnings.catch_warnings():   # PIL's bomb warning: the budget below decides
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            img = PILImage.open(path)
+        check_pixels(img.width, img.height, _budget(), f"image {path.name!r}")   # before decoding
         img.load()
         return img
+    except ImageTooLarge:
+        raise
     except Exception as exc:
         raise ValueError(f"cannot read image {path.name!r}: {exc}") from None
 
 
-def _frames(img: PILImage.Image) -> list[PILImage.Image]:
-    frames = []
+def _frames(img: PILImage.Image) -> Iterator[PILImage.Image]:
+    """The frames one at a time (a caller may stop early: each one is decoded only when reached)."""
     for frame in ImageSequence.Iterator(img):
-        frames.append(ImageOps.exif_transpose(frame))
+        yield ImageOps.exif_transpose(frame)
         if img.format == "MPO":   # MPO's extra frames are depth maps, not a batch
             break
-    return frames
 
 
 def _frame_tensor(frame: PILImage.Image) -> torch.Tensor:
@@ -103,13 +121,32 @@ def _alpha_mask(frame: PILImage.Image) -> torch.Tensor:
     return torch.zeros((64, 64), dtype=torch.float32)
 
 
+def _load_image_cost(image: str, **_: Any) -> costs.Estimate | None:
+    """The size from the file's header, so the nodes downstream (VAEEncode, scaling) can be estimated."""
+    from engine.image_limits import image_size
+    try:
+        size = image_size(annotated_path(image))
+    except (UnsafePathError, ValueError, OSError):
+        return None
+    if size is None:
+        return None
+    w, h = size
+    out = {"shape": (1, h, w, 3)}
+    return costs.Estimate(costs.tensor_bytes(out["shape"]), [out, None], ("image",))
+
+
 @node("LoadImage", category="image", display_name="Load Image", validate=_validate_image,
-      fingerprint=_file_sha256)
+      fingerprint=_file_sha256, cost=_load_image_cost)
 def load_image(image: Annotated[str, Combo(input_images, image_upload=True)]) -> tuple[Image, Mask]:
     """Loads an image from the input folder; its alpha channel becomes the mask (1 = transparent)."""
     img = _open(annotated_path(image))
     images, masks = [], []
+    budget, pixels = _budget(), 0
     for frame in _frames(img):
+        pixels += frame.width * frame.height   # many frames are a bomb too
+        if budget and pixels > budget:
+            raise ImageTooLarge(f"image {image!r}: its frames hold more than the budget of "
+                                f"{budget:,} pixels (--max-image-pixels)")
         t = _frame_tensor(frame)
         if images and t.shape != images[0].shape:
             continue   # a frame of another size cannot join the batch; later ones still may
@@ -193,7 +230,7 @@ def preview_image(images: Image, prompt: Annotated[Any, Hidden("PROMPT")] = None
 
 # ---- resizing -------------------------------------------------------------------------------------
 
-@node("ImageScale", category="image/upscaling", display_name="Upscale Image")
+@node("ImageScale", category="image/upscaling", display_name="Upscale Image", cost=costs.image_scale)
 def image_scale(image: Image, upscale_method: Annotated[str, Combo(IMAGE_METHODS)],
                 width: Annotated[int, Int(512, min=0, max=MAX_RESOLUTION, step=1)],
                 height: Annotated[int, Int(512, min=0, max=MAX_RESOLUTION, step=1)],
@@ -205,7 +242,8 @@ def image_scale(image: Image, upscale_method: Annotated[str, Combo(IMAGE_METHODS
     return resize(image.movedim(-1, 1), w, h, upscale_method, crop).movedim(1, -1)
 
 
-@node("ImageScaleBy", category="image/upscaling", display_name="Upscale Image By")
+@node("ImageScaleBy", category="image/upscaling", display_name="Upscale Image By",
+      cost=costs.image_scale_by)
 def image_scale_by(image: Image, upscale_method: Annotated[str, Combo(IMAGE_METHODS)],
                    scale_by: Annotated[float, Float(1.0, min=0.01, max=8.0, step=0.01)]) -> Image:
     """Resizes images by a factor (dimensions rounded)."""
@@ -218,7 +256,7 @@ def image_invert(image: Image) -> Image:
     return 1.0 - image
 
 
-@node("EmptyImage", category="image")
+@node("EmptyImage", category="image", cost=costs.empty_image)
 def empty_image(width: Annotated[int, Int(512, min=1, max=MAX_RESOLUTION, step=1)], height: Annotated[int, Int(512, min=1, max=MAX_RESOLUTION, step=1)],
                 batch_size: Annotated[int, Int(1, min=1, max=4096)], color: Annotated[int, Int(0, min=0, max=0xFFFFFF, step=1, display="color")]) -> Image:
     r, g, b = ((color >> 16) & 0xFF) / 255.0, ((color >> 8) & 0xFF) / 255.0, (color & 0xFF) / 255.0

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from engine.inputs import Combo, Float, Int
 from engine.node import node
 
+from . import costs
 from .imaging import LATENT_METHODS, keep_aspect, resize
 from .models.memory import default_device
 from .types import MAX_RESOLUTION, Image, Latent, Mask, Vae
 
 
-@node("EmptyLatentImage", category="latent")
+@node("EmptyLatentImage", category="latent", cost=costs.empty_latent)
 def empty_latent_image(width: Annotated[int, Int(512, min=16, max=MAX_RESOLUTION, step=8, tooltip="The width of the latent images in pixels.")],
                        height: Annotated[int, Int(512, min=16, max=MAX_RESOLUTION, step=8, tooltip="The height of the latent images in pixels.")],
                        batch_size: Annotated[int, Int(1, min=1, max=4096, tooltip="The number of latent images in the batch.")]) -> Latent:
@@ -25,19 +26,20 @@ def empty_latent_image(width: Annotated[int, Int(512, min=16, max=MAX_RESOLUTION
     return {"samples": samples}
 
 
-@node("VAEDecode", category="latent", display_name="VAE Decode")
+@node("VAEDecode", category="latent", display_name="VAE Decode", cost=costs.vae_decode)
 def vae_decode(samples: Latent, vae: Vae) -> Image:
     """Decodes latent images back into pixel space images."""
     return vae.decode(samples["samples"])   # the VAE flattens video-shaped latents to a batch
 
 
-@node("VAEEncode", category="latent", display_name="VAE Encode")
+@node("VAEEncode", category="latent", display_name="VAE Encode", cost=costs.vae_encode)
 def vae_encode(pixels: Image, vae: Vae) -> Latent:
     """Encodes pixel images into latents."""
     return {"samples": vae.encode(pixels)}   # the VAE takes RGB of RGBA and crops to its stride
 
 
-@node("VAEEncodeForInpaint", category="latent/inpaint", display_name="VAE Encode (for Inpainting)")
+@node("VAEEncodeForInpaint", category="latent/inpaint", display_name="VAE Encode (for Inpainting)",
+      cost=costs.vae_encode)
 def vae_encode_for_inpaint(pixels: Image, vae: Vae, mask: Mask,
                            grow_mask_by: Annotated[int, Int(6, min=0, max=64, step=1)]) -> Latent:
     """Encodes an image for inpainting: masked pixels become neutral grey and the mask is grown so the
@@ -70,7 +72,7 @@ def set_latent_noise_mask(samples: Latent, mask: Mask) -> Latent:
     return {**samples, "noise_mask": mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))}
 
 
-@node("LatentUpscale", category="latent", display_name="Upscale Latent")
+@node("LatentUpscale", category="latent", display_name="Upscale Latent", cost=costs.latent_upscale)
 def latent_upscale(samples: Latent, upscale_method: Annotated[str, Combo(LATENT_METHODS)],
                    width: Annotated[int, Int(512, min=0, max=MAX_RESOLUTION, step=8)],
                    height: Annotated[int, Int(512, min=0, max=MAX_RESOLUTION, step=8)],
@@ -86,7 +88,7 @@ def latent_upscale(samples: Latent, upscale_method: Annotated[str, Combo(LATENT_
     return {**samples, "samples": resize(s, w // 8, h // 8, upscale_method, crop)}
 
 
-@node("LatentUpscaleBy", category="latent", display_name="Upscale Latent By")
+@node("LatentUpscaleBy", category="latent", display_name="Upscale Latent By", cost=costs.latent_upscale_by)
 def latent_upscale_by(samples: Latent, upscale_method: Annotated[str, Combo(LATENT_METHODS)],
                       scale_by: Annotated[float, Float(1.5, min=0.01, max=8.0, step=0.01)]) -> Latent:
     """Resizes latents by a factor."""

@@ -14,6 +14,7 @@ from engine import progress
 from engine.inputs import Combo, Float, Int
 from engine.node import node
 
+from . import costs
 from .models.diffusion_model import DiffusionModelHandle
 from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES
 from .sampling.model_sampling import DiscreteSchedule
@@ -48,7 +49,7 @@ def common_ksampler(model: DiffusionModelHandle, seed: int, steps: int, cfg: flo
     return {**latent, "samples": out}
 
 
-@node("KSampler", category="sampling")
+@node("KSampler", category="sampling", cost=costs.ksampler)
 def ksampler(model: Model,
              seed: Annotated[int, Int(0, min=0, max=MAX_SEED, control_after_generate=True,
                        tooltip="The random seed used for creating the noise.")],
@@ -66,7 +67,7 @@ def ksampler(model: Model,
                            latent_image, denoise=denoise)
 
 
-@node("KSamplerAdvanced", category="sampling", display_name="KSampler (Advanced)")
+@node("KSamplerAdvanced", category="sampling", display_name="KSampler (Advanced)", cost=costs.ksampler)
 def ksampler_advanced(model: Model, add_noise: Annotated[str, Combo(["enable", "disable"])],
                       noise_seed: Annotated[int, Int(0, min=0, max=MAX_SEED, control_after_generate=True)],
                       steps: Annotated[int, Int(20, min=1, max=10000)],

@@ -112,6 +112,8 @@ async def _startup(app: web.Application) -> None:
     state = app[STATE]
     app[LOCK] = _lock_data_dir(state.store.path)
     state.hub.loop = asyncio.get_running_loop()
+    if state.store.problem:
+        log.warning("%s", state.store.problem)
     failed = state.store.recover()
     if failed:
         log.warning("%d prompt(s) were running when the server last stopped; marked failed: %s",

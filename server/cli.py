@@ -38,6 +38,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="a ComfyUI extra_model_paths.yaml (repeatable)")
     g.add_argument("--cache-budget", type=float, metavar="MB",
                    help="byte budget of the output/model cache per device, in MB (default: automatic)")
+    g.add_argument("--max-image-pixels", type=float, default=64, metavar="MEGAPIXELS",
+                   help="largest image file that uploads and LoadImage accept, checked from its header "
+                        "before decoding (default 64 = 8192x8192; 0 = no limit)")
+    g.add_argument("--memory-budget", type=float, metavar="MB",
+                   help="refuse prompts whose estimated memory for one node exceeds this (default: 80%% of "
+                        "the GPU's memory, or of system RAM without one)")
     g.add_argument("--nodes-module", action="append", default=[], metavar="MODULE",
                    help="import MODULE and register every node declared in it (repeatable)")
     g.add_argument("--no-builtin-nodes", action="store_true",
@@ -56,6 +62,14 @@ def make_config(args: argparse.Namespace) -> RuntimeConfig:
                            temp_dir=_opt_path(args.temp_dir), user_dir=_opt_path(args.user_dir),
                            extra_model_paths=[Path(p) for p in args.extra_model_paths_config],
                            cache_budget_bytes=budget)
+    if getattr(args, "memory_budget", None) is not None:
+        if args.memory_budget <= 0:
+            raise SystemExit("--memory-budget must be positive")
+        config.work_budget_bytes = int(args.memory_budget * MB)
+    if getattr(args, "max_image_pixels", None) is not None:
+        if args.max_image_pixels < 0:
+            raise SystemExit("--max-image-pixels must not be negative")
+        config.max_image_pixels = int(args.max_image_pixels * 1024 * 1024) or None
     config.ensure_dirs()
     return config
 
@@ -101,9 +115,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not is_loopback_bind(args.host) and not token:
         log.warning("listening on %s without --auth-token: anyone who can reach this port can run workflows",
                     args.host)
-    app = create_app(config, registry, catalog, options=options)
+    from engine.store import StoreUnusable
+    try:
+        app = create_app(config, registry, catalog, options=options)
+    except StoreUnusable as e:
+        raise SystemExit(f"sdflow: {e}") from None
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"sdflow {len(registry)} node types; data in {config.data_dir.resolve()}", flush=True)
+    from .state import STATE
+    if app[STATE].store.problem:
+        print(f"WARNING: {app[STATE].store.problem}", file=sys.stderr, flush=True)
     print(f"sdflow serving on http://{shown}:{args.port}" + ("  (auth token required)" if token else ""), flush=True)
     web.run_app(app, host=args.host, port=args.port, print=None,
                 access_log=logging.getLogger("aiohttp.access") if args.verbose else None)

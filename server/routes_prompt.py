@@ -123,12 +123,19 @@ async def enqueue(state: AppState, prompt, extra_data: dict, *, targets: list[st
     if not result.ok:
         return json_response({"error": result.error, "node_errors": result.node_errors}, status=400)
 
-    if number is None:
-        number = float(state.store.next_number())
-        if front:
-            number = -number
+    store = state.store
+
+    def put() -> float:   # in a thread: the worker may hold the store's lock (finishing, trimming history)
+        n = number
+        if n is None:
+            n = float(store.next_number())
+            if front:
+                n = -n
+        store.enqueue(n, prompt_id, prompt, extra_data, result.outputs)
+        return n
+
     try:
-        state.store.enqueue(number, prompt_id, prompt, extra_data, result.outputs)
+        number = await asyncio.to_thread(put)
     except DuplicatePromptId:
         raise ApiError(400, f"prompt_id {prompt_id!r} is already queued or in history",
                        type_="duplicate_prompt_id") from None
@@ -144,10 +151,10 @@ async def enqueue(state: AppState, prompt, extra_data: dict, *, targets: list[st
             responses={"200": "{queue_running: [item], queue_pending: [item], paused}"})
 async def get_queue(request: web.Request) -> web.Response:
     store = request.app[STATE].store
-    running, pending = await asyncio.to_thread(lambda: (store.running(), store.pending()))
+    running, pending, paused = await asyncio.to_thread(lambda: (store.running(), store.pending(), store.paused))
     return json_response({"queue_running": [i.wire() for i in running],
                           "queue_pending": [i.wire() for i in pending],
-                          "paused": store.paused})
+                          "paused": paused})
 
 
 def _id_list(body: dict, key: str) -> list[str]:
@@ -167,14 +174,19 @@ def _id_list(body: dict, key: str) -> list[str]:
 async def post_queue(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json_object(request)
-    if body.get("clear"):
-        state.store.clear_pending()
-    if "delete" in body:
-        state.store.delete_pending(_id_list(body, "delete"))
-    if body.get("pause"):
-        state.worker.set_paused(True)
-    if body.get("resume"):
-        state.worker.set_paused(False)
+    delete = _id_list(body, "delete") if "delete" in body else None
+
+    def change() -> None:
+        if body.get("clear"):
+            state.store.clear_pending()
+        if delete is not None:
+            state.store.delete_pending(delete)
+        if body.get("pause"):
+            state.worker.set_paused(True)
+        if body.get("resume"):
+            state.worker.set_paused(False)
+
+    await asyncio.to_thread(change)
     queue_changed(state)
     return web.Response(status=200)
 
@@ -187,7 +199,7 @@ async def post_interrupt(request: web.Request) -> web.Response:
     prompt_id = body.get("prompt_id")
     if prompt_id is not None and not is_text(prompt_id, 10_000):
         raise ApiError(400, "'prompt_id' must be a non-empty UTF-8 string")
-    state.worker.interrupt(prompt_id)
+    await asyncio.to_thread(state.worker.interrupt, prompt_id)   # it may wait for a claim in progress
     return web.Response(status=200)
 
 
@@ -226,8 +238,13 @@ async def get_history_item(request: web.Request) -> web.Response:
 async def post_history(request: web.Request) -> web.Response:
     store = request.app[STATE].store
     body = await read_json_object(request)
-    if body.get("clear"):
-        store.clear_history()
-    if "delete" in body:
-        store.delete_history(_id_list(body, "delete"))
+    delete = _id_list(body, "delete") if "delete" in body else None
+
+    def change() -> None:
+        if body.get("clear"):
+            store.clear_history()
+        if delete is not None:
+            store.delete_history(delete)
+
+    await asyncio.to_thread(change)
     return web.Response(status=200)

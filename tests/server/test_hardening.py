@@ -237,3 +237,58 @@ async def test_non_utf8_headers(tmp_path, header):
     finally:
         await srv.session.close()
         await runner.cleanup()
+
+
+# ---- heavy requests: memory stays bounded ---------------------------------------------------------
+
+MB = 1024 * 1024
+
+
+def rss() -> int:
+    """The server's resident memory (it runs in this process)."""
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+async def test_huge_cycle_is_refused_with_a_small_answer_and_bounded_memory(server):
+    size = 20_000
+    prompt = {str(i): {"class_type": "TestAdd", "inputs": {"a": [str((i + 1) % size), 0], "b": 1}}
+              for i in range(size)}
+    prompt["out"] = {"class_type": "TestShow", "inputs": {"value": ["0", 0]}}
+    before = rss()
+    async with await server.post("/prompt", json={"prompt": prompt}) as r:
+        body = await r.read()
+        assert r.status == 400
+    assert len(body) < 50_000, len(body)
+    data = json.loads(body)
+    cycle = [e for entry in data["node_errors"].values() for e in entry["errors"] if e["type"] == "dependency_cycle"]
+    assert cycle and cycle[0]["extra_info"]["cycle_size"] == size
+    assert rss() - before < 400 * MB, (rss() - before) / MB
+    await assert_alive(server)
+
+
+async def test_image_bombs_refused_from_the_header_with_bounded_memory(server):
+    from tests.image_bombs import bomb_png
+
+    bomb = bomb_png(11000, 11000)
+    assert len(bomb) < 400_000
+    before = rss()
+    async with await server.post("/upload/image", data=multipart(bomb, filename="bomb.png")) as r:
+        text = await r.text()
+        assert r.status == 413, text
+    assert "11000x11000" in text and "budget" in text
+    assert not (server.config.input_dir / "bomb.png").exists()
+    # as the mask, and as the original the mask is merged into
+    (server.config.input_dir / "small.png").write_bytes(png((8, 8)))
+    ref = json.dumps({"filename": "small.png", "type": "input"})
+    async with await server.post("/upload/mask", data=multipart(bomb, filename="m.png", original_ref=ref)) as r:
+        assert r.status == 413, await r.text()
+    (server.config.input_dir / "big.png").write_bytes(bomb)
+    ref = json.dumps({"filename": "big.png", "type": "input"})
+    async with await server.post("/upload/mask", data=multipart(png((8, 8)), filename="m2.png",
+                                                                original_ref=ref)) as r:
+        assert r.status == 413, await r.text()
+    async with await server.get("/view?filename=big.png&type=input&preview=webp") as r:
+        assert r.status == 413, await r.text()
+    assert rss() - before < 300 * MB, (rss() - before) / MB
+    await assert_alive(server)
