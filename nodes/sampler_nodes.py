@@ -32,7 +32,8 @@ def common_ksampler(model: DiffusionModelHandle, seed: int, steps: int, cfg: flo
     samples = latent["samples"]
     batch_index = latent.get("batch_index")
     noise = torch.zeros_like(samples, device="cpu") if disable_noise else prepare_noise(samples, seed, batch_index)
-    schedule = DiscreteSchedule(prediction_type=model.prediction_type)
+    schedule = model.sampling_schedule() if hasattr(model, "sampling_schedule") else \
+        DiscreteSchedule(prediction_type=model.prediction_type)
     device = model.load_device if hasattr(model, "load_device") else samples.device
     preview_arch = _PREVIEW_ARCH.get(model.arch, "sd1")
 

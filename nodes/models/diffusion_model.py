@@ -23,6 +23,16 @@ class DiffusionModelHandle(ResidentMixin):
         self.prediction_type = prediction_type
         self.load_device = device or default_device()
 
+    # A ModelSampling* node's noise schedule (nodes/model_patches.py); None = the checkpoint's own.
+    model_sampling: Any = None
+
+    def sampling_schedule(self) -> Any:
+        """The DiscreteSchedule (or override) samplers use with this model."""
+        if self.model_sampling is not None:
+            return self.model_sampling
+        from ..sampling.model_sampling import DiscreteSchedule
+        return DiscreteSchedule(prediction_type=self.prediction_type)
+
     @classmethod
     def from_checkpoint(cls, checkpoint: Any, device: str | None = None) -> "DiffusionModelHandle":
         """From a `nodes.models.checkpoint.LoadedCheckpoint` (duck-typed)."""
