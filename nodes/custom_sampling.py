@@ -14,6 +14,7 @@ from engine import progress
 from engine.inputs import Boolean, Combo, Float, Int
 from engine.node import node
 
+from .sampler_nodes import patched_guider
 from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES, calculate_sigmas
 from .sampling.custom import EmptyNoise, Guider as GuiderValue, RandomNoise as RandomNoiseValue, SamplerChoice
 from .sampling.preview import latent_to_rgb
@@ -262,7 +263,9 @@ def _run(node_name: str, guider: GuiderValue, noise_tensor: torch.Tensor, seed: 
                  positive=guider.positive, negative=guider.negative, cfg=guider.effective_cfg(),
                  sampler_name=sampler.name, scheduler="normal", steps=steps, seed=int(seed),
                  noise_mask=latent.get("noise_mask"), callback=on_step, sigmas=sigmas,
-                 sampler_options=dict(sampler.options), denoiser_factory=guider.denoiser_factory())
+                 sampler_options=dict(sampler.options),
+                 denoiser_factory=guider.denoiser_factory() or patched_guider(model),
+                 patches=getattr(model, "sampling_patches", None))
     result = {**latent, "samples": out.cpu().to(samples.dtype)}
     denoised = {**latent, "samples": last_x0[0].cpu().to(samples.dtype)} if last_x0 else result
     return CustomSamplerOutput(result, denoised)

@@ -238,6 +238,12 @@ class CFGDenoiser:
         # blend (ComfyUI's post-CFG "uncond_denoised"); None when the negative pass was skipped.
         self.need_uncond = False
         self.last_uncond: torch.Tensor | None = None
+        # Model patches (nodes/model_patches.py): cfg_function(cond, uncond, cfg, x, sigma) -> denoised
+        # replaces the CFG mix; mask_function(sigma, mask, step_sigmas) -> mask reshapes the inpainting
+        # mask per step; step_sigmas is the sampler's schedule (set by sample()).
+        self.cfg_function: Callable[..., torch.Tensor] | None = None
+        self.mask_function: Callable[..., torch.Tensor] | None = None
+        self.step_sigmas: torch.Tensor | None = None
         self.model_calls = 0
         # (device, dtype) -> (mask, latent_image, inpaint_noise) on that device; see _inpaint_tensors
         self._inpaint_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -273,6 +279,8 @@ class CFGDenoiser:
             sigma = sigma.expand(x.shape[0])
         if self.mask is not None:
             mask, original, inpaint_noise = self._inpaint_tensors(x)
+            if self.mask_function is not None:
+                mask = self.mask_function(sigma, mask, self.step_sigmas)
             renoised = original + inpaint_noise * _bcast(sigma, x)
             x = x * mask + renoised * (1 - mask)
         out = self.guide(x, sigma)
@@ -285,7 +293,11 @@ class CFGDenoiser:
         and negative predictions. Other guiders (nodes/sampling/guiders.py) combine other predictions."""
         cond, uncond = self.predict(x, sigma, skip_uncond=self.skip_uncond and not self.need_uncond)
         self.last_uncond = uncond
-        return cond if uncond is None else uncond + (cond - uncond) * self.cfg
+        if uncond is None:
+            return cond
+        if self.cfg_function is not None:
+            return self.cfg_function(cond, uncond, self.cfg, x, sigma)
+        return uncond + (cond - uncond) * self.cfg
 
     def _inpaint_tensors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The inpainting mask, original latent and re-noise noise on x's device/dtype, moved once."""

@@ -76,6 +76,7 @@ def sample(
     sigmas: torch.Tensor | None = None,
     sampler_options: dict[str, Any] | None = None,
     denoiser_factory: Callable[..., Any] | None = None,
+    patches: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Run one KSampler call and return the sampled latent (same space and shape as ``latent_image``).
 
@@ -88,6 +89,7 @@ def sample(
     and stops sampling (the interrupt path). ``sigmas`` overrides the scheduler (custom sampling).
     ``sampler_options`` are keyword arguments for the sampler (eta, s_noise, ...); ``denoiser_factory``
     replaces ``make_denoiser`` (same arguments) for guiders other than CFG (``guiders.py``).
+    ``patches`` are the model's sampling patches (``cfg_function``, ``denoise_mask_function``).
     """
     get_sampler(sampler_name)  # fail fast on an unknown name
     device = latent_image.device
@@ -130,6 +132,11 @@ def sample(
         seed=seed,
         noise=inpaint_noise if noise_mask is not None else None,
     )
+
+    patches = patches or {}
+    denoiser.cfg_function = patches.get("cfg_function")
+    denoiser.mask_function = patches.get("denoise_mask_function")
+    denoiser.step_sigmas = sigmas
 
     x = schedule.noise_scaling(sigmas[0], noise, latent, schedule.is_max_denoise(sigmas))
     total = len(sigmas) - 1
