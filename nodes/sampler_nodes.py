@@ -6,7 +6,7 @@ LATENT values hold model-space latents (the VAE's scaling factor is applied by t
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 
@@ -26,6 +26,16 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 _PREVIEW_ARCH = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl"}
 
 
+def patched_guider(model) -> Any:
+    """The denoiser factory a guider patch (PerpNeg) puts on the model, or None for plain CFG."""
+    patch = getattr(model, "sampling_patches", {}).get("guider")
+    if patch is None:
+        return None
+    from .sampling.custom import Guider
+    kind, conds, options = patch
+    return Guider(model, {"positive": [], "negative": [], **conds}, 1.0, kind, dict(options)).denoiser_factory()
+
+
 def common_ksampler(model: DiffusionModelHandle, seed: int, steps: int, cfg: float, sampler_name: str,
                     scheduler: str, positive: list, negative: list, latent: dict, denoise: float = 1.0,
                     disable_noise: bool = False, start_step: int | None = None, last_step: int | None = None,
@@ -33,7 +43,8 @@ def common_ksampler(model: DiffusionModelHandle, seed: int, steps: int, cfg: flo
     samples = latent["samples"]
     batch_index = latent.get("batch_index")
     noise = torch.zeros_like(samples, device="cpu") if disable_noise else prepare_noise(samples, seed, batch_index)
-    schedule = DiscreteSchedule(prediction_type=model.prediction_type)
+    schedule = model.sampling_schedule() if hasattr(model, "sampling_schedule") else \
+        DiscreteSchedule(prediction_type=model.prediction_type)
     device = model.load_device if hasattr(model, "load_device") else samples.device
     preview_arch = _PREVIEW_ARCH.get(model.arch, "sd1")
 
@@ -45,7 +56,8 @@ def common_ksampler(model: DiffusionModelHandle, seed: int, steps: int, cfg: flo
                  positive=positive, negative=negative, cfg=cfg, sampler_name=sampler_name,
                  scheduler=scheduler, steps=steps, seed=seed, denoise=denoise,
                  noise_mask=latent.get("noise_mask"), start_step=start_step, last_step=last_step,
-                 force_full_denoise=force_full_denoise, add_noise=not disable_noise, callback=on_step)
+                 force_full_denoise=force_full_denoise, add_noise=not disable_noise, callback=on_step,
+                 patches=getattr(model, "sampling_patches", None), denoiser_factory=patched_guider(model))
     return {**latent, "samples": out}
 
 

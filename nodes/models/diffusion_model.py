@@ -1,6 +1,7 @@
 """What the MODEL socket carries: a diffusers UNet plus the facts a sampler needs about it."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -22,6 +23,37 @@ class DiffusionModelHandle(ResidentMixin):
         self.arch = arch
         self.prediction_type = prediction_type
         self.load_device = device or default_device()
+
+    # A ModelSampling* node's noise schedule (nodes/model_patches.py); None = the checkpoint's own.
+    model_sampling: Any = None
+    # Sampling patches set by model-patch nodes on a clone (see with_patches): "cfg_function",
+    # "denoise_mask_function" (read by nodes.sampling.sample), "guider" (a (kind, ...) tuple for
+    # guiders other than CFG) and "output_block_patches" (functions (h, skip) -> (h, skip) applied to
+    # every UNet up-block input before it is concatenated with its skip connection).
+    sampling_patches: dict[str, Any] = {}
+
+    def with_patches(self, **patches: Any) -> "DiffusionModelHandle":
+        """A clone with these sampling patches added; output_block_patches accumulate, others replace."""
+        twin = self.clone()
+        merged = dict(self.sampling_patches)
+        for key, value in patches.items():
+            if key == "output_block_patches":
+                value = tuple(merged.get(key, ())) + tuple(value)
+            merged[key] = value
+        twin.sampling_patches = merged
+        return twin
+
+    def with_model_sampling(self, schedule: Any) -> "DiffusionModelHandle":
+        twin = self.clone()
+        twin.model_sampling = schedule
+        return twin
+
+    def sampling_schedule(self) -> Any:
+        """The DiscreteSchedule (or override) samplers use with this model."""
+        if self.model_sampling is not None:
+            return self.model_sampling
+        from ..sampling.model_sampling import DiscreteSchedule
+        return DiscreteSchedule(prediction_type=self.prediction_type)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Any, device: str | None = None) -> "DiffusionModelHandle":
@@ -108,8 +140,41 @@ class DiffusionModelHandle(ResidentMixin):
                 raise ValueError("control residuals need both 'down' and 'mid'")
             kwargs["down_block_additional_residuals"] = [prep(r) for r in control["down"]]
             kwargs["mid_block_additional_residual"] = prep(control["mid"])
-        out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
+        with self._output_block_hooks():
+            out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
         return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))
+
+    @contextlib.contextmanager
+    def _output_block_hooks(self):
+        """Run output_block_patches inside the UNet for one call. The weights are shared with other
+        handles, so the hooks live only for the call. In a diffusers up block each resnet's input is
+        cat([h, skip]); the split point follows from the block's channel layout."""
+        patches = self.sampling_patches.get("output_block_patches") or ()
+        if not patches:
+            yield
+            return
+        handles = []
+
+        def make_hook(h_channels: int):
+            def hook(module, args):
+                h, skip = args[0][:, :h_channels], args[0][:, h_channels:]
+                h = h.clone()
+                for patch in patches:
+                    h, skip = patch(h, skip)
+                return (torch.cat([h, skip.to(h.dtype)], dim=1),) + tuple(args[1:])
+            return hook
+
+        try:
+            for block in getattr(self.unet, "up_blocks", ()):
+                resnets = list(getattr(block, "resnets", ()))
+                for i, resnet in enumerate(resnets):
+                    out_ch = int(resnet.out_channels)
+                    h_ch = int(resnet.in_channels) - out_ch if i == 0 and len(resnets) > 1 else out_ch
+                    handles.append(resnet.register_forward_pre_hook(make_hook(h_ch)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _needs_added_cond(self) -> bool:
         return getattr(self.unet.config, "addition_embed_type", None) == "text_time"

@@ -238,6 +238,12 @@ class CFGDenoiser:
         # blend (ComfyUI's post-CFG "uncond_denoised"); None when the negative pass was skipped.
         self.need_uncond = False
         self.last_uncond: torch.Tensor | None = None
+        # Model patches (nodes/model_patches.py): cfg_function(cond, uncond, cfg, x, sigma) -> denoised
+        # replaces the CFG mix; mask_function(sigma, mask, step_sigmas) -> mask reshapes the inpainting
+        # mask per step; step_sigmas is the sampler's schedule (set by sample()).
+        self.cfg_function: Callable[..., torch.Tensor] | None = None
+        self.mask_function: Callable[..., torch.Tensor] | None = None
+        self.step_sigmas: torch.Tensor | None = None
         self.model_calls = 0
         # (device, dtype) -> (mask, latent_image, inpaint_noise) on that device; see _inpaint_tensors
         self._inpaint_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -273,14 +279,25 @@ class CFGDenoiser:
             sigma = sigma.expand(x.shape[0])
         if self.mask is not None:
             mask, original, inpaint_noise = self._inpaint_tensors(x)
+            if self.mask_function is not None:
+                mask = self.mask_function(sigma, mask, self.step_sigmas)
             renoised = original + inpaint_noise * _bcast(sigma, x)
             x = x * mask + renoised * (1 - mask)
-        cond, uncond = self.predict(x, sigma, skip_uncond=self.skip_uncond and not self.need_uncond)
-        self.last_uncond = uncond
-        out = cond if uncond is None else uncond + (cond - uncond) * self.cfg
+        out = self.guide(x, sigma)
         if self.mask is not None:
             out = out * mask + original * (1 - mask)
         return out
+
+    def guide(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The guided denoised estimate at (x, sigma), before any inpainting blend: CFG of the positive
+        and negative predictions. Other guiders (nodes/sampling/guiders.py) combine other predictions."""
+        cond, uncond = self.predict(x, sigma, skip_uncond=self.skip_uncond and not self.need_uncond)
+        self.last_uncond = uncond
+        if uncond is None:
+            return cond
+        if self.cfg_function is not None:
+            return self.cfg_function(cond, uncond, self.cfg, x, sigma)
+        return uncond + (cond - uncond) * self.cfg
 
     def _inpaint_tensors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The inpainting mask, original latent and re-noise noise on x's device/dtype, moved once."""
@@ -295,9 +312,14 @@ class CFGDenoiser:
         self, x: torch.Tensor, sigma: torch.Tensor, skip_uncond: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Denoised predictions for the positive and (unless skip_uncond) negative conditioning."""
+        sides = [self.positive] if skip_uncond else [self.positive, self.negative]
+        preds = self.predict_sides(x, sigma, sides)
+        return preds[0], (None if skip_uncond else preds[1])
+
+    def predict_sides(self, x: torch.Tensor, sigma: torch.Tensor, sides: Sequence[list[CondEntry]]) -> list[torch.Tensor]:
+        """One denoised prediction per list of entries, batched into as few model calls as possible."""
         # reading sigma back to the host syncs a GPU, so only do it when an entry has a timestep range
         s = float(sigma.max()) if self._has_ranges else 0.0
-        sides = [self.positive] if skip_uncond else [self.positive, self.negative]
         full_h, full_w = x.shape[-2], x.shape[-1]
         jobs: list[_Job] = []
         for which, entries in enumerate(sides):
@@ -330,8 +352,7 @@ class CFGDenoiser:
                 outs = self._run(chunk, sigma)
                 for job, den in zip(chunk, outs):
                     results[job.which].append((job, den))
-        preds = [self._combine(r, x) for r in results]
-        return preds[0], (None if skip_uncond else preds[1])
+        return [self._combine(r, x) for r in results]
 
     def _chunk_conds(self, chunk: list[_Job], device: torch.device) -> dict[str, torch.Tensor]:
         """context (repeat-padded to one token length), pooled and size_cond of a chunk, stacked on device.
