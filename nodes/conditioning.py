@@ -1,12 +1,14 @@
 """Conditioning nodes: prompt encoding and the ways conditionings are combined or restricted."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
-from engine.inputs import Float, Int, String
+import torch.nn.functional as F
+
+from engine.inputs import Boolean, Float, Int, String
 from engine.node import node
 
-from .types import MAX_RESOLUTION, Clip, Conditioning
+from .types import MAX_RESOLUTION, Clip, Conditioning, Image, Latent, Mask, Vae
 
 
 @node("CLIPTextEncode", category="conditioning", display_name="CLIP Text Encode (Prompt)")
@@ -86,3 +88,43 @@ def conditioning_set_timestep_range(conditioning: Conditioning,
                                     end: Annotated[float, Float(1.0, min=0.0, max=1.0, step=0.001)]) -> Conditioning:
     """Applies a conditioning only between two fractions of the sampling schedule."""
     return _with(conditioning, start_percent=start, end_percent=end)
+
+
+class InpaintModelOutputs(NamedTuple):
+    positive: Conditioning
+    negative: Conditioning
+    latent: Latent
+
+
+@node("InpaintModelConditioning", category="conditioning/inpaint")
+def inpaint_model_conditioning(
+        positive: Conditioning, negative: Conditioning, vae: Vae, pixels: Image, mask: Mask,
+        noise_mask: Annotated[bool, Boolean(True, tooltip=(
+            "Add a noise mask to the latent so sampling will only happen within the mask. Might improve "
+            "results or completely break things depending on the model."))]) -> InpaintModelOutputs:
+    """Prepares an image and mask for an inpainting model: the masked image's latent and the mask go
+    into both conditionings (the model's extra input channels); the latent is the whole image's."""
+    if mask.ndim < 2 or mask.numel() == 0:
+        raise ValueError(f"mask: expected a [B,H,W] mask, got shape {tuple(mask.shape)}")
+    ratio = vae.downscale_ratio
+    h, w = (pixels.shape[1] // ratio) * ratio, (pixels.shape[2] // ratio) * ratio
+    if h == 0 or w == 0:
+        raise ValueError(f"pixels: the image ({pixels.shape[2]}x{pixels.shape[1]}) is smaller than the "
+                         f"VAE's {ratio}-pixel stride")
+    mask = F.interpolate(mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float(),
+                         size=(pixels.shape[1], pixels.shape[2]), mode="bilinear")
+    masked = pixels[..., :3].clone()
+    if pixels.shape[1] != h or pixels.shape[2] != w:
+        y0, x0 = (pixels.shape[1] % ratio) // 2, (pixels.shape[2] % ratio) // 2
+        masked = masked[:, y0:y0 + h, x0:x0 + w, :]
+        mask = mask[:, :, y0:y0 + h, x0:x0 + w]
+    keep = (1.0 - mask.round()).squeeze(1).unsqueeze(-1).to(masked.dtype)
+    if keep.shape[0] != masked.shape[0] and 1 not in (keep.shape[0], masked.shape[0]):
+        raise ValueError(f"mask: batch of {keep.shape[0]} does not match the image batch of {masked.shape[0]}")
+    masked = (masked - 0.5) * keep + 0.5          # masked pixels become neutral grey
+    concat_latent = vae.encode(masked)            # model space, like every LATENT in sdflow
+    latent: dict = {"samples": vae.encode(pixels)}
+    if noise_mask:
+        latent["noise_mask"] = mask
+    extra = {"concat_latent_image": concat_latent, "concat_mask": mask}
+    return InpaintModelOutputs(_with(positive, **extra), _with(negative, **extra), latent)
