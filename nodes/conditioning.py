@@ -90,6 +90,49 @@ def conditioning_set_timestep_range(conditioning: Conditioning,
     return _with(conditioning, start_percent=start, end_percent=end)
 
 
+@node("CLIPTextEncodeSDXLRefiner", category="advanced/conditioning")
+def clip_text_encode_sdxl_refiner(ascore: Annotated[float, Float(6.0, min=0.0, max=1000.0, step=0.01)],
+                                  width: Annotated[int, Int(1024, min=0, max=MAX_RESOLUTION)],
+                                  height: Annotated[int, Int(1024, min=0, max=MAX_RESOLUTION)],
+                                  text: Annotated[str, String(multiline=True, dynamic_prompts=True)],
+                                  clip: Clip) -> Conditioning:
+    """Encodes a prompt for the SDXL refiner, with the aesthetic score and original size it conditions on."""
+    if clip is None:
+        raise RuntimeError("clip input is invalid: None")
+    return _with(clip.encode_text(text), aesthetic_score=ascore, width=width, height=height)
+
+
+@node("CLIPTextEncodeSDXL", category="advanced/conditioning")
+def clip_text_encode_sdxl(width: Annotated[int, Int(1024, min=0, max=MAX_RESOLUTION)],
+                          height: Annotated[int, Int(1024, min=0, max=MAX_RESOLUTION)],
+                          crop_w: Annotated[int, Int(0, min=0, max=MAX_RESOLUTION)],
+                          crop_h: Annotated[int, Int(0, min=0, max=MAX_RESOLUTION)],
+                          target_width: Annotated[int, Int(1024, min=0, max=MAX_RESOLUTION)],
+                          target_height: Annotated[int, Int(1024, min=0, max=MAX_RESOLUTION)],
+                          text_g: Annotated[str, String(multiline=True, dynamic_prompts=True)],
+                          clip: Clip,
+                          text_l: Annotated[str, String(multiline=True, dynamic_prompts=True)]) -> Conditioning:
+    """Encodes separate prompts for SDXL's two text encoders (text_g: OpenCLIP-G, text_l: CLIP-L), with
+    the size and crop numbers SDXL conditions on."""
+    if clip is None:
+        raise RuntimeError("clip input is invalid: None")
+    keys = {spec.key for spec in clip.specs}
+    if "g" not in keys:
+        raise ValueError(f"clip: CLIPTextEncodeSDXL needs an SDXL text encoder (OpenCLIP-G); this CLIP is {clip.arch}")
+    tokens = clip.tokenize(text_g)
+    if "l" in keys:
+        tokens.chunks["l"] = clip.tokenize(text_l).chunks["l"]
+        empty = clip.tokenize("").chunks
+        # both encoders must give the same number of 77-token chunks: pad the shorter with empty prompts
+        for short, other in (("l", "g"), ("g", "l")):
+            while len(tokens.chunks[short]) < len(tokens.chunks[other]):
+                tokens.chunks[short] = tokens.chunks[short] + empty[short]
+        tokens.text = f"{text_g}\n{text_l}"
+    cond, pooled = clip.encode(tokens)
+    return [[cond, {"pooled_output": pooled, "width": width, "height": height, "crop_w": crop_w,
+                    "crop_h": crop_h, "target_width": target_width, "target_height": target_height}]]
+
+
 class InpaintModelOutputs(NamedTuple):
     positive: Conditioning
     negative: Conditioning
