@@ -184,3 +184,44 @@ def write_demo_checkpoint(models_dir: str | Path) -> Path:
     if not path.exists():
         write_tiny_checkpoint(path, "sd1")
     return path
+
+
+def tiny_t2i_adapter(arch: str = "sd1", *, light: bool = False, in_channels: int = 3, seed: int = 0):
+    """A tiny random-weight diffusers T2IAdapter whose features fit the tiny UNet of `arch`: the
+    full adapter (SD1/SD2), the SDXL full adapter (unshuffle by 16) or, with `light`, the light one."""
+    from diffusers import T2IAdapter
+
+    if light:
+        kwargs = {"channels": [32, 64], "num_res_blocks": 2, "downscale_factor": 8, "adapter_type": "light_adapter"}
+    elif arch == "sdxl":
+        kwargs = {"channels": [32, 64], "num_res_blocks": 2, "downscale_factor": 16, "adapter_type": "full_adapter_xl"}
+    else:
+        kwargs = {"channels": [32, 64], "num_res_blocks": 2, "downscale_factor": 8, "adapter_type": "full_adapter"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapter = T2IAdapter(in_channels=in_channels, **kwargs)
+    _jitter(adapter, torch.Generator().manual_seed(seed + 1))
+    return adapter.eval().requires_grad_(False)
+
+
+def write_tiny_t2i_adapter(path: str | Path, arch: str = "sd1", *, layout: str = "diffusers", light: bool = False,
+                           in_channels: int = 3, seed: int = 0) -> Path:
+    """Write a tiny T2I-Adapter: `layout` "diffusers" (bare file), "folder" (save_pretrained) or
+    "original" (TencentARC key names)."""
+    from safetensors.torch import save_file
+
+    from .t2i_adapter import diffusers_to_original
+
+    path = Path(path)
+    adapter = tiny_t2i_adapter(arch, light=light, in_channels=in_channels, seed=seed)
+    if layout == "folder":
+        adapter.save_pretrained(path)
+        return path
+    sd = {k: v.contiguous() for k, v in adapter.state_dict().items()}
+    if layout == "original":
+        sd = diffusers_to_original(sd, adapter.config.num_res_blocks, light)
+    elif layout != "diffusers":
+        raise ValueError(f"unknown layout {layout!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
