@@ -1,12 +1,14 @@
 """Conditioning nodes: prompt encoding and the ways conditionings are combined or restricted."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
-from engine.inputs import Float, Int, String
+import torch.nn.functional as F
+
+from engine.inputs import Boolean, Float, Int, String
 from engine.node import node
 
-from .types import MAX_RESOLUTION, Clip, Conditioning
+from .types import MAX_RESOLUTION, Clip, Conditioning, Image, Latent, Mask, Vae
 
 
 @node("CLIPTextEncode", category="conditioning", display_name="CLIP Text Encode (Prompt)")
@@ -86,3 +88,86 @@ def conditioning_set_timestep_range(conditioning: Conditioning,
                                     end: Annotated[float, Float(1.0, min=0.0, max=1.0, step=0.001)]) -> Conditioning:
     """Applies a conditioning only between two fractions of the sampling schedule."""
     return _with(conditioning, start_percent=start, end_percent=end)
+
+
+@node("CLIPTextEncodeSDXLRefiner", category="advanced/conditioning")
+def clip_text_encode_sdxl_refiner(ascore: Annotated[float, Float(6.0, min=0.0, max=1000.0, step=0.01)],
+                                  width: Annotated[int, Int(1024, min=0, max=MAX_RESOLUTION)],
+                                  height: Annotated[int, Int(1024, min=0, max=MAX_RESOLUTION)],
+                                  text: Annotated[str, String(multiline=True, dynamic_prompts=True)],
+                                  clip: Clip) -> Conditioning:
+    """Encodes a prompt for the SDXL refiner, with the aesthetic score and original size it conditions on."""
+    if clip is None:
+        raise RuntimeError("clip input is invalid: None")
+    return _with(clip.encode_text(text), aesthetic_score=ascore, width=width, height=height)
+
+
+@node("CLIPTextEncodeSDXL", category="advanced/conditioning")
+def clip_text_encode_sdxl(width: Annotated[int, Int(1024, min=0, max=MAX_RESOLUTION)],
+                          height: Annotated[int, Int(1024, min=0, max=MAX_RESOLUTION)],
+                          crop_w: Annotated[int, Int(0, min=0, max=MAX_RESOLUTION)],
+                          crop_h: Annotated[int, Int(0, min=0, max=MAX_RESOLUTION)],
+                          target_width: Annotated[int, Int(1024, min=0, max=MAX_RESOLUTION)],
+                          target_height: Annotated[int, Int(1024, min=0, max=MAX_RESOLUTION)],
+                          text_g: Annotated[str, String(multiline=True, dynamic_prompts=True)],
+                          clip: Clip,
+                          text_l: Annotated[str, String(multiline=True, dynamic_prompts=True)]) -> Conditioning:
+    """Encodes separate prompts for SDXL's two text encoders (text_g: OpenCLIP-G, text_l: CLIP-L), with
+    the size and crop numbers SDXL conditions on."""
+    if clip is None:
+        raise RuntimeError("clip input is invalid: None")
+    keys = {spec.key for spec in clip.specs}
+    if "g" not in keys:
+        raise ValueError(f"clip: CLIPTextEncodeSDXL needs an SDXL text encoder (OpenCLIP-G); this CLIP is {clip.arch}")
+    tokens = clip.tokenize(text_g)
+    if "l" in keys:
+        tokens.chunks["l"] = clip.tokenize(text_l).chunks["l"]
+        empty = clip.tokenize("").chunks
+        # both encoders must give the same number of 77-token chunks: pad the shorter with empty prompts
+        for short, other in (("l", "g"), ("g", "l")):
+            while len(tokens.chunks[short]) < len(tokens.chunks[other]):
+                tokens.chunks[short] = tokens.chunks[short] + empty[short]
+        tokens.text = f"{text_g}\n{text_l}"
+    cond, pooled = clip.encode(tokens)
+    return [[cond, {"pooled_output": pooled, "width": width, "height": height, "crop_w": crop_w,
+                    "crop_h": crop_h, "target_width": target_width, "target_height": target_height}]]
+
+
+class InpaintModelOutputs(NamedTuple):
+    positive: Conditioning
+    negative: Conditioning
+    latent: Latent
+
+
+@node("InpaintModelConditioning", category="conditioning/inpaint")
+def inpaint_model_conditioning(
+        positive: Conditioning, negative: Conditioning, vae: Vae, pixels: Image, mask: Mask,
+        noise_mask: Annotated[bool, Boolean(True, tooltip=(
+            "Add a noise mask to the latent so sampling will only happen within the mask. Might improve "
+            "results or completely break things depending on the model."))]) -> InpaintModelOutputs:
+    """Prepares an image and mask for an inpainting model: the masked image's latent and the mask go
+    into both conditionings (the model's extra input channels); the latent is the whole image's."""
+    if mask.ndim < 2 or mask.numel() == 0:
+        raise ValueError(f"mask: expected a [B,H,W] mask, got shape {tuple(mask.shape)}")
+    ratio = vae.downscale_ratio
+    h, w = (pixels.shape[1] // ratio) * ratio, (pixels.shape[2] // ratio) * ratio
+    if h == 0 or w == 0:
+        raise ValueError(f"pixels: the image ({pixels.shape[2]}x{pixels.shape[1]}) is smaller than the "
+                         f"VAE's {ratio}-pixel stride")
+    mask = F.interpolate(mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float(),
+                         size=(pixels.shape[1], pixels.shape[2]), mode="bilinear")
+    masked = pixels[..., :3].clone()
+    if pixels.shape[1] != h or pixels.shape[2] != w:
+        y0, x0 = (pixels.shape[1] % ratio) // 2, (pixels.shape[2] % ratio) // 2
+        masked = masked[:, y0:y0 + h, x0:x0 + w, :]
+        mask = mask[:, :, y0:y0 + h, x0:x0 + w]
+    keep = (1.0 - mask.round()).squeeze(1).unsqueeze(-1).to(masked.dtype)
+    if keep.shape[0] != masked.shape[0] and 1 not in (keep.shape[0], masked.shape[0]):
+        raise ValueError(f"mask: batch of {keep.shape[0]} does not match the image batch of {masked.shape[0]}")
+    masked = (masked - 0.5) * keep + 0.5          # masked pixels become neutral grey
+    concat_latent = vae.encode(masked)            # model space, like every LATENT in sdflow
+    latent: dict = {"samples": vae.encode(pixels)}
+    if noise_mask:
+        latent["noise_mask"] = mask
+    extra = {"concat_latent_image": concat_latent, "concat_mask": mask}
+    return InpaintModelOutputs(_with(positive, **extra), _with(negative, **extra), latent)

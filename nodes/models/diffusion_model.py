@@ -7,7 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .inpaint import blank_concat
 from .memory import ResidentMixin, WeightsHolder, default_device
+
+ARCHES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
+# The SDXL refiner's aesthetic score when a conditioning does not give one (ComfyUI's defaults).
+REFINER_ASCORE = {0: 6.0, 1: 2.5}  # cond_or_uncond: 0 = positive, 1 = negative
 
 
 class DiffusionModelHandle(ResidentMixin):
@@ -15,7 +20,7 @@ class DiffusionModelHandle(ResidentMixin):
 
     def __init__(self, unet: nn.Module, arch: str, prediction_type: str = "epsilon",
                  device: str | None = None) -> None:
-        if arch not in ("sd1", "sd2", "sdxl"):
+        if arch not in ARCHES:
             raise ValueError(f"unknown architecture {arch!r}")
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"unknown prediction type {prediction_type!r}")
@@ -88,7 +93,12 @@ class DiffusionModelHandle(ResidentMixin):
 
     @property
     def is_sdxl(self) -> bool:
-        return self.arch == "sdxl"
+        return self.arch in ("sdxl", "sdxl_refiner")
+
+    @property
+    def is_inpaint(self) -> bool:
+        """A 9-channel inpainting model: its input is the latent plus mask and masked-image latent."""
+        return self.in_channels == 9
 
     # no_grad rather than inference_mode: callers may update the result in place afterwards.
     @torch.no_grad()
@@ -99,7 +109,12 @@ class DiffusionModelHandle(ResidentMixin):
         `cond`: "context" [B|1, T, D] (required); "pooled" [B|1, P] and "size_cond" [B|1, 6]
         (SDXL's added conditioning: text_embeds / time_ids); optional "control" as a dict with
         "down" (list of residuals, one per UNet skip connection) and "mid" (the middle block's
-        residual), added inside the UNet the way a ControlNet's outputs are; anything else is ignored.
+        residual), added inside the UNet the way a ControlNet's outputs are, or "intrablock" (a
+        T2I-Adapter's features, added inside the down blocks); "concat" [B|1, 5, h, w] (mask and
+        masked-image latent, see models/inpaint.py) is appended to the input channels of inpainting
+        models (a blank one when absent) and ignored by others; anything else is ignored.
+        For the SDXL refiner, "size_cond" may hold the base model's 6 numbers (the aesthetic score
+        then defaults per "cond_or_uncond"), and the base model takes the refiner's 5.
         Batch-1 conditioning is broadcast to the batch of `x_in`. Inputs are cast to the UNet's
         dtype (float16 on CUDA); the result is on `x_in`'s device in float32 (or `x_in`'s dtype if
         that is wider), so samplers keep full precision whatever the weights are stored in.
@@ -129,6 +144,7 @@ class DiffusionModelHandle(ResidentMixin):
             pooled, size_cond = cond.get("pooled"), cond.get("size_cond")
             if pooled is None or size_cond is None:
                 raise ValueError("SDXL models need 'pooled' and 'size_cond' in cond")
+            size_cond = self._fit_time_ids(size_cond, pooled.shape[-1], cond.get("cond_or_uncond"))
             kwargs["added_cond_kwargs"] = {"text_embeds": prep(pooled), "time_ids": prep(size_cond)}
         control = cond.get("control")
         if control is not None and not isinstance(control, dict) and hasattr(control, "get_control"):
@@ -140,6 +156,15 @@ class DiffusionModelHandle(ResidentMixin):
                 raise ValueError("control residuals need both 'down' and 'mid'")
             kwargs["down_block_additional_residuals"] = [prep(r) for r in control["down"]]
             kwargs["mid_block_additional_residual"] = prep(control["mid"])
+        if isinstance(control, dict) and control.get("intrablock") is not None:
+            kwargs["down_intrablock_additional_residuals"] = [prep(r) for r in control["intrablock"]]
+        if x.shape[1] < self.in_channels:
+            concat = cond.get("concat")
+            extra = prep(blank_concat(x_in) if concat is None else concat)
+            if x.shape[1] + extra.shape[1] != self.in_channels:
+                raise ValueError(f"the model takes {self.in_channels} input channels; the latent has "
+                                 f"{x.shape[1]} and the inpainting input {extra.shape[1]}")
+            x = torch.cat([x, extra], dim=1)
         with self._output_block_hooks():
             out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
         return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))
@@ -175,6 +200,27 @@ class DiffusionModelHandle(ResidentMixin):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _fit_time_ids(self, size_cond: torch.Tensor, pooled_dim: int, cond_or_uncond: Any) -> torch.Tensor:
+        cfg = self.unet.config
+        per = int(getattr(cfg, "addition_time_embed_dim", 0) or 0)
+        total = getattr(cfg, "projection_class_embeddings_input_dim", None)
+        if not per or total is None:
+            return size_cond
+        want = (int(total) - int(pooled_dim)) // per
+        have = size_cond.shape[-1]
+        if want == have:
+            return size_cond
+        if want == 5 and have == 6:  # refiner given base conditioning: (h, w, crop_h, crop_w) + aesthetic score
+            rows = size_cond.shape[0]
+            flags = list(cond_or_uncond) if cond_or_uncond else [0]
+            per_job = max(1, rows // len(flags))
+            score = torch.tensor([REFINER_ASCORE.get(int(flags[min(i // per_job, len(flags) - 1)]), 6.0)
+                                  for i in range(rows)], dtype=size_cond.dtype, device=size_cond.device)
+            return torch.cat([size_cond[:, :4], score[:, None]], dim=1)
+        if want == 6 and have == 5:  # base given refiner conditioning: the target size is the size
+            return torch.cat([size_cond[:, :4], size_cond[:, :2]], dim=1)
+        raise ValueError(f"the model's added conditioning takes {want} size numbers, got {have}")
 
     def _needs_added_cond(self) -> bool:
         return getattr(self.unet.config, "addition_embed_type", None) == "text_time"

@@ -15,7 +15,8 @@ Which hidden layer feeds the UNet:
 - SD1 (CLIP-L): the last layer, after the final layer norm;
 - SD2 (OpenCLIP-H): the penultimate layer, with the final layer norm applied;
 - SDXL: the penultimate layer of CLIP-L and of OpenCLIP-G, without the final norm, concatenated
-  (768 + 1280 = 2048 dims); pooled = G's projected EOS vector.
+  (768 + 1280 = 2048 dims); pooled = G's projected EOS vector;
+- SDXL refiner: OpenCLIP-G alone, penultimate layer without the final norm (1280 dims), pooled as SDXL.
 `set_last_layer(n)` (CLIPSetLastLayer) picks layer n (-1 last, -2 penultimate, ...) in every encoder;
 an |n| larger than the encoder is the normed last layer.
 """
@@ -63,6 +64,7 @@ ARCH_ENCODERS: dict[str, tuple[EncoderSpec, ...]] = {
     "sd1": (EncoderSpec("l", None, True, True, "clip_l"),),
     "sd2": (EncoderSpec("h", -2, True, False, "clip_h"),),
     "sdxl": (EncoderSpec("l", -2, False, True, "clip_l"), EncoderSpec("g", -2, False, False, "clip_g")),
+    "sdxl_refiner": (EncoderSpec("g", -2, False, False, "clip_g"),),
 }
 
 

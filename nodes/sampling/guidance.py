@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..models.inpaint import inpaint_concat
 from .model_sampling import DiscreteSchedule, _bcast
 
 ApplyModel = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
@@ -38,6 +39,8 @@ class CondEntry:
     sigma_start: float | None  # inactive while sigma > sigma_start
     sigma_end: float | None  # inactive while sigma < sigma_end
     options: dict[str, Any] = field(default_factory=dict)
+    # [B, 5, h, w] extra input of 9-channel inpainting models (mask + masked latent); see models/inpaint.py
+    concat: torch.Tensor | None = None
     # Per-device copies and per-shape weights, built on first use: the sampler calls the denoiser with the
     # same entries every step, so nothing here is rebuilt or re-uploaded after the first step.
     cache: dict[tuple, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -89,9 +92,12 @@ def _resolve_area(area: Sequence[Any], h: int, w: int) -> tuple[int, int, int, i
 
 
 def resolve_conditioning(
-    conditioning: Conditioning, schedule: DiscreteSchedule, latent_shape: Sequence[int]
+    conditioning: Conditioning, schedule: DiscreteSchedule, latent_shape: Sequence[int],
+    *, latent_image: torch.Tensor | None = None, noise_mask: torch.Tensor | None = None,
 ) -> list[CondEntry]:
-    """Turn a CONDITIONING list into entries with areas, masks, SDXL size conds and sigma ranges resolved."""
+    """Turn a CONDITIONING list into entries with areas, masks, SDXL size conds and sigma ranges resolved.
+
+    ``latent_image``/``noise_mask`` are the sampler's, the inpainting models' default extra input."""
     b, h, w = latent_shape[0], latent_shape[-2], latent_shape[-1]
     entries = []
     for item in conditioning:
@@ -111,6 +117,9 @@ def resolve_conditioning(
                 opts.get("target_height", height),
                 opts.get("target_width", width),
             ]
+            if "aesthetic_score" in opts:
+                # SDXL refiner: original size, crop and aesthetic score instead of the target size
+                vals = vals[:4] + [opts["aesthetic_score"]]
             size_cond = torch.tensor([float(v) for v in vals]).repeat(b, 1)
         mask = opts.get("mask")
         area = opts.get("area")
@@ -136,6 +145,7 @@ def resolve_conditioning(
                 sigma_start=schedule.percent_to_sigma(start) if start is not None and start > 0 else None,
                 sigma_end=schedule.percent_to_sigma(end) if end is not None and end < 1 else None,
                 options=opts,
+                concat=inpaint_concat(opts, latent_image, noise_mask, latent_shape),
             )
         )
     return entries
@@ -176,6 +186,13 @@ def _build_weights(entry: CondEntry, like: torch.Tensor, full_h: int, full_w: in
                 if start + size < full:
                     mult.narrow(dim, size - 1 - t, 1).mul_(f)
     return mult
+
+
+def _crop(t: torch.Tensor, area: tuple[int, int, int, int] | None) -> torch.Tensor:
+    if area is None:
+        return t
+    ah, aw, ay, ax = area
+    return t[:, :, ay : ay + ah, ax : ax + aw]
 
 
 @dataclass
@@ -228,8 +245,9 @@ class CFGDenoiser:
         self.schedule = schedule
         self.cfg = float(cfg)
         self.latent_shape = tuple(latent_shape)
-        self.positive = resolve_conditioning(positive, schedule, latent_shape)
-        self.negative = resolve_conditioning(negative, schedule, latent_shape)
+        concat_src = {"latent_image": latent_image, "noise_mask": noise_mask}
+        self.positive = resolve_conditioning(positive, schedule, latent_shape, **concat_src)
+        self.negative = resolve_conditioning(negative, schedule, latent_shape, **concat_src)
         self._share_control_with_uncond()
         self.skip_uncond = math.isclose(self.cfg, 1.0)
         # CFG++ protocol (see _common.uncond_getter): a sampler sets need_uncond = True, which forces the
@@ -343,6 +361,8 @@ class CFGDenoiser:
                 tuple(job.x.shape),
                 e.context.shape[2],
                 None if e.pooled is None else tuple(e.pooled.shape),
+                None if e.size_cond is None else e.size_cond.shape[1],
+                e.concat is None,
                 id(e.control),
             )
             groups.setdefault(key, []).append(job)
@@ -370,6 +390,8 @@ class CFGDenoiser:
         if chunk[0].entry.pooled is not None:
             hit["pooled"] = torch.cat([p for _, p, _ in parts])
             hit["size_cond"] = torch.cat([sc for _, _, sc in parts])
+        if chunk[0].entry.concat is not None:
+            hit["concat"] = torch.cat([_crop(j.entry.concat, j.entry.area).to(device) for j in chunk])
         self._chunk_cache[key] = hit
         return hit
 
@@ -413,6 +435,7 @@ class CFGDenoiser:
 # The sampler-facing denoiser ``(x, sigma[B]) -> denoised``. ``apply_model(x_in, timestep[B], cond) -> eps|v``
 # gets c_in-scaled input; ``cond`` holds ``context``, ``pooled`` + ``size_cond`` (SDXL, only when the entry
 # has pooled_output), ``control`` (passthrough), ``cond_or_uncond`` (0/1 per stacked chunk of the batch) and
-# ``sigma``. With ``noise_mask`` (1 = regenerate) the unmasked region is held at ``latent_image`` re-noised
+# ``sigma``, and ``concat`` (the [B, 5, h, w] extra input of inpainting models, when the entry or the
+# sampler has a mask; the model drops it if it takes none). With ``noise_mask`` (1 = regenerate) the unmasked region is held at ``latent_image`` re-noised
 # with ``noise`` (drawn from ``seed`` when not given).
 make_denoiser = CFGDenoiser
