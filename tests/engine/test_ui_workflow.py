@@ -358,3 +358,51 @@ def test_api_to_ui_rejects_non_prompts(oi):
         api_to_ui(load("default_ui.json"), oi)
     with pytest.raises(WorkflowFormatError, match="node '3'"):
         api_to_ui({"3": {"class_type": "KSampler", "inputs": []}}, oi)
+
+
+# ---------------------------------------------------------------------------------------------- widget defaults
+
+# ComfyUI's VAEEncodeForInpaint schema (nodes.py): grow_mask_by was added after the first inpaint saves.
+VAE_ENCODE_FOR_INPAINT = {
+    "input": {"required": {"pixels": ["IMAGE"], "vae": ["VAE"], "mask": ["MASK"],
+                           "grow_mask_by": ["INT", {"default": 6, "min": 0, "max": 64, "step": 1}]}},
+    "input_order": {"required": ["pixels", "vae", "mask", "grow_mask_by"]},
+    "output": ["LATENT"], "output_name": ["LATENT"], "name": "VAEEncodeForInpaint",
+    "display_name": "VAE Encode (for Inpainting)", "category": "latent/inpaint",
+}
+
+
+def test_node_saved_without_widgets_values_gets_schema_defaults(oi):
+    ui = load("default_ui.json")
+    del node_by_id(ui, 9)["widgets_values"]  # SaveImage as hand-edited / stripped files carry it
+    out = ui_to_api(ui, oi)
+    assert out["9"]["inputs"] == {"images": ["8", 0], "filename_prefix": "ComfyUI"}
+
+
+def test_older_save_with_fewer_widgets_gets_the_missing_defaults(oi):
+    ui = load("inpaint_ui.json")
+    info = dict(oi, VAEEncodeForInpaint=VAE_ENCODE_FOR_INPAINT)
+    enc = node_by_id(ui, 11)
+    enc["type"] = "VAEEncodeForInpaint"
+    enc["inputs"].append({"name": "mask", "type": "MASK", "link": None})
+    enc["widgets_values"] = []  # saved before grow_mask_by existed
+    assert ui_to_api(ui, info)["11"]["inputs"]["grow_mask_by"] == 6
+    # a KSampler saved before denoise existed: the seed's control slot is kept, denoise defaults
+    node_by_id(ui, 3)["widgets_values"] = [1234, "increment", 30, 6.5, "dpmpp_2m_sde", "karras"]
+    ks = ui_to_api(ui, info)["3"]["inputs"]
+    assert (ks["seed"], ks["steps"], ks["scheduler"], ks["denoise"]) == (1234, 30, "karras", 1.0)
+
+
+def test_explicit_null_widget_is_not_replaced_by_a_default(oi):
+    ui = load("default_ui.json")
+    node_by_id(ui, 9)["widgets_values"] = [None]
+    assert "filename_prefix" not in ui_to_api(ui, oi)["9"]["inputs"]
+
+
+def test_widget_default_without_a_default_option():
+    from engine.ui_workflow import InputSpec, widget_default
+    assert widget_default(InputSpec("n", "INT", {"min": 3}, True)) == 3
+    assert widget_default(InputSpec("f", "FLOAT", {"max": -1.0}, True)) == -1.0
+    assert widget_default(InputSpec("c", ["a", "b"], {}, True)) == "a"
+    assert widget_default(InputSpec("s", "STRING", {}, True)) == ""
+    assert widget_default(InputSpec("b", "BOOLEAN", {}, True)) is False
