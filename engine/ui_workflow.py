@@ -224,7 +224,7 @@ def _fits(kind: str, spec: InputSpec, value: Any) -> bool:
     if value is None:
         return True
     if kind == "control":
-        return value in _CONTROL_VALUES
+        return isinstance(value, bool) or value in _CONTROL_VALUES  # early frontends stored a boolean
     if kind in ("filter", "upload"):
         return isinstance(value, str)
     typ = spec.type_name
@@ -397,6 +397,7 @@ class _Scope:
         self.input_node_id = io_id("inputNode", -10) if definition is not None else None
         self.output_node_id = io_id("outputNode", -20) if definition is not None else None
         self.children: dict[str, _Scope] = {}
+        self.legacy_group = bool((definition or {}).get("legacy_group"))
 
 
 class _UiToApi:
@@ -422,7 +423,25 @@ class _UiToApi:
 
     # ---- node kinds
     def _is_subgraph(self, ntype: str) -> bool:
-        return ntype in self.subgraphs and ntype not in self.info
+        if ntype in self.info:
+            return False
+        return ntype in self.subgraphs or self._legacy_group(ntype) is not None
+
+    def _legacy_group(self, ntype: str) -> dict | None:
+        from .ui_group_nodes import group_name
+        name = group_name(ntype)
+        definition = self.group_nodes.get(name) if name is not None else None
+        return definition if isinstance(definition, dict) else None
+
+    def _group_as_subgraph(self, node: dict) -> dict:
+        from .ui_group_nodes import GroupNodeError, build_definition
+        try:
+            return build_definition(node, self._legacy_group(node["type"]), self.info,
+                                    widget_kinds=_group_widget_kinds, schema_inputs=schema_inputs,
+                                    widget_values=self._widget_values,
+                                    is_widget_type=lambda t: isinstance(t, list) or t in WIDGET_TYPES)
+        except GroupNodeError as exc:
+            raise WorkflowFormatError(f"{_node_label(node)}: {exc}") from None
 
     def _is_virtual(self, ntype: str) -> bool:
         return ntype not in self.info and ntype in VIRTUAL_NODE_TYPES
@@ -433,7 +452,7 @@ class _UiToApi:
             sgid = node["type"]
             if sgid in scope.chain:
                 raise WorkflowFormatError(f"{_node_label(node)}: subgraph {sgid!r} contains itself")
-            sg = self.subgraphs[sgid]
+            sg = self.subgraphs[sgid] if sgid in self.subgraphs else self._group_as_subgraph(node)
             where = f"subgraph {sg.get('name') or sgid!r} (instance {scope.prefix}{nid})"
             scope.children[nid] = _Scope(
                 f"{scope.prefix}{nid}:", _parse_nodes(sg.get("nodes") or [], where),
@@ -487,6 +506,8 @@ class _UiToApi:
         found = self._resolve_link(scope.parent, slots[slot].get("link"), seen)
         if found is not None:
             return found
+        if scope.legacy_group:
+            return None  # the inner node already carries the instance's widget value
         # Unconnected subgraph input that the instance shows as a widget: its value is the
         # instance's widget value (widgets follow the widget inputs in order).
         if slots[slot].get("widget") and isinstance(inst.get("widgets_values"), list):
@@ -546,11 +567,6 @@ class _UiToApi:
                 continue
             if self._is_virtual(ntype):
                 continue
-            if ntype not in self.info and self.group_nodes and (
-                    ntype.startswith("workflow>") or ntype.startswith("workflow/")):
-                raise WorkflowFormatError(
-                    f"{_node_label(node)}: legacy group nodes are not supported; convert the group "
-                    "node to a subgraph in the editor and save again")
             self._emit_node(scope, nid, node)
 
     def _emit_node(self, scope: _Scope, nid: str, node: dict) -> None:
@@ -632,6 +648,23 @@ def _with_widget_defaults(found: dict[str, Any], class_info: dict, missing: list
             if value is not None:
                 out[name] = value
     return out
+
+
+def _group_widget_kinds(node: dict, index: int, info: dict, inputs: list, links_from: dict) -> list[tuple[str, str]]:
+    """(input name, slot kind) of the widgets an inner node of a legacy group node gives the group."""
+    class_info = info.get(node.get("type"))
+    if class_info:
+        return _layout_entries(class_info)
+    if node.get("type") == "PrimitiveNode" and inputs:
+        typ = inputs[0][1]
+        kinds = [("value", "value")]
+        # the group gives a linked primitive a control widget (numbers and combos have one)
+        if isinstance(typ, list) or typ in ("INT", "FLOAT", "COMBO"):
+            kinds.append(("value", "control"))
+        if isinstance(typ, list) or typ == "COMBO":
+            kinds.append(("value", "filter"))
+        return kinds
+    return []
 
 
 def _first_widget_value(node: dict) -> Any:
