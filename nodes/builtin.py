@@ -26,6 +26,11 @@ class ModelCatalog:
             return None
         return self.folders.list_files(folder)
 
+    def model_locator(self, registry: Registry):
+        """What `sdflow check` and `POST /check` ask about model files."""
+        from .models.model_inputs import FolderLocator
+        return FolderLocator(self.folders, registry)
+
 
 def build_registry(config: RuntimeConfig, *, plugins: bool = True) -> tuple[Registry, ModelCatalog]:
     rt = configure(config)

@@ -74,6 +74,7 @@ def model_files(key: str):
     def choices() -> list[str]:
         return runtime().folders.list_files(key)
     choices.__name__ = f"{key}_files"
+    choices.model_folder = key   # lets `sdflow check` tell which folder a missing file belongs in
     return choices
 
 

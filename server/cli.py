@@ -207,6 +207,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Lists the node classes and model files a workflow needs that are missing here; runs nothing."""
+    from engine.check import check_prompt
+
+    config = make_config(args)
+    registry, catalog = build_registry(args, config)
+    prompt, _ = load_prompt(args.workflow, registry)
+    report = check_prompt(prompt, registry, catalog.model_locator(registry) if catalog is not None else None)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.format(), file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
+
+
 class ProgressPrinter:
     """Prints run events: a progress bar (redrawn in place on a terminal) and one line per node."""
 
@@ -365,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("check", help="list the node classes and model files a workflow needs that are missing")
+    p.add_argument("workflow")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("nodes", help="list the node types")
     p.add_argument("--json", action="store_true", help="print the full /object_info document")
