@@ -8,7 +8,8 @@ budget.
 """
 from __future__ import annotations
 
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 Footprint = dict[str, int]
 

@@ -63,7 +63,7 @@ def validate_prompt(prompt: Any, registry: Registry,
     for node_id, raw in prompt.items():
         node_id = str(node_id)
         if not isinstance(raw, dict) or not isinstance(raw.get("class_type"), str):
-            err = _top("invalid_prompt", f"Cannot execute because a node is missing the class_type property.",
+            err = _top("invalid_prompt", "Cannot execute because a node is missing the class_type property.",
                        f"Node ID '#{node_id}'")
         elif raw["class_type"] not in registry:
             err = _top("invalid_prompt",
@@ -213,7 +213,8 @@ def _check_node(pn: PromptNode, nd: NodeDef, parsed: dict[str, PromptNode],
     for name, value in list(constants.items()):
         decl = nd.inputs.get(name)
         if decl is not None and not decl.spec.is_widget and decl.section != "hidden" and value is not None:
-            errors.append(_error("invalid_input_type", f"Input {name} takes a link of type {decl.spec.wire}, not a value",
+            errors.append(_error("invalid_input_type",
+                                 f"Input {name} takes a link of type {decl.spec.wire}, not a value",
                                  f"{name}, {value!r}", name, value))
             constants.pop(name)
     coerced, value_errors = nd.check_values(constants)

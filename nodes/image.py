@@ -1,8 +1,6 @@
 """Image nodes: load from the input folder, save and preview with ComfyUI's PNG metadata, and resize."""
 from __future__ import annotations
 
-from typing import Annotated, Any
-
 import hashlib
 import os
 import random
@@ -10,6 +8,7 @@ import re
 import string
 import time
 from pathlib import Path
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -176,7 +175,8 @@ def save_images(images: torch.Tensor, prefix: str, base: Path, kind: str, compre
 def save_image(images: Image,
                filename_prefix: Annotated[str, String("ComfyUI", tooltip="The prefix for the file to save. May contain "
                                        "%width%, %height%, %year% ... and a subfolder path.")],
-               prompt: Annotated[Any, Hidden("PROMPT")] = None, extra_pnginfo: Annotated[Any, Hidden("EXTRA_PNGINFO")] = None) -> NodeOutput:
+               prompt: Annotated[Any, Hidden("PROMPT")] = None,
+               extra_pnginfo: Annotated[Any, Hidden("EXTRA_PNGINFO")] = None) -> NodeOutput:
     """Saves the input images to the output folder, with the workflow in the PNG metadata."""
     ui = save_images(images, filename_prefix, runtime().output_dir, "output", 4, prompt, extra_pnginfo)
     return UI(**ui)
@@ -219,7 +219,9 @@ def image_invert(image: Image) -> Image:
 
 
 @node("EmptyImage", category="image")
-def empty_image(width: Annotated[int, Int(512, min=1, max=MAX_RESOLUTION, step=1)], height: Annotated[int, Int(512, min=1, max=MAX_RESOLUTION, step=1)],
-                batch_size: Annotated[int, Int(1, min=1, max=4096)], color: Annotated[int, Int(0, min=0, max=0xFFFFFF, step=1, display="color")]) -> Image:
+def empty_image(width: Annotated[int, Int(512, min=1, max=MAX_RESOLUTION, step=1)],
+                height: Annotated[int, Int(512, min=1, max=MAX_RESOLUTION, step=1)],
+                batch_size: Annotated[int, Int(1, min=1, max=4096)],
+                color: Annotated[int, Int(0, min=0, max=0xFFFFFF, step=1, display="color")]) -> Image:
     r, g, b = ((color >> 16) & 0xFF) / 255.0, ((color >> 8) & 0xFF) / 255.0, (color & 0xFF) / 255.0
     return torch.tensor([r, g, b]).expand(batch_size, height, width, 3).clone()

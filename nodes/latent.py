@@ -1,9 +1,8 @@
 """Latent nodes: empty latents, VAE encode/decode, inpainting masks and latent resizing."""
 from __future__ import annotations
 
-from typing import Annotated
-
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +16,13 @@ from .types import MAX_RESOLUTION, Image, Latent, Mask, Vae
 
 
 @node("EmptyLatentImage", category="latent")
-def empty_latent_image(width: Annotated[int, Int(512, min=16, max=MAX_RESOLUTION, step=8, tooltip="The width of the latent images in pixels.")],
-                       height: Annotated[int, Int(512, min=16, max=MAX_RESOLUTION, step=8, tooltip="The height of the latent images in pixels.")],
-                       batch_size: Annotated[int, Int(1, min=1, max=4096, tooltip="The number of latent images in the batch.")]) -> Latent:
+def empty_latent_image(width: Annotated[int, Int(512, min=16, max=MAX_RESOLUTION, step=8,
+                                                 tooltip="The width of the latent images in pixels.")],
+                       height: Annotated[int, Int(512, min=16, max=MAX_RESOLUTION, step=8,
+                                                  tooltip="The height of the latent images in pixels.")],
+                       batch_size: Annotated[int, Int(1, min=1, max=4096,
+                                                      tooltip="The number of latent images in the batch.")],
+                       ) -> Latent:
     """Creates a batch of empty latent images to be denoised via sampling."""
     samples = torch.zeros([batch_size, 4, height // 8, width // 8], device=default_device())
     return {"samples": samples}

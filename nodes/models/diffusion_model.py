@@ -24,7 +24,7 @@ class DiffusionModelHandle(ResidentMixin):
         self.load_device = device or default_device()
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Any, device: str | None = None) -> "DiffusionModelHandle":
+    def from_checkpoint(cls, checkpoint: Any, device: str | None = None) -> DiffusionModelHandle:
         """From a `nodes.models.checkpoint.LoadedCheckpoint` (duck-typed)."""
         if checkpoint.unet is None:
             raise ValueError(f"{getattr(checkpoint, 'source', 'checkpoint')} has no diffusion model")
@@ -34,13 +34,13 @@ class DiffusionModelHandle(ResidentMixin):
     def unet(self) -> nn.Module:
         return self._weights.modules["unet"]
 
-    def clone(self) -> "DiffusionModelHandle":
+    def clone(self) -> DiffusionModelHandle:
         """Shares the weights; attributes set on the clone leave the original alone."""
         twin = object.__new__(DiffusionModelHandle)
         twin.__dict__.update(self.__dict__)
         return twin
 
-    def with_unet(self, unet: nn.Module) -> "DiffusionModelHandle":
+    def with_unet(self, unet: nn.Module) -> DiffusionModelHandle:
         """A clone holding different weights (e.g. a LoRA-merged copy); settings carried over."""
         twin = self.clone()
         twin._weights = WeightsHolder({"unet": unet})
