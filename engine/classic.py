@@ -22,10 +22,19 @@ import inspect
 import math
 import threading
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .inputs import (
-    HIDDEN_KINDS, BooleanSpec, ComboSpec, FloatSpec, HiddenSpec, InputSpec, IntSpec, SocketSpec, StringSpec,
+    HIDDEN_KINDS,
+    BooleanSpec,
+    ComboSpec,
+    FloatSpec,
+    HiddenSpec,
+    InputSpec,
+    IntSpec,
+    SocketSpec,
+    StringSpec,
 )
 from .node import InputDecl, NodeDef, NodeOutput, OutputDecl
 

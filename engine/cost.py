@@ -13,8 +13,9 @@ that work in chunks); they catch the prompts that cannot possibly fit, not the b
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,10 @@ import logging
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .classic import ClassicNodeError, nodedef_from_class
 from .registry import Registry

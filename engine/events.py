@@ -3,8 +3,9 @@ forwards them unchanged; `image` carries a preview (a PIL image) for type "previ
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass

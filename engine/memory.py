@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 Footprint = dict[str, int]
 
@@ -121,7 +122,7 @@ class MemoryAccountant:
     def moved(self, value: Any) -> None: ...
 
 
-_accountants: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_accountants: weakref.WeakSet[Any] = weakref.WeakSet()
 _accountants_lock = threading.Lock()
 
 

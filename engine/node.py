@@ -14,14 +14,22 @@ import difflib
 import inspect
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Literal, NamedTuple, Sequence, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ConfigDict, Field, ValidationError, create_model
 
 from .inputs import (
-    _UNSET, BooleanSpec, ComboSpec, FloatSpec, HiddenSpec, InputSpec, IntSpec, StringSpec, output_wire,
+    BooleanSpec,
+    ComboSpec,
+    FloatSpec,
+    HiddenSpec,
+    InputSpec,
+    IntSpec,
+    StringSpec,
+    output_wire,
     spec_from_annotation,
 )
 

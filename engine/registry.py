@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import types
+from collections.abc import Iterable, Iterator
 from importlib.metadata import entry_points
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .node import NodeDef, nodedef_of
 
@@ -26,7 +27,7 @@ class Registry:
         self.config = None
 
     @classmethod
-    def from_nodes(cls, *sources: Any) -> "Registry":
+    def from_nodes(cls, *sources: Any) -> Registry:
         reg = cls()
         for source in sources:
             reg.add(source)

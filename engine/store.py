@@ -19,9 +19,10 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 MAX_HISTORY = 10000
 # extra_data keys that carry credentials: never shown back in /queue or /history (ComfyUI strips them too)
@@ -222,7 +223,7 @@ class Store:
     # -- plumbing -----------------------------------------------------------------------------------
 
     class _Tx:
-        def __init__(self, store: "Store") -> None:
+        def __init__(self, store: Store) -> None:
             self.store = store
 
         def __enter__(self) -> sqlite3.Connection:
@@ -250,7 +251,7 @@ class Store:
             finally:
                 self.store._lock.release()
 
-    def _tx(self) -> "Store._Tx":
+    def _tx(self) -> Store._Tx:
         return Store._Tx(self)
 
     def close(self) -> None:

@@ -385,7 +385,7 @@ class _Scope:
     """One graph level: the root graph, or the inside of one subgraph instance."""
 
     def __init__(self, prefix: str, nodes: dict[str, dict], links: dict[str, _Link],
-                 parent: "_Scope | None" = None, instance: dict | None = None,
+                 parent: _Scope | None = None, instance: dict | None = None,
                  definition: dict | None = None, chain: tuple[str, ...] = ()) -> None:
         self.prefix = prefix
         self.nodes = nodes
@@ -749,7 +749,7 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
         api_inputs: dict[str, Any] = node.get("inputs") or {}
         slots: list[dict] = []
 
-        def add_slot(name: str, typ: str, value: Any, widget: bool) -> None:
+        def add_slot(name: str, typ: str, value: Any, widget: bool, nid: str = nid, slots: list[dict] = slots) -> None:
             slot: dict[str, Any] = {"name": name, "type": typ, "link": None}
             if widget:
                 slot["widget"] = {"name": name}
@@ -785,9 +785,10 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
                         continue
                     value = api_inputs.get(name)
                     widgets_values.append(None if value is None or is_link(value) else unwrap_value(value))
+            out_types = _output_types(info)
             outputs = [
                 {"name": name, "type": typ, "links": [], "slot_index": i}
-                for i, (typ, name) in enumerate(zip(_output_types(info), info.get("output_name") or _output_types(info)))
+                for i, (typ, name) in enumerate(zip(out_types, info.get("output_name") or out_types))
             ]
             title_default = info.get("display_name") or ctype
         else:

@@ -16,8 +16,9 @@ listed, and every text is cut at MAX_TEXT characters.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import networkx as nx
 
@@ -331,7 +332,8 @@ def _check_node(pn: PromptNode, nd: NodeDef, parsed: dict[str, PromptNode],
     for name, value in list(constants.items()):
         decl = nd.inputs.get(name)
         if decl is not None and not decl.spec.is_widget and decl.section != "hidden" and value is not None:
-            errors.append(_error("invalid_input_type", f"Input {name} takes a link of type {decl.spec.wire}, not a value",
+            errors.append(_error("invalid_input_type",
+                                 f"Input {name} takes a link of type {decl.spec.wire}, not a value",
                                  f"{name}, {value!r}", name, value))
             constants.pop(name)
     coerced, value_errors = nd.check_values(constants)

@@ -4,8 +4,18 @@ from __future__ import annotations
 from engine.config import RuntimeConfig
 from engine.registry import Registry
 
-from . import conditioning, controlnet, image, latent, loaders, lora, sampler_nodes, upscale
-from . import custom_sampling, model_patches
+from . import (
+    conditioning,
+    controlnet,
+    custom_sampling,
+    image,
+    latent,
+    loaders,
+    lora,
+    model_patches,
+    sampler_nodes,
+    upscale,
+)
 from .runtime import configure
 
 MODULES = (loaders, conditioning, latent, sampler_nodes, image, lora, controlnet, upscale)

@@ -12,7 +12,8 @@ from .types import MAX_RESOLUTION, Clip, Conditioning, Image, Latent, Mask, Vae
 
 
 @node("CLIPTextEncode", category="conditioning", display_name="CLIP Text Encode (Prompt)")
-def clip_text_encode(text: Annotated[str, String(multiline=True, dynamic_prompts=True, tooltip="The text to be encoded.")],
+def clip_text_encode(text: Annotated[str, String(multiline=True, dynamic_prompts=True,
+                                                  tooltip="The text to be encoded.")],
                      clip: Clip) -> Conditioning:
     """Encodes a text prompt with a CLIP model into a conditioning that guides the diffusion model.
     Supports (text:1.2) weights, (text) emphasis, escaped \\( \\) and embedding:name."""
@@ -58,7 +59,8 @@ def conditioning_set_area_percentage(conditioning: Conditioning,
                                      height: Annotated[float, Float(1.0, min=0, max=1.0, step=0.01)],
                                      x: Annotated[float, Float(0, min=0, max=1.0, step=0.01)],
                                      y: Annotated[float, Float(0, min=0, max=1.0, step=0.01)],
-                                     strength: Annotated[float, Float(1.0, min=0.0, max=10.0, step=0.01)]) -> Conditioning:
+                                     strength: Annotated[float, Float(1.0, min=0.0, max=10.0, step=0.01)],
+                                     ) -> Conditioning:
     """Restricts a conditioning to a rectangle given as fractions of the image size."""
     return _with(conditioning, area=("percentage", height, width, y, x), strength=strength,
                  set_area_to_bounds=False)
@@ -66,7 +68,8 @@ def conditioning_set_area_percentage(conditioning: Conditioning,
 
 @node("ConditioningSetAreaStrength", category="conditioning")
 def conditioning_set_area_strength(conditioning: Conditioning,
-                                   strength: Annotated[float, Float(1.0, min=0.0, max=10.0, step=0.01)]) -> Conditioning:
+                                   strength: Annotated[float, Float(1.0, min=0.0, max=10.0, step=0.01)],
+                                   ) -> Conditioning:
     return _with(conditioning, strength=strength)
 
 

@@ -7,9 +7,8 @@ passthrough, and the old node also applies the control to the negative prompt.
 """
 from __future__ import annotations
 
-from typing import Annotated
-
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F

@@ -1,8 +1,6 @@
 """Image nodes: load from the input folder, save and preview with ComfyUI's PNG metadata, and resize."""
 from __future__ import annotations
 
-from typing import Annotated, Any, Iterator
-
 import hashlib
 import os
 import random
@@ -10,7 +8,9 @@ import re
 import string
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -213,7 +213,8 @@ def save_images(images: torch.Tensor, prefix: str, base: Path, kind: str, compre
 def save_image(images: Image,
                filename_prefix: Annotated[str, String("ComfyUI", tooltip="The prefix for the file to save. May contain "
                                        "%width%, %height%, %year% ... and a subfolder path.")],
-               prompt: Annotated[Any, Hidden("PROMPT")] = None, extra_pnginfo: Annotated[Any, Hidden("EXTRA_PNGINFO")] = None) -> NodeOutput:
+               prompt: Annotated[Any, Hidden("PROMPT")] = None,
+               extra_pnginfo: Annotated[Any, Hidden("EXTRA_PNGINFO")] = None) -> NodeOutput:
     """Saves the input images to the output folder, with the workflow in the PNG metadata."""
     ui = save_images(images, filename_prefix, runtime().output_dir, "output", 4, prompt, extra_pnginfo)
     return UI(**ui)

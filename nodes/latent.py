@@ -1,9 +1,8 @@
 """Latent nodes: empty latents, VAE encode/decode, inpainting masks and latent resizing."""
 from __future__ import annotations
 
-from typing import Annotated
-
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F

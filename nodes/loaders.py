@@ -37,7 +37,8 @@ def _handles(ckpt, embedding_dirs) -> tuple[DiffusionModelHandle, ClipHandle, Va
       fingerprint=model_file_fingerprint("checkpoints", "ckpt_name"),
       validate=model_file_exists("checkpoints", "ckpt_name", "checkpoint"))
 def checkpoint_loader_simple(
-        ckpt_name: Annotated[str, Combo(model_files("checkpoints"), tooltip="The checkpoint (model) to load.")]) -> tuple[Model, Clip, Vae]:
+        ckpt_name: Annotated[str, Combo(model_files("checkpoints"), tooltip="The checkpoint (model) to load.")],
+) -> tuple[Model, Clip, Vae]:
     """Loads a diffusion model checkpoint; diffusion models denoise latents."""
     rt = runtime()
     ckpt = load_checkpoint(rt.folders.require("checkpoints", ckpt_name), **_dtypes())

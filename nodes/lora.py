@@ -37,10 +37,12 @@ def load_lora(model: DiffusionModelHandle | None, clip: ClipHandle | None, lora_
       validate=model_file_exists("loras", "lora_name", "LoRA"))
 def lora_loader(model: Model, clip: Clip,
                 lora_name: Annotated[str, Combo(model_files("loras"), tooltip="The name of the LoRA.")],
-                strength_model: Annotated[float, Float(1.0, **_STRENGTH, tooltip="How strongly to modify the diffusion model. "
-                                      "This value can be negative.")],
-                strength_clip: Annotated[float, Float(1.0, **_STRENGTH, tooltip="How strongly to modify the CLIP model. "
-                                     "This value can be negative.")]) -> tuple[Model, Clip]:
+                strength_model: Annotated[float, Float(1.0, **_STRENGTH,
+                                                       tooltip="How strongly to modify the diffusion model. "
+                                                               "This value can be negative.")],
+                strength_clip: Annotated[float, Float(1.0, **_STRENGTH,
+                                                      tooltip="How strongly to modify the CLIP model. "
+                                                              "This value can be negative.")]) -> tuple[Model, Clip]:
     """LoRAs are used to modify diffusion and CLIP models, altering the way in which latents are denoised
     such as applying styles. Multiple LoRA nodes can be linked together."""
     if strength_model == 0 and strength_clip == 0:

@@ -65,7 +65,8 @@ def common_ksampler(model: DiffusionModelHandle, seed: int, steps: int, cfg: flo
 def ksampler(model: Model,
              seed: Annotated[int, Int(0, min=0, max=MAX_SEED, control_after_generate=True,
                        tooltip="The random seed used for creating the noise.")],
-             steps: Annotated[int, Int(20, min=1, max=10000, tooltip="The number of steps used in the denoising process.")],
+             steps: Annotated[int, Int(20, min=1, max=10000,
+                                       tooltip="The number of steps used in the denoising process.")],
              cfg: Annotated[float, Float(8.0, min=0.0, max=100.0, step=0.1, round=0.01,
                         tooltip="Classifier-free guidance scale: higher follows the prompt more closely.")],
              sampler_name: Annotated[str, Combo(SAMPLER_NAMES, tooltip="The algorithm used when sampling.")],
@@ -84,9 +85,11 @@ def ksampler_advanced(model: Model, add_noise: Annotated[str, Combo(["enable", "
                       noise_seed: Annotated[int, Int(0, min=0, max=MAX_SEED, control_after_generate=True)],
                       steps: Annotated[int, Int(20, min=1, max=10000)],
                       cfg: Annotated[float, Float(8.0, min=0.0, max=100.0, step=0.1, round=0.01)],
-                      sampler_name: Annotated[str, Combo(SAMPLER_NAMES)], scheduler: Annotated[str, Combo(SCHEDULER_NAMES)],
+                      sampler_name: Annotated[str, Combo(SAMPLER_NAMES)],
+                      scheduler: Annotated[str, Combo(SCHEDULER_NAMES)],
                       positive: Conditioning, negative: Conditioning, latent_image: Latent,
-                      start_at_step: Annotated[int, Int(0, min=0, max=10000)], end_at_step: Annotated[int, Int(10000, min=0, max=10000)],
+                      start_at_step: Annotated[int, Int(0, min=0, max=10000)],
+                      end_at_step: Annotated[int, Int(10000, min=0, max=10000)],
                       return_with_leftover_noise: Annotated[str, Combo(["disable", "enable"])]) -> Latent:
     """Samples a range of steps of a schedule, for multi-stage workflows (base/refiner hand-off)."""
     return common_ksampler(model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,

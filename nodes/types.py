@@ -15,8 +15,7 @@ from engine.inputs import Socket
 from .models.diffusion_model import DiffusionModelHandle
 from .models.text_encoder import ClipHandle
 from .models.vae import VaeHandle
-from .sampling.custom import Guider as GuiderValue
-from .sampling.custom import NoiseSource, SamplerChoice
+from .sampling.custom import Guider as GuiderValue, NoiseSource, SamplerChoice
 
 Model: TypeAlias = Annotated[DiffusionModelHandle, Socket("MODEL")]
 Clip: TypeAlias = Annotated[ClipHandle, Socket("CLIP")]

@@ -13,8 +13,9 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from engine.config import RuntimeConfig
 from engine.registry import Registry
@@ -330,9 +331,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_make_demo_model(args: argparse.Namespace) -> int:
-    from nodes.models.tiny import write_demo_checkpoint
-
     from nodes.models.folders import ModelFolders
+    from nodes.models.tiny import write_demo_checkpoint
 
     models_dir = Path(args.models_dir) if args.models_dir else Path(args.data_dir) / "models"
     if args.if_missing:

@@ -117,7 +117,8 @@ async def delete_workflow(request: web.Request) -> web.Response:
              body={"type": "object", "properties": {
                  "inputs": {"type": "object", "description": '{"NODE.INPUT": value}; NODE is a node id, title or type'},
                  "client_id": {"type": "string"}, "front": {"type": "boolean"}, "prompt_id": {"type": "string"}}},
-             responses={"200": "{prompt_id, number, node_errors}", "400": "{error, node_errors}", "404": "no such workflow"})
+             responses={"200": "{prompt_id, number, node_errors}", "400": "{error, node_errors}",
+                        "404": "no such workflow"})
 async def run_workflow(request: web.Request) -> web.Response:
     """Headless use of a workflow saved from the editor: no graph in the request, just the inputs."""
     path = workflow_path(workflows_dir(request), request.match_info["name"])

@@ -11,7 +11,8 @@ import logging
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from engine.events import Event
 from engine.store import QueueItem, Store, failed_entry, history_entry

@@ -243,7 +243,7 @@ class ControlNetHandle(ResidentMixin):
         return self._weights.modules["controlnet"]  # type: ignore[return-value]
 
     def apply_hint(self, image: torch.Tensor, strength: float, percent_range: tuple[float, float] = (0.0, 1.0),
-                   previous: Any = None) -> "ControlApplication":
+                   previous: Any = None) -> ControlApplication:
         """`image` is IMAGE [B,H,W,C] in 0..1."""
         return ControlApplication(self, image, strength, percent_range, previous)
 
@@ -303,12 +303,12 @@ class ControlApplication:
         self.start_percent, self.end_percent = (float(p) for p in percent_range)
         self.previous = previous
         self._hint_cache: tuple[tuple, torch.Tensor] | None = None
-        from ..sampling.model_sampling import DiscreteSchedule   # SD1/SD2/SDXL share this schedule
+        from ..sampling.model_sampling import DiscreteSchedule  # SD1/SD2/SDXL share this schedule
         schedule = DiscreteSchedule()
         self.sigma_start = schedule.percent_to_sigma(self.start_percent)
         self.sigma_end = schedule.percent_to_sigma(self.end_percent)
 
-    def chain(self) -> list["ControlApplication"]:
+    def chain(self) -> list[ControlApplication]:
         out, node = [], self
         while isinstance(node, ControlApplication):
             out.append(node)

@@ -37,7 +37,7 @@ class DiffusionModelHandle(ResidentMixin):
     # every UNet up-block input before it is concatenated with its skip connection).
     sampling_patches: dict[str, Any] = {}
 
-    def with_patches(self, **patches: Any) -> "DiffusionModelHandle":
+    def with_patches(self, **patches: Any) -> DiffusionModelHandle:
         """A clone with these sampling patches added; output_block_patches accumulate, others replace."""
         twin = self.clone()
         merged = dict(self.sampling_patches)
@@ -48,7 +48,7 @@ class DiffusionModelHandle(ResidentMixin):
         twin.sampling_patches = merged
         return twin
 
-    def with_model_sampling(self, schedule: Any) -> "DiffusionModelHandle":
+    def with_model_sampling(self, schedule: Any) -> DiffusionModelHandle:
         twin = self.clone()
         twin.model_sampling = schedule
         return twin
@@ -61,7 +61,7 @@ class DiffusionModelHandle(ResidentMixin):
         return DiscreteSchedule(prediction_type=self.prediction_type)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Any, device: str | None = None) -> "DiffusionModelHandle":
+    def from_checkpoint(cls, checkpoint: Any, device: str | None = None) -> DiffusionModelHandle:
         """From a `nodes.models.checkpoint.LoadedCheckpoint` (duck-typed)."""
         if checkpoint.unet is None:
             raise ValueError(f"{getattr(checkpoint, 'source', 'checkpoint')} has no diffusion model")
@@ -71,13 +71,13 @@ class DiffusionModelHandle(ResidentMixin):
     def unet(self) -> nn.Module:
         return self._weights.modules["unet"]
 
-    def clone(self) -> "DiffusionModelHandle":
+    def clone(self) -> DiffusionModelHandle:
         """Shares the weights; attributes set on the clone leave the original alone."""
         twin = object.__new__(DiffusionModelHandle)
         twin.__dict__.update(self.__dict__)
         return twin
 
-    def with_unet(self, unet: nn.Module) -> "DiffusionModelHandle":
+    def with_unet(self, unet: nn.Module) -> DiffusionModelHandle:
         """A clone holding different weights (e.g. a LoRA-merged copy); settings carried over."""
         twin = self.clone()
         twin._weights = WeightsHolder({"unet": unet})

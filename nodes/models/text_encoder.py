@@ -198,7 +198,7 @@ class ClipHandle(ResidentMixin):
     @classmethod
     def from_checkpoint(cls, checkpoint: Any,
                         embedding_dirs: Iterable[str | Path] | Callable[[], Iterable[str | Path]] | None = None,
-                        device: str | None = None) -> "ClipHandle":
+                        device: str | None = None) -> ClipHandle:
         """From a `nodes.models.checkpoint.LoadedCheckpoint` (duck-typed)."""
         return cls(checkpoint.text_encoders, checkpoint.tokenizers, checkpoint.arch,
                    embedding_dirs=embedding_dirs, device=device,
@@ -209,7 +209,7 @@ class ClipHandle(ResidentMixin):
     def text_encoders(self) -> dict[str, nn.Module]:
         return dict(self._weights.modules)  # type: ignore[arg-type]
 
-    def clone(self) -> "ClipHandle":
+    def clone(self) -> ClipHandle:
         twin = object.__new__(ClipHandle)
         twin.__dict__.update(self.__dict__)
         twin.tokenizers = dict(self.tokenizers)
@@ -218,7 +218,7 @@ class ClipHandle(ResidentMixin):
         twin._cache_lock = threading.Lock()
         return twin
 
-    def with_text_encoders(self, text_encoders: Mapping[str, nn.Module]) -> "ClipHandle":
+    def with_text_encoders(self, text_encoders: Mapping[str, nn.Module]) -> ClipHandle:
         """A clone whose encoders are replaced (e.g. LoRA-merged copies); settings carried over."""
         twin = self.clone()
         modules = dict(self._weights.modules)

@@ -86,7 +86,8 @@ def tiny_configs(arch: str = "sd1", *, inpaint: bool = False) -> dict[str, dict]
             down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
             up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
             transformer_layers_per_block=[1, 1],
-            attention_head_dim=unet_heads(arch, channels[0]) if arch == "sd1" else [unet_heads(arch, c) for c in channels],
+            attention_head_dim=(unet_heads(arch, channels[0]) if arch == "sd1"
+                                else [unet_heads(arch, c) for c in channels]),
         )
 
     vae = detect.shipped_config(arch, "vae")

@@ -44,7 +44,7 @@ class VaeHandle(ResidentMixin):
     def vae(self) -> nn.Module:
         return self._weights.modules["vae"]
 
-    def clone(self) -> "VaeHandle":
+    def clone(self) -> VaeHandle:
         twin = object.__new__(VaeHandle)
         twin.__dict__.update(self.__dict__)
         twin._run_lock = threading.Lock()

@@ -68,7 +68,7 @@ def _ends(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sigmas[0].log().neg(), sigma_min.log().neg()
 
 
-def _ancestral_target(solver: "_Solver", t, t_next, t_end, eta: float):
+def _ancestral_target(solver: _Solver, t, t_next, t_end, eta: float):
     """Where an ancestral step from t to t_next lands deterministically (in -log sigma), and the noise
     added on top to reach sigma(t_next); eta = 0 is the plain step."""
     if not eta:
@@ -115,7 +115,8 @@ def sample_dpm_fast(model: Denoiser, x, sigmas, extra_args=None, callback: StepC
 class _PIDStepSize:
     """PID step-size controller (Söderlind 2003) with the arctan limiter, on an error measured in tolerances."""
 
-    def __init__(self, h: float, pcoeff: float, icoeff: float, dcoeff: float, order: float, accept_safety: float) -> None:
+    def __init__(self, h: float, pcoeff: float, icoeff: float, dcoeff: float, order: float,
+                 accept_safety: float) -> None:
         self.h = h
         self.b1 = (pcoeff + icoeff + dcoeff) / order
         self.b2 = -(pcoeff + 2 * dcoeff) / order

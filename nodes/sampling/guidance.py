@@ -9,8 +9,9 @@ Entries whose shapes agree (cond and uncond alike) run as one batched ``apply_mo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -283,7 +284,8 @@ class CFGDenoiser:
     def _share_control_with_uncond(self) -> None:
         # ControlNetApply (old) marks control_apply_to_uncond: the negative entries get the same control.
         shared = next(
-            (e.control for e in self.positive if e.control is not None and e.options.get("control_apply_to_uncond")), None
+            (e.control for e in self.positive if e.control is not None and e.options.get("control_apply_to_uncond")),
+            None,
         )
         if shared is not None:
             for e in self.negative:

@@ -136,7 +136,8 @@ class DiscreteSchedule:
         s = _bcast(sigma, x)
         return x / (s * s + self.sigma_data**2) ** 0.5
 
-    def calculate_denoised(self, sigma: torch.Tensor | float, model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def calculate_denoised(self, sigma: torch.Tensor | float, model_output: torch.Tensor,
+                           x: torch.Tensor) -> torch.Tensor:
         """Denoised estimate x0 from the raw UNet output (epsilon or v) and the un-scaled noisy input x."""
         s = _bcast(sigma, model_output)
         if self.prediction_type == "epsilon":

@@ -8,7 +8,7 @@ step count (torchsde's BrownianTree, as k-diffusion/ComfyUI do).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -9,7 +9,7 @@ corrected state (Predict-Evaluate-Correct-Evaluate), one extra call per step.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -232,7 +232,8 @@ def _ddpm_step(x_vp, sigma, sigma_prev, eps, noise):
 
 # DDPM ancestral sampling, Ho et al. 2020, Alg. 2 (over an arbitrary sigma subsequence).
 @torch.no_grad()
-def sample_ddpm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None, noise_sampler=None):
+def sample_ddpm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
+                noise_sampler=None):
     kwargs, seed = split_extra(extra_args)
     noise = ancestral_noise(x, seed, noise_sampler)
     s_in = x.new_ones([x.shape[0]])
@@ -248,7 +249,8 @@ def sample_ddpm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallb
 
 # Latent Consistency Model sampling, Luo et al. 2023 (arXiv 2310.04378) Alg. 1: predict x0, re-noise.
 @torch.no_grad()
-def sample_lcm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None, noise_sampler=None):
+def sample_lcm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
+               noise_sampler=None):
     kwargs, seed = split_extra(extra_args)
     noise = ancestral_noise(x, seed, noise_sampler)
     s_in = x.new_ones([x.shape[0]])
@@ -383,7 +385,8 @@ def sample_seeds_2(model: Denoiser, x, sigmas, extra_args=None, callback: StepCa
             x_2 = x_2 + sde_noise * sigma_1 * s_noise
         denoised_2 = model(x_2, sigma_1 * s_in, **kwargs)
         if solver_type == "phi_1":
-            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - _ei_phi1(-h_eta) * torch.lerp(denoised, denoised_2, fac)
+            x = (sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x
+                 - _ei_phi1(-h_eta) * torch.lerp(denoised, denoised_2, fac))
         else:
             b2 = _ei_phi2(-h_eta) / r
             b1 = _ei_phi1(-h_eta) - b2

@@ -6,7 +6,7 @@ Names and semantics follow ComfyUI's ``KSampler.SCHEDULERS`` so a workflow sampl
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 
-from nodes import custom_sampling as cs
-from nodes import model_patches as mp
+from nodes import custom_sampling as cs, model_patches as mp
 from nodes.conditioning import clip_text_encode
 from nodes.latent import empty_latent_image
 from nodes.loaders import checkpoint_loader_simple
 from nodes.sampler_nodes import ksampler
-from nodes.sampling.model_sampling import ContinuousEDMSchedule, DiscreteSchedule, LCMSchedule
+from nodes.sampling.model_sampling import DiscreteSchedule, LCMSchedule
 
 from .conftest import TINY_SD1
 

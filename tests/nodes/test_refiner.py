@@ -146,8 +146,8 @@ def test_base_then_refiner_workflow_runs(sd_env, xl_files):
     only_base = base_refiner_prompt(switch=4)
     result2 = Executor(registry).execute(only_base, "base-only")
     assert result2.status == "success", result2.error
-    from PIL import Image
     import numpy as np
+    from PIL import Image
     with Image.open(config.output_dir / img["filename"]) as a, \
             Image.open(config.output_dir / result2.outputs["19"]["images"][0]["filename"]) as b:
         assert not np.array_equal(np.asarray(a), np.asarray(b))

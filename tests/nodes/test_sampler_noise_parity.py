@@ -36,7 +36,8 @@ import importlib.util
 import math
 import sys
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch

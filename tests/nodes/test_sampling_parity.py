@@ -118,7 +118,8 @@ def test_euler_ancestral_matches_diffusers_with_same_noise_stream(toy: ToyEps) -
 
 def test_dpmpp_2m_karras_matches_diffusers(toy: ToyEps) -> None:
     steps = 10  # < 15, so diffusers also takes a first-order final step (lower_order_final), as k-diffusion does
-    sched = DPMSolverMultistepScheduler(**SD_CONFIG, use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_order=2)
+    sched = DPMSolverMultistepScheduler(**SD_CONFIG, use_karras_sigmas=True, algorithm_type="dpmsolver++",
+                                        solver_order=2)
     sched.set_timesteps(steps)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
     # diffusers runs in VP space (x_vp = x_ve / sqrt(1 + sigma^2)), starting from unit-variance noise

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.store import Store, StoreUnusable
+
 from .conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
