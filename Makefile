@@ -17,6 +17,10 @@ NODE_MODULES := web/node_modules/.installed
 TORCH  := torch==2.13.0
 TORCH_INDEX_URL ?=
 PIP_VERSION := 26.3
+# Installed without their declared dependencies, which would pull a CUDA torch and training tools the tests
+# never import: k-diffusion is the independent reference of the sampler parity tests (its sampling module
+# needs only torch, scipy, torchsde and torchdiffeq, which the lock pins).
+NO_DEPS := "k-diffusion==0.1.1.post1"
 UV_VERSION  := 0.13.9
 
 # `make lock` resolves against torch's CPU build so that no CUDA package (nvidia-*, triton) enters the lock.
@@ -56,6 +60,7 @@ $(STAMP): $(LOCK) pyproject.toml
 	$(BIN)/python -m pip install --quiet "pip==$(PIP_VERSION)"
 	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),-c $(LOCK)) "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps $(NO_DEPS)
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	$(BIN)/python requirements/check_lock.py pyproject.toml $(LOCK) test
 	touch $@
