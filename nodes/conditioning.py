@@ -6,10 +6,20 @@ from typing import Annotated
 from engine.inputs import Float, Int, String
 from engine.node import node
 
+from .models.prompt_weights import check_nesting
 from .types import MAX_RESOLUTION, Clip, Conditioning
 
 
-@node("CLIPTextEncode", category="conditioning", display_name="CLIP Text Encode (Prompt)")
+def _check_text(text) -> bool | str:
+    """Up front: the text is a string (numbers are taken as text) that the weight parser can read."""
+    if text is None:
+        return True                  # linked: known only at run time
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        return f"text must be a string, not {type(text).__name__}"
+    return check_nesting(str(text)) or True
+
+
+@node("CLIPTextEncode", category="conditioning", display_name="CLIP Text Encode (Prompt)", validate=_check_text)
 def clip_text_encode(text: Annotated[str, String(multiline=True, dynamic_prompts=True, tooltip="The text to be encoded.")],
                      clip: Clip) -> Conditioning:
     """Encodes a text prompt with a CLIP model into a conditioning that guides the diffusion model.
@@ -17,7 +27,7 @@ def clip_text_encode(text: Annotated[str, String(multiline=True, dynamic_prompts
     if clip is None:
         raise RuntimeError("ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node "
                            "your checkpoint does not contain a valid clip or text encoder model.")
-    return clip.encode_text(text)
+    return clip.encode_text(text if isinstance(text, str) else str(text))
 
 
 @node("CLIPSetLastLayer", category="conditioning")
