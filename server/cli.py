@@ -208,14 +208,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 class ProgressPrinter:
-    """Prints run events: a progress bar (redrawn in place on a terminal) and one line per node."""
+    """Prints run events: one line per node, and for each node that reports steps (samplers, chunked VAE
+    decodes, tiled upscales) a tqdm bar with rate and ETA. Bars are drawn only on a terminal; piped
+    output gets one summary line when a node's steps are done (no redraws in a log file)."""
 
     def __init__(self, prompt: dict, stream=sys.stderr) -> None:
         self.prompt = prompt
         self.stream = stream
-        self.tty = stream.isatty()
-        self.bar_open = False
-        self.last_line = 0.0
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.bar: Any = None
+        self.bar_node: Any = None
+        self.started: dict[Any, float] = {}
 
     def _name(self, nid: Any) -> str:
         node = self.prompt.get(str(nid), {})
@@ -223,9 +226,28 @@ class ProgressPrinter:
         return f"{nid} {title or node.get('class_type', '?')}"
 
     def _end_bar(self) -> None:
-        if self.bar_open:
-            self.stream.write("\n")
-            self.bar_open = False
+        if self.bar is not None:
+            self.bar.close()
+            self.bar, self.bar_node = None, None
+
+    def _progress(self, node: Any, value: float, total: float) -> None:
+        value, total = _whole(value), _whole(total)
+        if not self.tty:
+            start = self.started.setdefault(node, time.monotonic())
+            if value >= total:
+                took = time.monotonic() - start
+                rate = f", {value / took:.2f} it/s" if took > 0 else ""
+                self.stream.write(f"  {self._name(node)}: {value}/{total} in {took:.2f}s{rate}\n")
+                self.started.pop(node, None)
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or self.bar_node != node or self.bar.total != total:
+            self._end_bar()
+            self.bar = tqdm(total=total, desc=f"  {self._name(node)}", unit="it", file=self.stream,
+                            dynamic_ncols=True, leave=True)
+            self.bar_node = node
+        self.bar.update(max(value - self.bar.n, 0))
 
     def __call__(self, event: Any) -> None:
         t, d = event.type, event.data
@@ -235,16 +257,7 @@ class ProgressPrinter:
             self._end_bar()
             self.stream.write(f"> {self._name(d['node'])}\n")
         elif t == "progress":
-            value, total = float(d.get("value", 0)), float(d.get("max", 1) or 1)
-            width = 30
-            filled = int(width * min(value / total, 1.0))
-            bar = f"  [{'#' * filled}{'.' * (width - filled)}] {int(value)}/{int(total)}"
-            if self.tty:
-                self.stream.write("\r" + bar)
-                self.bar_open = True
-            elif value >= total or time.monotonic() - self.last_line > 2:
-                self.stream.write(bar + "\n")
-                self.last_line = time.monotonic()
+            self._progress(d.get("node"), float(d.get("value", 0)), float(d.get("max", 1) or 1))
         elif t == "execution_error":
             self._end_bar()
             self.stream.write(f"error in node {d.get('node_id')} ({d.get('node_type')}): "
@@ -255,6 +268,10 @@ class ProgressPrinter:
         elif t in ("execution_success", "executing"):
             self._end_bar()
         self.stream.flush()
+
+
+def _whole(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
 
 
 def output_paths(config: RuntimeConfig, outputs: dict) -> list[str]:
