@@ -122,6 +122,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"sdflow: {e}") from None
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"sdflow {len(registry)} node types; data in {config.data_dir.resolve()}", flush=True)
+    for line in startup_lines(args.host, args.port, catalog):
+        print(line, flush=True)
     from .state import STATE
     if app[STATE].store.problem:
         print(f"WARNING: {app[STATE].store.problem}", file=sys.stderr, flush=True)
@@ -129,6 +131,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     web.run_app(app, host=args.host, port=args.port, print=None,
                 access_log=logging.getLogger("aiohttp.access") if args.verbose else None)
     return 0
+
+
+DEMO_NOTE = ("note: the only checkpoint is the demo model {name}: it has random weights, so every image it "
+             "makes is noise. Put a real checkpoint (.safetensors) in {folder} to make pictures.")
+
+
+def startup_lines(host: str, port: int, catalog: Any) -> list[str]:
+    """What `serve` tells a person at start: the demo model's limits, where to point the browser, how
+    to stop."""
+    lines = []
+    demo = _demo_only(catalog)
+    if demo:
+        lines.append(DEMO_NOTE.format(name=demo, folder="models/checkpoints"))
+    browse = "127.0.0.1" if host in ("0.0.0.0", "::", "") else (f"[{host}]" if ":" in host else host)
+    lines.append(f"open http://{browse}:{port} in your browser; press Ctrl+C to stop")
+    return lines
+
+
+def _demo_only(catalog: Any) -> str | None:
+    if catalog is None:
+        return None
+    try:
+        from nodes.models.tiny import DEMO_NAME
+        files = list(catalog.list_files("checkpoints") or []) + list(catalog.list_files("diffusers") or [])
+    except Exception:   # an odd catalog must not stop the server from starting
+        return None
+    return DEMO_NAME if files and all(f.rsplit("/", 1)[-1] == DEMO_NAME for f in files) else None
 
 
 # ---- workflows from files ----------------------------------------------------------------------------
@@ -346,6 +375,8 @@ def cmd_make_demo_model(args: argparse.Namespace) -> int:
             return 0
     path = write_demo_checkpoint(models_dir)
     print(path)
+    print(f"the demo checkpoint has random weights: workflows run end to end but images are noise; put a "
+          f"real checkpoint in {models_dir / 'checkpoints'} for pictures", file=sys.stderr)
     return 0
 
 
