@@ -103,7 +103,10 @@ class Executor:
 
     def _validate(self, prompt: dict, targets: list[str] | None):
         """Validation, memoized for an identical re-run (the common 'queue again' case); values are
-        re-validated whenever the prompt text or the targets differ."""
+        re-validated whenever the prompt text or the targets differ. A prompt that uses a node whose
+        validity depends on more than its text (a custom `validate`, such as a model file check, or a
+        combo whose choices change, such as a folder listing) is always validated again: the file may
+        have been deleted since."""
         try:
             digest = json.dumps([prompt, targets], sort_keys=False, default=repr)
         except (TypeError, ValueError):
@@ -112,7 +115,8 @@ class Executor:
         if digest is not None and last is not None and last[0] == digest:
             return last[1]
         vr = validate_prompt(prompt, self.registry, targets)
-        self._last_validation = (digest, vr) if digest is not None and vr.ok else None
+        stable = digest is not None and vr.ok and not any(_depends_on_world(rn.nodedef) for rn in vr.nodes.values())
+        self._last_validation = (digest, vr) if stable else None
         return vr
 
     def _check_interrupt(self) -> None:
@@ -312,6 +316,13 @@ class _Run:
         self.send("execution_error", self.result.error, record=True)
         self.send("executing", {"node": None, "display_node": None, "prompt_id": self.prompt_id})
         return self.result
+
+
+def _depends_on_world(nd: NodeDef) -> bool:
+    """Whether a node's validation can change with no change to the prompt."""
+    if nd.validate is not None or nd.cost is not None:
+        return True
+    return any(callable(getattr(decl.spec, "choices", None)) for decl in nd.inputs.values())
 
 
 def _summary(value: Any) -> Any:

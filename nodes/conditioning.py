@@ -8,10 +8,20 @@ import torch.nn.functional as F
 from engine.inputs import Boolean, Float, Int, String
 from engine.node import node
 
+from .models.prompt_weights import check_nesting
 from .types import MAX_RESOLUTION, Clip, Conditioning, Image, Latent, Mask, Vae
 
 
-@node("CLIPTextEncode", category="conditioning", display_name="CLIP Text Encode (Prompt)")
+def _check_text(text) -> bool | str:
+    """Up front: the text is a string (numbers are taken as text) that the weight parser can read."""
+    if text is None:
+        return True                  # linked: known only at run time
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        return f"text must be a string, not {type(text).__name__}"
+    return check_nesting(str(text)) or True
+
+
+@node("CLIPTextEncode", category="conditioning", display_name="CLIP Text Encode (Prompt)", validate=_check_text)
 def clip_text_encode(text: Annotated[str, String(multiline=True, dynamic_prompts=True,
                                                   tooltip="The text to be encoded.")],
                      clip: Clip) -> Conditioning:
@@ -20,7 +30,7 @@ def clip_text_encode(text: Annotated[str, String(multiline=True, dynamic_prompts
     if clip is None:
         raise RuntimeError("ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node "
                            "your checkpoint does not contain a valid clip or text encoder model.")
-    return clip.encode_text(text)
+    return clip.encode_text(text if isinstance(text, str) else str(text))
 
 
 @node("CLIPSetLastLayer", category="conditioning")

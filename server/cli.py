@@ -123,6 +123,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"sdflow: {e}") from None
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"sdflow {len(registry)} node types; data in {config.data_dir.resolve()}", flush=True)
+    for line in startup_lines(args.host, args.port, catalog):
+        print(line, flush=True)
     from .state import STATE
     if app[STATE].store.problem:
         print(f"WARNING: {app[STATE].store.problem}", file=sys.stderr, flush=True)
@@ -130,6 +132,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     web.run_app(app, host=args.host, port=args.port, print=None,
                 access_log=logging.getLogger("aiohttp.access") if args.verbose else None)
     return 0
+
+
+DEMO_NOTE = ("note: the only checkpoint is the demo model {name}: it has random weights, so every image it "
+             "makes is noise. Put a real checkpoint (.safetensors) in {folder} to make pictures.")
+
+
+def startup_lines(host: str, port: int, catalog: Any) -> list[str]:
+    """What `serve` tells a person at start: the demo model's limits, where to point the browser, how
+    to stop."""
+    lines = []
+    demo = _demo_only(catalog)
+    if demo:
+        lines.append(DEMO_NOTE.format(name=demo, folder="models/checkpoints"))
+    browse = "127.0.0.1" if host in ("0.0.0.0", "::", "") else (f"[{host}]" if ":" in host else host)
+    lines.append(f"open http://{browse}:{port} in your browser; press Ctrl+C to stop")
+    return lines
+
+
+def _demo_only(catalog: Any) -> str | None:
+    if catalog is None:
+        return None
+    try:
+        from nodes.models.tiny import DEMO_NAME
+        files = list(catalog.list_files("checkpoints") or []) + list(catalog.list_files("diffusers") or [])
+    except Exception:   # an odd catalog must not stop the server from starting
+        return None
+    return DEMO_NAME if files and all(f.rsplit("/", 1)[-1] == DEMO_NAME for f in files) else None
 
 
 # ---- workflows from files ----------------------------------------------------------------------------
@@ -224,14 +253,17 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 class ProgressPrinter:
-    """Prints run events: a progress bar (redrawn in place on a terminal) and one line per node."""
+    """Prints run events: one line per node, and for each node that reports steps (samplers, chunked VAE
+    decodes, tiled upscales) a tqdm bar with rate and ETA. Bars are drawn only on a terminal; piped
+    output gets one summary line when a node's steps are done (no redraws in a log file)."""
 
     def __init__(self, prompt: dict, stream=sys.stderr) -> None:
         self.prompt = prompt
         self.stream = stream
-        self.tty = stream.isatty()
-        self.bar_open = False
-        self.last_line = 0.0
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.bar: Any = None
+        self.bar_node: Any = None
+        self.started: dict[Any, float] = {}
 
     def _name(self, nid: Any) -> str:
         node = self.prompt.get(str(nid), {})
@@ -239,9 +271,28 @@ class ProgressPrinter:
         return f"{nid} {title or node.get('class_type', '?')}"
 
     def _end_bar(self) -> None:
-        if self.bar_open:
-            self.stream.write("\n")
-            self.bar_open = False
+        if self.bar is not None:
+            self.bar.close()
+            self.bar, self.bar_node = None, None
+
+    def _progress(self, node: Any, value: float, total: float) -> None:
+        value, total = _whole(value), _whole(total)
+        if not self.tty:
+            start = self.started.setdefault(node, time.monotonic())
+            if value >= total:
+                took = time.monotonic() - start
+                rate = f", {value / took:.2f} it/s" if took > 0 else ""
+                self.stream.write(f"  {self._name(node)}: {value}/{total} in {took:.2f}s{rate}\n")
+                self.started.pop(node, None)
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or self.bar_node != node or self.bar.total != total:
+            self._end_bar()
+            self.bar = tqdm(total=total, desc=f"  {self._name(node)}", unit="it", file=self.stream,
+                            dynamic_ncols=True, leave=True)
+            self.bar_node = node
+        self.bar.update(max(value - self.bar.n, 0))
 
     def __call__(self, event: Any) -> None:
         t, d = event.type, event.data
@@ -251,16 +302,7 @@ class ProgressPrinter:
             self._end_bar()
             self.stream.write(f"> {self._name(d['node'])}\n")
         elif t == "progress":
-            value, total = float(d.get("value", 0)), float(d.get("max", 1) or 1)
-            width = 30
-            filled = int(width * min(value / total, 1.0))
-            bar = f"  [{'#' * filled}{'.' * (width - filled)}] {int(value)}/{int(total)}"
-            if self.tty:
-                self.stream.write("\r" + bar)
-                self.bar_open = True
-            elif value >= total or time.monotonic() - self.last_line > 2:
-                self.stream.write(bar + "\n")
-                self.last_line = time.monotonic()
+            self._progress(d.get("node"), float(d.get("value", 0)), float(d.get("max", 1) or 1))
         elif t == "execution_error":
             self._end_bar()
             self.stream.write(f"error in node {d.get('node_id')} ({d.get('node_type')}): "
@@ -271,6 +313,10 @@ class ProgressPrinter:
         elif t in ("execution_success", "executing"):
             self._end_bar()
         self.stream.flush()
+
+
+def _whole(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
 
 
 def output_paths(config: RuntimeConfig, outputs: dict) -> list[str]:
@@ -344,6 +390,8 @@ def cmd_make_demo_model(args: argparse.Namespace) -> int:
             return 0
     path = write_demo_checkpoint(models_dir)
     print(path)
+    print(f"the demo checkpoint has random weights: workflows run end to end but images are noise; put a "
+          f"real checkpoint in {models_dir / 'checkpoints'} for pictures", file=sys.stderr)
     return 0
 
 
