@@ -5,11 +5,11 @@ from engine.config import RuntimeConfig
 from engine.registry import Registry
 
 from . import conditioning, controlnet, image, latent, loaders, lora, sampler_nodes, upscale
-from . import custom_sampling, model_patches
+from . import custom_sampling, instructpix2pix, model_patches
 from .runtime import configure
 
 MODULES = (loaders, conditioning, latent, sampler_nodes, image, lora, controlnet, upscale)
-MODULES += (custom_sampling, model_patches)
+MODULES += (custom_sampling, model_patches, instructpix2pix)
 
 
 class ModelCatalog:
