@@ -9,6 +9,7 @@ from . import (
     controlnet,
     custom_sampling,
     image,
+    instructpix2pix,
     latent,
     loaders,
     lora,
@@ -19,7 +20,7 @@ from . import (
 from .runtime import configure
 
 MODULES = (loaders, conditioning, latent, sampler_nodes, image, lora, controlnet, upscale)
-MODULES += (custom_sampling, model_patches)
+MODULES += (custom_sampling, model_patches, instructpix2pix)
 
 
 class ModelCatalog:

@@ -61,6 +61,52 @@ def ksampler_select(sampler_name: Annotated[str, Combo(SAMPLER_NAMES)]) -> Sampl
     return SamplerChoice(sampler_name)
 
 
+_ETA = Float(1.0, min=0.0, max=100.0, step=0.01, round=False)
+_S_NOISE = Float(1.0, min=0.0, max=100.0, step=0.01, round=False)
+_NOISE_DEVICE = Combo(["gpu", "cpu"])
+
+
+@node("SamplerEulerAncestral", category="sampling/custom_sampling/samplers")
+def sampler_euler_ancestral(eta: Annotated[float, _ETA], s_noise: Annotated[float, _S_NOISE]) -> Sampler:
+    """euler_ancestral with its noise amount (eta) and noise scale."""
+    return SamplerChoice("euler_ancestral", {"eta": eta, "s_noise": s_noise})
+
+
+@node("SamplerDPMPP_2S_Ancestral", category="sampling/custom_sampling/samplers")
+def sampler_dpmpp_2s_ancestral(eta: Annotated[float, _ETA], s_noise: Annotated[float, _S_NOISE]) -> Sampler:
+    """dpmpp_2s_ancestral with its eta and noise scale."""
+    return SamplerChoice("dpmpp_2s_ancestral", {"eta": eta, "s_noise": s_noise})
+
+
+@node("SamplerDPMPP_SDE", category="sampling/custom_sampling/samplers")
+def sampler_dpmpp_sde(eta: Annotated[float, _ETA], s_noise: Annotated[float, _S_NOISE],
+                      r: Annotated[float, Float(0.5, min=0.0, max=100.0, step=0.01, round=False)],
+                      noise_device: Annotated[str, _NOISE_DEVICE]) -> Sampler:
+    """dpmpp_sde with its eta, noise scale, midpoint ratio r and Brownian-tree device."""
+    return SamplerChoice("dpmpp_sde" if noise_device == "cpu" else "dpmpp_sde_gpu", {"eta": eta, "s_noise": s_noise, "r": r})
+
+
+@node("SamplerDPMPP_2M_SDE", category="sampling/custom_sampling/samplers")
+def sampler_dpmpp_2m_sde(solver_type: Annotated[str, Combo(["midpoint", "heun"])], eta: Annotated[float, _ETA],
+                         s_noise: Annotated[float, _S_NOISE], noise_device: Annotated[str, _NOISE_DEVICE]) -> Sampler:
+    """dpmpp_2m_sde with its solver type, eta, noise scale and Brownian-tree device."""
+    name = "dpmpp_2m_sde" if noise_device == "cpu" else "dpmpp_2m_sde_gpu"
+    return SamplerChoice(name, {"eta": eta, "s_noise": s_noise, "solver_type": solver_type})
+
+
+@node("SamplerDPMPP_3M_SDE", category="sampling/custom_sampling/samplers")
+def sampler_dpmpp_3m_sde(eta: Annotated[float, _ETA], s_noise: Annotated[float, _S_NOISE],
+                         noise_device: Annotated[str, _NOISE_DEVICE]) -> Sampler:
+    """dpmpp_3m_sde with its eta, noise scale and Brownian-tree device."""
+    return SamplerChoice("dpmpp_3m_sde" if noise_device == "cpu" else "dpmpp_3m_sde_gpu", {"eta": eta, "s_noise": s_noise})
+
+
+@node("SamplerLMS", category="sampling/custom_sampling/samplers")
+def sampler_lms(order: Annotated[int, Int(4, min=1, max=100)]) -> Sampler:
+    """lms with its order."""
+    return SamplerChoice("lms", {"order": order})
+
+
 # ---------------------------------------------------------------------------------------- schedulers
 
 _STEPS = Int(20, min=1, max=10000)

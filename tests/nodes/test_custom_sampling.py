@@ -256,3 +256,23 @@ def test_executor_reports_bad_sigmas_with_node_and_input(sd_env):
     assert result.error["node_type"] == "SetFirstSigma" and result.error["node_id"] == "5"
     text = result.error["exception_message"]
     assert "SetFirstSigma" in text and "'sigmas'" in text and "empty" in text
+
+
+def test_sampler_nodes_with_options_reach_the_sampler(loaded, sd_env):
+    model, pos, neg, _, latent = loaded
+    sigmas = cs.basic_scheduler(model, "karras", 4, 1.0)
+
+    def run(sampler):
+        return cs.sampler_custom(model, True, SEED, 4.0, pos, neg, sampler, sigmas, latent).output
+
+    # eta 0 takes no ancestral step: euler_ancestral is euler
+    _close(run(cs.sampler_euler_ancestral(0.0, 1.0)), run(cs.ksampler_select("euler")))
+    _close(run(cs.sampler_euler_ancestral(1.0, 1.0)), run(cs.ksampler_select("euler_ancestral")))
+    _close(run(cs.sampler_dpmpp_2m_sde("heun", 1.0, 1.0, "cpu")), run(cs.ksampler_select("dpmpp_2m_sde_heun")))
+    _close(run(cs.sampler_dpmpp_sde(1.0, 1.0, 0.5, "gpu")), run(cs.ksampler_select("dpmpp_sde_gpu")))
+    assert cs.sampler_dpmpp_3m_sde(0.5, 1.0, "cpu") == cs.SamplerChoice("dpmpp_3m_sde", {"eta": 0.5, "s_noise": 1.0})
+    assert float((run(cs.sampler_lms(1))["samples"] - run(cs.ksampler_select("lms"))["samples"]).abs().max()) > 1e-4
+    info = sd_env[0].object_info()
+    assert list(info["SamplerDPMPP_2M_SDE"]["input"]["required"]) == ["solver_type", "eta", "s_noise", "noise_device"]
+    assert info["SamplerDPMPP_SDE"]["input"]["required"]["noise_device"][0] == ["gpu", "cpu"]
+    assert info["SamplerLMS"]["input"]["required"]["order"][1] == {"default": 4, "min": 1, "max": 100}

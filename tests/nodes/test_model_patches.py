@@ -245,3 +245,26 @@ def test_differential_diffusion_inpaints_a_soft_mask(loaded):
     plain = ksampler(model, SEED, 4, 4.0, "euler", "normal", pos, neg, latent, 1.0)
     diff = ksampler(mp.differential_diffusion(model), SEED, 4, 4.0, "euler", "normal", pos, neg, latent, 1.0)
     assert torch.isfinite(diff["samples"]).all() and _diff(diff, plain) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ InstructPix2Pix
+
+def test_instruct_pix_to_pix_conditioning(sd_env, loaded):
+    from nodes.instructpix2pix import instruct_pix_to_pix_conditioning
+
+    _, pos, neg, _, _ = loaded
+    _, _, vae = checkpoint_loader_simple(TINY_SD1)
+    pixels = torch.rand(1, 70, 66, 3)
+    out = instruct_pix_to_pix_conditioning(pos, neg, vae, pixels)
+    expected = vae.encode(pixels[:, 3:67, 1:65])   # centred crop to 64x64
+    for cond, original in ((out.positive, pos), (out.negative, neg)):
+        assert len(cond) == len(original) and cond[0][0] is original[0][0]
+        torch.testing.assert_close(cond[0][1]["concat_latent_image"], expected)
+        assert "concat_latent_image" not in original[0][1]
+    assert out.latent["samples"].shape == expected.shape and not out.latent["samples"].any()
+    info = sd_env[0].object_info()["InstructPixToPixConditioning"]
+    assert list(info["input"]["required"]) == ["positive", "negative", "vae", "pixels"]
+    assert info["output"] == ["CONDITIONING", "CONDITIONING", "LATENT"]
+    assert info["output_name"] == ["positive", "negative", "latent"]
+    with pytest.raises(ValueError, match="InstructPixToPixConditioning: input 'pixels'"):
+        instruct_pix_to_pix_conditioning(pos, neg, vae, torch.rand(1, 4, 4, 3))
