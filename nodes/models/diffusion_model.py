@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .inpaint import blank_concat
+from .inpaint import extra_input
 from .memory import ResidentMixin, WeightsHolder, default_device
 
 ARCHES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
@@ -110,9 +110,10 @@ class DiffusionModelHandle(ResidentMixin):
         (SDXL's added conditioning: text_embeds / time_ids); optional "control" as a dict with
         "down" (list of residuals, one per UNet skip connection) and "mid" (the middle block's
         residual), added inside the UNet the way a ControlNet's outputs are, or "intrablock" (a
-        T2I-Adapter's features, added inside the down blocks); "concat" [B|1, 5, h, w] (mask and
-        masked-image latent, see models/inpaint.py) is appended to the input channels of inpainting
-        models (a blank one when absent) and ignored by others; anything else is ignored.
+        T2I-Adapter's features, added inside the down blocks); "concat" [B|1, 9, h, w] (mask, inpainting
+        and pix2pix image latents, see models/inpaint.py): inpainting models append its first 5
+        channels to their input, InstructPix2Pix models the last 4 (blanks when absent), others ignore
+        it; anything else is ignored.
         For the SDXL refiner, "size_cond" may hold the base model's 6 numbers (the aesthetic score
         then defaults per "cond_or_uncond"), and the base model takes the refiner's 5.
         Batch-1 conditioning is broadcast to the batch of `x_in`. Inputs are cast to the UNet's
@@ -159,12 +160,7 @@ class DiffusionModelHandle(ResidentMixin):
         if isinstance(control, dict) and control.get("intrablock") is not None:
             kwargs["down_intrablock_additional_residuals"] = [prep(r) for r in control["intrablock"]]
         if x.shape[1] < self.in_channels:
-            concat = cond.get("concat")
-            extra = prep(blank_concat(x_in) if concat is None else concat)
-            if x.shape[1] + extra.shape[1] != self.in_channels:
-                raise ValueError(f"the model takes {self.in_channels} input channels; the latent has "
-                                 f"{x.shape[1]} and the inpainting input {extra.shape[1]}")
-            x = torch.cat([x, extra], dim=1)
+            x = torch.cat([x, prep(extra_input(cond.get("concat"), x_in, self.in_channels - x.shape[1]))], dim=1)
         with self._output_block_hooks():
             out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
         return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))

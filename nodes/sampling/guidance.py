@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models.inpaint import inpaint_concat
+from ..models.inpaint import model_concat
 from .model_sampling import DiscreteSchedule, _bcast
 
 ApplyModel = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
@@ -40,7 +40,7 @@ class CondEntry:
     sigma_start: float | None  # inactive while sigma > sigma_start
     sigma_end: float | None  # inactive while sigma < sigma_end
     options: dict[str, Any] = field(default_factory=dict)
-    # [B, 5, h, w] extra input of 9-channel inpainting models (mask + masked latent); see models/inpaint.py
+    # [B, 9, h, w] extra input of inpainting / InstructPix2Pix models; see models/inpaint.py
     concat: torch.Tensor | None = None
     # Per-device copies and per-shape weights, built on first use: the sampler calls the denoiser with the
     # same entries every step, so nothing here is rebuilt or re-uploaded after the first step.
@@ -146,7 +146,7 @@ def resolve_conditioning(
                 sigma_start=schedule.percent_to_sigma(start) if start is not None and start > 0 else None,
                 sigma_end=schedule.percent_to_sigma(end) if end is not None and end < 1 else None,
                 options=opts,
-                concat=inpaint_concat(opts, latent_image, noise_mask, latent_shape),
+                concat=model_concat(opts, latent_image, noise_mask, latent_shape),
             )
         )
     return entries
@@ -437,7 +437,7 @@ class CFGDenoiser:
 # The sampler-facing denoiser ``(x, sigma[B]) -> denoised``. ``apply_model(x_in, timestep[B], cond) -> eps|v``
 # gets c_in-scaled input; ``cond`` holds ``context``, ``pooled`` + ``size_cond`` (SDXL, only when the entry
 # has pooled_output), ``control`` (passthrough), ``cond_or_uncond`` (0/1 per stacked chunk of the batch) and
-# ``sigma``, and ``concat`` (the [B, 5, h, w] extra input of inpainting models, when the entry or the
-# sampler has a mask; the model drops it if it takes none). With ``noise_mask`` (1 = regenerate) the unmasked region is held at ``latent_image`` re-noised
+# ``sigma``, and ``concat`` (the [B, 9, h, w] extra input of inpainting and InstructPix2Pix models, when
+# the entry or the sampler has a mask or a concat image; a model takes the channels it needs, if any). With ``noise_mask`` (1 = regenerate) the unmasked region is held at ``latent_image`` re-noised
 # with ``noise`` (drawn from ``seed`` when not given).
 make_denoiser = CFGDenoiser

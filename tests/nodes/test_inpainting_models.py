@@ -174,3 +174,36 @@ def test_inpaint_model_conditioning_rejects_mismatched_mask_batch(inpaint_files)
     mask = torch.zeros((3, 64, 64))
     with pytest.raises(ValueError, match="mask"):
         inpaint_model_conditioning([], [], vae, pixels, mask, True)
+
+
+def test_pix2pix_models_take_the_concat_image_and_inpainting_models_the_mask(inpaint_files):
+    from diffusers import UNet2DConditionModel
+
+    from nodes.models.inpaint import model_concat
+    from nodes.models.tiny import tiny_configs
+
+    cfg = tiny_configs("sd1")["unet"]
+    cfg["in_channels"] = 8
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ip2p = DiffusionModelHandle(UNet2DConditionModel.from_config(cfg).eval(), "sd1")
+    image = torch.randn(1, 4, 8, 8)
+    concat = model_concat({"concat_latent_image": image}, None, None, (2, 4, 8, 8))
+    assert concat.shape == (2, 9, 8, 8)
+    context = torch.randn(1, 77, 32)
+    seen, hook = _capture_unet_input(ip2p.unet)
+    try:
+        ip2p.apply(torch.randn(2, 4, 8, 8), 500.0, {"context": context, "concat": concat})
+        ip2p.apply(torch.randn(2, 4, 8, 8), 500.0, {"context": context})
+    finally:
+        hook.remove()
+    torch.testing.assert_close(seen[0][:, 4:], image.expand(2, 4, 8, 8))
+    assert torch.equal(seen[1][:, 4:], torch.zeros(2, 4, 8, 8))
+    # the same entry on an inpainting model: no mask anywhere, so blank mask + image (as ComfyUI)
+    model = DiffusionModelHandle.from_checkpoint(load_checkpoint(inpaint_files / INPAINT_SD1))
+    seen, hook = _capture_unet_input(model.unet)
+    try:
+        model.apply(torch.randn(2, 4, 8, 8), 500.0, {"context": context, "concat": concat})
+    finally:
+        hook.remove()
+    assert torch.equal(seen[0][:, 4], torch.ones(2, 8, 8))
