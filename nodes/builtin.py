@@ -5,9 +5,11 @@ from engine.config import RuntimeConfig
 from engine.registry import Registry
 
 from . import conditioning, controlnet, image, latent, loaders, lora, sampler_nodes, upscale
+from . import mask, primitives, strings
 from .runtime import configure
 
 MODULES = (loaders, conditioning, latent, sampler_nodes, image, lora, controlnet, upscale)
+MODULES += (mask, primitives, strings)
 
 
 class ModelCatalog:
