@@ -13,14 +13,17 @@ from . import (
     latent,
     loaders,
     lora,
+    mask,
     model_patches,
+    primitives,
     sampler_nodes,
+    strings,
     upscale,
 )
 from .runtime import configure
 
-MODULES = (loaders, conditioning, latent, sampler_nodes, image, lora, controlnet, upscale)
-MODULES += (custom_sampling, model_patches, instructpix2pix)
+MODULES = (loaders, conditioning, latent, sampler_nodes, image, lora, controlnet, upscale,
+           custom_sampling, model_patches, instructpix2pix, mask, primitives, strings)
 
 
 class ModelCatalog:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Annotated, NamedTuple
 
+import torch
 import torch.nn.functional as F
 
-from engine.inputs import Boolean, Float, Int, String
+from engine.inputs import Boolean, Combo, Float, Int, String
 from engine.node import node
 
 from .models.prompt_weights import check_nesting
@@ -184,3 +185,76 @@ def inpaint_model_conditioning(
         latent["noise_mask"] = mask
     extra = {"concat_latent_image": concat_latent, "concat_mask": mask}
     return InpaintModelOutputs(_with(positive, **extra), _with(negative, **extra), latent)
+
+
+# ---- masks, averages and concatenation (ComfyUI core) --------------------------------------------
+
+def _cond_need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@node("ConditioningSetMask", category="conditioning", display_name="Conditioning (Set Mask)")
+def conditioning_set_mask(conditioning: Conditioning, mask: Mask,
+                          strength: Annotated[float, Float(1.0, min=0.0, max=10.0, step=0.01)],
+                          set_cond_area: Annotated[str, Combo(["default", "mask bounds"])]) -> Conditioning:
+    """Restricts a conditioning to a mask (resized to the latent when sampling); "mask bounds" predicts
+    only on the mask's bounding box, at full resolution there."""
+    _cond_need(isinstance(mask, torch.Tensor) and mask.dim() in (2, 3, 4), "mask: not a MASK tensor")
+    m = mask.reshape((-1,) + tuple(mask.shape[-2:]))
+    return _with(conditioning, mask=m, set_area_to_bounds=set_cond_area != "default", mask_strength=strength)
+
+
+def _tokens_to(t: torch.Tensor, length: int) -> torch.Tensor:
+    if t.shape[1] >= length:
+        return t[:, :length]
+    pad = t.new_zeros((t.shape[0], length - t.shape[1], t.shape[2]))
+    return torch.cat([t, pad], dim=1)
+
+
+@node("ConditioningAverage", category="conditioning")
+def conditioning_average(conditioning_to: Conditioning, conditioning_from: Conditioning,
+                         conditioning_to_strength: Annotated[float, Float(1.0, min=0.0, max=1.0, step=0.01)]) -> Conditioning:
+    """Each entry of conditioning_to mixed with the first entry of conditioning_from (tokens padded or cut
+    to conditioning_to's length); the pooled outputs are mixed the same way."""
+    _cond_need(len(conditioning_from) > 0, "conditioning_from: empty conditioning")
+    if len(conditioning_from) > 1:
+        import logging
+        logging.getLogger(__name__).warning("ConditioningAverage: conditioning_from has %d entries; only the first "
+                                            "is used", len(conditioning_from))
+    src, src_opts = conditioning_from[0]
+    src_pooled = src_opts.get("pooled_output")
+    out = []
+    for cond, opts in conditioning_to:
+        _cond_need(cond.shape[-1] == src.shape[-1],
+                   f"conditioning_from: embedding width {src.shape[-1]} differs from conditioning_to's {cond.shape[-1]} "
+                   "(different text encoders)")
+        w = conditioning_to_strength
+        mixed = cond * w + _tokens_to(src, cond.shape[1]).to(cond) * (1.0 - w)
+        new_opts = dict(opts)
+        pooled = opts.get("pooled_output")
+        if pooled is not None and src_pooled is not None and pooled.shape == src_pooled.shape:
+            new_opts["pooled_output"] = pooled * w + src_pooled.to(pooled) * (1.0 - w)
+        elif pooled is None and src_pooled is not None:
+            new_opts["pooled_output"] = src_pooled
+        out.append([mixed, new_opts])
+    return out
+
+
+@node("ConditioningConcat", category="conditioning")
+def conditioning_concat(conditioning_to: Conditioning, conditioning_from: Conditioning) -> Conditioning:
+    """Appends the tokens of conditioning_from's first entry to every entry of conditioning_to."""
+    _cond_need(len(conditioning_from) > 0, "conditioning_from: empty conditioning")
+    src = conditioning_from[0][0]
+    out = []
+    for cond, opts in conditioning_to:
+        _cond_need(cond.shape[-1] == src.shape[-1],
+                   f"conditioning_from: embedding width {src.shape[-1]} differs from conditioning_to's {cond.shape[-1]}")
+        out.append([torch.cat([cond, _batch_like(src, cond).to(cond)], dim=1), dict(opts)])
+    return out
+
+
+def _batch_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if t.shape[0] == like.shape[0] or t.shape[0] != 1:
+        return t
+    return t.expand(like.shape[0], -1, -1)
