@@ -203,6 +203,11 @@ class OutputCache:
             for key in [k for k, e in self._entries.items() if not only_models or _holds_model(e.outputs)]:
                 self._account(key, self._entries.pop(key), -1)
 
+    def model_keys(self) -> list[str]:
+        """Keys of the entries that hold loaded models: what a dispatcher routes by (model affinity)."""
+        with self._lock:
+            return [k for k, e in self._entries.items() if _holds_model(e.outputs)]
+
     def stats(self) -> dict:
         with self._lock:
             return {"entries": len(self._entries), "bytes": self.usage(), "budget_bytes": dict(self.budgets),

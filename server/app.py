@@ -34,7 +34,10 @@ ROUTE_TABLES: tuple[Routes, ...] = (routes_prompt.routes, routes_info.routes, fi
 
 
 def create_app(config: RuntimeConfig, registry: Registry, catalog: Any = None, *,
-               options: ServerOptions | None = None, executor: Any = None) -> web.Application:
+               options: ServerOptions | None = None, executor: Any = None,
+               worker_factory: Any = None) -> web.Application:
+    """`worker_factory(store, executor, hub, preview_size=, on_queue_change=)` makes what runs the queue:
+    the embedded `Worker` by default, or another execution backend with its interface (server.ray_backend)."""
     options = options or ServerOptions()
     config.ensure_dirs()
     if executor is None:
@@ -51,7 +54,7 @@ def create_app(config: RuntimeConfig, registry: Registry, catalog: Any = None, *
     state_box: dict[str, AppState] = {}
     hub = Hub(server_features(options),
               status=lambda: state_box["state"].exec_info())
-    worker = Worker(store, executor, hub, preview_size=options.preview_size,
+    worker = (worker_factory or Worker)(store, executor, hub, preview_size=options.preview_size,
                     on_queue_change=lambda: hub.post_threadsafe(hub.broadcast_status))
     state = AppState(config=config, registry=registry, catalog=catalog, options=options, store=store,
                      hub=hub, worker=worker, executor=executor, started_at=time.time())

@@ -118,7 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     args.host)
     from engine.store import StoreUnusable
     try:
-        app = create_app(config, registry, catalog, options=options)
+        app = create_app(config, registry, catalog, options=options,
+                         worker_factory=_ray_backend(args, config, registry))
     except StoreUnusable as e:
         raise SystemExit(f"sdflow: {e}") from None
     shown = f"[{args.host}]" if ":" in args.host else args.host
@@ -159,6 +160,36 @@ def _demo_only(catalog: Any) -> str | None:
     except Exception:   # an odd catalog must not stop the server from starting
         return None
     return DEMO_NAME if files and all(f.rsplit("/", 1)[-1] == DEMO_NAME for f in files) else None
+
+
+def _ray_backend(args: argparse.Namespace, config: RuntimeConfig, registry: Registry) -> Any:
+    """`--backend ray`: start or join the cluster and its workers now, so one that cannot come up is
+    reported before the server listens. None for the embedded executor."""
+    if args.backend != "ray":
+        return None
+    from .ray_backend import RayBackend, RayBackendError, RayCluster, WorkerSpec
+
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit("--workers must be at least 1")
+    spec = WorkerSpec.from_config(config, builtin_nodes=not args.no_builtin_nodes, node_modules=args.nodes_module)
+    try:
+        cluster = RayCluster(spec, address=args.ray_address, workers=args.workers, data_dir=config.data_dir)
+    except RayBackendError as exc:
+        raise SystemExit(f"--backend ray: {exc}") from None
+    for problem in cluster.problems:
+        print(f"sdflow: Ray worker not started: {problem}", file=sys.stderr, flush=True)
+    up = ", ".join(f"{s.name} (pid {s.info.get('pid')} on {s.info.get('host')})" for s in cluster.slots)
+    print(f"sdflow Ray backend: {len(cluster.slots)} worker(s): {up}", flush=True)
+    return RayBackend.factory(cluster, config, registry)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .ray_backend import RayBackendError, run_worker_node
+
+    try:
+        return run_worker_node(args.ray_address, args.workers)
+    except RayBackendError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 # ---- workflows from files ----------------------------------------------------------------------------
@@ -412,8 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="also accept browser requests from this origin, e.g. a reverse proxy (repeatable)")
     p.add_argument("--web-root", help="the built editor (default web/dist)")
+    g = p.add_argument_group("execution backend")
+    g.add_argument("--backend", choices=("embedded", "ray"), default="embedded",
+                   help="run prompts in this process (default) or on Ray worker actors (pip install 'sdflow[ray]')")
+    g.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="N CPU workers on this machine (default: one per GPU, else one)")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="join this machine to a running sdflow Ray cluster as a worker node")
+    p.add_argument("--ray-address", required=True, metavar="ADDR", help="the head's Ray address (host:port)")
+    p.add_argument("--workers", type=int, metavar="N", help="workers on this machine (default: one per GPU, else one)")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("run", help="run a workflow file (API or UI JSON, or a PNG carrying one) in-process")
     p.add_argument("workflow")
