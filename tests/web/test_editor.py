@@ -489,9 +489,12 @@ def test_save_load_and_reload_keeps_graph(editor: EditorPage, server: Server) ->
     assert [n["type"] for n in after["nodes"]] == [n["type"] for n in before["nodes"]]
     assert next(n for n in after["nodes"] if n["id"] == ks)["widgets_values"][2] == 9
 
-    # Loading from the Workflows panel brings back the saved version.
+    # The change after saving is unsaved work, and stays marked as such after the reload.
+    assert ed.js("sdflow.tabs()")[0]["dirty"] is True
+    # Loading from the Workflows panel asks first, then brings back the saved version.
     ed.page.click(".tab[data-tab=workflows]")
     ed.page.click(".workflow-item[data-name='my graph']")
+    ed.page.click(".modal button[data-choice=replace]")
     ed.page.wait_for_function(f"sdflow.nodeState({ks}).widgets.steps === 7")
     assert ed.page.inner_text(".workflow-name") == "my graph"
     assert ed.errors == []
