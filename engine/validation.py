@@ -78,7 +78,7 @@ def validate_prompt(prompt: Any, registry: Registry,
         return ValidationResult(first_bad, node_errors)
 
     # Layer 2: which outputs.
-    outputs = [nid for nid, pn in parsed.items() if registry.get(pn.class_type).output_node]
+    outputs = [nid for nid, pn in parsed.items() if _known(registry, pn.class_type).output_node]
     if partial_execution_targets is not None:
         targets = {str(t) for t in partial_execution_targets}
         outputs = [nid for nid in outputs if nid in targets]
@@ -99,7 +99,7 @@ def validate_prompt(prompt: Any, registry: Registry,
                 edges.append((src, nid))
                 if src not in needed:
                     stack.append(src)
-    graph = nx.DiGraph()
+    graph: nx.DiGraph[str] = nx.DiGraph()
     graph.add_nodes_from(nid for nid in parsed if nid in needed)   # prompt order keeps runs deterministic
     graph.add_edges_from(edges)
 
@@ -108,7 +108,7 @@ def validate_prompt(prompt: Any, registry: Registry,
     resolved: dict[str, ResolvedNode] = {}
     for nid in needed:
         pn = parsed[nid]
-        nd = registry.get(pn.class_type)
+        nd = _known(registry, pn.class_type)
         errors, constants = _check_node(pn, nd, parsed, registry)
         if errors:
             own_errors[nid] = errors
@@ -173,6 +173,12 @@ def _dependent_outputs(graph: nx.DiGraph, bad: set[str], outputs: list[str]) -> 
     return found
 
 
+def _known(registry: Registry, class_type: str) -> NodeDef:
+    nd = registry.get(class_type)
+    assert nd is not None  # layer 1 turned away prompts with unknown class types
+    return nd
+
+
 def _check_node(pn: PromptNode, nd: NodeDef, parsed: dict[str, PromptNode],
                 registry: Registry) -> tuple[list[dict], dict]:
     errors: list[dict] = []
@@ -186,7 +192,7 @@ def _check_node(pn: PromptNode, nd: NodeDef, parsed: dict[str, PromptNode],
             errors.append(_error("bad_linked_input", "Linked node does not exist",
                                  f"{name}: node '{src}' is not in the prompt", name, [src, slot]))
             continue
-        outs = registry.get(source.class_type).outputs
+        outs = _known(registry, source.class_type).outputs
         if not 0 <= slot < len(outs):
             errors.append(_error("bad_linked_input", "Linked output slot does not exist",
                                  f"{name}: node '{src}' ({source.class_type}) has {len(outs)} outputs, not slot {slot}",

@@ -107,7 +107,8 @@ def _alpha_mask(frame: PILImage.Image) -> torch.Tensor:
 def load_image(image: Annotated[str, Combo(input_images, image_upload=True)]) -> tuple[Image, Mask]:
     """Loads an image from the input folder; its alpha channel becomes the mask (1 = transparent)."""
     img = _open(annotated_path(image))
-    images, masks = [], []
+    images: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
     for frame in _frames(img):
         t = _frame_tensor(frame)
         if images and t.shape != images[0].shape:

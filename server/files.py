@@ -127,8 +127,9 @@ async def view(request: web.Request) -> web.StreamResponse:
 
 def _reencode(path: Path, preview: str | None, channel: str) -> tuple[bytes, str]:
     try:
-        with Image.open(path) as img:
-            img.load()
+        with Image.open(path) as opened:
+            opened.load()
+            img: Image.Image = opened
             if channel == "rgb":
                 img = img.convert("RGB")
             elif channel == "a":

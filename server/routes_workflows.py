@@ -28,7 +28,9 @@ _NAME = re.compile(r"^[\w][\w .()\-]{0,119}$")
 
 
 def workflows_dir(request: web.Request) -> Path:
-    return Path(request.app[STATE].config.user_dir) / "workflows"
+    user_dir = request.app[STATE].config.user_dir
+    assert user_dir is not None  # RuntimeConfig fills every directory
+    return Path(user_dir) / "workflows"
 
 
 def workflow_path(folder: Path, name: str) -> Path:
