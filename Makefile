@@ -49,7 +49,7 @@ mypy: setup
 	$(BIN)/mypy
 
 typecheck: $(NODE_MODULES)
-	cd web && npx --no tsc --noEmit -p tsconfig.json
+	cd web && npx --no -- tsc --noEmit -p tsconfig.json
 
 setup: $(STAMP)
 

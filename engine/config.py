@@ -30,6 +30,7 @@ class RuntimeConfig:
 
     def ensure_dirs(self) -> None:
         for path in (self.data_dir, self.models_dir, self.input_dir, self.output_dir, self.temp_dir, self.user_dir):
+            assert path is not None  # __post_init__ fills every directory
             path.mkdir(parents=True, exist_ok=True)
 
 

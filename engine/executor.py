@@ -155,7 +155,9 @@ class _Run:
         cache.pin(self.keys.values())
         cached = [nid for nid in self.order if self.keys[nid] in cache]
         for nid in cached:
-            self.entries[nid] = cache.get(self.keys[nid])
+            entry = cache.get(self.keys[nid])
+            assert entry is not None  # pinned above, so still there
+            self.entries[nid] = entry
         self.result.cached = cached
         self.send("execution_cached", {"nodes": cached, "prompt_id": pid, "timestamp": now_ms()}, record=True)
         outputs = set(vr.outputs)
@@ -168,9 +170,9 @@ class _Run:
                     self._report_ui(nid, self.entries[nid].ui)
         except Interrupted:
             self.result.status = "interrupted"
-            nid = self._current_node
+            current = self._current_node
             self.send("execution_interrupted", {
-                "prompt_id": pid, "node_id": nid, "node_type": self._type_of(nid),
+                "prompt_id": pid, "node_id": current, "node_type": self._type_of(current),
                 "executed": self._done(), "timestamp": now_ms()}, record=True)
         except NodeFailure as failure:
             self.result.status = "error"
@@ -233,7 +235,7 @@ class _Run:
         # Previews are made only when enabled and when the receiver of the events wants them (an `emit`
         # may say so with a `wants_preview` callable: a server with no connected client does not).
         asks = getattr(self.emit, "wants_preview", None)
-        sink.wants_preview = asks if (self.ex.previews and callable(asks)) else self.ex.previews
+        sink.wants_preview = asks if (self.ex.previews and callable(asks)) else self.ex.previews  # type: ignore[attr-defined]
         return sink
 
     def _gather(self, rn: ResolvedNode) -> dict[str, list]:
@@ -264,6 +266,8 @@ class _Run:
 
     def _resolve_lazy(self, rn: ResolvedNode, inputs: dict[str, list]) -> dict[str, list]:
         nd = rn.nodedef
+        check_lazy = nd.check_lazy
+        assert check_lazy is not None  # the caller resolves lazy inputs only for nodes that declare one
         asked: set[str] = set()
         while True:
             pending = [n for n, (src, _s) in rn.links.items()
@@ -271,7 +275,7 @@ class _Run:
             if not pending:
                 return inputs
             first = {k: (v if nd.input_is_list else (v[0] if v else None)) for k, v in inputs.items()}
-            wanted = [n for n in (nd.check_lazy(**first) or []) if n in pending and n not in asked]
+            wanted = [n for n in (check_lazy(**first) or []) if n in pending and n not in asked]
             if not wanted:
                 return inputs
             asked.update(wanted)

@@ -14,12 +14,12 @@ import difflib
 import inspect
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .inputs import (
     BooleanSpec,
@@ -126,7 +126,7 @@ class NodeDef:
         return name in self.validate_names or "*" in self.validate_names
 
     @cached_property
-    def widget_model(self):
+    def widget_model(self) -> type[BaseModel]:
         """A pydantic model over the INT/FLOAT/STRING/BOOLEAN inputs; every field optional because a link
         may supply the value instead."""
         fields: dict[str, Any] = {}
@@ -219,14 +219,14 @@ def _jsonable(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def _value_error(nd: NodeDef, name: str, value: Any, err: dict) -> dict:
+def _value_error(nd: NodeDef, name: str, value: Any, err: Mapping[str, Any]) -> dict:
     spec = nd.inputs[name].spec
     kind = err.get("type", "")
     if kind in ("greater_than_equal", "greater_than"):
-        return _error("value_smaller_than_min", f"Value {value} smaller than min of {spec.min}",
+        return _error("value_smaller_than_min", f"Value {value} smaller than min of {getattr(spec, 'min', None)}",
                       f"{name}", name, value, input_config=spec.to_info())
     if kind in ("less_than_equal", "less_than"):
-        return _error("value_bigger_than_max", f"Value {value} bigger than max of {spec.max}",
+        return _error("value_bigger_than_max", f"Value {value} bigger than max of {getattr(spec, 'max', None)}",
                       f"{name}", name, value, input_config=spec.to_info())
     return _error("invalid_input_type", f"Failed to convert an input value to a {spec.wire} value",
                   f"{name}, {value!r}, {err.get('msg', '')}", name, value)
@@ -253,7 +253,7 @@ def node(name: str | None = None, *, category: str = "sdflow", display_name: str
                            check_lazy=check_lazy, input_is_list=input_is_list, output_is_list=output_is_list,
                            output_names=output_names, output_tooltips=output_tooltips,
                            deprecated=deprecated, experimental=experimental, cost=cost)
-        fn.__sdflow_node__ = nd
+        fn.__sdflow_node__ = nd  # type: ignore[attr-defined]  # the declaration rides on its function
         return fn
 
     return wrap
@@ -320,7 +320,7 @@ def _strip_optional(annotation: Any) -> tuple[Any, bool]:
 def _outputs(name: str, annotation: Any, is_list: bool | Sequence[bool], names: Sequence[str] | None,
              tooltips: Sequence[str] | None) -> list[OutputDecl]:
     if annotation is None or annotation is type(None) or annotation is NodeOutput:
-        items: list[tuple[str, Any]] = []
+        items: list[tuple[str | None, Any]] = []
     elif isinstance(annotation, type) and issubclass(annotation, tuple) and hasattr(annotation, "_fields"):
         field_hints = typing.get_type_hints(annotation, include_extras=True)
         items = [(f, field_hints[f]) for f in annotation._fields]

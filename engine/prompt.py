@@ -33,7 +33,9 @@ class PromptNode:
 
 def parse_node(node_id: str, raw: dict) -> PromptNode:
     inputs = raw.get("inputs") or {}
-    meta = raw.get("_meta") if isinstance(raw.get("_meta"), dict) else {}
+    meta = raw.get("_meta")
+    if not isinstance(meta, dict):
+        meta = {}
     pn = PromptNode(node_id, raw["class_type"], title=meta.get("title"))
     if not isinstance(inputs, dict):
         pn.bad_links["inputs"] = inputs

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from importlib.metadata import entry_points
 from typing import Any
 
+from .config import RuntimeConfig
 from .node import NodeDef, nodedef_of
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ class Registry:
         self.plugin_errors: dict[str, str] = {}
         # The RuntimeConfig these nodes were set up for (directories); an Executor without a config of
         # its own runs with it.
-        self.config = None
+        self.config: RuntimeConfig | None = None
 
     @classmethod
     def from_nodes(cls, *sources: Any) -> Registry:

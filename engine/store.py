@@ -443,7 +443,7 @@ def failed_entry(item: QueueItem, reason: str, *, exception_type: str = "Runtime
                  node_id: str | None = None, node_type: str | None = None, messages: list | None = None) -> dict:
     """A failed-prompt entry whose messages carry an `execution_error` the ComfyUI frontend can show."""
     now = int(time.time() * 1000)
-    error = {
+    error: dict[str, Any] = {
         "prompt_id": item.prompt_id, "node_id": node_id, "node_type": node_type, "executed": [],
         "exception_message": reason, "exception_type": exception_type, "traceback": [],
         "current_inputs": {}, "current_outputs": [], "timestamp": now,

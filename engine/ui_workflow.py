@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 __all__ = [
     "WorkflowFormatError",
@@ -415,7 +415,9 @@ class _UiToApi:
         for sg in (defs.get("subgraphs") or []) if isinstance(defs, dict) else []:
             if isinstance(sg, dict) and isinstance(sg.get("id"), str):
                 self.subgraphs[sg["id"]] = sg
-        extra = workflow.get("extra") if isinstance(workflow.get("extra"), dict) else {}
+        extra = workflow.get("extra")
+        if not isinstance(extra, dict):
+            extra = {}
         self.group_nodes = extra.get("groupNodes") if isinstance(extra.get("groupNodes"), dict) else {}
         self.root = _Scope("", _parse_nodes(workflow["nodes"], "workflow"),
                            _parse_links(workflow.get("links"), "workflow"))
@@ -503,6 +505,7 @@ class _UiToApi:
         slots = inst.get("inputs") or []
         if slot >= len(slots):
             return None
+        assert scope.parent is not None  # only a subgraph's inside has subgraph inputs
         found = self._resolve_link(scope.parent, slots[slot].get("link"), seen)
         if found is not None:
             return found
@@ -577,14 +580,14 @@ class _UiToApi:
             if value is not None:
                 inputs[name] = _wrap_value(value)
         for slot in node.get("inputs") or []:
-            name = _slot_name(slot)
-            if name is None or slot.get("link") is None:
+            slot_name = _slot_name(slot)
+            if slot_name is None or slot.get("link") is None:
                 continue
             found = self._resolve_link(scope, slot["link"], set())
             if isinstance(found, _Ref):
-                inputs[name] = [found.node_id, found.slot]
+                inputs[slot_name] = [found.node_id, found.slot]
             elif isinstance(found, _Const):
-                inputs[name] = _wrap_value(found.value)
+                inputs[slot_name] = _wrap_value(found.value)
             # Unresolved (muted source, bypass with no matching input, deleted node): a socket input is
             # left out; a converted widget keeps its own widget value, which is what the user sees.
         if class_info:
@@ -615,7 +618,7 @@ class _UiToApi:
         # order; use that only when the counts agree (control slots would shift everything otherwise).
         names = [_slot_name(s) for s in node.get("inputs") or [] if isinstance(s.get("widget"), dict)]
         if names and len(names) == len(values) and None not in names:
-            return dict(zip(names, values))
+            return dict(zip(cast("list[str]", names), values))
         return {}
 
 

@@ -127,7 +127,7 @@ def validate_prompt(prompt: Any, registry: Registry, partial_execution_targets: 
                                     "class_type": class_type if isinstance(class_type, str) else None}
 
     # Layer 2: which outputs.
-    outputs = [nid for nid, pn in parsed.items() if registry.get(pn.class_type).output_node]
+    outputs = [nid for nid, pn in parsed.items() if _known(registry, pn.class_type).output_node]
     if partial_execution_targets is not None:
         targets = {str(t) for t in partial_execution_targets}
         outputs = [nid for nid in outputs if nid in targets]
@@ -272,6 +272,12 @@ def _dependent_outputs(graph: nx.DiGraph, bad: set[str], outputs: list[str]) -> 
     return found
 
 
+def _known(registry: Registry, class_type: str) -> NodeDef:
+    nd = registry.get(class_type)
+    assert nd is not None  # layer 1 turned away prompts with unknown class types
+    return nd
+
+
 def _check_node(pn: PromptNode, nd: NodeDef, parsed: dict[str, PromptNode],
                 registry: Registry, unknown: dict | frozenset = frozenset()) -> tuple[list[dict], dict]:
     errors: list[dict] = []
@@ -291,7 +297,7 @@ def _check_node(pn: PromptNode, nd: NodeDef, parsed: dict[str, PromptNode],
             errors.append(_error("bad_linked_input", "Linked node does not exist",
                                  f"{_short(name)}: node '{_short(src)}' is not in the prompt", name, [src, slot]))
             continue
-        outs = registry.get(source.class_type).outputs
+        outs = _known(registry, source.class_type).outputs
         if not 0 <= slot < len(outs):
             errors.append(_error("bad_linked_input", "Linked output slot does not exist",
                                  f"{name}: node '{src}' ({source.class_type}) has {len(outs)} outputs, not slot {slot}",

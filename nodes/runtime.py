@@ -22,16 +22,20 @@ class Runtime:
     config: RuntimeConfig
     folders: ModelFolders
 
+    # RuntimeConfig fills every directory it was not given.
     @property
     def input_dir(self) -> Path:
+        assert self.config.input_dir is not None
         return self.config.input_dir
 
     @property
     def output_dir(self) -> Path:
+        assert self.config.output_dir is not None
         return self.config.output_dir
 
     @property
     def temp_dir(self) -> Path:
+        assert self.config.temp_dir is not None
         return self.config.temp_dir
 
 

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from aiohttp import web
 
@@ -28,7 +28,7 @@ from .ws import Hub
 
 log = logging.getLogger("sdflow.server")
 
-LOCK = web.AppKey("sdflow_data_dir_lock", object)
+LOCK: web.AppKey[IO[str] | None] = web.AppKey("sdflow_data_dir_lock")
 ROUTE_TABLES: tuple[Routes, ...] = (routes_prompt.routes, routes_info.routes, files.routes, routes_workflows.routes,
                                     routes_userdata.routes, routes_check.routes)
 
@@ -95,7 +95,7 @@ class DataDirBusy(RuntimeError):
     """Another sdflow server already owns this data directory's queue."""
 
 
-def _lock_data_dir(db_path: Path) -> Any:
+def _lock_data_dir(db_path: Path) -> IO[str] | None:
     """Hold an exclusive lock next to the database for the server's lifetime: a second server on the same
     data dir would otherwise mark the first one's running prompt as failed and run prompts twice."""
     try:

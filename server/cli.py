@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from engine.config import RuntimeConfig
 from engine.registry import Registry
@@ -359,7 +359,7 @@ def output_paths(config: RuntimeConfig, outputs: dict) -> list[str]:
             for item in ui.get(key, []) if isinstance(ui, dict) else []:
                 if not isinstance(item, dict) or "filename" not in item:
                     continue
-                base = getattr(config, f"{item.get('type', 'output')}_dir", config.output_dir)
+                base = cast(Path, getattr(config, f"{item.get('type', 'output')}_dir", config.output_dir))
                 try:
                     paths.append(str(contained_path(base, item.get("subfolder", "") or "", item["filename"])))
                 except UnsafePathError:

@@ -217,7 +217,7 @@ class Worker:
             except Exception:  # an event that cannot be sent must not fail the prompt
                 log.exception("could not forward event %s", event.type)
 
-        emit.wants_preview = lambda: hub.has_listener(client_id)
+        emit.wants_preview = lambda: hub.has_listener(client_id)  # type: ignore[attr-defined]  # read by the executor
         try:
             result = self.executor.execute(item.prompt, item.prompt_id, outputs=list(item.outputs),
                                            extra_data=dict(item.extra_data), emit=emit)

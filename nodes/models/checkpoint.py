@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -24,7 +24,9 @@ from .tokenizer import load_tokenizer
 # diffusers and transformers take seconds to import; they are imported where models are built,
 # so that starting the server (which imports every node module) does not pay for them.
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    # The defining modules: type checkers read diffusers' top-level names as its no-torch placeholders.
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     TextEncoder = CLIPTextModel | CLIPTextModelWithProjection
@@ -99,14 +101,17 @@ def _own_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
+M = TypeVar("M", bound=torch.nn.Module)
+
+
 def _materialize(
-    factory: Callable[[], torch.nn.Module],
+    factory: Callable[[], M],
     sd: Mapping[str, torch.Tensor],
     dtype: torch.dtype,
     path: Path,
     what: str,
     adapt: Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None,
-) -> torch.nn.Module:
+) -> M:
     """Build `factory()` on the meta device and move the given tensors into it."""
     with torch.device("meta"):
         model = factory()

@@ -33,7 +33,7 @@ from .memory import ResidentMixin, WeightsHolder, default_device
 from .state_dict import ModelFileError, read_state_dict
 
 if TYPE_CHECKING:  # diffusers is imported when a ControlNet is built: importing it costs seconds
-    from diffusers import ControlNetModel
+    from diffusers.models.controlnets.controlnet import ControlNetModel  # not diffusers' no-torch placeholder
 
 LDM_PREFIX = "control_model."
 
@@ -248,7 +248,7 @@ class ControlNetHandle(ResidentMixin):
         return ControlApplication(self, image, strength, percent_range, previous)
 
     @torch.no_grad()
-    def residuals(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, hint: torch.Tensor,
+    def residuals(self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor, hint: torch.Tensor,
                   scale: float, added: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         self.ensure_loaded()
         model = self.model

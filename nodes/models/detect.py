@@ -198,9 +198,9 @@ def infer_unet_config(ldm: Mapping[str, torch.Tensor], arch: str, *, pooled_dim:
         if pooled_dim is not None and (adm_in - pooled_dim) > 0 and (adm_in - pooled_dim) % n == 0:
             cfg["addition_time_embed_dim"] = (adm_in - pooled_dim) // n
     else:
-        for k in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
-                  "addition_embed_type_num_heads"):
-            cfg.pop(k, None)
+        for name in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                     "addition_embed_type_num_heads"):
+            cfg.pop(name, None)
     return cfg
 
 

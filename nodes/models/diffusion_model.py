@@ -69,7 +69,9 @@ class DiffusionModelHandle(ResidentMixin):
 
     @property
     def unet(self) -> nn.Module:
-        return self._weights.modules["unet"]
+        unet = self._weights.modules["unet"]
+        assert unet is not None  # a diffusion model handle always holds its UNet
+        return unet
 
     def clone(self) -> DiffusionModelHandle:
         """Shares the weights; attributes set on the clone leave the original alone."""

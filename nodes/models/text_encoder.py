@@ -156,8 +156,8 @@ def empty_chunk(pad_id: int, bos: int = BOS_ID, eos: int = EOS_ID) -> TokenChunk
     return TokenChunk(ids, [1.0] * MAX_LENGTH)
 
 
-def _text_model(model: nn.Module) -> nn.Module:
-    """The module holding embeddings/encoder/final_layer_norm (WithProjection wraps one)."""
+def _text_model(model: nn.Module) -> Any:
+    """The module holding embeddings/encoder/final_layer_norm (WithProjection wraps one); duck-typed."""
     return getattr(model, "text_model", model)
 
 
@@ -284,7 +284,9 @@ class ClipHandle(ResidentMixin):
         return TokenizedPrompt(text, chunks)
 
     def _hidden_size(self, key: str) -> int:
-        return int(_text_model(self._weights.modules[key]).config.hidden_size)
+        model = self._weights.modules[key]
+        assert model is not None  # a handle holds every encoder its arch has
+        return int(_text_model(model).config.hidden_size)
 
     # ------------------------------------------------------------------ encoding
     def encode(self, tokens: TokenizedPrompt) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -336,6 +338,7 @@ class ClipHandle(ResidentMixin):
 
     def _encode_one(self, spec: EncoderSpec, chunks: list[TokenChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         model = self._weights.modules[spec.key]
+        assert model is not None  # a handle holds every encoder its arch has
         tokenizer = self.tokenizers[spec.key]
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else BOS_ID
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else EOS_ID

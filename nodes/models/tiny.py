@@ -167,6 +167,7 @@ def write_tiny_diffusers_folder(
     path = Path(path)
     ckpt = tiny_checkpoint_models(arch, prediction_type=prediction_type, seed=seed, inpaint=inpaint)
     path.mkdir(parents=True, exist_ok=True)
+    assert ckpt.unet is not None and ckpt.vae is not None
     ckpt.unet.save_pretrained(path / "unet")
     ckpt.vae.save_pretrained(path / "vae")
     for kind, sub in CLIP_COMPONENTS[arch].items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from torch import nn
 from engine import progress
 
 from .memory import ResidentMixin, WeightsHolder, default_device, is_out_of_memory
+
+if TYPE_CHECKING:  # diffusers is imported where models are built: importing it costs seconds
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +45,8 @@ class VaeHandle(ResidentMixin):
         self._run_lock = threading.Lock()
 
     @property
-    def vae(self) -> nn.Module:
-        return self._weights.modules["vae"]
+    def vae(self) -> AutoencoderKL:
+        return cast("AutoencoderKL", self._weights.modules["vae"])
 
     def clone(self) -> VaeHandle:
         twin = object.__new__(VaeHandle)
@@ -211,7 +215,7 @@ def _tiled(x: torch.Tensor, tile: int, overlap: int, scale: int, run, out_channe
                 piece = piece.movedim(-1, 1)
             oy, ox = y0 * scale // shrink, x0 * scale // shrink
             ph, pw = piece.shape[-2], piece.shape[-1]
-            if out is None:
+            if out is None or weight is None:  # set together, on the first tile
                 out = torch.zeros(piece.shape[0], piece.shape[1], h * scale // shrink, w * scale // shrink,
                                   device=piece.device)
                 weight = torch.zeros(1, 1, out.shape[-2], out.shape[-1], device=piece.device)

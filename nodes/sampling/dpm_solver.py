@@ -108,6 +108,7 @@ def sample_dpm_fast(model: Denoiser, x, sigmas, extra_args=None, callback: StepC
         step = (solver.step_1, solver.step_2, solver.step_3)[order - 1]
         x = step(x, t, t_target)
         if eta:
+            assert noise is not None  # made when eta is set
             x = x + sigma_up * s_noise * noise(solver.sigma(t), solver.sigma(t_next))
     return x
 
@@ -175,6 +176,7 @@ def sample_dpm_adaptive(model: Denoiser, x, sigmas, extra_args=None, callback: S
             x_prev = x_low
             x = x_high
             if eta:
+                assert noise is not None  # made when eta is set
                 x = x + sigma_up * s_noise * noise(solver.sigma(s), solver.sigma(t))
             s = t
         attempts += 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -324,7 +324,9 @@ class CFGDenoiser:
         key = (x.device, x.dtype)
         hit = self._inpaint_cache.get(key)
         if hit is None:
-            hit = tuple(t.to(x.device, x.dtype) for t in (self.mask, self.latent_image, self.inpaint_noise))
+            assert self.mask is not None  # called only when inpainting, which set all three
+            hit = (self.mask.to(x.device, x.dtype), self.latent_image.to(x.device, x.dtype),
+                   self.inpaint_noise.to(x.device, x.dtype))
             self._inpaint_cache[key] = hit
         return hit
 
@@ -390,8 +392,8 @@ class CFGDenoiser:
         ctx = [c if c.shape[1] == length else c.repeat(1, length // c.shape[1], 1) for c, _, _ in parts]
         hit = {"context": torch.cat(ctx) if len(ctx) > 1 else ctx[0]}
         if chunk[0].entry.pooled is not None:
-            hit["pooled"] = torch.cat([p for _, p, _ in parts])
-            hit["size_cond"] = torch.cat([sc for _, _, sc in parts])
+            hit["pooled"] = torch.cat(cast("list[torch.Tensor]", [p for _, p, _ in parts]))
+            hit["size_cond"] = torch.cat(cast("list[torch.Tensor]", [sc for _, _, sc in parts]))
         if chunk[0].entry.concat is not None:
             hit["concat"] = torch.cat([_crop(j.entry.concat, j.entry.area).to(device) for j in chunk])
         self._chunk_cache[key] = hit

@@ -200,6 +200,7 @@ def sample_dpmpp_3m_sde(model: Denoiser, x, sigmas, extra_args=None, callback: S
             h_eta = h * (eta + 1)
             x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
             if h_2 is not None:
+                assert denoised_1 is not None and denoised_2 is not None  # set with h_1 and h_2
                 r0, r1 = h_1 / h, h_2 / h
                 d1_0 = (denoised - denoised_1) / r0
                 d1_1 = (denoised_1 - denoised_2) / r1
@@ -209,6 +210,7 @@ def sample_dpmpp_3m_sde(model: Denoiser, x, sigmas, extra_args=None, callback: S
                 phi_3 = phi_2 / h_eta - 0.5
                 x = x + phi_2 * d1 - phi_3 * d2
             elif h_1 is not None:
+                assert denoised_1 is not None  # set with h_1
                 d = (denoised - denoised_1) / (h_1 / h)
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
                 x = x + phi_2 * d
@@ -332,6 +334,7 @@ def sample_er_sde(model: Denoiser, x, sigmas, extra_args=None, callback: StepCal
                 pos = lam_t + index * step
                 scaled = scaler(pos)
                 integral = torch.sum(1 / scaled) * step
+                assert old_denoised is not None  # stage >= 2: there was a previous step
                 denoised_d = (denoised - old_denoised) / (lam_s - lambdas[i - 1])
                 x = x + (dt + integral * scaler(lam_t)) * denoised_d
                 if stage >= 3:

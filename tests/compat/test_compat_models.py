@@ -43,8 +43,12 @@ def _write_inputs(folder: Path, size: int = 64) -> None:
 def _install_models(models: Path) -> None:
     from nodes.models.checkpoint import checkpoint_to_ldm_state_dict
     from nodes.models.t2i_adapter import diffusers_to_original
-    from nodes.models.tiny import (tiny_checkpoint_models, tiny_t2i_adapter, write_tiny_checkpoint,
-                                   write_tiny_t2i_adapter)
+    from nodes.models.tiny import (
+        tiny_checkpoint_models,
+        tiny_t2i_adapter,
+        write_tiny_checkpoint,
+        write_tiny_t2i_adapter,
+    )
 
     ckpts = models / "checkpoints"
     write_tiny_checkpoint(ckpts / "512-inpainting-ema.safetensors", "sd2", seed=11, inpaint=True)

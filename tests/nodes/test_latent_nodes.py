@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nodes import conditioning as C
-from nodes import latent as L
+from nodes import conditioning as C, latent as L
 
 
 def lat(b=1, c=4, h=8, w=8, value=None, seed=0):

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodes import primitives as P
-from nodes import strings as S
+from nodes import primitives as P, strings as S
 
 
 def test_primitives_pass_their_value_through_with_comfyui_schemas(sd_env):

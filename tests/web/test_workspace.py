@@ -9,8 +9,16 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from .conftest import EditorPage, Server
-from .test_editor import (COMFY_DEFAULT_WORKFLOW, click_title, client, drop_file, forget_last_click,
-                          history_images, make_small, state)
+from .test_editor import (
+    COMFY_DEFAULT_WORKFLOW,
+    click_title,
+    client,
+    drop_file,
+    forget_last_click,
+    history_images,
+    make_small,
+    state,
+)
 
 pytestmark = pytest.mark.browser
 
