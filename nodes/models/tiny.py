@@ -3,7 +3,9 @@
 They use the real diffusers/transformers classes and the real block structure of each
 architecture (SD1: conv projections and 8 heads; SD2: linear projections and an OpenCLIP-H
 style encoder; SDXL: an attention-free first level, deeper second level, text-time embedding
-and two encoders), only with tiny widths. The VAE keeps four levels so images are still
+and two encoders; SDXL refiner: OpenCLIP-G only, attention-free first and last levels, 5 embedded
+size/score numbers), only with tiny widths; `inpaint=True` gives the 9-channel inpainting UNet.
+T2I-Adapters (full, light, SDXL) are sized to fit these UNets. The VAE keeps four levels so images are still
 downscaled by 8. Configs are derived from the shipped full-size ones with the same rules the
 loader uses to infer them back from tensor shapes (detect.py), so a written tiny checkpoint
 loads into identical models.
