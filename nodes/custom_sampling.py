@@ -53,6 +53,14 @@ def _check_positive(node_name: str, **values: float) -> None:
             raise ValueError(f"{node_name}: input '{name}' must be greater than 0 for this schedule, got {value}")
 
 
+def check_conditioning(node_name: str, **conds: list) -> None:
+    """A CONDITIONING is a non-empty list of [tensor, options] pairs."""
+    for name, value in conds.items():
+        if not isinstance(value, list) or not value or not all(
+                isinstance(e, (list, tuple)) and e and isinstance(e[0], torch.Tensor) for e in value):
+            raise ValueError(f"{node_name}: input '{name}' must be a non-empty CONDITIONING (from a text encode node)")
+
+
 # ---------------------------------------------------------------------------------------- samplers
 
 @node("KSamplerSelect", category="sampling/custom_sampling/samplers")
@@ -235,12 +243,14 @@ _CFG = Float(8.0, min=0.0, max=100.0, step=0.1, round=0.01)
 @node("BasicGuider", category="sampling/custom_sampling/guiders")
 def basic_guider(model: Model, conditioning: Conditioning) -> Guider:
     """The model's prediction for one conditioning, no classifier-free guidance (for cfg-1 models)."""
+    check_conditioning("BasicGuider", conditioning=conditioning)
     return GuiderValue(model, {"positive": conditioning}, 1.0, "basic")
 
 
 @node("CFGGuider", category="sampling/custom_sampling/guiders")
 def cfg_guider(model: Model, positive: Conditioning, negative: Conditioning, cfg: Annotated[float, _CFG]) -> Guider:
     """Classifier-free guidance between a positive and a negative conditioning."""
+    check_conditioning("CFGGuider", positive=positive, negative=negative)
     return GuiderValue(model, {"positive": positive, "negative": negative}, cfg, "cfg")
 
 
@@ -249,6 +259,7 @@ def dual_cfg_guider(model: Model, cond1: Conditioning, cond2: Conditioning, nega
                     cfg_conds: Annotated[float, _CFG], cfg_cond2_negative: Annotated[float, _CFG],
                     style: Annotated[str, Combo(["regular", "nested"])] = "regular") -> Guider:
     """Guidance by two conditionings: cond1 against cond2 (cfg_conds), cond2 against negative."""
+    check_conditioning("DualCFGGuider", cond1=cond1, cond2=cond2, negative=negative)
     return GuiderValue(model, {"positive": cond1, "middle": cond2, "negative": negative}, cfg_conds, "dual",
                        {"cfg2": cfg_cond2_negative, "nested": style == "nested"})
 
@@ -323,6 +334,7 @@ def sampler_custom(model: Model, add_noise: Annotated[bool, Boolean(True)],
                    cfg: Annotated[float, _CFG], positive: Conditioning, negative: Conditioning,
                    sampler: Sampler, sigmas: Sigmas, latent_image: Latent) -> CustomSamplerOutput:
     """CFG sampling with a chosen sampler and schedule; also returns the last denoised estimate."""
+    check_conditioning("SamplerCustom", positive=positive, negative=negative)
     noise = (RandomNoiseValue(int(noise_seed)) if add_noise else EmptyNoise()).generate(latent_image)
     guider = GuiderValue(model, {"positive": positive, "negative": negative}, cfg, "cfg")
     return _run("SamplerCustom", guider, noise, int(noise_seed), sampler, sigmas, latent_image)

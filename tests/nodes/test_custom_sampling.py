@@ -144,6 +144,9 @@ def test_sigma_surgery():
     (lambda: cs.exponential_scheduler(10, 14.6, 0.0), ["ExponentialScheduler", "'sigma_min'", "greater than 0"]),
     (lambda: cs.polyexponential_scheduler(10, 0.0, 1.0, 1.0), ["PolyexponentialScheduler", "'sigma_max'"]),
     (lambda: cs.karras_scheduler(10, 14.6, 0.03, 0.0), ["KarrasScheduler", "'rho'"]),
+    (lambda: cs.cfg_guider(None, [], [[torch.zeros(1, 77, 8), {}]], 7.0), ["CFGGuider", "'positive'", "CONDITIONING"]),
+    (lambda: cs.dual_cfg_guider(None, [[torch.zeros(1, 77, 8), {}]], "text", [[torch.zeros(1, 77, 8), {}]], 8.0, 8.0),
+     ["DualCFGGuider", "'cond2'"]),
 ])
 def test_bad_input_names_node_and_input(call, words):
     with pytest.raises(ValueError) as err:
