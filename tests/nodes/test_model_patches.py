@@ -243,9 +243,18 @@ def test_differential_diffusion_inpaints_a_soft_mask(loaded):
     torch.manual_seed(3)
     latent = {"samples": torch.randn(1, 4, 8, 8),
               "noise_mask": torch.linspace(0, 1, 64).reshape(1, 1, 8, 8)}
-    plain = ksampler(model, SEED, 4, 4.0, "euler", "normal", pos, neg, latent, 1.0)
-    diff = ksampler(mp.differential_diffusion(model), SEED, 4, 4.0, "euler", "normal", pos, neg, latent, 1.0)
+    plain = ksampler(model, SEED, 4, 4.0, "euler", "simple", pos, neg, latent, 1.0)
+    diff = ksampler(mp.differential_diffusion(model), SEED, 4, 4.0, "euler", "simple", pos, neg, latent, 1.0)
     assert torch.isfinite(diff["samples"]).all() and _diff(diff, plain) > 1e-3
+    # pixels the last step's threshold keeps are exactly the original, the others are fully regenerated
+    steps = cs.basic_scheduler(model, "simple", 4, 1.0)  # ends above sigma_min
+    fn = mp.differential_diffusion(model).sampling_patches["denoise_mask_function"]
+    final = fn(steps[-2:-1], latent["noise_mask"].expand(1, 4, 8, 8), steps)
+    kept = final == 0
+    assert kept.any() and (~kept).any()
+    assert torch.equal(diff["samples"][kept], latent["samples"][kept])
+    soft = latent["noise_mask"].expand(1, 4, 8, 8)
+    assert not torch.allclose(diff["samples"][~kept], (diff["samples"] * soft + latent["samples"] * (1 - soft))[~kept])
 
 
 # ------------------------------------------------------------------------------------------ InstructPix2Pix
