@@ -16,7 +16,9 @@ from engine.node import node
 
 from .sampler_nodes import patched_guider
 from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES, calculate_sigmas
-from .sampling.custom import EmptyNoise, Guider as GuiderValue, RandomNoise as RandomNoiseValue, SamplerChoice
+from .sampling.custom import EmptyNoise, SamplerChoice
+from .sampling.custom import Guider as GuiderValue
+from .sampling.custom import RandomNoise as RandomNoiseValue
 from .sampling.preview import latent_to_rgb
 from .sampling.sample import sample
 from .sampling.schedulers import (
@@ -39,7 +41,7 @@ SIGMA_MAX, SIGMA_MIN = 14.614642, 0.0291675
 def _check_sigmas(node_name: str, sigmas: torch.Tensor, input_name: str = "sigmas") -> torch.Tensor:
     """A SIGMAS value must be a 1-D tensor of finite, non-negative noise levels (it may be empty)."""
     if not isinstance(sigmas, torch.Tensor):
-        raise ValueError(f"{node_name}: input '{input_name}' must be SIGMAS (a 1-D tensor), got {type(sigmas).__name__}")
+        raise TypeError(f"{node_name}: input '{input_name}' must be SIGMAS (a 1-D tensor), got {type(sigmas).__name__}")
     if sigmas.ndim != 1:
         raise ValueError(f"{node_name}: input '{input_name}' must be 1-D, got shape {tuple(sigmas.shape)}")
     if sigmas.numel() and (not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any())):
@@ -302,7 +304,7 @@ def _run(node_name: str, guider: GuiderValue, noise_tensor: torch.Tensor, seed: 
          sigmas: torch.Tensor, latent: dict) -> CustomSamplerOutput:
     _check_sigmas(node_name, sigmas)
     if not isinstance(sampler, SamplerChoice):
-        raise ValueError(f"{node_name}: input 'sampler' must be a SAMPLER, got {type(sampler).__name__}")
+        raise TypeError(f"{node_name}: input 'sampler' must be a SAMPLER, got {type(sampler).__name__}")
     model = guider.model
     samples = latent["samples"]
     schedule = model.sampling_schedule()
@@ -345,6 +347,6 @@ def sampler_custom_advanced(noise: Noise, guider: Guider, sampler: Sampler, sigm
                             latent_image: Latent) -> CustomSamplerOutput:
     """Sampling from separate noise, guider, sampler and schedule nodes."""
     if not isinstance(guider, GuiderValue):
-        raise ValueError(f"SamplerCustomAdvanced: input 'guider' must be a GUIDER, got {type(guider).__name__}")
+        raise TypeError(f"SamplerCustomAdvanced: input 'guider' must be a GUIDER, got {type(guider).__name__}")
     return _run("SamplerCustomAdvanced", guider, noise.generate(latent_image), noise.seed, sampler, sigmas,
                 latent_image)

@@ -17,7 +17,12 @@ from engine.node import node
 from .custom_sampling import check_conditioning
 from .sampling.custom import Guider as GuiderValue
 from .sampling.guiders import perp_neg
-from .sampling.model_sampling import ContinuousEDMSchedule, DiscreteSchedule, LCMSchedule, _bcast
+from .sampling.model_sampling import (
+    ContinuousEDMSchedule,
+    DiscreteSchedule,
+    LCMSchedule,
+    _bcast,
+)
 from .types import Conditioning, Guider, Model
 
 _DISCRETE = {"eps": "epsilon", "v_prediction": "v_prediction", "x0": "x0"}
@@ -36,7 +41,7 @@ def model_sampling_discrete(model: Model, sampling: Annotated[str, Combo(["eps",
     return model.with_model_sampling(schedule)
 
 
-_EDM_SIGMA = dict(min=0.0, max=1000.0, step=0.001, round=False)
+_EDM_SIGMA = {"min": 0.0, "max": 1000.0, "step": 0.001, "round": False}
 
 
 @node("ModelSamplingContinuousEDM", category="advanced/model")
@@ -125,7 +130,7 @@ def _freeu(model, b1: float, b2: float, s1: float, s2: float, v2: bool):
     return model.with_patches(output_block_patches=(patch,))
 
 
-_FREEU = dict(min=0.0, max=10.0, step=0.01)
+_FREEU = {"min": 0.0, "max": 10.0, "step": 0.01}
 
 
 @node("FreeU", category="model_patches/unet")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -30,9 +32,9 @@ class DiffusionModelHandle(ResidentMixin):
     # "denoise_mask_function" (read by nodes.sampling.sample), "guider" (a (kind, ...) tuple for
     # guiders other than CFG) and "output_block_patches" (functions (h, skip) -> (h, skip) applied to
     # every UNet up-block input before it is concatenated with its skip connection).
-    sampling_patches: dict[str, Any] = {}
+    sampling_patches: Mapping[str, Any] = MappingProxyType({})
 
-    def with_patches(self, **patches: Any) -> "DiffusionModelHandle":
+    def with_patches(self, **patches: Any) -> DiffusionModelHandle:
         """A clone with these sampling patches added; output_block_patches accumulate, others replace."""
         twin = self.clone()
         merged = dict(self.sampling_patches)
@@ -43,7 +45,7 @@ class DiffusionModelHandle(ResidentMixin):
         twin.sampling_patches = merged
         return twin
 
-    def with_model_sampling(self, schedule: Any) -> "DiffusionModelHandle":
+    def with_model_sampling(self, schedule: Any) -> DiffusionModelHandle:
         twin = self.clone()
         twin.model_sampling = schedule
         return twin

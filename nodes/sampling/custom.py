@@ -7,8 +7,9 @@ SIGMAS is a plain 1-D float tensor. The model inside a guider is duck-typed (``a
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -15,13 +15,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+from PIL import Image
 
-from engine.executor import Executor  # noqa: E402
-from engine.png_metadata import workflow_from_png  # noqa: E402
-from engine.ui_workflow import ui_to_api  # noqa: E402
+from engine.executor import Executor
+from engine.png_metadata import workflow_from_png
+from engine.ui_workflow import ui_to_api
 
 DATA = Path(__file__).parent / "data" / "sampling"
 CHECKPOINTS = {"v1-5-pruned-emaonly.safetensors": ("sd1", "epsilon"),

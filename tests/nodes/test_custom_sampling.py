@@ -24,7 +24,7 @@ def loaded(sd_env):
     from .conftest import activate
 
     activate(sd_env)
-    model, clip, vae = checkpoint_loader_simple(TINY_SD1)
+    model, clip, _vae = checkpoint_loader_simple(TINY_SD1)
     pos = clip_text_encode("a red fox in the snow", clip)
     neg = clip_text_encode("blurry", clip)
     other = clip_text_encode("a watercolor painting", clip)

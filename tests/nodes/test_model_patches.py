@@ -13,7 +13,10 @@ from nodes.conditioning import clip_text_encode
 from nodes.latent import empty_latent_image
 from nodes.loaders import checkpoint_loader_simple
 from nodes.sampler_nodes import ksampler
-from nodes.sampling.model_sampling import ContinuousEDMSchedule, DiscreteSchedule, LCMSchedule
+from nodes.sampling.model_sampling import (
+    DiscreteSchedule,
+    LCMSchedule,
+)
 
 from .conftest import TINY_SD1
 
@@ -133,7 +136,7 @@ def test_rescale_cfg_against_the_paper_in_v_space():
 
     v_pos, v_neg = to_v(cond), to_v(uncond)
     v_cfg = v_neg + scale * (v_pos - v_neg)
-    std = lambda t: t.flatten(1).std(dim=1).reshape(-1, 1, 1, 1)  # noqa: E731
+    std = lambda t: t.flatten(1).std(dim=1).reshape(-1, 1, 1, 1)
     v = phi * v_cfg * std(v_pos) / std(v_cfg) + (1 - phi) * v_cfg   # Lin et al. 2023, Alg. 2
     expected = alpha * x_vp - sig_vp * v
     torch.testing.assert_close(mp.rescale_cfg(cond, uncond, scale, x, sigma, phi), expected)

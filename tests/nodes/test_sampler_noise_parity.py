@@ -38,7 +38,8 @@ import importlib.util
 import math
 import sys
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -452,7 +453,7 @@ def _ref_res_multistep(sigmas: torch.Tensor) -> torch.Tensor:
             lam_prev, den_prev = prev
             lam_t = -math.log(float(sn))
             i0 = integrate.quad(lambda l: math.exp(l), lam, lam_t)[0]
-            i1 = integrate.quad(lambda l: math.exp(l) * (l - lam), lam, lam_t)[0]
+            i1 = integrate.quad(lambda l, at=lam: math.exp(l) * (l - at), lam, lam_t)[0]
             slope = (den - den_prev) / (lam - lam_prev)
             x = (sn / s) * x + float(sn) * (i0 * den + i1 * slope)
         prev = (lam, den)
