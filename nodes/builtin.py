@@ -5,11 +5,11 @@ from engine.config import RuntimeConfig
 from engine.registry import Registry
 
 from . import conditioning, controlnet, image, latent, loaders, lora, sampler_nodes, upscale
-from . import custom_sampling, instructpix2pix, model_patches
 from .runtime import configure
 
+from . import custom_sampling, instructpix2pix, model_patches  # noqa: I001 (kept apart for clean merges)
+
 MODULES = (loaders, conditioning, latent, sampler_nodes, image, lora, controlnet, upscale)
-MODULES += (custom_sampling, model_patches, instructpix2pix)
 
 
 class ModelCatalog:
@@ -25,6 +25,10 @@ class ModelCatalog:
         if folder not in self.folders.keys() and folder not in ("clip", "unet"):
             return None
         return self.folders.list_files(folder)
+
+
+# custom sampling, model patches, InstructPix2Pix
+MODULES += (custom_sampling, model_patches, instructpix2pix)
 
 
 def build_registry(config: RuntimeConfig, *, plugins: bool = True) -> tuple[Registry, ModelCatalog]:

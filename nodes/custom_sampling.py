@@ -6,6 +6,7 @@ are ComfyUI's; the sampling itself is nodes.sampling's, exactly as KSampler runs
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, NamedTuple
 
 import torch
@@ -318,13 +319,15 @@ def _run(node_name: str, guider: GuiderValue, noise_tensor: torch.Tensor, seed: 
         progress.report(step + 1, total, preview)
 
     steps = max(int(sigmas.numel()) - 1, 0)
-    out = sample(model.apply, schedule, noise=noise_tensor.to(device), latent_image=samples.to(device),
-                 positive=guider.positive, negative=guider.negative, cfg=guider.effective_cfg(),
-                 sampler_name=sampler.name, scheduler="normal", steps=steps, seed=int(seed),
-                 noise_mask=latent.get("noise_mask"), callback=on_step, sigmas=sigmas,
-                 sampler_options=dict(sampler.options),
-                 denoiser_factory=guider.denoiser_factory() or patched_guider(model),
-                 patches=getattr(model, "sampling_patches", None))
+    hooks = model.output_block_hooks() if hasattr(model, "output_block_hooks") else contextlib.nullcontext()
+    with hooks:
+        out = sample(model.apply, schedule, noise=noise_tensor.to(device), latent_image=samples.to(device),
+                     positive=guider.positive, negative=guider.negative, cfg=guider.effective_cfg(),
+                     sampler_name=sampler.name, scheduler="normal", steps=steps, seed=int(seed),
+                     noise_mask=latent.get("noise_mask"), callback=on_step, sigmas=sigmas,
+                     sampler_options=dict(sampler.options),
+                     denoiser_factory=guider.denoiser_factory() or patched_guider(model),
+                     patches=getattr(model, "sampling_patches", None))
     result = {**latent, "samples": out.cpu().to(samples.dtype)}
     denoised = {**latent, "samples": last_x0[0].cpu().to(samples.dtype)} if last_x0 else result
     return CustomSamplerOutput(result, denoised)

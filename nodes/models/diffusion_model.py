@@ -50,6 +50,39 @@ class DiffusionModelHandle(ResidentMixin):
         twin.model_sampling = schedule
         return twin
 
+    @contextlib.contextmanager
+    def output_block_hooks(self):
+        """Run output_block_patches inside the UNet while the context is open (a sampling run: apply()
+        calls inside it see them). The weights are shared with other handles, so the hooks live only
+        that long. In a diffusers up block each resnet's input is
+        cat([h, skip]); the split point follows from the block's channel layout."""
+        patches = self.sampling_patches.get("output_block_patches") or ()
+        if not patches:
+            yield
+            return
+        handles = []
+
+        def make_hook(h_channels: int):
+            def hook(module, args):
+                h, skip = args[0][:, :h_channels], args[0][:, h_channels:]
+                h = h.clone()
+                for patch in patches:
+                    h, skip = patch(h, skip)
+                return (torch.cat([h, skip.to(h.dtype)], dim=1),) + tuple(args[1:])
+            return hook
+
+        try:
+            for block in getattr(self.unet, "up_blocks", ()):
+                resnets = list(getattr(block, "resnets", ()))
+                for i, resnet in enumerate(resnets):
+                    out_ch = int(resnet.out_channels)
+                    h_ch = int(resnet.in_channels) - out_ch if i == 0 and len(resnets) > 1 else out_ch
+                    handles.append(resnet.register_forward_pre_hook(make_hook(h_ch)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def sampling_schedule(self) -> Any:
         """The DiscreteSchedule (or override) samplers use with this model."""
         if self.model_sampling is not None:
@@ -142,41 +175,8 @@ class DiffusionModelHandle(ResidentMixin):
                 raise ValueError("control residuals need both 'down' and 'mid'")
             kwargs["down_block_additional_residuals"] = [prep(r) for r in control["down"]]
             kwargs["mid_block_additional_residual"] = prep(control["mid"])
-        with self._output_block_hooks():
-            out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
+        out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
         return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))
-
-    @contextlib.contextmanager
-    def _output_block_hooks(self):
-        """Run output_block_patches inside the UNet for one call. The weights are shared with other
-        handles, so the hooks live only for the call. In a diffusers up block each resnet's input is
-        cat([h, skip]); the split point follows from the block's channel layout."""
-        patches = self.sampling_patches.get("output_block_patches") or ()
-        if not patches:
-            yield
-            return
-        handles = []
-
-        def make_hook(h_channels: int):
-            def hook(module, args):
-                h, skip = args[0][:, :h_channels], args[0][:, h_channels:]
-                h = h.clone()
-                for patch in patches:
-                    h, skip = patch(h, skip)
-                return (torch.cat([h, skip.to(h.dtype)], dim=1),) + tuple(args[1:])
-            return hook
-
-        try:
-            for block in getattr(self.unet, "up_blocks", ()):
-                resnets = list(getattr(block, "resnets", ()))
-                for i, resnet in enumerate(resnets):
-                    out_ch = int(resnet.out_channels)
-                    h_ch = int(resnet.in_channels) - out_ch if i == 0 and len(resnets) > 1 else out_ch
-                    handles.append(resnet.register_forward_pre_hook(make_hook(h_ch)))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _needs_added_cond(self) -> bool:
         return getattr(self.unet.config, "addition_embed_type", None) == "text_time"

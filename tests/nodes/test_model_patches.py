@@ -164,6 +164,11 @@ def test_fourier_filter():
     assert mp.fourier_filter(flat, 1, 0.5).mean() == pytest.approx(1.5, rel=1e-5)
 
 
+def _apply(model, x, t, cond):
+    with model.output_block_hooks():
+        return model.apply(x, t, cond)
+
+
 def test_freeu_hooks_split_the_skip_concat_and_leave_no_trace(loaded):
     model = loaded[0]
     unet = model.unet
@@ -178,7 +183,7 @@ def test_freeu_hooks_split_the_skip_concat_and_leave_no_trace(loaded):
         return h, skip
 
     spied = model.with_patches(output_block_patches=(spy,))
-    torch.testing.assert_close(spied.apply(x, t, cond), plain)
+    torch.testing.assert_close(_apply(spied, x, t, cond), plain)
     resnets = [r for b in unet.up_blocks for r in b.resnets]
     # one call per up-block resnet, splitting its input into the backbone h and the skip features;
     # after the first resnet of a block, h has the block's own width
@@ -186,13 +191,25 @@ def test_freeu_hooks_split_the_skip_concat_and_leave_no_trace(loaded):
     firsts = {id(b.resnets[0]) for b in unet.up_blocks}
     assert all(h == int(r.out_channels) for (h, _), r in zip(seen, resnets) if id(r) not in firsts)
     # identity settings change nothing; the defaults change the prediction; the original stays clean
-    torch.testing.assert_close(mp.freeu(model, 1.0, 1.0, 1.0, 1.0).apply(x, t, cond), plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_apply(mp.freeu(model, 1.0, 1.0, 1.0, 1.0), x, t, cond), plain, atol=1e-5, rtol=0)
     base = int(unet.config.block_out_channels[0])
     assert any(h in (base * 2, base * 4) for h, _ in seen), "the tiny UNet has no FreeU stage"
     for patched in (mp.freeu(model, 1.1, 1.2, 0.9, 0.2), mp.freeu_v2(model, 1.3, 1.4, 0.9, 0.2)):
-        assert float((patched.apply(x, t, cond) - plain).abs().max()) > 1e-4
-    torch.testing.assert_close(model.apply(x, t, cond), plain)
+        assert float((_apply(patched, x, t, cond) - plain).abs().max()) > 1e-4
+        # outside a sampling run (the hooks' context) the patched handle predicts like the original
+        torch.testing.assert_close(patched.apply(x, t, cond), plain)
+    torch.testing.assert_close(_apply(model, x, t, cond), plain)
     assert all(not r._forward_pre_hooks for r in resnets)
+
+
+def test_freeu_changes_ksampler_output(loaded):
+    model, pos, neg, _, latent = loaded
+    plain = ksampler(model, SEED, 3, 4.0, "euler", "normal", pos, neg, latent, 1.0)
+    assert _diff(ksampler(mp.freeu_v2(model, 1.3, 1.4, 0.9, 0.2), SEED, 3, 4.0, "euler", "normal", pos, neg, latent, 1.0),
+                 plain) > 1e-4
+    assert _diff(ksampler(mp.freeu(model, 1.0, 1.0, 1.0, 1.0), SEED, 3, 4.0, "euler", "normal", pos, neg, latent, 1.0),
+                 plain) < 1e-4
+    assert all(not r._forward_pre_hooks for b in model.unet.up_blocks for r in b.resnets)
 
 
 # ------------------------------------------------------------------------------------------ Perp-Neg
