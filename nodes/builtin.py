@@ -7,7 +7,9 @@ from engine.registry import Registry
 from . import conditioning, controlnet, image, latent, loaders, lora, sampler_nodes, upscale
 from .runtime import configure
 
-from . import custom_sampling, instructpix2pix, model_patches  # noqa: I001 (kept apart for clean merges)
+# isort: split
+# custom sampling and model patches, kept apart from the list above for clean merges
+from . import custom_sampling, instructpix2pix, model_patches
 
 MODULES = (loaders, conditioning, latent, sampler_nodes, image, lora, controlnet, upscale)
 
