@@ -6,6 +6,7 @@ are ComfyUI's; the sampling itself is nodes.sampling's, exactly as KSampler runs
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, NamedTuple
 
 import torch
@@ -16,7 +17,9 @@ from engine.node import node
 
 from .sampler_nodes import patched_guider
 from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES, calculate_sigmas
-from .sampling.custom import EmptyNoise, Guider as GuiderValue, RandomNoise as RandomNoiseValue, SamplerChoice
+from .sampling.custom import EmptyNoise, SamplerChoice
+from .sampling.custom import Guider as GuiderValue
+from .sampling.custom import RandomNoise as RandomNoiseValue
 from .sampling.preview import latent_to_rgb
 from .sampling.sample import sample
 from .sampling.schedulers import (
@@ -39,7 +42,7 @@ SIGMA_MAX, SIGMA_MIN = 14.614642, 0.0291675
 def _check_sigmas(node_name: str, sigmas: torch.Tensor, input_name: str = "sigmas") -> torch.Tensor:
     """A SIGMAS value must be a 1-D tensor of finite, non-negative noise levels (it may be empty)."""
     if not isinstance(sigmas, torch.Tensor):
-        raise ValueError(f"{node_name}: input '{input_name}' must be SIGMAS (a 1-D tensor), got {type(sigmas).__name__}")
+        raise TypeError(f"{node_name}: input '{input_name}' must be SIGMAS (a 1-D tensor), got {type(sigmas).__name__}")
     if sigmas.ndim != 1:
         raise ValueError(f"{node_name}: input '{input_name}' must be 1-D, got shape {tuple(sigmas.shape)}")
     if sigmas.numel() and (not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any())):
@@ -51,6 +54,14 @@ def _check_positive(node_name: str, **values: float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise ValueError(f"{node_name}: input '{name}' must be greater than 0 for this schedule, got {value}")
+
+
+def check_conditioning(node_name: str, **conds: list) -> None:
+    """A CONDITIONING is a non-empty list of [tensor, options] pairs."""
+    for name, value in conds.items():
+        if not isinstance(value, list) or not value or not all(
+                isinstance(e, (list, tuple)) and e and isinstance(e[0], torch.Tensor) for e in value):
+            raise ValueError(f"{node_name}: input '{name}' must be a non-empty CONDITIONING (from a text encode node)")
 
 
 # ---------------------------------------------------------------------------------------- samplers
@@ -235,12 +246,14 @@ _CFG = Float(8.0, min=0.0, max=100.0, step=0.1, round=0.01)
 @node("BasicGuider", category="sampling/custom_sampling/guiders")
 def basic_guider(model: Model, conditioning: Conditioning) -> Guider:
     """The model's prediction for one conditioning, no classifier-free guidance (for cfg-1 models)."""
+    check_conditioning("BasicGuider", conditioning=conditioning)
     return GuiderValue(model, {"positive": conditioning}, 1.0, "basic")
 
 
 @node("CFGGuider", category="sampling/custom_sampling/guiders")
 def cfg_guider(model: Model, positive: Conditioning, negative: Conditioning, cfg: Annotated[float, _CFG]) -> Guider:
     """Classifier-free guidance between a positive and a negative conditioning."""
+    check_conditioning("CFGGuider", positive=positive, negative=negative)
     return GuiderValue(model, {"positive": positive, "negative": negative}, cfg, "cfg")
 
 
@@ -249,6 +262,7 @@ def dual_cfg_guider(model: Model, cond1: Conditioning, cond2: Conditioning, nega
                     cfg_conds: Annotated[float, _CFG], cfg_cond2_negative: Annotated[float, _CFG],
                     style: Annotated[str, Combo(["regular", "nested"])] = "regular") -> Guider:
     """Guidance by two conditionings: cond1 against cond2 (cfg_conds), cond2 against negative."""
+    check_conditioning("DualCFGGuider", cond1=cond1, cond2=cond2, negative=negative)
     return GuiderValue(model, {"positive": cond1, "middle": cond2, "negative": negative}, cfg_conds, "dual",
                        {"cfg2": cfg_cond2_negative, "nested": style == "nested"})
 
@@ -291,7 +305,7 @@ def _run(node_name: str, guider: GuiderValue, noise_tensor: torch.Tensor, seed: 
          sigmas: torch.Tensor, latent: dict) -> CustomSamplerOutput:
     _check_sigmas(node_name, sigmas)
     if not isinstance(sampler, SamplerChoice):
-        raise ValueError(f"{node_name}: input 'sampler' must be a SAMPLER, got {type(sampler).__name__}")
+        raise TypeError(f"{node_name}: input 'sampler' must be a SAMPLER, got {type(sampler).__name__}")
     model = guider.model
     samples = latent["samples"]
     schedule = model.sampling_schedule()
@@ -305,13 +319,15 @@ def _run(node_name: str, guider: GuiderValue, noise_tensor: torch.Tensor, seed: 
         progress.report(step + 1, total, preview)
 
     steps = max(int(sigmas.numel()) - 1, 0)
-    out = sample(model.apply, schedule, noise=noise_tensor.to(device), latent_image=samples.to(device),
-                 positive=guider.positive, negative=guider.negative, cfg=guider.effective_cfg(),
-                 sampler_name=sampler.name, scheduler="normal", steps=steps, seed=int(seed),
-                 noise_mask=latent.get("noise_mask"), callback=on_step, sigmas=sigmas,
-                 sampler_options=dict(sampler.options),
-                 denoiser_factory=guider.denoiser_factory() or patched_guider(model),
-                 patches=getattr(model, "sampling_patches", None))
+    hooks = model.output_block_hooks() if hasattr(model, "output_block_hooks") else contextlib.nullcontext()
+    with hooks:
+        out = sample(model.apply, schedule, noise=noise_tensor.to(device), latent_image=samples.to(device),
+                     positive=guider.positive, negative=guider.negative, cfg=guider.effective_cfg(),
+                     sampler_name=sampler.name, scheduler="normal", steps=steps, seed=int(seed),
+                     noise_mask=latent.get("noise_mask"), callback=on_step, sigmas=sigmas,
+                     sampler_options=dict(sampler.options),
+                     denoiser_factory=guider.denoiser_factory() or patched_guider(model),
+                     patches=getattr(model, "sampling_patches", None))
     result = {**latent, "samples": out.cpu().to(samples.dtype)}
     denoised = {**latent, "samples": last_x0[0].cpu().to(samples.dtype)} if last_x0 else result
     return CustomSamplerOutput(result, denoised)
@@ -323,6 +339,7 @@ def sampler_custom(model: Model, add_noise: Annotated[bool, Boolean(True)],
                    cfg: Annotated[float, _CFG], positive: Conditioning, negative: Conditioning,
                    sampler: Sampler, sigmas: Sigmas, latent_image: Latent) -> CustomSamplerOutput:
     """CFG sampling with a chosen sampler and schedule; also returns the last denoised estimate."""
+    check_conditioning("SamplerCustom", positive=positive, negative=negative)
     noise = (RandomNoiseValue(int(noise_seed)) if add_noise else EmptyNoise()).generate(latent_image)
     guider = GuiderValue(model, {"positive": positive, "negative": negative}, cfg, "cfg")
     return _run("SamplerCustom", guider, noise, int(noise_seed), sampler, sigmas, latent_image)
@@ -333,6 +350,6 @@ def sampler_custom_advanced(noise: Noise, guider: Guider, sampler: Sampler, sigm
                             latent_image: Latent) -> CustomSamplerOutput:
     """Sampling from separate noise, guider, sampler and schedule nodes."""
     if not isinstance(guider, GuiderValue):
-        raise ValueError(f"SamplerCustomAdvanced: input 'guider' must be a GUIDER, got {type(guider).__name__}")
+        raise TypeError(f"SamplerCustomAdvanced: input 'guider' must be a GUIDER, got {type(guider).__name__}")
     return _run("SamplerCustomAdvanced", guider, noise.generate(latent_image), noise.seed, sampler, sigmas,
                 latent_image)

@@ -14,9 +14,15 @@ import torch
 from engine.inputs import Boolean, Combo, Float
 from engine.node import node
 
+from .custom_sampling import check_conditioning
 from .sampling.custom import Guider as GuiderValue
 from .sampling.guiders import perp_neg
-from .sampling.model_sampling import ContinuousEDMSchedule, DiscreteSchedule, LCMSchedule, _bcast
+from .sampling.model_sampling import (
+    ContinuousEDMSchedule,
+    DiscreteSchedule,
+    LCMSchedule,
+    _bcast,
+)
 from .types import Conditioning, Guider, Model
 
 _DISCRETE = {"eps": "epsilon", "v_prediction": "v_prediction", "x0": "x0"}
@@ -35,7 +41,7 @@ def model_sampling_discrete(model: Model, sampling: Annotated[str, Combo(["eps",
     return model.with_model_sampling(schedule)
 
 
-_EDM_SIGMA = dict(min=0.0, max=1000.0, step=0.001, round=False)
+_EDM_SIGMA = {"min": 0.0, "max": 1000.0, "step": 0.001, "round": False}
 
 
 @node("ModelSamplingContinuousEDM", category="advanced/model")
@@ -124,7 +130,7 @@ def _freeu(model, b1: float, b2: float, s1: float, s2: float, v2: bool):
     return model.with_patches(output_block_patches=(patch,))
 
 
-_FREEU = dict(min=0.0, max=10.0, step=0.01)
+_FREEU = {"min": 0.0, "max": 10.0, "step": 0.01}
 
 
 @node("FreeU", category="model_patches/unet")
@@ -148,6 +154,7 @@ def perp_neg_node(model: Model, empty_conditioning: Conditioning,
                   neg_scale: Annotated[float, Float(1.0, min=0.0, max=100.0, step=0.01)]) -> Model:
     """Perp-Neg on KSampler's CFG: push only away from the part of the negative prompt that does not
     overlap the positive one (deprecated in ComfyUI in favour of PerpNegGuider)."""
+    check_conditioning("PerpNeg", empty_conditioning=empty_conditioning)
     return model.with_patches(guider=("perpneg", {"empty": empty_conditioning}, {"neg_scale": neg_scale}))
 
 
@@ -156,6 +163,7 @@ def perp_neg_guider(model: Model, positive: Conditioning, negative: Conditioning
                     cfg: Annotated[float, Float(8.0, min=0.0, max=100.0, step=0.1, round=0.01)],
                     neg_scale: Annotated[float, Float(1.0, min=0.0, max=100.0, step=0.01)]) -> Guider:
     """A guider applying Perp-Neg (Armandpour et al. 2023) against an empty-prompt prediction."""
+    check_conditioning("PerpNegGuider", positive=positive, negative=negative, empty_conditioning=empty_conditioning)
     return GuiderValue(model, {"positive": positive, "negative": negative, "empty": empty_conditioning}, cfg,
                        "perpneg", {"neg_scale": neg_scale})
 

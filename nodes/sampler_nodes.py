@@ -6,6 +6,7 @@ LATENT values hold model-space latents (the VAE's scaling factor is applied by t
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Any
 
 import torch
@@ -52,12 +53,14 @@ def common_ksampler(model: DiffusionModelHandle, seed: int, steps: int, cfg: flo
         preview = latent_to_rgb(x0[:1].float().cpu(), preview_arch) if progress.wants_preview() else None
         progress.report(step + 1, total, preview)
 
-    out = sample(model.apply, schedule, noise=noise.to(device), latent_image=samples.to(device),
-                 positive=positive, negative=negative, cfg=cfg, sampler_name=sampler_name,
-                 scheduler=scheduler, steps=steps, seed=seed, denoise=denoise,
-                 noise_mask=latent.get("noise_mask"), start_step=start_step, last_step=last_step,
-                 force_full_denoise=force_full_denoise, add_noise=not disable_noise, callback=on_step,
-                 patches=getattr(model, "sampling_patches", None), denoiser_factory=patched_guider(model))
+    hooks = model.output_block_hooks() if hasattr(model, "output_block_hooks") else contextlib.nullcontext()
+    with hooks:
+        out = sample(model.apply, schedule, noise=noise.to(device), latent_image=samples.to(device),
+                     positive=positive, negative=negative, cfg=cfg, sampler_name=sampler_name,
+                     scheduler=scheduler, steps=steps, seed=seed, denoise=denoise,
+                     noise_mask=latent.get("noise_mask"), start_step=start_step, last_step=last_step,
+                     force_full_denoise=force_full_denoise, add_noise=not disable_noise, callback=on_step,
+                     patches=getattr(model, "sampling_patches", None), denoiser_factory=patched_guider(model))
     return {**latent, "samples": out}
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -35,7 +37,7 @@ class DiffusionModelHandle(ResidentMixin):
     # "denoise_mask_function" (read by nodes.sampling.sample), "guider" (a (kind, ...) tuple for
     # guiders other than CFG) and "output_block_patches" (functions (h, skip) -> (h, skip) applied to
     # every UNet up-block input before it is concatenated with its skip connection).
-    sampling_patches: dict[str, Any] = {}
+    sampling_patches: Mapping[str, Any] = MappingProxyType({})
 
     def with_patches(self, **patches: Any) -> DiffusionModelHandle:
         """A clone with these sampling patches added; output_block_patches accumulate, others replace."""
@@ -52,6 +54,39 @@ class DiffusionModelHandle(ResidentMixin):
         twin = self.clone()
         twin.model_sampling = schedule
         return twin
+
+    @contextlib.contextmanager
+    def output_block_hooks(self):
+        """Run output_block_patches inside the UNet while the context is open (a sampling run: apply()
+        calls inside it see them). The weights are shared with other handles, so the hooks live only
+        that long. In a diffusers up block each resnet's input is
+        cat([h, skip]); the split point follows from the block's channel layout."""
+        patches = self.sampling_patches.get("output_block_patches") or ()
+        if not patches:
+            yield
+            return
+        handles = []
+
+        def make_hook(h_channels: int):
+            def hook(module, args):
+                h, skip = args[0][:, :h_channels], args[0][:, h_channels:]
+                h = h.clone()
+                for patch in patches:
+                    h, skip = patch(h, skip)
+                return (torch.cat([h, skip.to(h.dtype)], dim=1),) + tuple(args[1:])
+            return hook
+
+        try:
+            for block in getattr(self.unet, "up_blocks", ()):
+                resnets = list(getattr(block, "resnets", ()))
+                for i, resnet in enumerate(resnets):
+                    out_ch = int(resnet.out_channels)
+                    h_ch = int(resnet.in_channels) - out_ch if i == 0 and len(resnets) > 1 else out_ch
+                    handles.append(resnet.register_forward_pre_hook(make_hook(h_ch)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def sampling_schedule(self) -> Any:
         """The DiscreteSchedule (or override) samplers use with this model."""
@@ -163,41 +198,8 @@ class DiffusionModelHandle(ResidentMixin):
             kwargs["down_intrablock_additional_residuals"] = [prep(r) for r in control["intrablock"]]
         if x.shape[1] < self.in_channels:
             x = torch.cat([x, prep(extra_input(cond.get("concat"), x_in, self.in_channels - x.shape[1]))], dim=1)
-        with self._output_block_hooks():
-            out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
+        out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
         return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))
-
-    @contextlib.contextmanager
-    def _output_block_hooks(self):
-        """Run output_block_patches inside the UNet for one call. The weights are shared with other
-        handles, so the hooks live only for the call. In a diffusers up block each resnet's input is
-        cat([h, skip]); the split point follows from the block's channel layout."""
-        patches = self.sampling_patches.get("output_block_patches") or ()
-        if not patches:
-            yield
-            return
-        handles = []
-
-        def make_hook(h_channels: int):
-            def hook(module, args):
-                h, skip = args[0][:, :h_channels], args[0][:, h_channels:]
-                h = h.clone()
-                for patch in patches:
-                    h, skip = patch(h, skip)
-                return (torch.cat([h, skip.to(h.dtype)], dim=1),) + tuple(args[1:])
-            return hook
-
-        try:
-            for block in getattr(self.unet, "up_blocks", ()):
-                resnets = list(getattr(block, "resnets", ()))
-                for i, resnet in enumerate(resnets):
-                    out_ch = int(resnet.out_channels)
-                    h_ch = int(resnet.in_channels) - out_ch if i == 0 and len(resnets) > 1 else out_ch
-                    handles.append(resnet.register_forward_pre_hook(make_hook(h_ch)))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _fit_time_ids(self, size_cond: torch.Tensor, pooled_dim: int, cond_or_uncond: Any) -> torch.Tensor:
         cfg = self.unet.config

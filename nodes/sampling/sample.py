@@ -154,5 +154,8 @@ def sample(
     if noise_mask is not None and float(sigmas[-1]) == 0.0:
         # exact original outside the mask (float error and non-final-denoise samplers aside)
         mask = prepare_mask(noise_mask, tuple(latent.shape)).to(device)
+        if denoiser.mask_function is not None:
+            # the mask of the last model call (Differential Diffusion's is binary by then), not the soft one
+            mask = denoiser.mask_function(sigmas[-2:-1].expand(latent.shape[0]), mask, sigmas)
         x = x * mask + latent * (1 - mask)
     return x.to(latent_image.dtype)

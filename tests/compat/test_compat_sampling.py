@@ -15,17 +15,20 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+from PIL import Image
 
-from engine.executor import Executor  # noqa: E402
-from engine.png_metadata import workflow_from_png  # noqa: E402
-from engine.ui_workflow import ui_to_api  # noqa: E402
+from engine.executor import Executor
+from engine.png_metadata import workflow_from_png
+from engine.ui_workflow import ui_to_api
 
 DATA = Path(__file__).parent / "data" / "sampling"
-CHECKPOINTS = {"v1-5-pruned-emaonly.safetensors": "sd1", "sd_xl_turbo_1.0_fp16.safetensors": "sdxl"}
-WORKFLOWS = ["custom_advanced", "sdxl_turbo", "lcm", "freeu", "split_sigmas_dual_cfg"]
+CHECKPOINTS = {"v1-5-pruned-emaonly.safetensors": ("sd1", "epsilon"),
+               "sd_xl_turbo_1.0_fp16.safetensors": ("sdxl", "epsilon"),
+               "v2-1_768-ema-pruned.safetensors": ("sd2", "v_prediction")}
+WORKFLOWS = ["custom_advanced", "sdxl_turbo", "lcm", "freeu", "split_sigmas_dual_cfg", "zsnr_vpred_rescale",
+             "perpneg_differential_inpaint"]
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +36,13 @@ def env(tmp_path_factory):
     import nodes
     from engine.config import RuntimeConfig
     from nodes.models.tiny import write_tiny_checkpoint
+    from tests.nodes.conftest import write_input_images
 
     config = RuntimeConfig(data_dir=tmp_path_factory.mktemp("compat-sampling"))
     config.ensure_dirs()
-    for name, arch in CHECKPOINTS.items():
-        write_tiny_checkpoint(config.models_dir / "checkpoints" / name, arch, seed=1)
+    for name, (arch, prediction) in CHECKPOINTS.items():
+        write_tiny_checkpoint(config.models_dir / "checkpoints" / name, arch, prediction_type=prediction, seed=1)
+    write_input_images(config.input_dir)
     registry, _ = nodes.build_registry(config, plugins=False)
     return registry, config
 
@@ -94,7 +99,9 @@ def test_workflow_runs_unchanged_from_ui_and_api(env, name):
     assert ui_to_api(ui, registry.object_info()) == api
     prompt = shrink(api)
     images = run(env, prompt, ui, f"compat-{name}")
-    latent = next(n["inputs"] for n in prompt.values() if n["class_type"] == "EmptyLatentImage")
+    # the size of the empty latent, or of the input image (64x64) for image-to-image graphs
+    latent = next((n["inputs"] for n in prompt.values() if n["class_type"] == "EmptyLatentImage"),
+                  {"width": 64, "height": 64})
     for img in images:
         assert img.shape[:2] == (latent["height"], latent["width"]) and img.std() > 0
 

@@ -24,7 +24,7 @@ def loaded(sd_env):
     from .conftest import activate
 
     activate(sd_env)
-    model, clip, vae = checkpoint_loader_simple(TINY_SD1)
+    model, clip, _vae = checkpoint_loader_simple(TINY_SD1)
     pos = clip_text_encode("a red fox in the snow", clip)
     neg = clip_text_encode("blurry", clip)
     other = clip_text_encode("a watercolor painting", clip)
@@ -144,6 +144,9 @@ def test_sigma_surgery():
     (lambda: cs.exponential_scheduler(10, 14.6, 0.0), ["ExponentialScheduler", "'sigma_min'", "greater than 0"]),
     (lambda: cs.polyexponential_scheduler(10, 0.0, 1.0, 1.0), ["PolyexponentialScheduler", "'sigma_max'"]),
     (lambda: cs.karras_scheduler(10, 14.6, 0.03, 0.0), ["KarrasScheduler", "'rho'"]),
+    (lambda: cs.cfg_guider(None, [], [[torch.zeros(1, 77, 8), {}]], 7.0), ["CFGGuider", "'positive'", "CONDITIONING"]),
+    (lambda: cs.dual_cfg_guider(None, [[torch.zeros(1, 77, 8), {}]], "text", [[torch.zeros(1, 77, 8), {}]], 8.0, 8.0),
+     ["DualCFGGuider", "'cond2'"]),
 ])
 def test_bad_input_names_node_and_input(call, words):
     with pytest.raises(ValueError) as err:

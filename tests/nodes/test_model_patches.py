@@ -132,7 +132,7 @@ def test_rescale_cfg_against_the_paper_in_v_space():
 
     v_pos, v_neg = to_v(cond), to_v(uncond)
     v_cfg = v_neg + scale * (v_pos - v_neg)
-    std = lambda t: t.flatten(1).std(dim=1).reshape(-1, 1, 1, 1)  # noqa: E731
+    std = lambda t: t.flatten(1).std(dim=1).reshape(-1, 1, 1, 1)
     v = phi * v_cfg * std(v_pos) / std(v_cfg) + (1 - phi) * v_cfg   # Lin et al. 2023, Alg. 2
     expected = alpha * x_vp - sig_vp * v
     torch.testing.assert_close(mp.rescale_cfg(cond, uncond, scale, x, sigma, phi), expected)
@@ -160,6 +160,11 @@ def test_fourier_filter():
     assert mp.fourier_filter(flat, 1, 0.5).mean() == pytest.approx(1.5, rel=1e-5)
 
 
+def _apply(model, x, t, cond):
+    with model.output_block_hooks():
+        return model.apply(x, t, cond)
+
+
 def test_freeu_hooks_split_the_skip_concat_and_leave_no_trace(loaded):
     model = loaded[0]
     unet = model.unet
@@ -174,7 +179,7 @@ def test_freeu_hooks_split_the_skip_concat_and_leave_no_trace(loaded):
         return h, skip
 
     spied = model.with_patches(output_block_patches=(spy,))
-    torch.testing.assert_close(spied.apply(x, t, cond), plain)
+    torch.testing.assert_close(_apply(spied, x, t, cond), plain)
     resnets = [r for b in unet.up_blocks for r in b.resnets]
     # one call per up-block resnet, splitting its input into the backbone h and the skip features;
     # after the first resnet of a block, h has the block's own width
@@ -182,13 +187,25 @@ def test_freeu_hooks_split_the_skip_concat_and_leave_no_trace(loaded):
     firsts = {id(b.resnets[0]) for b in unet.up_blocks}
     assert all(h == int(r.out_channels) for (h, _), r in zip(seen, resnets) if id(r) not in firsts)
     # identity settings change nothing; the defaults change the prediction; the original stays clean
-    torch.testing.assert_close(mp.freeu(model, 1.0, 1.0, 1.0, 1.0).apply(x, t, cond), plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_apply(mp.freeu(model, 1.0, 1.0, 1.0, 1.0), x, t, cond), plain, atol=1e-5, rtol=0)
     base = int(unet.config.block_out_channels[0])
     assert any(h in (base * 2, base * 4) for h, _ in seen), "the tiny UNet has no FreeU stage"
     for patched in (mp.freeu(model, 1.1, 1.2, 0.9, 0.2), mp.freeu_v2(model, 1.3, 1.4, 0.9, 0.2)):
-        assert float((patched.apply(x, t, cond) - plain).abs().max()) > 1e-4
-    torch.testing.assert_close(model.apply(x, t, cond), plain)
+        assert float((_apply(patched, x, t, cond) - plain).abs().max()) > 1e-4
+        # outside a sampling run (the hooks' context) the patched handle predicts like the original
+        torch.testing.assert_close(patched.apply(x, t, cond), plain)
+    torch.testing.assert_close(_apply(model, x, t, cond), plain)
     assert all(not r._forward_pre_hooks for r in resnets)
+
+
+def test_freeu_changes_ksampler_output(loaded):
+    model, pos, neg, _, latent = loaded
+    plain = ksampler(model, SEED, 3, 4.0, "euler", "normal", pos, neg, latent, 1.0)
+    assert _diff(ksampler(mp.freeu_v2(model, 1.3, 1.4, 0.9, 0.2), SEED, 3, 4.0, "euler", "normal", pos, neg, latent, 1.0),
+                 plain) > 1e-4
+    assert _diff(ksampler(mp.freeu(model, 1.0, 1.0, 1.0, 1.0), SEED, 3, 4.0, "euler", "normal", pos, neg, latent, 1.0),
+                 plain) < 1e-4
+    assert all(not r._forward_pre_hooks for b in model.unet.up_blocks for r in b.resnets)
 
 
 # ------------------------------------------------------------------------------------------ Perp-Neg
@@ -242,9 +259,18 @@ def test_differential_diffusion_inpaints_a_soft_mask(loaded):
     torch.manual_seed(3)
     latent = {"samples": torch.randn(1, 4, 8, 8),
               "noise_mask": torch.linspace(0, 1, 64).reshape(1, 1, 8, 8)}
-    plain = ksampler(model, SEED, 4, 4.0, "euler", "normal", pos, neg, latent, 1.0)
-    diff = ksampler(mp.differential_diffusion(model), SEED, 4, 4.0, "euler", "normal", pos, neg, latent, 1.0)
+    plain = ksampler(model, SEED, 4, 4.0, "euler", "simple", pos, neg, latent, 1.0)
+    diff = ksampler(mp.differential_diffusion(model), SEED, 4, 4.0, "euler", "simple", pos, neg, latent, 1.0)
     assert torch.isfinite(diff["samples"]).all() and _diff(diff, plain) > 1e-3
+    # pixels the last step's threshold keeps are exactly the original, the others are fully regenerated
+    steps = cs.basic_scheduler(model, "simple", 4, 1.0)  # ends above sigma_min
+    fn = mp.differential_diffusion(model).sampling_patches["denoise_mask_function"]
+    final = fn(steps[-2:-1], latent["noise_mask"].expand(1, 4, 8, 8), steps)
+    kept = final == 0
+    assert kept.any() and (~kept).any()
+    assert torch.equal(diff["samples"][kept], latent["samples"][kept])
+    soft = latent["noise_mask"].expand(1, 4, 8, 8)
+    assert not torch.allclose(diff["samples"][~kept], (diff["samples"] * soft + latent["samples"] * (1 - soft))[~kept])
 
 
 # ------------------------------------------------------------------------------------------ InstructPix2Pix

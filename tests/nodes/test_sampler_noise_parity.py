@@ -19,7 +19,9 @@ Three layers, each over the full sampler list:
    implementation that ComfyUI's samplers derive from), given the ComfyUI-seeded noise sampler.
 3. **Paper references written here** for samplers k-diffusion lacks: ddpm (Ho et al. 2020), lcm
    (Luo et al. 2023), euler_cfg_pp / euler_ancestral_cfg_pp (Chung et al. 2024, CFG++), ipndm
-   (Zhang & Chen 2022), gradient_estimation (Permenter & Yuan 2024).
+   (Zhang & Chen 2022), gradient_estimation and its CFG++ form (Permenter & Yuan 2024), res_multistep
+   (Zhang et al. 2023, by quadrature). uni_pc / uni_pc_bh2 are compared with diffusers' UniPC in
+   test_sampling_parity.py.
 
 ``NO_INDEPENDENT_REFERENCE`` lists the samplers checked only by layer 1: their step formulas are
 ComfyUI's own variants (or long papers not re-derived here); their noise source is still checked.
@@ -199,13 +201,17 @@ KD_REFERENCE: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmpp_3m_sde_gpu": ("sample_dpmpp_3m_sde", {}),
 }
 
-PAPER_REFERENCE = {"ddpm", "lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp", "ipndm", "gradient_estimation"}
+PAPER_REFERENCE = {"ddpm", "lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp", "ipndm", "gradient_estimation",
+                   "gradient_estimation_cfg_pp", "res_multistep"}
+
+# Compared with diffusers' UniPCMultistepScheduler in tests/nodes/test_sampling_parity.py (deterministic:
+# their noise path, none, is checked here by seed independence).
+DIFFUSERS_REFERENCE = {"uni_pc", "uni_pc_bh2"}
 
 NO_INDEPENDENT_REFERENCE = {
     "heunpp2", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp", "ipndm_v", "deis",
-    "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
-    "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece",
-    "uni_pc", "uni_pc_bh2",
+    "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
+    "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece",
 }
 
 
@@ -216,7 +222,7 @@ def _ours(name: str, sigmas: torch.Tensor, seed: int = SEED, **opts: Any) -> tor
 def test_every_sampler_is_classified() -> None:
     names = set(SAMPLERS)
     assert DEFAULT_NOISE | BROWNIAN_NOISE | DETERMINISTIC == names
-    covered = set(KD_REFERENCE) | PAPER_REFERENCE | NO_INDEPENDENT_REFERENCE
+    covered = set(KD_REFERENCE) | PAPER_REFERENCE | DIFFUSERS_REFERENCE | NO_INDEPENDENT_REFERENCE
     assert covered == names, f"unclassified: {sorted(names - covered)}, stale: {sorted(covered - names)}"
     assert not (set(KD_REFERENCE) & PAPER_REFERENCE) and not (covered - NO_INDEPENDENT_REFERENCE) & NO_INDEPENDENT_REFERENCE
 
@@ -290,7 +296,7 @@ def _kd_run(kd: types.ModuleType, name: str, sigmas: torch.Tensor) -> torch.Tens
         # k-diffusion 0.1.1 takes a full LMS step to sigma = 0 where ComfyUI (and sdflow) return that
         # step's denoised estimate: the reference is k-diffusion's last reported denoised.
         seen: list[torch.Tensor] = []
-        fn(model, x, sigmas, disable=True, callback=lambda info: seen.append(info["denoised"]))
+        fn(model, x, sigmas, disable=True, callback=lambda info: seen.append(info["denoised"]), **opts)
         return seen[-1]
     return fn(model, x, sigmas, disable=True, **opts)
 
@@ -403,6 +409,57 @@ def _ref_gradient_estimation(sigmas: torch.Tensor, gamma: float = 2.0) -> torch.
     return x
 
 
+def _ref_gradient_estimation_cfg_pp(sigmas: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Gradient estimation with CFG++'s split: the step starts from the guided estimate and follows the
+    unconditional direction, x' = D_guided + sigma' d_u with d_u = (x - D_uncond) / sigma; the
+    correction (gamma - 1)(d_u - d_u,prev)(sigma' - sigma) as in the plain sampler."""
+    model = ToyCFGDenoiser()
+    x = _x0(sigmas)
+    d_prev = None
+    for i in range(len(sigmas) - 1):
+        s, sn = sigmas[i], sigmas[i + 1]
+        guided, uncond = model.both(x, s * torch.ones(SHAPE[0]))
+        d = (x - uncond) / s
+        if sn == 0:
+            x = guided
+        else:
+            x = guided + d * sn
+            if d_prev is not None:
+                x = x + (gamma - 1) * (d - d_prev) * (sn - s)
+        d_prev = d
+    return x
+
+
+def _ref_res_multistep(sigmas: torch.Tensor) -> torch.Tensor:
+    """RES second-order multistep (Zhang et al. 2023, arXiv 2308.02157) in data prediction: the exact
+    solution of the probability-flow ODE with D linear in lambda = -log sigma through the last two
+    estimates, x_t = (sigma_t / sigma_s) x_s + sigma_t * integral_{lambda_s}^{lambda_t} e^lambda D(lambda),
+    the integral by numerical quadrature (not the phi-function closed form). The first step (no history)
+    is an Euler step and the last returns the denoised estimate, as ComfyUI runs it."""
+    from scipy import integrate
+
+    model = ToyCFGDenoiser()
+    x = _x0(sigmas)
+    prev: tuple[float, torch.Tensor] | None = None
+    for i in range(len(sigmas) - 1):
+        s, sn = sigmas[i], sigmas[i + 1]
+        den = model(x, s * torch.ones(SHAPE[0]))
+        lam = -math.log(float(s))
+        if sn == 0:
+            x = den
+        elif prev is None:
+            x = x + (x - den) / s * (sn - s)
+        else:
+            lam_prev, den_prev = prev
+            lam_t = -math.log(float(sn))
+            i0 = integrate.quad(lambda l: math.exp(l), lam, lam_t)[0]
+            i1 = integrate.quad(lambda l, at=lam: math.exp(l) * (l - at), lam, lam_t)[0]
+            slope = (den - den_prev) / (lam - lam_prev)
+            x = (sn / s) * x + float(sn) * (i0 * den + i1 * slope)
+        prev = (lam, den)
+    return x
+
+
 def _comfy_noise(x: torch.Tensor):
     return comfy_default_noise_sampler(x, SEED)
 
@@ -414,6 +471,8 @@ PAPER_CASES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "euler_ancestral_cfg_pp": lambda sig: _ref_euler_cfg_pp(sig, _comfy_noise, eta=1.0),
     "ipndm": _ref_ipndm,
     "gradient_estimation": _ref_gradient_estimation,
+    "gradient_estimation_cfg_pp": _ref_gradient_estimation_cfg_pp,
+    "res_multistep": _ref_res_multistep,
 }
 
 
