@@ -127,3 +127,12 @@ def test_override_of_an_unknown_input_is_refused_with_suggestions(reg):
         apply_overrides(prompt, {"Concat.zzz": 1}, reg)
     assert apply_overrides(prompt, {"3.sep": "-"}, reg)["3"]["inputs"]["sep"] == "-"
     assert apply_overrides(prompt, {"3.sepp": "-"})["3"]["inputs"]["sepp"] == "-"   # no registry: no check
+
+
+def test_summary_lists_many_problems_within_its_bound(reg):
+    p = {str(i): n("Const", value=10**6 + i) for i in range(80)}
+    p.update({f"s{i}": n("Show", value=[str(i), 0]) for i in range(80)})
+    details = validate_prompt(p, reg).error["details"]
+    lines = details.splitlines()
+    assert len(lines) == 51 and lines[-1] == "… and 30 more"
+    assert all("bigger than max" in line for line in lines[:50])
