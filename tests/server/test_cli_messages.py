@@ -61,3 +61,20 @@ def test_example_workflows_validate_with_the_shipped_inputs(tmp_path):
                            timeout=300)
         assert r.returncode == 0, (wf, r.stderr)
     assert (data / "input" / "example.png").is_file() and (data / "input" / "example_masked.png").is_file()
+
+
+def test_set_with_an_unknown_input_is_refused(tmp_path):
+    import json
+
+    from .conftest import chain
+
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(chain(1)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    base = [sys.executable, "-m", "server", "validate", str(wf), "--data-dir", str(tmp_path / "d"),
+            "--no-builtin-nodes", "--nodes-module", "tests.server.plugin_nodes"]
+    r = subprocess.run(base + ["--set", "3.bb=5"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "has no input 'bb'; did you mean b" in r.stderr, r.stderr
+    r = subprocess.run(base + ["--set", "TestAdd.b=5"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -312,3 +312,17 @@ async def test_run_time_errors_show_no_server_paths(server):
         assert_no_server_path(text, server)
         assert "/etc/sdflow" not in text and 'File \\"/' not in text
     await ws.close()
+
+
+async def test_workflow_run_refuses_an_input_the_node_lacks(server):
+    async with await server.post("/workflows/wf", json=chain(1)) as r:
+        assert r.status == 200
+    async with await server.post("/workflows/wf/run", json={"inputs": {"3.bb": 5}}) as r:
+        body = await r.json()
+        assert r.status == 400, body
+    assert "node 3 (TestAdd) has no input 'bb'" in body["error"]["details"] and "did you mean b" in body["error"]["details"]
+    async with await server.post("/workflows/wf/run", json={"inputs": {"3.b": 5}}) as r:
+        assert r.status == 200
+        pid = (await r.json())["prompt_id"]
+    entry = await server.wait_history(pid)
+    assert entry["outputs"]["4"] == {"text": ["6"]}                  # 1 + 5: the override took effect
