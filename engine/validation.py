@@ -62,8 +62,8 @@ MAX_TEXT = 500
 MAX_SUGGESTED = 20             # unknown names that get "did you mean" (each costs a fuzzy search)
 
 
-def _top(kind: str, message: str, details: str = "", extra: dict | None = None) -> dict:
-    return {"type": kind, "message": message, "details": _cut(details), "extra_info": extra or {}}
+def _top(kind: str, message: str, details: str = "", extra: dict | None = None, limit: int = MAX_TEXT) -> dict:
+    return {"type": kind, "message": message, "details": _cut(details, limit), "extra_info": extra or {}}
 
 
 def _cut(text: str, limit: int = MAX_TEXT) -> str:
@@ -239,8 +239,8 @@ def validate_prompt(prompt: Any, registry: Registry, partial_execution_targets: 
         if omitted:
             lines.append(f"… and {omitted} more nodes with errors are not listed")
         return ValidationResult(_top("prompt_outputs_failed_validation", "Prompt outputs failed validation",
-                                     "\n".join(lines)[:MAX_TEXT * MAX_SUMMARY_LINES // 4],
-                                     {"omitted_nodes": omitted} if omitted else None), node_errors)
+                                     "\n".join(lines), {"omitted_nodes": omitted} if omitted else None,
+                                     limit=MAX_TEXT * MAX_SUMMARY_LINES), node_errors)
     if tainted:
         keep = _reach(graph.predecessors, set(good_outputs))
         order = [n for n in (order or nx.topological_sort(graph.subgraph(keep))) if n in keep]

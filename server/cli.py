@@ -85,6 +85,7 @@ def build_registry(args: argparse.Namespace, config: RuntimeConfig) -> tuple[Reg
     else:
         from nodes import build_registry as build_sd_registry  # the SD domain, loaded only here
         registry, catalog = build_sd_registry(config)
+        install_example_inputs(config.input_dir)
     for name in args.nodes_module:
         try:
             module = importlib.import_module(name)
@@ -94,6 +95,31 @@ def build_registry(args: argparse.Namespace, config: RuntimeConfig) -> tuple[Reg
         if not added:
             log.warning("--nodes-module %s declares no nodes", name)
     return registry, catalog
+
+
+EXAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "workflows" / "inputs"
+EXAMPLES_MARKER = ".sdflow-example-inputs"
+
+
+def install_example_inputs(input_dir: Path, source: Path = EXAMPLE_INPUTS) -> list[str]:
+    """Copy the example workflows' input images into the input folder, once: the marker file remembers
+    it, so an image the user deleted is not brought back and one they replaced is never overwritten."""
+    import shutil
+
+    marker = Path(input_dir) / EXAMPLES_MARKER
+    if marker.exists() or not source.is_dir():
+        return []
+    copied = []
+    for image in sorted(source.glob("*.png")):
+        target = Path(input_dir) / image.name
+        if not target.exists():
+            shutil.copyfile(image, target)
+            copied.append(image.name)
+    try:
+        marker.write_text("example input images were copied here once; delete this file to copy them again\n")
+    except OSError:
+        log.warning("cannot write %s", marker)
+    return copied
 
 
 # ---- serve -----------------------------------------------------------------------------------------

@@ -17,9 +17,19 @@ from typing import Any
 from engine.events import Event
 from engine.store import QueueItem, Store, failed_entry, history_entry
 
+from .security import scrub_paths
 from .ws import Hub, encode_preview
 
 log = logging.getLogger("sdflow.server")
+
+
+def scrub_error(data: dict) -> None:
+    """An execution error as clients see it: no absolute server paths (the model folders a loader
+    searched, the data directory) in its message or traceback."""
+    if isinstance(data.get("exception_message"), str):
+        data["exception_message"] = scrub_paths(data["exception_message"])
+    if isinstance(data.get("traceback"), list):
+        data["traceback"] = [scrub_paths(line) if isinstance(line, str) else line for line in data["traceback"]]
 
 
 class ProgressStates:
@@ -204,6 +214,8 @@ class Worker:
 
         def emit(event: Event) -> None:
             try:
+                if event.type == "execution_error":
+                    scrub_error(event.data)   # in place: the history entry records the same dict
                 if states.update(event) and states.take_schedule():
                     hub.post_threadsafe(send_progress_state)
                 if event.type == "preview":
@@ -230,6 +242,7 @@ class Worker:
             entry = failed_entry(item, f"{type(exc).__name__}: {exc}", exception_type=type(exc).__name__)
             err = entry["status"]["messages"][-1][1]
             err["traceback"] = traceback.format_tb(exc.__traceback__)
+            scrub_error(err)
             hub.post_threadsafe(hub.dispatch, "execution_error", err, client_id)
         for attempt in range(5):
             try:

@@ -127,3 +127,55 @@ def test_override_of_an_unknown_input_is_refused_with_suggestions(reg):
         apply_overrides(prompt, {"Concat.zzz": 1}, reg)
     assert apply_overrides(prompt, {"3.sep": "-"}, reg)["3"]["inputs"]["sep"] == "-"
     assert apply_overrides(prompt, {"3.sepp": "-"})["3"]["inputs"]["sepp"] == "-"   # no registry: no check
+
+
+def test_summary_lists_many_problems_within_its_bound(reg):
+    p = {str(i): n("Const", value=10**6 + i) for i in range(80)}
+    p.update({f"s{i}": n("Show", value=[str(i), 0]) for i in range(80)})
+    details = validate_prompt(p, reg).error["details"]
+    lines = details.splitlines()
+    assert len(lines) == 51 and lines[-1] == "… and 30 more"
+    assert all("bigger than max" in line for line in lines[:50])
+
+
+def test_cost_estimates_flow_from_sources_and_refuse_over_budget():
+    from typing import Annotated
+
+    import torch
+
+    from engine.cost import Estimate
+    from engine.inputs import Int, socket
+    from engine.node import node
+
+    Blob = socket("BLOB", torch.Tensor)
+
+    def make_cost(n: int, **_):
+        return Estimate(n * 4, [{"n": n}], ("n",))
+
+    def double_cost(blob=None, **_):
+        return None if blob is None else Estimate(blob["n"] * 8, [{"n": blob["n"] * 2}], ("blob",))
+
+    @node("MakeBlob", cost=make_cost)
+    def make_blob(n: Annotated[int, Int(1, min=1)]) -> Blob:
+        return torch.zeros(n)
+
+    @node("DoubleBlob", cost=double_cost)
+    def double_blob(blob: Blob) -> Blob:
+        return torch.cat([blob, blob])
+
+    @node("EatBlob", output_node=True)
+    def eat_blob(blob: Blob):
+        return None
+
+    reg = Registry.from_nodes([make_blob, double_blob, eat_blob])
+    p = {"1": n("MakeBlob", n=100), "2": n("DoubleBlob", blob=["1", 0]), "3": n("DoubleBlob", blob=["2", 0]),
+         "4": n("EatBlob", blob=["3", 0])}
+    assert validate_prompt(p, reg, budget_bytes=10_000).ok
+    vr = validate_prompt(p, reg, budget_bytes=1000)          # 1: 400 B, 2: 800 B, 3: 1600 B
+    assert list(vr.node_errors) == ["3"]
+    err = vr.node_errors["3"]["errors"][0]
+    assert err["type"] == "cost_over_budget" and err["extra_info"]["input_name"] == "blob"
+    assert err["extra_info"]["estimated_bytes"] == 1600 and vr.node_errors["3"]["dependent_outputs"] == ["4"]
+    p["1"]["inputs"]["n"] = 1000                             # now the first one is over: reported once
+    vr = validate_prompt(p, reg, budget_bytes=1000)
+    assert list(vr.node_errors) == ["1"] and "n=1000" in vr.node_errors["1"]["errors"][0]["details"]

@@ -292,3 +292,37 @@ async def test_image_bombs_refused_from_the_header_with_bounded_memory(server):
         assert r.status == 413, await r.text()
     assert rss() - before < 300 * MB, (rss() - before) / MB
     await assert_alive(server)
+
+
+async def test_run_time_errors_show_no_server_paths(server):
+    secret = str(server.config.data_dir.resolve() / "models" / "checkpoints")
+    prompt = {"1": {"class_type": "TestConst", "inputs": {"value": 1}},
+              "2": {"class_type": "TestFail", "inputs": {"value": ["1", 0],
+                                                         "message": f"not found in: {secret}, /etc/sdflow"}},
+              "3": {"class_type": "TestShow", "inputs": {"value": ["2", 0]}}}
+    ws = await server.connect()
+    data = await server.queue_prompt(prompt, client_id=ws.sid)
+    frames = await ws.until_done(data["prompt_id"])
+    errors = [m["data"] for kind, m in frames if kind == "json" and m["type"] == "execution_error"]
+    assert errors and "checkpoints" in errors[0]["exception_message"]
+    entry = await server.wait_history(data["prompt_id"])
+    recorded = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    for err in (errors[0], recorded[0]):      # current_inputs echo the client's own values; the rest is ours
+        text = json.dumps([err["exception_message"], err["traceback"]])
+        assert_no_server_path(text, server)
+        assert "/etc/sdflow" not in text and 'File \\"/' not in text
+    await ws.close()
+
+
+async def test_workflow_run_refuses_an_input_the_node_lacks(server):
+    async with await server.post("/workflows/wf", json=chain(1)) as r:
+        assert r.status == 200
+    async with await server.post("/workflows/wf/run", json={"inputs": {"3.bb": 5}}) as r:
+        body = await r.json()
+        assert r.status == 400, body
+    assert "node 3 (TestAdd) has no input 'bb'" in body["error"]["details"] and "did you mean b" in body["error"]["details"]
+    async with await server.post("/workflows/wf/run", json={"inputs": {"3.b": 5}}) as r:
+        assert r.status == 200
+        pid = (await r.json())["prompt_id"]
+    entry = await server.wait_history(pid)
+    assert entry["outputs"]["4"] == {"text": ["6"]}                  # 1 + 5: the override took effect
