@@ -116,7 +116,7 @@ class Executor:
             return last[1]
         vr = validate_prompt(prompt, self.registry, targets)
         stable = digest is not None and vr.ok and not any(_depends_on_world(rn.nodedef) for rn in vr.nodes.values())
-        self._last_validation = (digest, vr) if stable else None
+        self._last_validation = (digest, vr) if stable and digest is not None else None
         return vr
 
     def _check_interrupt(self) -> None:
