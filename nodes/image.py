@@ -501,16 +501,17 @@ def image_stitch(image1: Image, direction: Annotated[str, Combo(["right", "down"
     a, b = _repeat_to(a, batch), _repeat_to(b, batch).to(a)
     horizontal = direction in ("left", "right")
     if match_image_size:
+        # ComfyUI truncates the scaled side and resamples with Lanczos
         if horizontal:
-            w = max(1, round(b.shape[2] * a.shape[1] / b.shape[1]))
-            b = _resize_image(b, w, a.shape[1], "bicubic").clamp(0, 1)
+            b = _resize_image(b, max(1, int(a.shape[1] * b.shape[2] / b.shape[1])), a.shape[1], "lanczos")
         else:
-            h = max(1, round(b.shape[1] * a.shape[2] / b.shape[2]))
-            b = _resize_image(b, a.shape[2], h, "bicubic").clamp(0, 1)
+            b = _resize_image(b, a.shape[2], max(1, int(a.shape[2] * b.shape[1] / b.shape[2])), "lanczos")
     else:
-        # pad the smaller one (centred, black) so the joining sides are the same length
+        # pad the smaller one (centred) so the joining sides are the same length; white or black
+        # spacing colours also colour the padding, other colours pad with black
         dim = 1 if horizontal else 2
         size = max(a.shape[dim], b.shape[dim])
+        fill = {"white": 1.0}.get(spacing_color, 0.0)
 
         def pad(t: torch.Tensor) -> torch.Tensor:
             extra = size - t.shape[dim]
@@ -518,8 +519,9 @@ def image_stitch(image1: Image, direction: Annotated[str, Combo(["right", "down"
                 return t
             before = extra // 2
             spec = (0, 0, 0, 0, before, extra - before) if horizontal else (0, 0, before, extra - before)
-            return F.pad(t, spec)
+            return F.pad(t, spec, value=fill)
         a, b = pad(a), pad(b)
+    spacing_width += spacing_width % 2  # kept even, as ComfyUI does
     first, second = (b, a) if direction in ("left", "up") else (a, b)
     parts = [first]
     if spacing_width > 0:

@@ -101,8 +101,10 @@ def test_stitch_directions_spacing_and_size_matching():
     right = I.image_stitch(a, "right", True, 2, "red", b)
     assert right.shape == (1, 8, 8 + 2 + 12, 3)  # b scaled to height 8 keeps its aspect: width 12
     assert right[0, 0, 8].tolist() == [1.0, 0.0, 0.0] and right[0, 0, 0].eq(0).all()
-    left = I.image_stitch(a, "left", False, 0, "white", b)
+    left = I.image_stitch(a, "left", False, 0, "black", b)
     assert left.shape == (1, 8, 14, 3) and left[0, 0, 0].eq(0).all() and left[0, 3, 0].eq(1).all()  # centred pad
+    white = I.image_stitch(a, "left", False, 3, "white", b)
+    assert white.shape == (1, 8, 18, 3) and white[0, 0, 0].eq(1).all()  # white pads white; odd spacing -> 4
     down = I.image_stitch(a, "down", True, 0, "white", b)
     assert down.shape[1:3] == (8 + 5, 8) and down[0, 0, 0].eq(0).all()
     assert I.image_stitch(a, "up", True, 0, "white", None).equal(a)
