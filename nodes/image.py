@@ -311,12 +311,13 @@ def image_pad_for_outpaint(image: Image, left: Annotated[int, Int(0, min=0, max=
         dist = torch.full((h, w), inf)
         if top:
             dist = torch.minimum(dist, ys.expand(h, w))
+        # ComfyUI measures to the far edges from one past the last row/column
         if bottom:
-            dist = torch.minimum(dist, (h - 1 - ys).expand(h, w))
+            dist = torch.minimum(dist, (h - ys).expand(h, w))
         if left:
             dist = torch.minimum(dist, xs.expand(h, w))
         if right:
-            dist = torch.minimum(dist, (w - 1 - xs).expand(h, w))
+            dist = torch.minimum(dist, (w - xs).expand(h, w))
         near = dist < feathering
         inner[near] = ((feathering - dist[near]) / feathering) ** 2
     mask[top:top + h, left:left + w] = inner

@@ -29,6 +29,9 @@ def test_pad_for_outpaint_grey_border_and_feathered_mask():
     # inside the original, along the padded (left) side: ((4 - d) / 4)^2 for distance d < 4
     assert mask[0, 0, 8:13].tolist() == pytest.approx([1.0, 0.5625, 0.25, 0.0625, 0.0])
     assert mask[0, :, 12:].eq(0).all()
+    _, right = I.image_pad_for_outpaint(img(value=1.0), 0, 0, 8, 0, 4)
+    # the far side counts from one past the last column: the last original column is at distance 1
+    assert right[0, 0, 4:9].tolist() == pytest.approx([0.0, 0.0625, 0.25, 0.5625, 1.0])
 
 
 def test_crop_clamps_the_origin_like_comfyui():
