@@ -404,7 +404,8 @@ def image_blend(image1: Image, image2: Image,
 
 
 def _gaussian(radius: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
-    xs = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    # ComfyUI spans the window with coordinates -1..1, so sigma is relative to the radius
+    xs = torch.linspace(-1.0, 1.0, 2 * radius + 1)
     g = torch.exp(-(xs ** 2) / (2 * sigma ** 2))
     k = g[:, None] * g[None, :]
     return (k / k.sum()).to(like)

@@ -131,3 +131,14 @@ def test_load_image_output_reads_the_output_folder(sd_env):
     assert not vr.ok and "missing.png" in str(vr.node_errors["1"])
     prompt["1"]["inputs"]["image"] = "../escape.png [output]"
     assert not validate_prompt(prompt, registry).ok
+
+
+def test_blur_kernel_spans_minus_one_to_one_like_comfyui():
+    dot = img(value=0.0, h=9, w=9)
+    dot[0, 4, 4] = 1.0
+    out = I.image_blur(dot, 1, 1.0)[0, :, :, 0]
+    e = torch.exp(torch.tensor(-0.5)).item()
+    total = 1 + 4 * e + 4 * e * e
+    assert out[4, 4].item() == pytest.approx(1 / total, abs=1e-6)
+    assert out[4, 5].item() == pytest.approx(e / total, abs=1e-6)
+    assert out[3, 3].item() == pytest.approx(e * e / total, abs=1e-6)
