@@ -469,8 +469,11 @@ def image_quantize(image: Image, colors: Annotated[int, Int(256, min=1, max=256,
             threshold = _bayer(n) - 0.5
             h, w = arr.shape[:2]
             tiled = np.tile(threshold, (h // n + 1, w // n + 1))[:h, :w, None]
-            spread = 256.0 / max(1.0, colors ** (1 / 3))
-            pil = PILImage.fromarray(np.clip(arr + tiled * spread, 0, 255).astype(np.uint8), "RGB")
+            # the dither amplitude follows the palette size (two palette steps of an even ramp), +0.5 so
+            # the cast to 8 bits rounds
+            used = max(1, len(palette.getpalette() or []) // 3)
+            spread = 2 * 256.0 / used
+            pil = PILImage.fromarray(np.clip(arr + tiled * spread + 0.5, 0, 255).astype(np.uint8), "RGB")
             mode = PILImage.Dither.NONE
         else:
             mode = PILImage.Dither.FLOYDSTEINBERG if dither == "floyd-steinberg" else PILImage.Dither.NONE
