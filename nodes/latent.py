@@ -254,12 +254,13 @@ def repeat_latent_batch(samples: Latent, amount: Annotated[int, Int(1, min=1, ma
 
 @node("LatentBatch", category="latent/batch")
 def latent_batch(samples1: Latent, samples2: Latent) -> Latent:
-    """Joins two latent batches; samples2 is resized to samples1's size."""
+    """Joins two latent batches; samples2 is resized to samples1's size. Each keeps its own noise indices
+    (as in ComfyUI, the first latent of each batch gets the same noise)."""
     a, b = _samples(samples1, "samples1"), _samples(samples2, "samples2")
     _need(a.shape[1] == b.shape[1], f"samples2: {b.shape[1]} channels, samples1 has {a.shape[1]}")
     b = _match_size(b, a)
     ia, ib = _batch_index(samples1, a.shape[0]), _batch_index(samples2, b.shape[0])
-    return {"samples": torch.cat([a, b.to(a)], dim=0), "batch_index": ia + [max(ia) + 1 + i for i in ib]}
+    return {"samples": torch.cat([a, b.to(a)], dim=0), "batch_index": ia + ib}
 
 
 def _arith(samples1: Latent, samples2: Latent, op) -> Latent:
