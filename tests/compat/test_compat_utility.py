@@ -59,9 +59,14 @@ def test_inpaint_saved_by_a_2023_frontend_runs(sd_env):
     assert saved(sd_env, outputs, "9")[0].size == (64, 64)
 
 
-def test_legacy_group_node_workflow_runs(sd_env):
+@pytest.mark.parametrize("prefix", ["workflow>", "workflow/"])  # the 2024 and the 2023 frontend's type names
+def test_legacy_group_node_workflow_runs(sd_env, prefix):
     registry, _ = sd_env
-    prompt = to_prompt("group_node_ui.json", registry)
+    _, doc = load_workflow_file(DATA / "group_node_ui.json")
+    for node in doc["nodes"]:
+        if node["type"].startswith("workflow"):
+            node["type"] = prefix + node["type"].split(">", 1)[1]
+    prompt = ui_to_api(doc, registry.object_info())
     assert {"10:0", "10:1", "10:2", "10:3"} <= set(prompt) and "10" not in prompt
     outputs = run(shrink(prompt), sd_env, "group-node")
     assert saved(sd_env, outputs, "9")[0].size == (64, 64)
