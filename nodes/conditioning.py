@@ -3,12 +3,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import torch
-
-from engine.inputs import Combo, Float, Int, String
+from engine.inputs import Float, Int, String
 from engine.node import node
 
-from .types import MAX_RESOLUTION, Clip, Conditioning, Mask
+from .types import MAX_RESOLUTION, Clip, Conditioning
 
 
 @node("CLIPTextEncode", category="conditioning", display_name="CLIP Text Encode (Prompt)")
@@ -91,6 +89,13 @@ def conditioning_set_timestep_range(conditioning: Conditioning,
 
 
 # ---- masks, averages and concatenation (ComfyUI core) --------------------------------------------
+# (imports kept with the section: the top of this module is edited by others too)
+
+import torch  # noqa: E402
+
+from engine.inputs import Combo  # noqa: E402
+
+from .types import Mask  # noqa: E402
 
 def _cond_need(ok: bool, message: str) -> None:
     if not ok:

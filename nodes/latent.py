@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.inputs import Boolean, Combo, Float, Int
+from engine.inputs import Combo, Float, Int
 from engine.node import node
 
 from .imaging import LATENT_METHODS, keep_aspect, resize
@@ -96,6 +96,9 @@ def latent_upscale_by(samples: Latent, upscale_method: Annotated[str, Combo(LATE
 
 
 # ---- compositing, batches and arithmetic (ComfyUI core) -------------------------------------------
+# (imports kept with the section: the top of this module is edited by others too)
+
+from engine.inputs import Boolean  # noqa: E402
 
 def _need(ok: bool, message: str) -> None:
     # The executor prefixes the node's class and id; the message names the input.
