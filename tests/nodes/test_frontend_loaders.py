@@ -10,8 +10,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from engine.executor import Executor
-from nodes.loaders import (checkpoint_loader_simple, gligen_loader, image_only_checkpoint_loader, style_model_loader,
-                           unet_loader)
+from nodes.loaders import (
+    checkpoint_loader_simple,
+    gligen_loader,
+    image_only_checkpoint_loader,
+    style_model_loader,
+    unet_loader,
+)
 from nodes.models.ldm_keys import UNET_PREFIX
 from nodes.models.tiny import tiny_checkpoint_models
 
