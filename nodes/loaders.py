@@ -65,11 +65,11 @@ def vae_loader(vae_name: Annotated[str, Combo(model_files("vae"))]) -> Vae:
 
 # ---- loaders ComfyUI's front end looks up in /object_info (its model-to-node registry) -------------
 
-from typing import Any, NamedTuple, TypeAlias  # noqa: E402
+from typing import Any, NamedTuple, TypeAlias
 
-from engine.inputs import Socket  # noqa: E402
+from engine.inputs import Socket
 
-from .models.unet_file import WEIGHT_DTYPES, load_unet_file  # noqa: E402
+from .models.unet_file import WEIGHT_DTYPES, load_unet_file
 
 ClipVision: TypeAlias = Annotated[Any, Socket("CLIP_VISION")]
 StyleModel: TypeAlias = Annotated[Any, Socket("STYLE_MODEL")]

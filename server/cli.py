@@ -138,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit("--max-upload-size must be positive")
     options = ServerOptions(host=args.host, port=args.port, auth_token=token, allowed_origins=args.allow_origin,
                             max_upload_bytes=int(args.max_upload_size * MB),
-                            web_root=Path(args.web_root) if args.web_root else None)
+                            web_root=_web_root(args), preview_method=args.preview_method)
     if not is_loopback_bind(args.host) and not token:
         log.warning("listening on %s without --auth-token: anyone who can reach this port can run workflows",
                     args.host)
@@ -216,6 +216,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return run_worker_node(args.ray_address, args.workers)
     except RayBackendError as exc:
         raise SystemExit(str(exc)) from None
+
+
+def _web_root(args: argparse.Namespace) -> Path | None:
+    if args.frontend == "comfyui":
+        if args.web_root:
+            raise SystemExit("--frontend comfyui and --web-root exclude each other")
+        from .comfy_frontend import FrontendMissing, comfyui_web_root
+        try:
+            return comfyui_web_root()
+        except FrontendMissing as e:
+            raise SystemExit(str(e)) from None
+    return Path(args.web_root) if args.web_root else None
 
 
 # ---- workflows from files ----------------------------------------------------------------------------
@@ -475,6 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
     g.add_argument("--workers", type=int, metavar="N",
                    help="N CPU workers on this machine (default: one per GPU, else one)")
+
+
+    p.add_argument("--frontend", choices=("sdflow", "comfyui"), default="sdflow",
+                   help="the web page served at /: sdflow's editor (default) or ComfyUI's official front end "
+                        "from the installed comfyui-frontend-package (extra sdflow[comfyui-frontend])")
+    p.add_argument("--preview-method", choices=("none", "auto", "latent2rgb"), default="none",
+                   help="step previews for every client, as ComfyUI's option (default none); sdflow's editor and "
+                        "clients that announce preview support in their feature_flags get them anyway")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_serve)
 
