@@ -183,6 +183,7 @@ class RayCluster:
         self._affinity = NodeAffinitySchedulingStrategy
         self._cls = ray.remote(ExecutorWorker)
         self.head_node = ray.get_runtime_context().get_node_id()
+        self.address = ray.get_runtime_context().gcs_address
         head = next((n for n in ray.nodes() if n.get("NodeID") == self.head_node), {})
         gpus = int(head.get("Resources", {}).get("GPU", 0))
         if workers is None:
@@ -794,11 +795,23 @@ def _local_gpus() -> int:
         return 0
 
 
+def worker_node_env(environ: dict | None = None) -> dict:
+    """`ray start --address` (2.60) does not turn token auth on by itself when it finds a token, unlike
+    a head: with a token at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and no
+    RAY_AUTH_MODE chosen, ask for token mode so the node can talk to a head that requires it."""
+    env = dict(os.environ if environ is None else environ)
+    has_token = env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH") or \
+        (Path.home() / ".ray" / "auth_token").is_file()
+    if has_token and "RAY_AUTH_MODE" not in env:
+        env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
 def run_worker_node(address: str, workers: int | None = None) -> int:
     cmd = worker_node_command(address, workers)
     print(f"sdflow worker: joining the Ray cluster at {address} ({' '.join(cmd[1:])})", flush=True)
     try:
-        return subprocess.call(cmd)
+        return subprocess.call(cmd, env=worker_node_env())
     except FileNotFoundError:
         raise RayBackendError("the `ray` command is missing: pip install 'sdflow[ray]'") from None
     except KeyboardInterrupt:

@@ -195,3 +195,12 @@ async def test_a_prompt_whose_rerun_dies_too_gets_a_clear_execution_error(ray_se
         assert (await ray_server.wait_history(again, timeout=60))["outputs"]["4"] == {"text": ["16"]}
     finally:
         await ws.close()
+
+
+def test_a_joining_node_asks_for_token_auth_when_it_has_a_token(tmp_path):
+    from server.ray_backend import worker_node_env
+
+    token = tmp_path / "auth_token"
+    token.write_text("x" * 64)
+    assert worker_node_env({"RAY_AUTH_TOKEN_PATH": str(token)})["RAY_AUTH_MODE"] == "token"
+    assert worker_node_env({"RAY_AUTH_TOKEN_PATH": str(token), "RAY_AUTH_MODE": "disabled"})["RAY_AUTH_MODE"] == "disabled"
