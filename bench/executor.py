@@ -6,13 +6,12 @@ Run: .venv/bin/python bench/executor.py
 """
 from __future__ import annotations
 
-from typing import Annotated
-
 import statistics
 import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Annotated
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -220,7 +220,8 @@ def parent_main(args: argparse.Namespace) -> None:
         write_tiny_checkpoint(data_dir / "models" / "checkpoints" / CKPT_NAME, args.arch)
         argv = ["--arch", args.arch, "--size", str(args.size), "--steps", str(args.steps), "--cfg", str(args.cfg),
                 "--data-dir", str(data_dir)]
-        print(f"tiny {args.arch} checkpoint (random weights), {args.size}x{args.size}, {args.steps} steps euler/normal, "
+        print(f"tiny {args.arch} checkpoint (random weights), {args.size}x{args.size}, "
+              f"{args.steps} steps euler/normal, "
               f"cfg {args.cfg}, {args.repeats} timed runs per side (alternating), model load excluded")
         sides = {name: Child(name, argv) for name in ("sdflow", "diffusers")}
         results: dict[str, list[dict]] = {name: [] for name in sides}
@@ -238,7 +239,8 @@ def parent_main(args: argparse.Namespace) -> None:
             print(f"{name:<10} {med[name] * 1e3:9.1f}ms {min(runs) * 1e3:7.1f}ms {step[name] * 1e3:8.2f}ms "
                   f"{sides[name].ready['setup_s']:7.2f}s {finals[name]['peak_rss_mib']:7.0f}MiB")
         ratio = med["sdflow"] / med["diffusers"]
-        print(f"ratio sdflow/diffusers (median run): {ratio:.3f}  (target <= 1.05: {'OK' if ratio <= 1.05 else 'MISSED'})")
+        verdict = "OK" if ratio <= 1.05 else "MISSED"
+        print(f"ratio sdflow/diffusers (median run): {ratio:.3f}  (target <= 1.05: {verdict})")
         print(f"ratio sdflow/diffusers (per step):   {step['sdflow'] / step['diffusers']:.3f}")
         fastest = {name: min(r["total_s"] for r in rs) for name, rs in results.items()}
         print(f"ratio sdflow/diffusers (fastest run): {fastest['sdflow'] / fastest['diffusers']:.3f}  "

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .memory import Footprint, Parts, default_budgets, device_kind, move, parts, sum_parts
+from .memory import Footprint, Parts, default_budgets, device_kind, move, parts, register_accountant, sum_parts
 
 
 @dataclass
@@ -43,6 +43,8 @@ class OutputCache:
         self._used: dict[str, int] = {}   # bytes per device kind, kept up to date on every change
         self._refs: dict[Any, list] = {}  # memory part -> [holder entry keys, device kind, bytes]
         self.hits = self.misses = self.evictions = self.offloads = 0
+        self._own_move = False            # set while the cache moves values itself
+        register_accountant(self)
 
     # ---- lookups --------------------------------------------------------------------------------
     def __contains__(self, key: str) -> bool:
@@ -124,37 +126,72 @@ class OutputCache:
         with self._lock:
             for kind in list(self._used):
                 budget = self._budget(kind)
-                if budget is None:
-                    continue
-                while self._used.get(kind, 0) > budget:
-                    # The oldest unpinned entry holding memory of this kind that can be freed; an entry
-                    # whose memory others share frees it once the last of them goes.
-                    victim, freed = None, 0
-                    for key, entry in self._entries.items():
-                        if key not in self._pinned:
-                            freed = self._freeable(entry, kind)
-                            if freed:
-                                victim = key
-                                break
-                    if victim is None:
+                if budget is not None:
+                    self._evict_kind(kind, budget)
+
+    def _evict_kind(self, kind: str, budget: int) -> None:
+        while self._used.get(kind, 0) > budget:
+            # The oldest unpinned entry holding memory of this kind that can be freed; an entry whose
+            # memory others share frees it once the last of them goes.
+            victim, freed = None, 0
+            for key, entry in self._entries.items():
+                if key not in self._pinned:
+                    freed = self._freeable(entry, kind)
+                    if freed:
+                        victim = key
                         break
-                    if kind != "cpu" and self._cpu_has_room(freed):
-                        self._offload(victim)
-                    else:
-                        self._account(victim, self._entries.pop(victim), -1)
-                        self.evictions += 1
+            if victim is None:
+                break
+            # Every turn frees memory of this kind or removes an entry, so the loop ends. An offload
+            # that frees nothing here (a value that reports memory but cannot move, or one whose move
+            # left it where it was) falls through to dropping the entry.
+            before = self._used.get(kind, 0)
+            if kind != "cpu" and self._cpu_has_room(freed):
+                self._offload(victim)
+                if self._used.get(kind, 0) < before or victim not in self._entries:
+                    continue
+            self._account(victim, self._entries.pop(victim), -1)
+            self.evictions += 1
+
+    # ---- moves made elsewhere (engine.memory.request_room / notify_moved) --------------------------------
+    def make_room(self, kind: str, nbytes: int) -> None:
+        """Something is about to put `nbytes` on a `kind` device: evict as if it were already there."""
+        budget = self._budget(kind)
+        if budget is None or nbytes <= 0 or self._own_move:
+            return
+        with self._lock:
+            self._evict_kind(kind, max(0, budget - nbytes))
+
+    def moved(self, value: Any) -> None:
+        """A value moved in place: re-measure every entry (a moved model moves for all its holders),
+        then keep the budgets."""
+        if self._own_move:
+            return
+        with self._lock:
+            if not self._entries:
+                return
+            self._remeasure()
+            if self._over_budget():
+                self.evict_to_budget()
+
+    def _remeasure(self) -> None:
+        self._refs.clear()
+        self._used.clear()
+        for key, entry in self._entries.items():
+            entry.parts = parts(entry.outputs)
+            self._account(key, entry, +1)
 
     def _offload(self, key: str) -> None:
         """Move an entry's values to the CPU. Its objects may be shared with other entries (a model moved
         in place moves for every holder), so every entry's parts are taken again."""
         entry = self._entries[key]
-        entry.outputs = move(entry.outputs, "cpu")
+        self._own_move = True
+        try:
+            entry.outputs = move(entry.outputs, "cpu")
+        finally:
+            self._own_move = False
         self.offloads += 1
-        self._refs.clear()
-        self._used.clear()
-        for other_key, other in self._entries.items():
-            other.parts = parts(other.outputs)
-            self._account(other_key, other, +1)
+        self._remeasure()
 
     def _cpu_has_room(self, nbytes: int) -> bool:
         budget = self._budget("cpu")

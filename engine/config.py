@@ -17,6 +17,8 @@ class RuntimeConfig:
     extra_model_paths: list[Path] = field(default_factory=list)
     cache_budget_bytes: dict[str, int] | None = None   # device kind ("cpu", "cuda") -> bytes; None = automatic
     preview_method: str = "latent2rgb"      # "none" | "latent2rgb"
+    max_image_pixels: int | None = 64 * 1024 * 1024   # per image file (uploads, LoadImage); None = no limit
+    work_budget_bytes: int | None = None    # memory one node may need (cost estimate); None = 80% of the device
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -28,6 +30,7 @@ class RuntimeConfig:
 
     def ensure_dirs(self) -> None:
         for path in (self.data_dir, self.models_dir, self.input_dir, self.output_dir, self.temp_dir, self.user_dir):
+            assert path is not None  # __post_init__ fills every directory
             path.mkdir(parents=True, exist_ok=True)
 
 

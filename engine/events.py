@@ -3,8 +3,9 @@ forwards them unchanged; `image` carries a preview (a PIL image) for type "previ
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -25,4 +26,4 @@ def no_emit(event: Event) -> None:
     return None
 
 
-no_emit.wants_preview = lambda: False   # nobody listens, so nodes need not make step previews
+no_emit.wants_preview = lambda: False  # type: ignore[attr-defined]  # nobody listens: no step previews

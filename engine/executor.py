@@ -51,14 +51,27 @@ class Executor:
         self.config = config
         # Nodes skip making step previews when nobody wants them (RuntimeConfig.preview_method "none").
         self.previews = getattr(config, "preview_method", "latent2rgb") != "none"
-        self._interrupt = threading.Event()
+        # Interrupts are keyed by prompt id and may arrive before that prompt's execution starts (the
+        # worker has claimed it, the executor has not begun): they are kept until it ends, never cleared
+        # by its start. Bounded: ids of prompts that never ran here are dropped oldest first.
+        self._interrupts: dict[str, None] = {}
+        self._interrupt_lock = threading.Lock()
         self._running: str | None = None
         self._last_validation: tuple[str, Any] | None = None   # (digest of prompt + targets, result)
 
     # ---- control from other threads --------------------------------------------------------------
     def interrupt(self, prompt_id: str | None = None) -> None:
-        if prompt_id is None or prompt_id == self._running:
-            self._interrupt.set()
+        """Interrupt `prompt_id` (now, or as soon as it starts), or with None the running prompt."""
+        with self._interrupt_lock:
+            target = prompt_id if prompt_id is not None else self._running
+            if target is None:
+                return
+            self._interrupts[target] = None
+            while len(self._interrupts) > 1000:
+                del self._interrupts[next(iter(self._interrupts))]
+
+    def is_interrupted(self, prompt_id: str) -> bool:
+        return prompt_id in self._interrupts
 
     @property
     def running(self) -> str | None:
@@ -76,19 +89,24 @@ class Executor:
     # ---- running a prompt -------------------------------------------------------------------------
     def execute(self, prompt: dict, prompt_id: str, *, outputs: list[str] | None = None,
                 extra_data: dict | None = None, emit: Emit = no_emit) -> RunResult:
-        self._interrupt.clear()
-        self._running = prompt_id
+        with self._interrupt_lock:
+            self._running = prompt_id
         token = set_current_config(self.config)
         try:
             return _Run(self, prompt, prompt_id, outputs, extra_data or {}, emit).go()
         finally:
             reset_current_config(token)
-            self._running = None
+            with self._interrupt_lock:
+                self._running = None
+                self._interrupts.pop(prompt_id, None)
             self.cache.unpin_all()
 
     def _validate(self, prompt: dict, targets: list[str] | None):
         """Validation, memoized for an identical re-run (the common 'queue again' case); values are
-        re-validated whenever the prompt text or the targets differ."""
+        re-validated whenever the prompt text or the targets differ. A prompt that uses a node whose
+        validity depends on more than its text (a custom `validate`, such as a model file check, or a
+        combo whose choices change, such as a folder listing) is always validated again: the file may
+        have been deleted since."""
         try:
             digest = json.dumps([prompt, targets], sort_keys=False, default=repr)
         except (TypeError, ValueError):
@@ -97,11 +115,12 @@ class Executor:
         if digest is not None and last is not None and last[0] == digest:
             return last[1]
         vr = validate_prompt(prompt, self.registry, targets)
-        self._last_validation = (digest, vr) if digest is not None and vr.ok else None
+        stable = digest is not None and vr.ok and not any(_depends_on_world(rn.nodedef) for rn in vr.nodes.values())
+        self._last_validation = (digest, vr) if stable else None
         return vr
 
     def _check_interrupt(self) -> None:
-        if self._interrupt.is_set():
+        if self._interrupts and self._running in self._interrupts:
             raise Interrupted("interrupted")
 
 
@@ -136,7 +155,9 @@ class _Run:
         cache.pin(self.keys.values())
         cached = [nid for nid in self.order if self.keys[nid] in cache]
         for nid in cached:
-            self.entries[nid] = cache.get(self.keys[nid])
+            entry = cache.get(self.keys[nid])
+            assert entry is not None  # pinned above, so still there
+            self.entries[nid] = entry
         self.result.cached = cached
         self.send("execution_cached", {"nodes": cached, "prompt_id": pid, "timestamp": now_ms()}, record=True)
         outputs = set(vr.outputs)
@@ -149,9 +170,9 @@ class _Run:
                     self._report_ui(nid, self.entries[nid].ui)
         except Interrupted:
             self.result.status = "interrupted"
-            nid = self._current_node
+            current = self._current_node
             self.send("execution_interrupted", {
-                "prompt_id": pid, "node_id": nid, "node_type": self._type_of(nid),
+                "prompt_id": pid, "node_id": current, "node_type": self._type_of(current),
                 "executed": self._done(), "timestamp": now_ms()}, record=True)
         except NodeFailure as failure:
             self.result.status = "error"
@@ -214,7 +235,7 @@ class _Run:
         # Previews are made only when enabled and when the receiver of the events wants them (an `emit`
         # may say so with a `wants_preview` callable: a server with no connected client does not).
         asks = getattr(self.emit, "wants_preview", None)
-        sink.wants_preview = asks if (self.ex.previews and callable(asks)) else self.ex.previews
+        sink.wants_preview = asks if (self.ex.previews and callable(asks)) else self.ex.previews  # type: ignore[attr-defined]
         return sink
 
     def _gather(self, rn: ResolvedNode) -> dict[str, list]:
@@ -245,6 +266,8 @@ class _Run:
 
     def _resolve_lazy(self, rn: ResolvedNode, inputs: dict[str, list]) -> dict[str, list]:
         nd = rn.nodedef
+        check_lazy = nd.check_lazy
+        assert check_lazy is not None  # the caller resolves lazy inputs only for nodes that declare one
         asked: set[str] = set()
         while True:
             pending = [n for n, (src, _s) in rn.links.items()
@@ -252,7 +275,7 @@ class _Run:
             if not pending:
                 return inputs
             first = {k: (v if nd.input_is_list else (v[0] if v else None)) for k, v in inputs.items()}
-            wanted = [n for n in (nd.check_lazy(**first) or []) if n in pending and n not in asked]
+            wanted = [n for n in (check_lazy(**first) or []) if n in pending and n not in asked]
             if not wanted:
                 return inputs
             asked.update(wanted)
@@ -297,6 +320,13 @@ class _Run:
         self.send("execution_error", self.result.error, record=True)
         self.send("executing", {"node": None, "display_node": None, "prompt_id": self.prompt_id})
         return self.result
+
+
+def _depends_on_world(nd: NodeDef) -> bool:
+    """Whether a node's validation can change with no change to the prompt."""
+    if nd.validate is not None or nd.cost is not None:
+        return True
+    return any(callable(getattr(decl.spec, "choices", None)) for decl in nd.inputs.values())
 
 
 def _summary(value: Any) -> Any:

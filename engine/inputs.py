@@ -13,8 +13,9 @@ the spec itself) but type checkers reject a call in an annotation, so the code b
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Annotated, Any, Callable, Literal, Sequence, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 HIDDEN_KINDS = ("PROMPT", "DYNPROMPT", "EXTRA_PNGINFO", "UNIQUE_ID", "AUTH_TOKEN_COMFY_ORG", "API_KEY_COMFY_ORG")
@@ -36,7 +37,7 @@ class InputSpec:
     def is_widget(self) -> bool:
         return self.wire in WIDGET_TYPES and not self.force_input
 
-    def with_default(self, value: Any) -> "InputSpec":
+    def with_default(self, value: Any) -> InputSpec:
         return replace(self, default=value)
 
     def options(self) -> dict:

@@ -8,7 +8,10 @@ budget.
 """
 from __future__ import annotations
 
-from typing import Any, Hashable
+import threading
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any
 
 Footprint = dict[str, int]
 
@@ -97,29 +100,105 @@ def move(value: Any, device: str) -> Any:
         return {k: move(v, device) for k, v in value.items()}
     if isinstance(value, list):
         return [move(v, device) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(move(v, device) for v in value)
+    if isinstance(value, tuple):
+        moved = [move(v, device) for v in value]
+        # NamedTuples (multi-output nodes) are rebuilt as their own type, so what the walker counts the
+        # mover can move.
+        return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)
     return value
 
 
+# ---- one owner of device memory ------------------------------------------------------------------
+# Values move between devices outside the cache (a model's first use moves its weights to the GPU in
+# place). Whatever moves memory says so here, before (`request_room`: evict or offload least recently used
+# entries so the move fits the budget) and after (`notify_moved`: re-measure), so the accounting always
+# says where every cached byte lives. Accountants register weakly: a dropped cache stops listening.
+
+class MemoryAccountant:
+    """What a cache implements to follow moves it did not make."""
+
+    def make_room(self, kind: str, nbytes: int) -> None: ...
+
+    def moved(self, value: Any) -> None: ...
+
+
+_accountants: weakref.WeakSet[Any] = weakref.WeakSet()
+_accountants_lock = threading.Lock()
+
+
+def register_accountant(accountant: Any) -> None:
+    with _accountants_lock:
+        _accountants.add(accountant)
+
+
+def _each_accountant() -> list[Any]:
+    with _accountants_lock:
+        return list(_accountants)
+
+
+def request_room(device: str, nbytes: int) -> None:
+    """About to put `nbytes` on `device`: let every accountant free room for it first."""
+    kind = device_kind(device)
+    for accountant in _each_accountant():
+        accountant.make_room(kind, nbytes)
+
+
+def notify_moved(value: Any) -> None:
+    """`value` (a model handle, its weights) has moved: accountants re-measure what holds it."""
+    for accountant in _each_accountant():
+        accountant.moved(value)
+
+
+# ---- budgets ------------------------------------------------------------------------------------------
+ACCELERATOR_RESERVE = 0.10   # of the accelerator's total, left for activations and other processes
+MIN_RESERVE = 512 << 20
+
+
 def default_budgets() -> dict[str, int]:
-    """Automatic budgets: a third of system RAM for CPU-resident outputs, 70% of each GPU."""
+    """Automatic budgets: a third of system RAM for CPU-resident outputs; on each accelerator kind, the
+    memory measured free at start (what other processes hold is not ours) minus a reserve."""
     budgets: dict[str, int] = {}
     try:
         import psutil
         budgets["cpu"] = int(psutil.virtual_memory().total // 3)
     except Exception:
         budgets["cpu"] = 4 << 30
-    budgets["cuda"] = _cuda_budget()
+    budgets.update(accelerator_budgets())
     return budgets
 
 
-def _cuda_budget() -> int:
+def accelerator_budgets(measure: Callable[[], dict[str, tuple[int, int]]] | None = None) -> dict[str, int]:
+    """Budget per accelerator kind from (free, total) bytes as measured; `measure` is for tests."""
+    readings = (measure or _measure_accelerators)()
+    budgets = {"cuda": 0}
+    for kind, (free, total) in readings.items():
+        reserve = max(int(total * ACCELERATOR_RESERVE), MIN_RESERVE)
+        budgets[kind] = max(0, int(free) - reserve)
+    return budgets
+
+
+def _measure_accelerators() -> dict[str, tuple[int, int]]:
     import sys
     torch = sys.modules.get("torch")  # only ask torch if someone already loaded it
+    out: dict[str, tuple[int, int]] = {}
+    if torch is None:
+        return out
     try:
-        if torch is not None and torch.cuda.is_available():
-            return int(torch.cuda.get_device_properties(0).total_memory * 0.7)
+        if torch.cuda.is_available():
+            out["cuda"] = tuple(torch.cuda.mem_get_info(0))  # type: ignore[assignment]
     except Exception:
         pass
-    return 0
+    try:
+        xpu = getattr(torch, "xpu", None)
+        if xpu is not None and xpu.is_available():
+            out["xpu"] = tuple(xpu.mem_get_info(0))  # type: ignore[assignment]
+    except Exception:
+        pass
+    try:
+        mps = getattr(torch, "mps", None)
+        if mps is not None and torch.backends.mps.is_available():
+            total = int(mps.recommended_max_memory())
+            out["mps"] = (total - int(mps.driver_allocated_memory()), total)
+    except Exception:
+        pass
+    return out

@@ -10,17 +10,26 @@ returned unchanged, so a node is unit-tested by calling it.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Literal, NamedTuple, Sequence, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .inputs import (
-    _UNSET, BooleanSpec, ComboSpec, FloatSpec, HiddenSpec, InputSpec, IntSpec, StringSpec, output_wire,
+    BooleanSpec,
+    ComboSpec,
+    FloatSpec,
+    HiddenSpec,
+    InputSpec,
+    IntSpec,
+    StringSpec,
+    output_wire,
     spec_from_annotation,
 )
 
@@ -77,6 +86,9 @@ class NodeDef:
     python_module: str = "nodes"
     validate_names: frozenset[str] = field(default_factory=frozenset)
     fingerprint_names: frozenset[str] | None = None
+    # `cost(**inputs) -> engine.cost.Estimate`: the memory the node will need, from its constants and its
+    # linked inputs' estimated sizes, so a prompt that cannot fit is refused before it runs.
+    cost: Callable[..., Any] | None = None
 
     # ---- schema -----------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -114,7 +126,7 @@ class NodeDef:
         return name in self.validate_names or "*" in self.validate_names
 
     @cached_property
-    def widget_model(self):
+    def widget_model(self) -> type[BaseModel]:
         """A pydantic model over the INT/FLOAT/STRING/BOOLEAN inputs; every field optional because a link
         may supply the value instead."""
         fields: dict[str, Any] = {}
@@ -184,13 +196,21 @@ class NodeDef:
             choices = decl.spec.values()
             if value not in choices:
                 shown = f"(list of length {len(choices)})" if len(choices) > 20 else str(choices)
+                text = value if isinstance(value, str) else repr(value)
+                hint = ""
+                if isinstance(value, str) and len(value) < 200 and len(choices) <= 500:
+                    close = difflib.get_close_matches(value, [str(c) for c in choices], n=1, cutoff=0.6)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
                 errors.append(_error("value_not_in_list", "Value not in list",
-                                     f"{name}: '{value}' not in {shown}", name, value))
+                                     f"{name}: '{text[:200]}' not in {shown}{hint}", name, value))
         return coerced, errors
 
 
 def _error(kind: str, message: str, details: str, name: str, value: Any, **more: Any) -> dict:
-    extra = {"input_name": name, "received_value": value if _jsonable(value) else repr(value)}
+    shown = value if _jsonable(value) else repr(value)
+    if isinstance(shown, str) and len(shown) > 200:   # an error must stay small whatever was sent
+        shown = shown[:200] + "…"
+    extra = {"input_name": name, "received_value": shown}
     extra.update(more)
     return {"type": kind, "message": message, "details": details, "extra_info": extra}
 
@@ -199,14 +219,14 @@ def _jsonable(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def _value_error(nd: NodeDef, name: str, value: Any, err: dict) -> dict:
+def _value_error(nd: NodeDef, name: str, value: Any, err: Mapping[str, Any]) -> dict:
     spec = nd.inputs[name].spec
     kind = err.get("type", "")
     if kind in ("greater_than_equal", "greater_than"):
-        return _error("value_smaller_than_min", f"Value {value} smaller than min of {spec.min}",
+        return _error("value_smaller_than_min", f"Value {value} smaller than min of {getattr(spec, 'min', None)}",
                       f"{name}", name, value, input_config=spec.to_info())
     if kind in ("less_than_equal", "less_than"):
-        return _error("value_bigger_than_max", f"Value {value} bigger than max of {spec.max}",
+        return _error("value_bigger_than_max", f"Value {value} bigger than max of {getattr(spec, 'max', None)}",
                       f"{name}", name, value, input_config=spec.to_info())
     return _error("invalid_input_type", f"Failed to convert an input value to a {spec.wire} value",
                   f"{name}, {value!r}, {err.get('msg', '')}", name, value)
@@ -220,7 +240,8 @@ def node(name: str | None = None, *, category: str = "sdflow", display_name: str
          validate: Callable[..., Any] | None = None, check_lazy: Callable[..., Any] | None = None,
          input_is_list: bool = False, output_is_list: bool | Sequence[bool] = False,
          output_names: Sequence[str] | None = None, output_tooltips: Sequence[str] | None = None,
-         deprecated: bool = False, experimental: bool = False) -> Callable[[Callable], Callable]:
+         deprecated: bool = False, experimental: bool = False,
+         cost: Callable[..., Any] | None = None) -> Callable[[Callable], Callable]:
     """Declare a node type. `fingerprint(**constants)` returns what else the result depends on (a file's
     hash); `deterministic=False` re-runs the node on every prompt; `validate(**constants)` returns True or
     an error string; `check_lazy(**inputs)` returns the names of lazy inputs it needs."""
@@ -231,8 +252,8 @@ def node(name: str | None = None, *, category: str = "sdflow", display_name: str
                            deterministic=deterministic, fingerprint=fingerprint, validate=validate,
                            check_lazy=check_lazy, input_is_list=input_is_list, output_is_list=output_is_list,
                            output_names=output_names, output_tooltips=output_tooltips,
-                           deprecated=deprecated, experimental=experimental)
-        fn.__sdflow_node__ = nd
+                           deprecated=deprecated, experimental=experimental, cost=cost)
+        fn.__sdflow_node__ = nd  # type: ignore[attr-defined]  # the declaration rides on its function
         return fn
 
     return wrap
@@ -299,7 +320,7 @@ def _strip_optional(annotation: Any) -> tuple[Any, bool]:
 def _outputs(name: str, annotation: Any, is_list: bool | Sequence[bool], names: Sequence[str] | None,
              tooltips: Sequence[str] | None) -> list[OutputDecl]:
     if annotation is None or annotation is type(None) or annotation is NodeOutput:
-        items: list[tuple[str, Any]] = []
+        items: list[tuple[str | None, Any]] = []
     elif isinstance(annotation, type) and issubclass(annotation, tuple) and hasattr(annotation, "_fields"):
         field_hints = typing.get_type_hints(annotation, include_extras=True)
         items = [(f, field_hints[f]) for f in annotation._fields]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .validation import ResolvedNode
 
@@ -54,6 +55,7 @@ def _fingerprint(rn: ResolvedNode) -> Any:
     nd = rn.nodedef
     names = nd.fingerprint_names or frozenset()
     args = dict(rn.constants) if "*" in names else {k: rn.constants.get(k) for k in names}
+    assert nd.fingerprint is not None  # called only for nodes that declare one
     try:
         return nd.fingerprint(**args)
     except Exception as exc:  # an unanswerable fingerprint means "assume changed"

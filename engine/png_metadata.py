@@ -11,8 +11,9 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from engine.ui_workflow import WorkflowFormatError, is_api_prompt, is_ui_workflow
 

@@ -4,8 +4,9 @@ signature: the executor sets a context for the node it runs, and long loops call
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 class Interrupted(Exception):

@@ -5,6 +5,7 @@ int (or integral float); `{"__value__": [...]}` wraps a literal list; every othe
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,9 @@ class PromptNode:
 
 def parse_node(node_id: str, raw: dict) -> PromptNode:
     inputs = raw.get("inputs") or {}
-    meta = raw.get("_meta") if isinstance(raw.get("_meta"), dict) else {}
+    meta = raw.get("_meta")
+    if not isinstance(meta, dict):
+        meta = {}
     pn = PromptNode(node_id, raw["class_type"], title=meta.get("title"))
     if not isinstance(inputs, dict):
         pn.bad_links["inputs"] = inputs
@@ -47,10 +50,12 @@ def parse_node(node_id: str, raw: dict) -> PromptNode:
     return pn
 
 
-def apply_overrides(prompt: dict, overrides: dict[str, Any]) -> dict:
+def apply_overrides(prompt: dict, overrides: dict[str, Any], registry: Any = None) -> dict:
     """Set inputs by `"NODE.INPUT": value`, where NODE is a node id, a node title (`_meta.title`) or a
     node type that occurs once, so a saved workflow runs headless with only its inputs given. Returns a
-    new prompt; raises ValueError naming the override that does not fit."""
+    new prompt; raises ValueError naming the override that does not fit. With a `registry`, an INPUT
+    the node's type does not declare is refused with the closest names (a typo would otherwise be a
+    silently ignored extra input and the run would go ahead with the old value)."""
     out = {nid: {**node, "inputs": dict(node.get("inputs") or {})} if isinstance(node, dict) else node
            for nid, node in prompt.items()}
     for target, value in overrides.items():
@@ -58,8 +63,22 @@ def apply_overrides(prompt: dict, overrides: dict[str, Any]) -> dict:
         if not dot or not node_ref or not input_name:
             raise ValueError(f"override {target!r}: expected NODE.INPUT (a node id, title or type, then an input)")
         nid = node_ref if node_ref in out else _find_node(out, node_ref, target)
+        if not isinstance(out[nid], dict):
+            raise ValueError(f"override {target!r}: node {nid} is not a node object")
+        if registry is not None:
+            _check_input_name(registry, out[nid], nid, input_name, target)
         out[nid]["inputs"][input_name] = value
     return out
+
+
+def _check_input_name(registry: Any, node: dict, nid: str, input_name: str, target: str) -> None:
+    nd = registry.get(node.get("class_type"))
+    if nd is None or nd.accepts_extra or input_name in nd.inputs:
+        return                       # an unknown class is reported by validation
+    names = [n for n, d in nd.inputs.items() if d.section != "hidden"]
+    close = difflib.get_close_matches(input_name, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; its inputs are {', '.join(names)}"
+    raise ValueError(f"override {target!r}: node {nid} ({nd.name}) has no input {input_name!r}{hint}")
 
 
 def _find_node(prompt: dict, ref: str, target: str) -> str:

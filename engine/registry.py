@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import types
+from collections.abc import Iterable, Iterator
 from importlib.metadata import entry_points
-from typing import Any, Iterable, Iterator
+from typing import Any
 
+from .config import RuntimeConfig
 from .node import NodeDef, nodedef_of
 
 log = logging.getLogger(__name__)
@@ -23,10 +25,10 @@ class Registry:
         self.plugin_errors: dict[str, str] = {}
         # The RuntimeConfig these nodes were set up for (directories); an Executor without a config of
         # its own runs with it.
-        self.config = None
+        self.config: RuntimeConfig | None = None
 
     @classmethod
-    def from_nodes(cls, *sources: Any) -> "Registry":
+    def from_nodes(cls, *sources: Any) -> Registry:
         reg = cls()
         for source in sources:
             reg.add(source)

@@ -15,12 +15,14 @@ JSON-able values.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 MAX_HISTORY = 10000
 # extra_data keys that carry credentials: never shown back in /queue or /history (ComfyUI strips them too)
@@ -52,6 +54,10 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 """
+
+
+class StoreUnusable(RuntimeError):
+    """The database file cannot be opened or set aside (permissions, a directory in its place)."""
 
 
 class DuplicatePromptId(ValueError):
@@ -101,6 +107,17 @@ def finite_json(value: Any) -> Any:
     return value
 
 
+def _storable(value: object) -> bool:
+    """A str SQLite can bind: UTF-8 has no lone surrogates, which JSON lets a client send."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _rollback(db: sqlite3.Connection) -> None:
     try:
         db.execute("ROLLBACK")
@@ -116,17 +133,97 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_history = max_history
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        # executescript commits on its own, so it runs outside an explicit transaction
-        self._db.executescript(_SCHEMA)
+        # What was wrong with the file at start (damaged and set aside, deleted, emptied), for the server
+        # to say; None when the database opened as it was left.
+        self.problem: str | None = None
+        self.set_aside: Path | None = None
+        self._db = self._open_checked()
+        self._recount(self._db)
+
+    # -- opening, with an integrity check ----------------------------------------------------------
+
+    @property
+    def _marker(self) -> Path:
+        """Written when the database is created: a missing or empty database next to it was lost, not new."""
+        return self.path.with_name(self.path.name + ".created")
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            row = db.execute("PRAGMA quick_check").fetchone()
+            if row is None or row[0] != "ok":
+                raise sqlite3.DatabaseError(f"integrity check failed: {row[0] if row else 'no answer'}")
+            # executescript commits on its own, so it runs outside an explicit transaction
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open_checked(self) -> sqlite3.Connection:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            size = None
+        except OSError as e:
+            raise StoreUnusable(f"cannot read the queue database {self.path.name}: {e.strerror}") from None
+        if not size and self._marker.exists():
+            what = "deleted" if size is None else "emptied"
+            self.problem = (f"the queue database {self.path.name} was {what} since it was created "
+                            f"({self._marker.read_text().strip() or 'earlier'}): queue and history start empty")
+            for suffix in ("-wal", "-shm"):   # a stale log of the lost file must not be replayed into the new one
+                stale = self.path.with_name(self.path.name + suffix)
+                if stale.exists():
+                    self._move_aside(stale)
+        if self.path.exists() and not self.path.is_file():
+            raise StoreUnusable(f"the queue database {self.path.name} is not a file")
+        try:
+            db = self._connect()
+        except sqlite3.OperationalError as e:   # cannot open, locked, read-only: not damage; keep the file
+            raise StoreUnusable(f"cannot open the queue database {self.path.name}: {e}") from None
+        except sqlite3.DatabaseError as e:
+            aside = self._move_aside(self.path)
+            for suffix in ("-wal", "-shm"):
+                extra = self.path.with_name(self.path.name + suffix)
+                if extra.exists():
+                    self._move_aside(extra, aside.name.replace(self.path.name, self.path.name + suffix, 1))
+            self.set_aside = aside
+            self.problem = (f"the queue database {self.path.name} is damaged ({e}); it was kept aside as "
+                            f"{aside.name} and a new, empty queue and history were started")
+            try:
+                db = self._connect()
+            except sqlite3.Error as e2:
+                raise StoreUnusable(f"cannot create a new queue database {self.path.name}: {e2}") from None
+        except sqlite3.Error as e:   # e.g. a read-only folder: say so instead of a traceback
+            raise StoreUnusable(f"cannot open the queue database {self.path.name}: {e}") from None
+        if not self._marker.exists():
+            try:
+                self._marker.write_text(time.strftime("%Y-%m-%d %H:%M:%S") + "\n")
+            except OSError:
+                pass   # only the loss message depends on it
+        return db
+
+    def _move_aside(self, path: Path, name: str | None = None) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = path.with_name(name or f"{path.name}.damaged-{stamp}")
+        i = 1
+        while target.exists():
+            target = path.with_name(f"{name or path.name + '.damaged-' + stamp}.{i}")
+            i += 1
+        try:
+            os.replace(path, target)
+        except OSError as e:
+            raise StoreUnusable(f"the queue database {path.name} is damaged and cannot be moved aside: "
+                                f"{e.strerror}") from None
+        return target
 
     # -- plumbing -----------------------------------------------------------------------------------
 
     class _Tx:
-        def __init__(self, store: "Store") -> None:
+        def __init__(self, store: Store) -> None:
             self.store = store
 
         def __enter__(self) -> sqlite3.Connection:
@@ -148,12 +245,13 @@ class Store:
                         # leave no transaction open, or every later BEGIN would fail
                         _rollback(db)
                         raise
+                    self.store._recount(db)
                 else:
                     _rollback(db)
             finally:
                 self.store._lock.release()
 
-    def _tx(self) -> "Store._Tx":
+    def _tx(self) -> Store._Tx:
         return Store._Tx(self)
 
     def close(self) -> None:
@@ -230,9 +328,13 @@ class Store:
         return [self._item(r) for r in rows]
 
     def queue_remaining(self) -> int:
-        """Pending plus running, as ComfyUI's `exec_info.queue_remaining` counts them."""
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+        """Pending plus running, as ComfyUI's `exec_info.queue_remaining` counts them. Kept in memory and
+        updated by every transaction that changes the queue, so the event loop can read it on each status
+        broadcast without touching SQLite or waiting for the lock a long transaction holds."""
+        return self._queue_rows
+
+    def _recount(self, db: sqlite3.Connection) -> None:
+        self._queue_rows = db.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
 
     def counts(self) -> dict[str, int]:
         """Queue items per status ("pending", "running"), without reading the prompts."""
@@ -245,7 +347,7 @@ class Store:
             return self._db.execute("SELECT 1 FROM queue WHERE status='pending' LIMIT 1").fetchone() is not None
 
     def delete_pending(self, prompt_ids: Iterable[str]) -> int:
-        ids = [p for p in prompt_ids if isinstance(p, str)]
+        ids = [p for p in prompt_ids if _storable(p)]
         with self._tx() as db:
             n = 0
             for pid in ids:
@@ -306,6 +408,8 @@ class Store:
         return {pid: json.loads(entry) for pid, entry in rows}
 
     def history_item(self, prompt_id: str) -> dict | None:
+        if not _storable(prompt_id):
+            return None
         with self._lock:
             row = self._db.execute("SELECT entry FROM history WHERE prompt_id=?", (prompt_id,)).fetchone()
         return json.loads(row[0]) if row else None
@@ -315,7 +419,7 @@ class Store:
             return self._db.execute("SELECT COUNT(*) FROM history").fetchone()[0]
 
     def delete_history(self, prompt_ids: Iterable[str]) -> int:
-        ids = [p for p in prompt_ids if isinstance(p, str)]
+        ids = [p for p in prompt_ids if _storable(p)]
         with self._tx() as db:
             return sum(db.execute("DELETE FROM history WHERE prompt_id=?", (pid,)).rowcount for pid in ids)
 
@@ -339,7 +443,7 @@ def failed_entry(item: QueueItem, reason: str, *, exception_type: str = "Runtime
                  node_id: str | None = None, node_type: str | None = None, messages: list | None = None) -> dict:
     """A failed-prompt entry whose messages carry an `execution_error` the ComfyUI frontend can show."""
     now = int(time.time() * 1000)
-    error = {
+    error: dict[str, Any] = {
         "prompt_id": item.prompt_id, "node_id": node_id, "node_type": node_type, "executed": [],
         "exception_message": reason, "exception_type": exception_type, "traceback": [],
         "current_inputs": {}, "current_outputs": [], "timestamp": now,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 __all__ = [
     "WorkflowFormatError",
@@ -20,6 +20,7 @@ __all__ = [
     "unwrap_value",
     "is_link",
     "widget_layout",
+    "widget_default",
     "schema_inputs",
     "VIRTUAL_NODE_TYPES",
 ]
@@ -215,8 +216,39 @@ def widget_layout(class_info: dict, **variant: bool) -> list[str | None]:
     return [name if kind == "value" else None for name, kind in _layout_entries(class_info, **variant)]
 
 
-def _layout_for_count(class_info: dict, count: int) -> list[str | None]:
-    """The layout variant whose length matches what the node stored, preferring the current frontend's."""
+_CONTROL_VALUES = frozenset({"fixed", "increment", "decrement", "randomize"})
+
+
+def _fits(kind: str, spec: InputSpec, value: Any) -> bool:
+    """Could the frontend have stored `value` in a slot of this kind (None fits anywhere)?"""
+    if value is None:
+        return True
+    if kind == "control":
+        return isinstance(value, bool) or value in _CONTROL_VALUES  # early frontends stored a boolean
+    if kind in ("filter", "upload"):
+        return isinstance(value, str)
+    typ = spec.type_name
+    if typ == "INT":
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer())
+    if typ == "FLOAT":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ == "BOOLEAN":
+        return isinstance(value, bool)
+    if typ == "STRING":
+        return isinstance(value, str)
+    if typ == "COMBO" and isinstance(spec.type, list) and spec.type:
+        return value in spec.type or isinstance(value, str)
+    return True
+
+
+def _layout_for_values(class_info: dict, values: list) -> list[str | None]:
+    """The layout the node's stored values were written with.
+
+    Candidates: the frontend variants of the same length (fewest departures from the current frontend
+    first), then prefixes of longer layouts (an older save that lacks widgets added since). The first
+    candidate whose slots the values fit by type wins; with none fitting, the first candidate does.
+    """
     defaults = {"upload": True, "seed_names": True, "combo_filter": True, "force_input_widgets": False,
                 "controls": True}
     keys = list(defaults)
@@ -225,12 +257,16 @@ def _layout_for_count(class_info: dict, count: int) -> list[str | None]:
         flags = {k: (not defaults[k]) if f else defaults[k] for k, f in zip(keys, flips)}
         variants.append((sum(flips), flags))
     variants.sort(key=lambda v: v[0])  # stable: fewest departures from the default first
-    primary = widget_layout(class_info)
-    for _, flags in variants:
-        layout = widget_layout(class_info, **flags)
-        if len(layout) == count:
-            return layout
-    return primary
+    specs = {s.name: s for s in schema_inputs(class_info)}
+    entries = [_layout_entries(class_info, **flags) for _, flags in variants]
+    count = len(values)
+    candidates = [e for e in entries if len(e) == count] + [e for e in entries if len(e) > count]
+    if not candidates:
+        return widget_layout(class_info)
+    for layout in candidates:
+        if all(_fits(kind, specs[name], v) for (name, kind), v in zip(layout, values)):
+            return [name if kind == "value" else None for name, kind in layout]
+    return [name if kind == "value" else None for name, kind in candidates[0]]
 
 
 def _output_types(class_info: dict | None) -> list[str]:
@@ -349,7 +385,7 @@ class _Scope:
     """One graph level: the root graph, or the inside of one subgraph instance."""
 
     def __init__(self, prefix: str, nodes: dict[str, dict], links: dict[str, _Link],
-                 parent: "_Scope | None" = None, instance: dict | None = None,
+                 parent: _Scope | None = None, instance: dict | None = None,
                  definition: dict | None = None, chain: tuple[str, ...] = ()) -> None:
         self.prefix = prefix
         self.nodes = nodes
@@ -361,6 +397,7 @@ class _Scope:
         self.input_node_id = io_id("inputNode", -10) if definition is not None else None
         self.output_node_id = io_id("outputNode", -20) if definition is not None else None
         self.children: dict[str, _Scope] = {}
+        self.legacy_group = bool((definition or {}).get("legacy_group"))
 
 
 class _UiToApi:
@@ -378,7 +415,9 @@ class _UiToApi:
         for sg in (defs.get("subgraphs") or []) if isinstance(defs, dict) else []:
             if isinstance(sg, dict) and isinstance(sg.get("id"), str):
                 self.subgraphs[sg["id"]] = sg
-        extra = workflow.get("extra") if isinstance(workflow.get("extra"), dict) else {}
+        extra = workflow.get("extra")
+        if not isinstance(extra, dict):
+            extra = {}
         self.group_nodes = extra.get("groupNodes") if isinstance(extra.get("groupNodes"), dict) else {}
         self.root = _Scope("", _parse_nodes(workflow["nodes"], "workflow"),
                            _parse_links(workflow.get("links"), "workflow"))
@@ -386,7 +425,25 @@ class _UiToApi:
 
     # ---- node kinds
     def _is_subgraph(self, ntype: str) -> bool:
-        return ntype in self.subgraphs and ntype not in self.info
+        if ntype in self.info:
+            return False
+        return ntype in self.subgraphs or self._legacy_group(ntype) is not None
+
+    def _legacy_group(self, ntype: str) -> dict | None:
+        from .ui_group_nodes import group_name
+        name = group_name(ntype)
+        definition = self.group_nodes.get(name) if name is not None else None
+        return definition if isinstance(definition, dict) else None
+
+    def _group_as_subgraph(self, node: dict) -> dict:
+        from .ui_group_nodes import GroupNodeError, build_definition
+        try:
+            return build_definition(node, self._legacy_group(node["type"]), self.info,
+                                    widget_kinds=_group_widget_kinds, schema_inputs=schema_inputs,
+                                    widget_values=self._widget_values,
+                                    is_widget_type=lambda t: isinstance(t, list) or t in WIDGET_TYPES)
+        except GroupNodeError as exc:
+            raise WorkflowFormatError(f"{_node_label(node)}: {exc}") from None
 
     def _is_virtual(self, ntype: str) -> bool:
         return ntype not in self.info and ntype in VIRTUAL_NODE_TYPES
@@ -397,7 +454,7 @@ class _UiToApi:
             sgid = node["type"]
             if sgid in scope.chain:
                 raise WorkflowFormatError(f"{_node_label(node)}: subgraph {sgid!r} contains itself")
-            sg = self.subgraphs[sgid]
+            sg = self.subgraphs[sgid] if sgid in self.subgraphs else self._group_as_subgraph(node)
             where = f"subgraph {sg.get('name') or sgid!r} (instance {scope.prefix}{nid})"
             scope.children[nid] = _Scope(
                 f"{scope.prefix}{nid}:", _parse_nodes(sg.get("nodes") or [], where),
@@ -448,9 +505,12 @@ class _UiToApi:
         slots = inst.get("inputs") or []
         if slot >= len(slots):
             return None
+        assert scope.parent is not None  # only a subgraph's inside has subgraph inputs
         found = self._resolve_link(scope.parent, slots[slot].get("link"), seen)
         if found is not None:
             return found
+        if scope.legacy_group:
+            return None  # the inner node already carries the instance's widget value
         # Unconnected subgraph input that the instance shows as a widget: its value is the
         # instance's widget value (widgets follow the widget inputs in order).
         if slots[slot].get("widget") and isinstance(inst.get("widgets_values"), list):
@@ -510,11 +570,6 @@ class _UiToApi:
                 continue
             if self._is_virtual(ntype):
                 continue
-            if ntype not in self.info and self.group_nodes and (
-                    ntype.startswith("workflow>") or ntype.startswith("workflow/")):
-                raise WorkflowFormatError(
-                    f"{_node_label(node)}: legacy group nodes are not supported; convert the group "
-                    "node to a subgraph in the editor and save again")
             self._emit_node(scope, nid, node)
 
     def _emit_node(self, scope: _Scope, nid: str, node: dict) -> None:
@@ -525,14 +580,14 @@ class _UiToApi:
             if value is not None:
                 inputs[name] = _wrap_value(value)
         for slot in node.get("inputs") or []:
-            name = _slot_name(slot)
-            if name is None or slot.get("link") is None:
+            slot_name = _slot_name(slot)
+            if slot_name is None or slot.get("link") is None:
                 continue
             found = self._resolve_link(scope, slot["link"], set())
             if isinstance(found, _Ref):
-                inputs[name] = [found.node_id, found.slot]
+                inputs[slot_name] = [found.node_id, found.slot]
             elif isinstance(found, _Const):
-                inputs[name] = _wrap_value(found.value)
+                inputs[slot_name] = _wrap_value(found.value)
             # Unresolved (muted source, bypass with no matching input, deleted node): a socket input is
             # left out; a converted widget keeps its own widget value, which is what the user sees.
         if class_info:
@@ -547,21 +602,72 @@ class _UiToApi:
     def _widget_values(node: dict, class_info: dict | None) -> dict[str, Any]:
         values = node.get("widgets_values")
         if values is None:
-            return {}
+            # Saved without widgets_values (hand-written or stripped files): every widget shows its default.
+            return _with_widget_defaults({}, class_info, widget_layout(class_info)) if class_info else {}
         if isinstance(values, dict):
             # Some custom nodes serialize widgets by name. Drop the frontend-only ones (previews named
             # "$$...", control and upload buttons); everything else is an input value.
             return {k: v for k, v in values.items()
                     if isinstance(k, str) and not k.startswith("$$") and k not in _UI_ONLY_WIDGETS}
         if class_info:
-            layout = _layout_for_count(class_info, len(values))
-            return {name: value for name, value in zip(layout, values) if name is not None}
+            layout = _layout_for_values(class_info, values)
+            found = {name: value for name, value in zip(layout, values) if name is not None}
+            # Older saves lack widgets added since; the frontend gives those their schema default on load.
+            return _with_widget_defaults(found, class_info, layout[len(values):])
         # Unknown node type: newer frontends give every widget an input slot named after it, in widget
         # order; use that only when the counts agree (control slots would shift everything otherwise).
         names = [_slot_name(s) for s in node.get("inputs") or [] if isinstance(s.get("widget"), dict)]
         if names and len(names) == len(values) and None not in names:
-            return dict(zip(names, values))
+            return dict(zip(cast("list[str]", names), values))
         return {}
+
+
+def widget_default(spec: InputSpec) -> Any:
+    """The value a freshly created widget shows: the schema default, else the first combo choice, else
+    the type's zero clamped into its range (how the frontend initialises a widget)."""
+    if "default" in spec.options:
+        return spec.options["default"]
+    if isinstance(spec.type, list):
+        return spec.type[0] if spec.type else None
+    zero = {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(spec.type_name)
+    if spec.type_name == "COMBO":
+        options = spec.options.get("options")
+        return options[0] if isinstance(options, list) and options else None
+    if isinstance(zero, (int, float)) and not isinstance(zero, bool):
+        low, high = spec.options.get("min"), spec.options.get("max")
+        if isinstance(low, (int, float)) and zero < low:
+            zero = low
+        if isinstance(high, (int, float)) and zero > high:
+            zero = high
+    return zero
+
+
+def _with_widget_defaults(found: dict[str, Any], class_info: dict, missing: list[str | None]) -> dict[str, Any]:
+    specs = {s.name: s for s in schema_inputs(class_info)}
+    out = dict(found)
+    for name in missing:
+        if name is not None and name not in out and name in specs:
+            value = widget_default(specs[name])
+            if value is not None:
+                out[name] = value
+    return out
+
+
+def _group_widget_kinds(node: dict, index: int, info: dict, inputs: list, links_from: dict) -> list[tuple[str, str]]:
+    """(input name, slot kind) of the widgets an inner node of a legacy group node gives the group."""
+    class_info = info.get(node.get("type"))
+    if class_info:
+        return _layout_entries(class_info)
+    if node.get("type") == "PrimitiveNode" and inputs:
+        typ = inputs[0][1]
+        kinds = [("value", "value")]
+        # the group gives a linked primitive a control widget (numbers and combos have one)
+        if isinstance(typ, list) or typ in ("INT", "FLOAT", "COMBO"):
+            kinds.append(("value", "control"))
+        if isinstance(typ, list) or typ == "COMBO":
+            kinds.append(("value", "filter"))
+        return kinds
+    return []
 
 
 def _first_widget_value(node: dict) -> Any:
@@ -646,7 +752,7 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
         api_inputs: dict[str, Any] = node.get("inputs") or {}
         slots: list[dict] = []
 
-        def add_slot(name: str, typ: str, value: Any, widget: bool) -> None:
+        def add_slot(name: str, typ: str, value: Any, widget: bool, nid: str = nid, slots: list[dict] = slots) -> None:
             slot: dict[str, Any] = {"name": name, "type": typ, "link": None}
             if widget:
                 slot["widget"] = {"name": name}
@@ -682,9 +788,10 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
                         continue
                     value = api_inputs.get(name)
                     widgets_values.append(None if value is None or is_link(value) else unwrap_value(value))
+            out_types = _output_types(info)
             outputs = [
                 {"name": name, "type": typ, "links": [], "slot_index": i}
-                for i, (typ, name) in enumerate(zip(_output_types(info), info.get("output_name") or _output_types(info)))
+                for i, (typ, name) in enumerate(zip(out_types, info.get("output_name") or out_types))
             ]
             title_default = info.get("display_name") or ctype
         else:

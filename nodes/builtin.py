@@ -4,10 +4,26 @@ from __future__ import annotations
 from engine.config import RuntimeConfig
 from engine.registry import Registry
 
-from . import conditioning, controlnet, image, latent, loaders, lora, sampler_nodes, upscale
+from . import (
+    conditioning,
+    controlnet,
+    custom_sampling,
+    image,
+    instructpix2pix,
+    latent,
+    loaders,
+    lora,
+    mask,
+    model_patches,
+    primitives,
+    sampler_nodes,
+    strings,
+    upscale,
+)
 from .runtime import configure
 
-MODULES = (loaders, conditioning, latent, sampler_nodes, image, lora, controlnet, upscale)
+MODULES = (loaders, conditioning, latent, sampler_nodes, image, lora, controlnet, upscale,
+           custom_sampling, model_patches, instructpix2pix, mask, primitives, strings)
 
 
 class ModelCatalog:
@@ -23,6 +39,11 @@ class ModelCatalog:
         if folder not in self.folders.keys() and folder not in ("clip", "unet"):
             return None
         return self.folders.list_files(folder)
+
+    def model_locator(self, registry: Registry):
+        """What `sdflow check` and `POST /check` ask about model files."""
+        from .models.model_inputs import FolderLocator
+        return FolderLocator(self.folders, registry)
 
 
 def build_registry(config: RuntimeConfig, *, plugins: bool = True) -> tuple[Registry, ModelCatalog]:

@@ -7,9 +7,8 @@ passthrough, and the old node also applies the control to the negative prompt.
 """
 from __future__ import annotations
 
-from typing import Annotated
-
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -17,20 +16,30 @@ import torch.nn.functional as F
 from engine.inputs import Combo, Float
 from engine.node import node
 
-from .models.controlnet import ControlNetHandle, load_controlnet_model
+from .models.controlnet import load_control_handle
 from .models.memory import compute_dtype, default_device
 from .runtime import model_file_exists, model_file_fingerprint, model_files, runtime
-from .types import Conditioning, ControlNet, Image, Vae
+from .types import Conditioning, ControlNet, Image, Model, Vae
 
 
 @node("ControlNetLoader", category="loaders", display_name="Load ControlNet Model",
       fingerprint=model_file_fingerprint("controlnet", "control_net_name"),
       validate=model_file_exists("controlnet", "control_net_name", "ControlNet"))
 def controlnet_loader(control_net_name: Annotated[str, Combo(model_files("controlnet"))]) -> ControlNet:
-    """Loads a ControlNet (original single-file layout or diffusers layout)."""
+    """Loads a ControlNet or a T2I-Adapter (original single-file layout or diffusers layout)."""
     path = runtime().folders.require("controlnet", control_net_name)
     dtype = compute_dtype(default_device())   # half precision on CUDA, like the UNet it feeds
-    return ControlNetHandle(load_controlnet_model(path, dtype=dtype), source=path)
+    return load_control_handle(path, dtype=dtype)
+
+
+@node("DiffControlNetLoader", category="loaders", display_name="Load ControlNet Model (diff)",
+      fingerprint=model_file_fingerprint("controlnet", "control_net_name"),
+      validate=model_file_exists("controlnet", "control_net_name", "ControlNet"))
+def diff_controlnet_loader(model: Model, control_net_name: Annotated[str, Combo(model_files("controlnet"))]) -> ControlNet:
+    """Loads a ControlNet stored as differences to a diffusion model's weights (the given model's are
+    added back); plain ControlNets and T2I-Adapters load as with Load ControlNet Model."""
+    path = runtime().folders.require("controlnet", control_net_name)
+    return load_control_handle(path, dtype=compute_dtype(default_device()), base_unet=model.unet)
 
 
 @node("ControlNetApply", category="conditioning/controlnet", display_name="Apply ControlNet (OLD)",

@@ -27,8 +27,8 @@ def load_lora(model: DiffusionModelHandle | None, clip: ClipHandle | None, lora_
     unet = model.unet if model is not None else None
     encoders = clip.text_encoders if clip is not None else None
     new_unet, new_encoders, _ = apply_lora(lora, unet, encoders, strength_model, strength_clip)
-    out_model = model.with_unet(new_unet) if new_unet is not None else model
-    out_clip = clip.with_text_encoders(new_encoders) if new_encoders else clip
+    out_model = model.with_unet(new_unet) if model is not None and new_unet is not None else model
+    out_clip = clip.with_text_encoders(new_encoders) if clip is not None and new_encoders else clip
     return out_model, out_clip
 
 
@@ -37,15 +37,19 @@ def load_lora(model: DiffusionModelHandle | None, clip: ClipHandle | None, lora_
       validate=model_file_exists("loras", "lora_name", "LoRA"))
 def lora_loader(model: Model, clip: Clip,
                 lora_name: Annotated[str, Combo(model_files("loras"), tooltip="The name of the LoRA.")],
-                strength_model: Annotated[float, Float(1.0, **_STRENGTH, tooltip="How strongly to modify the diffusion model. "
-                                      "This value can be negative.")],
-                strength_clip: Annotated[float, Float(1.0, **_STRENGTH, tooltip="How strongly to modify the CLIP model. "
-                                     "This value can be negative.")]) -> tuple[Model, Clip]:
+                strength_model: Annotated[float, Float(1.0, **_STRENGTH,
+                                                       tooltip="How strongly to modify the diffusion model. "
+                                                               "This value can be negative.")],
+                strength_clip: Annotated[float, Float(1.0, **_STRENGTH,
+                                                      tooltip="How strongly to modify the CLIP model. "
+                                                              "This value can be negative.")]) -> tuple[Model, Clip]:
     """LoRAs are used to modify diffusion and CLIP models, altering the way in which latents are denoised
     such as applying styles. Multiple LoRA nodes can be linked together."""
     if strength_model == 0 and strength_clip == 0:
         return model, clip
-    return load_lora(model, clip, lora_name, strength_model, strength_clip)
+    out_model, out_clip = load_lora(model, clip, lora_name, strength_model, strength_clip)
+    assert out_model is not None and out_clip is not None  # given both, both come back
+    return out_model, out_clip
 
 
 @node("LoraLoaderModelOnly", category="loaders",
@@ -56,4 +60,6 @@ def lora_loader_model_only(model: Model, lora_name: Annotated[str, Combo(model_f
     """Applies a LoRA to the diffusion model only (its text encoder part is ignored)."""
     if strength_model == 0:
         return model
-    return load_lora(model, None, lora_name, strength_model, 0.0)[0]
+    out_model = load_lora(model, None, lora_name, strength_model, 0.0)[0]
+    assert out_model is not None  # given a model, a model comes back
+    return out_model

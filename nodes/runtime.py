@@ -22,16 +22,20 @@ class Runtime:
     config: RuntimeConfig
     folders: ModelFolders
 
+    # RuntimeConfig fills every directory it was not given.
     @property
     def input_dir(self) -> Path:
+        assert self.config.input_dir is not None
         return self.config.input_dir
 
     @property
     def output_dir(self) -> Path:
+        assert self.config.output_dir is not None
         return self.config.output_dir
 
     @property
     def temp_dir(self) -> Path:
+        assert self.config.temp_dir is not None
         return self.config.temp_dir
 
 
@@ -74,6 +78,7 @@ def model_files(key: str):
     def choices() -> list[str]:
         return runtime().folders.list_files(key)
     choices.__name__ = f"{key}_files"
+    choices.model_folder = key   # lets `sdflow check` tell which folder a missing file belongs in
     return choices
 
 

@@ -6,7 +6,7 @@ LATENT values hold model-space latents (the VAE's scaling factor is applied by t
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 
@@ -14,6 +14,7 @@ from engine import progress
 from engine.inputs import Combo, Float, Int
 from engine.node import node
 
+from . import costs
 from .models.diffusion_model import DiffusionModelHandle
 from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES
 from .sampling.model_sampling import DiscreteSchedule
@@ -22,7 +23,17 @@ from .sampling.sample import prepare_noise, sample
 from .types import Conditioning, Latent, Model
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-_PREVIEW_ARCH = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl"}
+_PREVIEW_ARCH = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sdxl_refiner": "sdxl"}
+
+
+def patched_guider(model) -> Any:
+    """The denoiser factory a guider patch (PerpNeg) puts on the model, or None for plain CFG."""
+    patch = getattr(model, "sampling_patches", {}).get("guider")
+    if patch is None:
+        return None
+    from .sampling.custom import Guider
+    kind, conds, options = patch
+    return Guider(model, {"positive": [], "negative": [], **conds}, 1.0, kind, dict(options)).denoiser_factory()
 
 
 def common_ksampler(model: DiffusionModelHandle, seed: int, steps: int, cfg: float, sampler_name: str,
@@ -32,7 +43,8 @@ def common_ksampler(model: DiffusionModelHandle, seed: int, steps: int, cfg: flo
     samples = latent["samples"]
     batch_index = latent.get("batch_index")
     noise = torch.zeros_like(samples, device="cpu") if disable_noise else prepare_noise(samples, seed, batch_index)
-    schedule = DiscreteSchedule(prediction_type=model.prediction_type)
+    schedule = model.sampling_schedule() if hasattr(model, "sampling_schedule") else \
+        DiscreteSchedule(prediction_type=model.prediction_type)
     device = model.load_device if hasattr(model, "load_device") else samples.device
     preview_arch = _PREVIEW_ARCH.get(model.arch, "sd1")
 
@@ -44,15 +56,17 @@ def common_ksampler(model: DiffusionModelHandle, seed: int, steps: int, cfg: flo
                  positive=positive, negative=negative, cfg=cfg, sampler_name=sampler_name,
                  scheduler=scheduler, steps=steps, seed=seed, denoise=denoise,
                  noise_mask=latent.get("noise_mask"), start_step=start_step, last_step=last_step,
-                 force_full_denoise=force_full_denoise, add_noise=not disable_noise, callback=on_step)
+                 force_full_denoise=force_full_denoise, add_noise=not disable_noise, callback=on_step,
+                 patches=getattr(model, "sampling_patches", None), denoiser_factory=patched_guider(model))
     return {**latent, "samples": out}
 
 
-@node("KSampler", category="sampling")
+@node("KSampler", category="sampling", cost=costs.ksampler)
 def ksampler(model: Model,
              seed: Annotated[int, Int(0, min=0, max=MAX_SEED, control_after_generate=True,
                        tooltip="The random seed used for creating the noise.")],
-             steps: Annotated[int, Int(20, min=1, max=10000, tooltip="The number of steps used in the denoising process.")],
+             steps: Annotated[int, Int(20, min=1, max=10000,
+                                       tooltip="The number of steps used in the denoising process.")],
              cfg: Annotated[float, Float(8.0, min=0.0, max=100.0, step=0.1, round=0.01,
                         tooltip="Classifier-free guidance scale: higher follows the prompt more closely.")],
              sampler_name: Annotated[str, Combo(SAMPLER_NAMES, tooltip="The algorithm used when sampling.")],
@@ -66,14 +80,16 @@ def ksampler(model: Model,
                            latent_image, denoise=denoise)
 
 
-@node("KSamplerAdvanced", category="sampling", display_name="KSampler (Advanced)")
+@node("KSamplerAdvanced", category="sampling", display_name="KSampler (Advanced)", cost=costs.ksampler)
 def ksampler_advanced(model: Model, add_noise: Annotated[str, Combo(["enable", "disable"])],
                       noise_seed: Annotated[int, Int(0, min=0, max=MAX_SEED, control_after_generate=True)],
                       steps: Annotated[int, Int(20, min=1, max=10000)],
                       cfg: Annotated[float, Float(8.0, min=0.0, max=100.0, step=0.1, round=0.01)],
-                      sampler_name: Annotated[str, Combo(SAMPLER_NAMES)], scheduler: Annotated[str, Combo(SCHEDULER_NAMES)],
+                      sampler_name: Annotated[str, Combo(SAMPLER_NAMES)],
+                      scheduler: Annotated[str, Combo(SCHEDULER_NAMES)],
                       positive: Conditioning, negative: Conditioning, latent_image: Latent,
-                      start_at_step: Annotated[int, Int(0, min=0, max=10000)], end_at_step: Annotated[int, Int(10000, min=0, max=10000)],
+                      start_at_step: Annotated[int, Int(0, min=0, max=10000)],
+                      end_at_step: Annotated[int, Int(10000, min=0, max=10000)],
                       return_with_leftover_noise: Annotated[str, Combo(["disable", "enable"])]) -> Latent:
     """Samples a range of steps of a schedule, for multi-stage workflows (base/refiner hand-off)."""
     return common_ksampler(model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,

@@ -15,6 +15,7 @@ from engine.inputs import Socket
 from .models.diffusion_model import DiffusionModelHandle
 from .models.text_encoder import ClipHandle
 from .models.vae import VaeHandle
+from .sampling.custom import Guider as GuiderValue, NoiseSource, SamplerChoice
 
 Model: TypeAlias = Annotated[DiffusionModelHandle, Socket("MODEL")]
 Clip: TypeAlias = Annotated[ClipHandle, Socket("CLIP")]
@@ -25,5 +26,10 @@ Image: TypeAlias = Annotated[torch.Tensor, Socket("IMAGE")]
 Mask: TypeAlias = Annotated[torch.Tensor, Socket("MASK")]
 ControlNet: TypeAlias = Annotated[Any, Socket("CONTROL_NET")]
 UpscaleModel: TypeAlias = Annotated[Any, Socket("UPSCALE_MODEL")]
+# custom sampling: SIGMAS is a 1-D float tensor of descending noise levels (usually ending in 0)
+Sigmas: TypeAlias = Annotated[torch.Tensor, Socket("SIGMAS")]
+Sampler: TypeAlias = Annotated[SamplerChoice, Socket("SAMPLER")]
+Guider: TypeAlias = Annotated[GuiderValue, Socket("GUIDER")]
+Noise: TypeAlias = Annotated[NoiseSource, Socket("NOISE")]
 
 MAX_RESOLUTION = 16384

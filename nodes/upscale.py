@@ -13,6 +13,7 @@ from engine import progress
 from engine.inputs import Combo
 from engine.node import node
 
+from . import costs
 from .models.upscale import UpscaleModelHandle, load_upscale_model, tiled_upscale
 from .runtime import model_file_exists, model_file_fingerprint, model_files, runtime
 from .types import Image, UpscaleModel
@@ -28,7 +29,8 @@ def upscale_model_loader(model_name: Annotated[str, Combo(model_files("upscale_m
     return load_upscale_model(runtime().folders.require("upscale_models", model_name), "UpscaleModelLoader")
 
 
-@node("ImageUpscaleWithModel", category="image/upscaling", display_name="Upscale Image (using Model)")
+@node("ImageUpscaleWithModel", category="image/upscaling", display_name="Upscale Image (using Model)",
+      cost=costs.upscale_with_model)
 def image_upscale_with_model(upscale_model: UpscaleModel, image: Image) -> Image:
     """Upscales an image with an upscale model, in 512px tiles (smaller ones if memory runs out)."""
     handle: UpscaleModelHandle = upscale_model

@@ -1,1 +1,2 @@
-"""sdflow server: the aiohttp application (ComfyUI-compatible HTTP/websocket API), its durable queue worker, and the `sdflow` CLI."""
+"""sdflow server: the aiohttp application (ComfyUI-compatible HTTP/websocket API), its durable queue worker,
+and the `sdflow` CLI."""

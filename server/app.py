@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from aiohttp import web
 
@@ -17,7 +17,7 @@ from engine.config import RuntimeConfig
 from engine.registry import Registry
 from engine.store import Store
 
-from . import files, routes_info, routes_prompt, routes_workflows
+from . import files, routes_check, routes_info, routes_prompt, routes_userdata, routes_workflows
 from .openapi import build_openapi
 from .routing import API_PREFIX, RouteDoc, Routes, json_response
 from .security import OriginPolicy, auth_middleware, error_middleware, host_origin_middleware, is_loopback_bind
@@ -28,8 +28,9 @@ from .ws import Hub
 
 log = logging.getLogger("sdflow.server")
 
-LOCK = web.AppKey("sdflow_data_dir_lock", object)
-ROUTE_TABLES: tuple[Routes, ...] = (routes_prompt.routes, routes_info.routes, files.routes, routes_workflows.routes)
+LOCK: web.AppKey[IO[str] | None] = web.AppKey("sdflow_data_dir_lock")
+ROUTE_TABLES: tuple[Routes, ...] = (routes_prompt.routes, routes_info.routes, files.routes, routes_workflows.routes,
+                                    routes_userdata.routes, routes_check.routes)
 
 
 def create_app(config: RuntimeConfig, registry: Registry, catalog: Any = None, *,
@@ -94,7 +95,7 @@ class DataDirBusy(RuntimeError):
     """Another sdflow server already owns this data directory's queue."""
 
 
-def _lock_data_dir(db_path: Path) -> Any:
+def _lock_data_dir(db_path: Path) -> IO[str] | None:
     """Hold an exclusive lock next to the database for the server's lifetime: a second server on the same
     data dir would otherwise mark the first one's running prompt as failed and run prompts twice."""
     try:
@@ -114,6 +115,8 @@ async def _startup(app: web.Application) -> None:
     state = app[STATE]
     app[LOCK] = _lock_data_dir(state.store.path)
     state.hub.loop = asyncio.get_running_loop()
+    if state.store.problem:
+        log.warning("%s", state.store.problem)
     failed = state.store.recover()
     if failed:
         log.warning("%d prompt(s) were running when the server last stopped; marked failed: %s",

@@ -13,8 +13,9 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, cast
 
 from engine.config import RuntimeConfig
 from engine.registry import Registry
@@ -38,6 +39,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="a ComfyUI extra_model_paths.yaml (repeatable)")
     g.add_argument("--cache-budget", type=float, metavar="MB",
                    help="byte budget of the output/model cache per device, in MB (default: automatic)")
+    g.add_argument("--max-image-pixels", type=float, default=64, metavar="MEGAPIXELS",
+                   help="largest image file that uploads and LoadImage accept, checked from its header "
+                        "before decoding (default 64 = 8192x8192; 0 = no limit)")
+    g.add_argument("--memory-budget", type=float, metavar="MB",
+                   help="refuse prompts whose estimated memory for one node exceeds this (default: 80%% of "
+                        "the GPU's memory, or of system RAM without one)")
     g.add_argument("--nodes-module", action="append", default=[], metavar="MODULE",
                    help="import MODULE and register every node declared in it (repeatable)")
     g.add_argument("--no-builtin-nodes", action="store_true",
@@ -56,6 +63,14 @@ def make_config(args: argparse.Namespace) -> RuntimeConfig:
                            temp_dir=_opt_path(args.temp_dir), user_dir=_opt_path(args.user_dir),
                            extra_model_paths=[Path(p) for p in args.extra_model_paths_config],
                            cache_budget_bytes=budget)
+    if getattr(args, "memory_budget", None) is not None:
+        if args.memory_budget <= 0:
+            raise SystemExit("--memory-budget must be positive")
+        config.work_budget_bytes = int(args.memory_budget * MB)
+    if getattr(args, "max_image_pixels", None) is not None:
+        if args.max_image_pixels < 0:
+            raise SystemExit("--max-image-pixels must not be negative")
+        config.max_image_pixels = int(args.max_image_pixels * 1024 * 1024) or None
     config.ensure_dirs()
     return config
 
@@ -101,13 +116,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not is_loopback_bind(args.host) and not token:
         log.warning("listening on %s without --auth-token: anyone who can reach this port can run workflows",
                     args.host)
-    app = create_app(config, registry, catalog, options=options, worker_factory=_ray_backend(args, config, registry))
+    from engine.store import StoreUnusable
+    try:
+        app = create_app(config, registry, catalog, options=options,
+                         worker_factory=_ray_backend(args, config, registry))
+    except StoreUnusable as e:
+        raise SystemExit(f"sdflow: {e}") from None
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"sdflow {len(registry)} node types; data in {config.data_dir.resolve()}", flush=True)
+    for line in startup_lines(args.host, args.port, catalog):
+        print(line, flush=True)
+    from .state import STATE
+    if app[STATE].store.problem:
+        print(f"WARNING: {app[STATE].store.problem}", file=sys.stderr, flush=True)
     print(f"sdflow serving on http://{shown}:{args.port}" + ("  (auth token required)" if token else ""), flush=True)
     web.run_app(app, host=args.host, port=args.port, print=None,
                 access_log=logging.getLogger("aiohttp.access") if args.verbose else None)
     return 0
+
+
+DEMO_NOTE = ("note: the only checkpoint is the demo model {name}: it has random weights, so every image it "
+             "makes is noise. Put a real checkpoint (.safetensors) in {folder} to make pictures.")
+
+
+def startup_lines(host: str, port: int, catalog: Any) -> list[str]:
+    """What `serve` tells a person at start: the demo model's limits, where to point the browser, how
+    to stop."""
+    lines = []
+    demo = _demo_only(catalog)
+    if demo:
+        lines.append(DEMO_NOTE.format(name=demo, folder="models/checkpoints"))
+    browse = "127.0.0.1" if host in ("0.0.0.0", "::", "") else (f"[{host}]" if ":" in host else host)
+    lines.append(f"open http://{browse}:{port} in your browser; press Ctrl+C to stop")
+    return lines
+
+
+def _demo_only(catalog: Any) -> str | None:
+    if catalog is None:
+        return None
+    try:
+        from nodes.models.tiny import DEMO_NAME
+        files = list(catalog.list_files("checkpoints") or []) + list(catalog.list_files("diffusers") or [])
+    except Exception:   # an odd catalog must not stop the server from starting
+        return None
+    return DEMO_NAME if files and all(f.rsplit("/", 1)[-1] == DEMO_NAME for f in files) else None
 
 
 def _ray_backend(args: argparse.Namespace, config: RuntimeConfig, registry: Registry) -> Any:
@@ -165,7 +217,7 @@ def load_prompt(path: str, registry: Registry) -> tuple[dict, dict]:
     return doc, {}
 
 
-def apply_sets(prompt: dict, sets: Sequence[str]) -> None:
+def apply_sets(prompt: dict, sets: Sequence[str], registry: Registry | None = None) -> None:
     """`--set NODE.INPUT=VALUE`: NODE is a node id or a node title; VALUE is JSON, or else a plain string."""
     from engine.prompt import apply_overrides
 
@@ -179,7 +231,7 @@ def apply_sets(prompt: dict, sets: Sequence[str]) -> None:
         except ValueError:
             overrides[target] = raw
     try:
-        updated = apply_overrides(prompt, overrides)
+        updated = apply_overrides(prompt, overrides, registry)
     except ValueError as exc:
         raise SystemExit(f"--set: {exc}") from None
     prompt.clear()
@@ -205,7 +257,7 @@ def prepare(args: argparse.Namespace):
     config = make_config(args)
     registry, _ = build_registry(args, config)
     prompt, pnginfo = load_prompt(args.workflow, registry)
-    apply_sets(prompt, args.set)
+    apply_sets(prompt, args.set, registry)
     result = validate_prompt(prompt, registry)
     if not result.ok or result.node_errors:
         print(format_errors(result), file=sys.stderr)
@@ -220,15 +272,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Lists the node classes and model files a workflow needs that are missing here; runs nothing."""
+    from engine.check import check_prompt
+
+    config = make_config(args)
+    registry, catalog = build_registry(args, config)
+    prompt, _ = load_prompt(args.workflow, registry)
+    report = check_prompt(prompt, registry, catalog.model_locator(registry) if catalog is not None else None)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.format(), file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
+
+
 class ProgressPrinter:
-    """Prints run events: a progress bar (redrawn in place on a terminal) and one line per node."""
+    """Prints run events: one line per node, and for each node that reports steps (samplers, chunked VAE
+    decodes, tiled upscales) a tqdm bar with rate and ETA. Bars are drawn only on a terminal; piped
+    output gets one summary line when a node's steps are done (no redraws in a log file)."""
 
     def __init__(self, prompt: dict, stream=sys.stderr) -> None:
         self.prompt = prompt
         self.stream = stream
-        self.tty = stream.isatty()
-        self.bar_open = False
-        self.last_line = 0.0
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.bar: Any = None
+        self.bar_node: Any = None
+        self.started: dict[Any, float] = {}
 
     def _name(self, nid: Any) -> str:
         node = self.prompt.get(str(nid), {})
@@ -236,9 +306,28 @@ class ProgressPrinter:
         return f"{nid} {title or node.get('class_type', '?')}"
 
     def _end_bar(self) -> None:
-        if self.bar_open:
-            self.stream.write("\n")
-            self.bar_open = False
+        if self.bar is not None:
+            self.bar.close()
+            self.bar, self.bar_node = None, None
+
+    def _progress(self, node: Any, value: float, total: float) -> None:
+        value, total = _whole(value), _whole(total)
+        if not self.tty:
+            start = self.started.setdefault(node, time.monotonic())
+            if value >= total:
+                took = time.monotonic() - start
+                rate = f", {value / took:.2f} it/s" if took > 0 else ""
+                self.stream.write(f"  {self._name(node)}: {value}/{total} in {took:.2f}s{rate}\n")
+                self.started.pop(node, None)
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or self.bar_node != node or self.bar.total != total:
+            self._end_bar()
+            self.bar = tqdm(total=total, desc=f"  {self._name(node)}", unit="it", file=self.stream,
+                            dynamic_ncols=True, leave=True)
+            self.bar_node = node
+        self.bar.update(max(value - self.bar.n, 0))
 
     def __call__(self, event: Any) -> None:
         t, d = event.type, event.data
@@ -248,16 +337,7 @@ class ProgressPrinter:
             self._end_bar()
             self.stream.write(f"> {self._name(d['node'])}\n")
         elif t == "progress":
-            value, total = float(d.get("value", 0)), float(d.get("max", 1) or 1)
-            width = 30
-            filled = int(width * min(value / total, 1.0))
-            bar = f"  [{'#' * filled}{'.' * (width - filled)}] {int(value)}/{int(total)}"
-            if self.tty:
-                self.stream.write("\r" + bar)
-                self.bar_open = True
-            elif value >= total or time.monotonic() - self.last_line > 2:
-                self.stream.write(bar + "\n")
-                self.last_line = time.monotonic()
+            self._progress(d.get("node"), float(d.get("value", 0)), float(d.get("max", 1) or 1))
         elif t == "execution_error":
             self._end_bar()
             self.stream.write(f"error in node {d.get('node_id')} ({d.get('node_type')}): "
@@ -270,6 +350,10 @@ class ProgressPrinter:
         self.stream.flush()
 
 
+def _whole(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
 def output_paths(config: RuntimeConfig, outputs: dict) -> list[str]:
     from engine.paths import UnsafePathError, contained_path
 
@@ -279,7 +363,7 @@ def output_paths(config: RuntimeConfig, outputs: dict) -> list[str]:
             for item in ui.get(key, []) if isinstance(ui, dict) else []:
                 if not isinstance(item, dict) or "filename" not in item:
                     continue
-                base = getattr(config, f"{item.get('type', 'output')}_dir", config.output_dir)
+                base = cast(Path, getattr(config, f"{item.get('type', 'output')}_dir", config.output_dir))
                 try:
                     paths.append(str(contained_path(base, item.get("subfolder", "") or "", item["filename"])))
                 except UnsafePathError:
@@ -328,9 +412,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_make_demo_model(args: argparse.Namespace) -> int:
-    from nodes.models.tiny import write_demo_checkpoint
-
     from nodes.models.folders import ModelFolders
+    from nodes.models.tiny import write_demo_checkpoint
 
     models_dir = Path(args.models_dir) if args.models_dir else Path(args.data_dir) / "models"
     if args.if_missing:
@@ -342,6 +425,8 @@ def cmd_make_demo_model(args: argparse.Namespace) -> int:
             return 0
     path = write_demo_checkpoint(models_dir)
     print(path)
+    print(f"the demo checkpoint has random weights: workflows run end to end but images are noise; put a "
+          f"real checkpoint in {models_dir / 'checkpoints'} for pictures", file=sys.stderr)
     return 0
 
 
@@ -389,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("check", help="list the node classes and model files a workflow needs that are missing")
+    p.add_argument("workflow")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("nodes", help="list the node types")
     p.add_argument("--json", action="store_true", help="print the full /object_info document")

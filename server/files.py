@@ -13,6 +13,7 @@ import json
 import mimetypes
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from urllib.parse import quote
 
@@ -20,10 +21,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image, PngImagePlugin
 
+from engine.image_limits import ImageTooLarge, check_image_file, pixel_budget
 from engine.paths import UnsafePathError, contained_path
 
 from .routing import Routes, json_response
-from .security import ApiError
+from .security import ApiError, scrub_paths
 from .state import STATE, AppState
 
 routes = Routes("files")
@@ -56,9 +58,16 @@ def check_name(name: str, what: str = "filename") -> str:
         raise ApiError(400, f"{what} contains a NUL byte")
     if "/" in name or "\\" in name:
         raise ApiError(400, f"{what} must not contain a path separator")
-    if len(name.encode()) > MAX_NAME:
-        raise ApiError(400, f"{what} is too long")
+    if len(_utf8(name, what)) > MAX_NAME:
+        raise ApiError(400, f"{what} is too long (at most {MAX_NAME} bytes)")
     return name
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:   # a lone surrogate, or bytes the URL decoder could not read as UTF-8
+        raise ApiError(400, f"{what} is not valid UTF-8 text") from None
 
 
 def check_subfolder(sub: str) -> str:
@@ -68,6 +77,9 @@ def check_subfolder(sub: str) -> str:
         raise ApiError(400, "subfolder contains a NUL byte")
     if len(sub) > 1024:
         raise ApiError(400, "subfolder is too long")
+    for part in sub.replace("\\", "/").split("/"):
+        if len(_utf8(part, "subfolder")) > MAX_NAME:
+            raise ApiError(400, f"a subfolder component is too long (at most {MAX_NAME} bytes)")
     return sub
 
 
@@ -117,7 +129,7 @@ async def view(request: web.Request) -> web.StreamResponse:
     if channel not in ("rgba", "rgb", "a"):
         raise ApiError(400, "channel must be one of rgba, rgb, a")
     if preview or channel != "rgba":
-        data, mime = await asyncio.to_thread(_reencode, path, preview, channel)
+        data, mime = await asyncio.to_thread(_reencode, path, preview, channel, pixel_budget(state.config))
         ctype, headers = file_headers(path.with_suffix("." + mime.split("/")[1]), mime)
         return web.Response(body=data, content_type=ctype, headers=headers)
     ctype, headers = file_headers(path)
@@ -125,9 +137,15 @@ async def view(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers=headers)
 
 
-def _reencode(path: Path, preview: str | None, channel: str) -> tuple[bytes, str]:
+def _reencode(path: Path, preview: str | None, channel: str, budget: int | None) -> tuple[bytes, str]:
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():   # the budget decides, not PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            if budget and img.width * img.height > budget:
+                raise ApiError(413, "the image is over the pixel budget; download it without preview or channel",
+                               type_="image_too_large")
             img.load()
             if channel == "rgb":
                 img = img.convert("RGB")
@@ -153,7 +171,7 @@ def _reencode(path: Path, preview: str | None, channel: str) -> tuple[bytes, str
             img.save(buf, format="PNG")
             return buf.getvalue(), "image/png"
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
-        raise ApiError(400, f"cannot re-encode this file as an image: {e}") from None
+        raise ApiError(400, f"cannot re-encode this file as an image: {scrub_paths(str(e))}") from None
 
 
 # ---- uploads ------------------------------------------------------------------------------------
@@ -213,6 +231,29 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def check_upload_pixels(state: AppState, source, what: str) -> None:
+    """An image over the pixel budget is refused from its header, before anything decodes it."""
+    try:
+        check_image_file(io.BytesIO(source) if isinstance(source, bytes) else source,
+                         pixel_budget(state.config), what)
+    except ImageTooLarge as e:
+        raise ApiError(413, str(e), type_="image_too_large") from None
+
+
+def _make_folder(base: Path, folder: Path) -> None:
+    """Create the upload folder; a subfolder that names an existing file is the client's mistake."""
+    base = Path(os.path.realpath(base))
+    probe = folder
+    while probe != base and base in probe.parents:
+        if probe.exists() and not probe.is_dir():
+            raise ApiError(400, f"subfolder '{probe.relative_to(base)}' is a file, not a folder")
+        probe = probe.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ApiError(400, "subfolder names an existing file, not a folder") from None
+
+
 def _store_upload(state: AppState, fields: dict[str, str], filename: str, data: bytes,
                   transform=None) -> dict:
     kind = fields.get("type") or "input"
@@ -223,9 +264,10 @@ def _store_upload(state: AppState, fields: dict[str, str], filename: str, data: 
         raise ApiError(400, "uploaded file name must not contain a path")
     folder = resolve(base, subfolder, name).parent  # validates both before anything is created
     overwrite = fields.get("overwrite", "").lower() in ("true", "1")
+    check_upload_pixels(state, data, "the uploaded image")
     if transform is not None:
         data = transform(data)
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_folder(base, folder)
     final = _free_name(folder, name, data, overwrite)
     target = resolve(base, subfolder, final)
     if target.exists() and not target.is_file():
@@ -272,6 +314,7 @@ async def upload_mask(request: web.Request) -> web.Response:
         raise ApiError(404, "original image not found", type_="not_found")
 
     def merge(mask_bytes: bytes) -> bytes:
+        check_upload_pixels(state, original, "the original image")
         try:
             with Image.open(original) as orig, Image.open(io.BytesIO(mask_bytes)) as mask:
                 info = PngImagePlugin.PngInfo()
@@ -284,7 +327,7 @@ async def upload_mask(request: web.Request) -> web.Response:
                 out.save(buf, format="PNG", pnginfo=info, compress_level=4)
                 return buf.getvalue()
         except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
-            raise ApiError(400, f"cannot read the image: {e}") from None
+            raise ApiError(400, f"cannot read the image: {scrub_paths(str(e))}") from None
 
     result = await asyncio.to_thread(_store_upload, state, fields, filename, data, merge)
     return json_response(result)

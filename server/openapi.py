@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from .routing import API_PREFIX, RouteDoc, Routes
 
@@ -34,7 +34,8 @@ def _operation(doc: RouteDoc) -> dict:
     params = list(doc.params)
     for name in re.findall(r"{(\w+)}", doc.path):
         params.append({"name": name, "in": "path", "required": True, "schema": {"type": "string"}})
-    op: dict = {"tags": [doc.tag], "summary": doc.summary, "operationId": f"{doc.method.lower()}_{doc.handler.__name__}",
+    op: dict = {"tags": [doc.tag], "summary": doc.summary,
+                "operationId": f"{doc.method.lower()}_{doc.handler.__name__}",
                 "responses": {code: {"description": text} for code, text in doc.responses.items()}}
     if params:
         op["parameters"] = params

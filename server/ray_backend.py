@@ -30,9 +30,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from engine.config import RuntimeConfig, reset_current_config, set_current_config
 from engine.paths import UnsafePathError, contained_path
@@ -82,7 +83,7 @@ class WorkerSpec:
 
     @classmethod
     def from_config(cls, config: RuntimeConfig, *, builtin_nodes: bool = True,
-                    node_modules: list[str] | None = None, env: dict[str, str] | None = None) -> "WorkerSpec":
+                    node_modules: list[str] | None = None, env: dict[str, str] | None = None) -> WorkerSpec:
         return cls(models_dir=str(Path(config.models_dir).resolve()),
                    extra_model_paths=[str(Path(p).resolve()) for p in config.extra_model_paths],
                    cache_budget_bytes=config.cache_budget_bytes, preview_method=config.preview_method,
@@ -332,7 +333,7 @@ class RayBackend:
 
     @classmethod
     def factory(cls, cluster: RayCluster, config: RuntimeConfig, registry: Registry, **kw: Any):
-        def make(store: Store, executor: Any, hub: Hub, **opts: Any) -> "RayBackend":
+        def make(store: Store, executor: Any, hub: Hub, **opts: Any) -> RayBackend:
             return cls(store, executor, hub, cluster=cluster, config=config, registry=registry, **opts, **kw)
         return make
 

@@ -20,9 +20,10 @@ import socket
 import tempfile
 import threading
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 from engine.config import RuntimeConfig
 from engine.events import Event

@@ -97,6 +97,7 @@ async def system_stats(request: web.Request) -> web.Response:
     vm = psutil.virtual_memory()
     version = sdflow_version()
     cache = getattr(state.executor, "cache", None)
+    counts, history = await asyncio.to_thread(lambda: (state.store.counts(), state.store.history_count()))
     data = {
         "system": {
             "os": os.name, "platform": platform.platform(), "ram_total": vm.total, "ram_free": vm.available,
@@ -108,7 +109,7 @@ async def system_stats(request: web.Request) -> web.Response:
         },
         "devices": _devices(),
         "cache": cache.stats() if cache is not None and hasattr(cache, "stats") else {},
-        "queue": {**state.store.counts(), "paused": state.worker.paused, "history": state.store.history_count(),
+        "queue": {**counts, "paused": state.worker.paused, "history": history,
                   "completed_since_start": state.worker.completed},
     }
     return json_response(data)

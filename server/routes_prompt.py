@@ -20,6 +20,17 @@ routes = Routes("queue")
 MAX_PROMPT_ID = 200
 
 
+def is_text(value: object, max_len: int = MAX_PROMPT_ID, *, allow_empty: bool = False) -> bool:
+    """A string that UTF-8 (and so SQLite) can hold: JSON allows lone surrogates ("\\ud800")."""
+    if not isinstance(value, str) or (not value and not allow_empty) or len(value) > max_len:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _bad_prompt(type_: str, message: str, details: str = "") -> web.Response:
     return json_response({"error": {"type": type_, "message": message, "details": details, "extra_info": {}},
                           "node_errors": {}}, status=400)
@@ -60,8 +71,8 @@ async def post_prompt(request: web.Request) -> web.Response:
     extra_data = dict(extra_data)
     client_id = body.get("client_id")
     if client_id is not None:
-        if not isinstance(client_id, str) or len(client_id) > MAX_PROMPT_ID:
-            raise ApiError(400, "'client_id' must be a string")
+        if not is_text(client_id, allow_empty=True):
+            raise ApiError(400, f"'client_id' must be a UTF-8 string of at most {MAX_PROMPT_ID} characters")
         extra_data["client_id"] = client_id
     targets = body.get("partial_execution_targets")
     if targets is not None:
@@ -70,9 +81,8 @@ async def post_prompt(request: web.Request) -> web.Response:
             raise ApiError(400, "'partial_execution_targets' must be a list of node ids")
         targets = [str(t) for t in targets]
     prompt_id = body.get("prompt_id")
-    if prompt_id is not None and (not isinstance(prompt_id, str) or not prompt_id
-                                  or len(prompt_id) > MAX_PROMPT_ID):
-        raise ApiError(400, f"'prompt_id' must be a non-empty string of at most {MAX_PROMPT_ID} characters")
+    if prompt_id is not None and not is_text(prompt_id):
+        raise ApiError(400, f"'prompt_id' must be a non-empty UTF-8 string of at most {MAX_PROMPT_ID} characters")
     front = body.get("front", False)
     if not isinstance(front, bool):
         raise ApiError(400, "'front' must be true or false")
@@ -105,7 +115,7 @@ async def enqueue(state: AppState, prompt, extra_data: dict, *, targets: list[st
                            f"got {type(prompt).__name__}")
     if overrides:
         try:
-            prompt = apply_overrides(prompt or {}, overrides)
+            prompt = apply_overrides(prompt or {}, overrides, state.registry)
         except ValueError as e:
             return _bad_prompt("invalid_prompt", "Cannot apply the inputs", str(e))
 
@@ -113,12 +123,19 @@ async def enqueue(state: AppState, prompt, extra_data: dict, *, targets: list[st
     if not result.ok:
         return json_response({"error": result.error, "node_errors": result.node_errors}, status=400)
 
-    if number is None:
-        number = float(state.store.next_number())
-        if front:
-            number = -number
+    store = state.store
+
+    def put() -> float:   # in a thread: the worker may hold the store's lock (finishing, trimming history)
+        n = number
+        if n is None:
+            n = float(store.next_number())
+            if front:
+                n = -n
+        store.enqueue(n, prompt_id, prompt, extra_data, result.outputs)
+        return n
+
     try:
-        state.store.enqueue(number, prompt_id, prompt, extra_data, result.outputs)
+        number = await asyncio.to_thread(put)
     except DuplicatePromptId:
         raise ApiError(400, f"prompt_id {prompt_id!r} is already queued or in history",
                        type_="duplicate_prompt_id") from None
@@ -134,16 +151,19 @@ async def enqueue(state: AppState, prompt, extra_data: dict, *, targets: list[st
             responses={"200": "{queue_running: [item], queue_pending: [item], paused}"})
 async def get_queue(request: web.Request) -> web.Response:
     store = request.app[STATE].store
-    running, pending = await asyncio.to_thread(lambda: (store.running(), store.pending()))
+    running, pending, paused = await asyncio.to_thread(lambda: (store.running(), store.pending(), store.paused))
     return json_response({"queue_running": [i.wire() for i in running],
                           "queue_pending": [i.wire() for i in pending],
-                          "paused": store.paused})
+                          "paused": paused})
 
 
 def _id_list(body: dict, key: str) -> list[str]:
     ids = body.get(key)
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise ApiError(400, f"'{key}' must be a list of prompt ids")
+    bad = next((i for i, v in enumerate(ids) if not is_text(v, 10_000)), None)
+    if bad is not None:
+        raise ApiError(400, f"'{key}'[{bad}] is not a usable prompt id (empty, too long, or not valid UTF-8)")
     return ids
 
 
@@ -154,14 +174,19 @@ def _id_list(body: dict, key: str) -> list[str]:
 async def post_queue(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json_object(request)
-    if body.get("clear"):
-        state.store.clear_pending()
-    if "delete" in body:
-        state.store.delete_pending(_id_list(body, "delete"))
-    if body.get("pause"):
-        state.worker.set_paused(True)
-    if body.get("resume"):
-        state.worker.set_paused(False)
+    delete = _id_list(body, "delete") if "delete" in body else None
+
+    def change() -> None:
+        if body.get("clear"):
+            state.store.clear_pending()
+        if delete is not None:
+            state.store.delete_pending(delete)
+        if body.get("pause"):
+            state.worker.set_paused(True)
+        if body.get("resume"):
+            state.worker.set_paused(False)
+
+    await asyncio.to_thread(change)
     queue_changed(state)
     return web.Response(status=200)
 
@@ -172,9 +197,9 @@ async def post_interrupt(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json_object(request, allow_empty=True)
     prompt_id = body.get("prompt_id")
-    if prompt_id is not None and not isinstance(prompt_id, str):
-        raise ApiError(400, "'prompt_id' must be a string")
-    state.worker.interrupt(prompt_id)
+    if prompt_id is not None and not is_text(prompt_id, 10_000):
+        raise ApiError(400, "'prompt_id' must be a non-empty UTF-8 string")
+    await asyncio.to_thread(state.worker.interrupt, prompt_id)   # it may wait for a claim in progress
     return web.Response(status=200)
 
 
@@ -213,8 +238,13 @@ async def get_history_item(request: web.Request) -> web.Response:
 async def post_history(request: web.Request) -> web.Response:
     store = request.app[STATE].store
     body = await read_json_object(request)
-    if body.get("clear"):
-        store.clear_history()
-    if "delete" in body:
-        store.delete_history(_id_list(body, "delete"))
+    delete = _id_list(body, "delete") if "delete" in body else None
+
+    def change() -> None:
+        if body.get("clear"):
+            store.clear_history()
+        if delete is not None:
+            store.delete_history(delete)
+
+    await asyncio.to_thread(change)
     return web.Response(status=200)

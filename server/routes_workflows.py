@@ -1,4 +1,5 @@
-"""`/workflows`: a small library of workflow files in `<user_dir>/workflows`.
+"""`/workflows`: a small library of workflow files in `<user_dir>/default/workflows`, the folder where
+ComfyUI's front end keeps its saved workflows (`/userdata/workflows%2F...`), so both editors see the same ones.
 
 Names are flat and conservative (letters, digits, space, `_ - . ( )`, at most 120 characters, ".json"
 added when missing) and the resolved path still goes through `contained_path`, so no name can reach
@@ -17,7 +18,8 @@ from aiohttp import web
 
 from engine.paths import UnsafePathError, contained_path
 
-from .routes_prompt import MAX_PROMPT_ID, enqueue
+from .routes_prompt import MAX_PROMPT_ID, enqueue, is_text
+from .routes_userdata import user_root
 from .routing import Routes, json_response, read_json
 from .security import ApiError
 from .state import STATE
@@ -28,7 +30,7 @@ _NAME = re.compile(r"^[\w][\w .()\-]{0,119}$")
 
 
 def workflows_dir(request: web.Request) -> Path:
-    return Path(request.app[STATE].config.user_dir) / "workflows"
+    return user_root(request.app[STATE].config) / "workflows"
 
 
 def workflow_path(folder: Path, name: str) -> Path:
@@ -115,7 +117,8 @@ async def delete_workflow(request: web.Request) -> web.Response:
              body={"type": "object", "properties": {
                  "inputs": {"type": "object", "description": '{"NODE.INPUT": value}; NODE is a node id, title or type'},
                  "client_id": {"type": "string"}, "front": {"type": "boolean"}, "prompt_id": {"type": "string"}}},
-             responses={"200": "{prompt_id, number, node_errors}", "400": "{error, node_errors}", "404": "no such workflow"})
+             responses={"200": "{prompt_id, number, node_errors}", "400": "{error, node_errors}",
+                        "404": "no such workflow"})
 async def run_workflow(request: web.Request) -> web.Response:
     """Headless use of a workflow saved from the editor: no graph in the request, just the inputs."""
     path = workflow_path(workflows_dir(request), request.match_info["name"])
@@ -128,17 +131,17 @@ async def run_workflow(request: web.Request) -> web.Response:
     if not isinstance(inputs, dict):
         raise ApiError(400, "'inputs' must be an object of {\"NODE.INPUT\": value}")
     client_id = body.get("client_id")
-    if client_id is not None and not isinstance(client_id, str):
-        raise ApiError(400, "'client_id' must be a string")
+    if client_id is not None and not is_text(client_id, allow_empty=True):
+        raise ApiError(400, f"'client_id' must be a UTF-8 string of at most {MAX_PROMPT_ID} characters")
     prompt_id = body.get("prompt_id")
-    if prompt_id is not None and (not isinstance(prompt_id, str) or not prompt_id or len(prompt_id) > MAX_PROMPT_ID):
-        raise ApiError(400, f"'prompt_id' must be a non-empty string of at most {MAX_PROMPT_ID} characters")
+    if prompt_id is not None and not is_text(prompt_id):
+        raise ApiError(400, f"'prompt_id' must be a non-empty UTF-8 string of at most {MAX_PROMPT_ID} characters")
     front = body.get("front", False)
     if not isinstance(front, bool):
         raise ApiError(400, "'front' must be true or false")
     try:
         doc = json.loads(await asyncio.to_thread(path.read_bytes))
-    except ValueError as e:
-        raise ApiError(400, f"the saved workflow is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"the saved workflow is not valid JSON: {str(e)[:200]}") from None
     extra_data = {"client_id": client_id} if client_id else {}
     return await enqueue(request.app[STATE], doc, extra_data, prompt_id=prompt_id, front=front, overrides=inputs)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, overload
 
 from aiohttp import web
 
@@ -94,6 +95,12 @@ async def read_json_object(request: web.Request, *, allow_empty: bool = False) -
     return body
 
 
+@overload
+def query_int(request: web.Request, name: str, default: int, *, minimum: int | None = None,
+              maximum: int = 10**9) -> int: ...
+@overload
+def query_int(request: web.Request, name: str, default: None = None, *, minimum: int | None = None,
+              maximum: int = 10**9) -> int | None: ...
 def query_int(request: web.Request, name: str, default: int | None = None, *, minimum: int | None = None,
               maximum: int = 10**9) -> int | None:
     raw = request.query.get(name)

@@ -10,12 +10,14 @@
 """
 from __future__ import annotations
 
+import errno
 import hmac
 import ipaddress
 import json
 import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -62,9 +64,33 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except HttpProcessingError as e:  # malformed body parts found while reading
         status = e.code if 400 <= (e.code or 0) < 500 else 400
         return json_error(status, f"malformed request: {e.message}"[:300])
+    except UnicodeError:   # a lone surrogate or undecodable byte that reached an encoder (SQLite, a file name)
+        log.info("refused %s %s: text that is not valid UTF-8", request.method, request.path, exc_info=True)
+        return json_error(400, "the request contains text that is not valid UTF-8 (e.g. a lone surrogate)")
+    except OSError as e:   # a file name the file system refuses; the reply never names the server's paths
+        status = _OS_STATUS.get(e.errno or 0)
+        if status is None:
+            log.exception("file system error on %s %s", request.method, request.path)
+            return json_error(500, f"internal error: {e.strerror or type(e).__name__}", type_="internal_error")
+        log.info("refused %s %s: %s", request.method, request.path, e)
+        return json_error(status, f"the path is not usable here: {e.strerror}", type_=_http_type(status))
+    except RecursionError:
+        return json_error(400, "the request is nested too deeply")
     except Exception as e:  # the one place an unexpected bug is turned into a reply
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return json_error(500, f"internal error: {type(e).__name__}", type_="internal_error", details=str(e)[:500])
+        return json_error(500, f"internal error: {type(e).__name__}", type_="internal_error",
+                          details=scrub_paths(str(e))[:500])
+
+
+_OS_STATUS = {errno.ENAMETOOLONG: 400, errno.EEXIST: 409, errno.ENOTDIR: 400, errno.EISDIR: 400,
+              errno.ENOENT: 404, errno.EINVAL: 400, errno.EILSEQ: 400}
+_ABS_PATH = re.compile(r"""(?<![\w:/])(?:/[^\s'"/:]+)+/?|[A-Za-z]:\\[^\s'"]+""")
+
+
+def scrub_paths(text: str) -> str:
+    """`text` with absolute file paths replaced by their last component: error texts that reach clients
+    must not show where the server keeps its files."""
+    return _ABS_PATH.sub(lambda m: "…/" + m.group(0).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1], text)
 
 
 def _http_type(status: int) -> str:
@@ -85,7 +111,28 @@ def _split_host(value: str) -> tuple[str, int | None]:
         name, port = value.split(":")
     else:
         name, port = value, ""
-    return name, (int(port) if port.isdigit() else None)
+    return name, (int(port) if port.isascii() and port.isdigit() and len(port) <= 5 else None)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _parse_origin(origin: str) -> tuple[str, str, int | None] | None:
+    """'https://Host:port' -> (scheme, host, effective port), or None when it is not an origin."""
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname or parts.path or parts.query or parts.username:
+        return None
+    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
+
+
+def _shown(text: str) -> str:
+    """A header value as quoted in an error: printable and short."""
+    return repr(text[:100])
 
 
 def _is_loopback_name(name: str) -> bool:
@@ -110,6 +157,7 @@ class OriginPolicy:
     loopback_only: bool = True
     _allowed: set[str] = field(default_factory=set, init=False)
     _allowed_hosts: set[str] = field(default_factory=set, init=False)
+    _allowed_triples: set[tuple] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         for origin in self.allowed_origins:
@@ -120,6 +168,9 @@ class OriginPolicy:
             netloc = urlsplit(origin).netloc if "://" in origin else origin
             if netloc:
                 self._allowed_hosts.add(_split_host(netloc)[0])
+            parsed = _parse_origin(origin)
+            if parsed is not None:
+                self._allowed_triples.add(parsed)
 
     @property
     def allow_all(self) -> bool:
@@ -132,7 +183,7 @@ class OriginPolicy:
         host = request.headers.get("Host", "")
         host_name, host_port = _split_host(host) if host else ("", None)
         if self.loopback_only and host and not _is_loopback_name(host_name) and host_name not in self._allowed_hosts:
-            return f"Host {host!r} is not allowed on a loopback server (DNS rebinding protection)"
+            return f"Host {_shown(host)} is not allowed on a loopback server (DNS rebinding protection)"
         is_ws = request.headers.get("Upgrade", "").lower() == "websocket"
         if request.method not in STATE_CHANGING and not is_ws:
             return None
@@ -143,13 +194,17 @@ class OriginPolicy:
                 return "requests with 'Origin: null' are refused"
             if o in self._allowed:
                 return None
-            netloc = urlsplit(o).netloc
-            if not netloc:
-                return f"malformed Origin {origin!r}"
-            o_name, o_port = _split_host(netloc)
-            if not host or o_name != host_name or (o_port is not None and host_port is not None
-                                                   and o_port != host_port):
-                return f"cross-origin request refused: Origin {origin!r} does not match Host {host!r}"
+            parsed = _parse_origin(o)
+            if parsed is None:
+                return f"malformed Origin {_shown(origin)}"
+            if parsed in self._allowed_triples:
+                return None
+            # Same origin means the same scheme, host and effective port: a page on http://127.0.0.1 (port
+            # 80) or https://127.0.0.1:8188 is another site, even though the host name matches.
+            own = (request.scheme.lower(), host_name, host_port or _DEFAULT_PORTS.get(request.scheme.lower()))
+            if not host or parsed != own:
+                return (f"cross-origin request refused: Origin {_shown(origin)} is not this server "
+                        f"({own[0]}://{_shown(host)})")
         if request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
             return "cross-site request refused (Sec-Fetch-Site: cross-site)"
         return None
@@ -185,7 +240,11 @@ def auth_middleware(token: str | None, is_public: Callable[[web.Request], bool])
         if expected is None or request.method == "OPTIONS" or is_public(request):
             return await handler(request)
         given = request_token(request)
-        if given is None or not hmac.compare_digest(given.encode(), expected):
+        try:
+            given_bytes = given.encode("utf-8", "surrogateescape") if given is not None else None
+        except UnicodeEncodeError:   # a lone surrogate: certainly not the token
+            given_bytes = None
+        if given_bytes is None or not hmac.compare_digest(given_bytes, expected):
             return json_error(401, "missing or wrong auth token (send 'Authorization: Bearer <token>' "
                                    "or '?token=<token>')", type_="unauthorized",
                               headers={"WWW-Authenticate": 'Bearer realm="sdflow"'})

@@ -37,8 +37,8 @@ class AppState:
     catalog: Any
     options: ServerOptions
     store: Store
-    hub: "Hub"
-    worker: "Worker"
+    hub: Hub
+    worker: Worker
     executor: Any
     started_at: float = 0.0
 

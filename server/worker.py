@@ -11,7 +11,8 @@ import logging
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from engine.events import Event
 from engine.store import QueueItem, Store, failed_entry, history_entry
@@ -97,6 +98,9 @@ class Worker:
         self._thread: threading.Thread | None = None
         self.paused = store.paused
         self.running: QueueItem | None = None
+        # Claiming a prompt and naming it `running` happen under this lock, so an interrupt can never fall
+        # between the two (it would be answered 200 and lost).
+        self._claim_lock = threading.Lock()
         self.completed = 0
 
     # ---- control (any thread) -------------------------------------------------------------------
@@ -122,10 +126,12 @@ class Worker:
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
         """Global interrupt, or only if `prompt_id` is the running prompt (ComfyUI's rule)."""
-        running = self.running
-        if prompt_id is not None and (running is None or running.prompt_id != prompt_id):
-            return False
-        self.executor.interrupt(prompt_id)
+        with self._claim_lock:
+            running = self.running
+            if running is None or (prompt_id is not None and running.prompt_id != prompt_id):
+                return False
+            # keyed by id: it holds even if the executor has not started this prompt yet
+            self.executor.interrupt(running.prompt_id)
         return True
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -156,17 +162,19 @@ class Worker:
                 continue
             if self.paused:
                 continue
-            item = self.store.claim_next()
+            with self._claim_lock:
+                item = self.store.claim_next()
+                self.running = item
             if item is None:
                 continue
-            self.running = item
             self._changed()
             try:
                 self._run(item)
             except BaseException:   # the worker thread must outlive any prompt, or the queue stops for good
                 log.exception("worker failed while running prompt %s", item.prompt_id)
             finally:
-                self.running = None
+                with self._claim_lock:
+                    self.running = None
                 self.completed += 1
                 self._changed()
 
@@ -209,7 +217,7 @@ class Worker:
             except Exception:  # an event that cannot be sent must not fail the prompt
                 log.exception("could not forward event %s", event.type)
 
-        emit.wants_preview = lambda: hub.has_listener(client_id)
+        emit.wants_preview = lambda: hub.has_listener(client_id)  # type: ignore[attr-defined]  # read by the executor
         try:
             result = self.executor.execute(item.prompt, item.prompt_id, outputs=list(item.outputs),
                                            extra_data=dict(item.extra_data), emit=emit)

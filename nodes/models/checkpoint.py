@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -24,7 +24,9 @@ from .tokenizer import load_tokenizer
 # diffusers and transformers take seconds to import; they are imported where models are built,
 # so that starting the server (which imports every node module) does not pay for them.
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    # The defining modules: type checkers read diffusers' top-level names as its no-torch placeholders.
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     TextEncoder = CLIPTextModel | CLIPTextModelWithProjection
@@ -61,12 +63,13 @@ CLIP_LAYER_DEFAULTS: dict[str, dict[str, ClipLayer]] = {
     "sd1": {"l": ClipLayer(-1, True)},
     "sd2": {"h": ClipLayer(-2, True)},
     "sdxl": {"l": ClipLayer(-2, False), "g": ClipLayer(-2, False)},
+    "sdxl_refiner": {"g": ClipLayer(-2, False)},
 }
 
 
 @dataclass
 class LoadedCheckpoint:
-    arch: str  # "sd1" | "sd2" | "sdxl"
+    arch: str  # "sd1" | "sd2" | "sdxl" | "sdxl_refiner"
     prediction_type: str  # "epsilon" | "v_prediction"
     unet: UNet2DConditionModel | None
     vae: AutoencoderKL | None
@@ -98,14 +101,17 @@ def _own_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
+M = TypeVar("M", bound=torch.nn.Module)
+
+
 def _materialize(
-    factory: Callable[[], torch.nn.Module],
+    factory: Callable[[], M],
     sd: Mapping[str, torch.Tensor],
     dtype: torch.dtype,
     path: Path,
     what: str,
     adapt: Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None,
-) -> torch.nn.Module:
+) -> M:
     """Build `factory()` on the meta device and move the given tensors into it."""
     with torch.device("meta"):
         model = factory()
@@ -193,7 +199,7 @@ def load_checkpoint(
     load_vae: bool = True,
     load_clip: bool = True,
 ) -> LoadedCheckpoint:
-    """Load an SD1/SD2/SDXL single-file checkpoint in the original LDM key layout.
+    """Load an SD1/SD2/SDXL (base or refiner) single-file checkpoint in the original LDM key layout.
 
     Floating tensors are cast to `dtype`, the VAE's to `vae_dtype` (default: `dtype`)."""
     path = Path(path)
@@ -202,8 +208,6 @@ def load_checkpoint(
     arch = detect.detect_arch(sd)
     if arch is None:
         raise ModelFileError(path, "not a Stable Diffusion checkpoint: no UNet keys")
-    if arch == "sdxl" and any(k.startswith("conditioner.embedders.0.model.") for k in sd):
-        raise ModelFileError(path, "SDXL refiner checkpoints are not supported")
     prediction_type = detect.detect_prediction_type(sd, metadata, arch)
 
     # Text encoders first: SDXL's pooled width is needed to size the UNet's extra embedding.
@@ -293,7 +297,8 @@ def _folder_arch(path: Path) -> str:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ModelFileError(unet_cfg_path, "not valid JSON") from None
     if cfg.get("addition_embed_type") == "text_time":
-        return "sdxl"
+        # the refiner pipeline has only text_encoder_2 (OpenCLIP-G)
+        return "sdxl" if (path / "text_encoder").is_dir() else "sdxl_refiner"
     return "sd2" if cfg.get("use_linear_projection") else "sd1"
 
 

@@ -33,7 +33,7 @@ from .memory import ResidentMixin, WeightsHolder, default_device
 from .state_dict import ModelFileError, read_state_dict
 
 if TYPE_CHECKING:  # diffusers is imported when a ControlNet is built: importing it costs seconds
-    from diffusers import ControlNetModel
+    from diffusers.models.controlnets.controlnet import ControlNetModel  # not diffusers' no-torch placeholder
 
 LDM_PREFIX = "control_model."
 
@@ -156,8 +156,13 @@ def _sidecar_config(path: Path) -> dict | None:
     return cfg if cfg.get("_class_name", "ControlNetModel") == "ControlNetModel" else None
 
 
-def load_controlnet_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> ControlNetModel:
-    """A diffusers ControlNetModel from a single file (either layout) or a diffusers folder."""
+def load_controlnet_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
+                          base_unet: torch.nn.Module | None = None,
+                          sd: Mapping[str, torch.Tensor] | None = None) -> ControlNetModel:
+    """A diffusers ControlNetModel from a single file (either layout) or a diffusers folder.
+
+    A "diff" ControlNet (a `difference` marker tensor; its encoder weights are stored as differences
+    to the UNet they were trained from) gets `base_unet`'s weights added back (DiffControlNetLoader)."""
     path = Path(path)
     if path.is_dir():
         weights = next((path / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
@@ -166,8 +171,13 @@ def load_controlnet_model(path: str | Path, *, dtype: torch.dtype = torch.float3
             raise ModelFileError(path, "ControlNet folder has no diffusion_pytorch_model weights")
         if _sidecar_config(path) is None:
             raise ModelFileError(path, "ControlNet folder has no ControlNetModel config.json")
-        return load_controlnet_model(weights, dtype=dtype)
-    sd = read_state_dict(path)
+        return load_controlnet_model(weights, dtype=dtype, base_unet=base_unet)
+    if sd is None:
+        sd = read_state_dict(path)
+    if "difference" in sd:
+        sd = {k: v for k, v in sd.items() if k != "difference"}
+        if base_unet is not None:
+            sd = _add_base_weights(sd, base_unet)
     try:
         if is_diffusers_controlnet(sd):
             sd = {k.removeprefix("controlnet."): v for k, v in sd.items()}
@@ -184,6 +194,33 @@ def load_controlnet_model(path: str | Path, *, dtype: torch.dtype = torch.float3
         if isinstance(e, ModelFileError):
             raise
         raise ModelFileError(path, f"unrecognised ControlNet layout: {type(e).__name__}: {e}") from None
+
+
+def _add_base_weights(sd: Mapping[str, torch.Tensor], unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Diff ControlNet tensors plus the UNet's matching ones (original layout, both)."""
+    base = ldm_keys.unet_diffusers_to_ldm(unet.state_dict(), unet.config)
+    out = dict(sd)
+    for key, value in sd.items():
+        name = key[len(LDM_PREFIX):] if key.startswith(LDM_PREFIX) else key
+        ref = base.get(name)
+        if ref is not None and ref.shape == value.shape:
+            out[key] = value.float() + ref.to(value.device).float()
+    return out
+
+
+def load_control_handle(path: str | Path, *, dtype: torch.dtype = torch.float32,
+                        base_unet: torch.nn.Module | None = None) -> Any:
+    """What ComfyUI's ControlNet loaders accept: a ControlNet (either layout, file or folder) or a
+    T2I-Adapter (either layout); returns a ControlNetHandle or a T2IAdapterHandle."""
+    from .t2i_adapter import T2IAdapterHandle, is_t2i_adapter, is_t2i_adapter_folder, load_t2i_adapter
+
+    path = Path(path)
+    if is_t2i_adapter_folder(path):
+        return T2IAdapterHandle(load_t2i_adapter(path, dtype=dtype), source=path)
+    sd = read_state_dict(path) if path.is_file() else None
+    if sd is not None and is_t2i_adapter(sd):
+        return T2IAdapterHandle(load_t2i_adapter(path, dtype=dtype, sd=sd), source=path)
+    return ControlNetHandle(load_controlnet_model(path, dtype=dtype, base_unet=base_unet, sd=sd), source=path)
 
 
 def _layers_per_block(sd: Mapping[str, torch.Tensor]) -> dict:
@@ -206,12 +243,12 @@ class ControlNetHandle(ResidentMixin):
         return self._weights.modules["controlnet"]  # type: ignore[return-value]
 
     def apply_hint(self, image: torch.Tensor, strength: float, percent_range: tuple[float, float] = (0.0, 1.0),
-                   previous: Any = None) -> "ControlApplication":
+                   previous: Any = None) -> ControlApplication:
         """`image` is IMAGE [B,H,W,C] in 0..1."""
         return ControlApplication(self, image, strength, percent_range, previous)
 
     @torch.no_grad()
-    def residuals(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, hint: torch.Tensor,
+    def residuals(self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor, hint: torch.Tensor,
                   scale: float, added: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         self.ensure_loaded()
         model = self.model
@@ -266,12 +303,12 @@ class ControlApplication:
         self.start_percent, self.end_percent = (float(p) for p in percent_range)
         self.previous = previous
         self._hint_cache: tuple[tuple, torch.Tensor] | None = None
-        from ..sampling.model_sampling import DiscreteSchedule   # SD1/SD2/SDXL share this schedule
+        from ..sampling.model_sampling import DiscreteSchedule  # SD1/SD2/SDXL share this schedule
         schedule = DiscreteSchedule()
         self.sigma_start = schedule.percent_to_sigma(self.start_percent)
         self.sigma_end = schedule.percent_to_sigma(self.end_percent)
 
-    def chain(self) -> list["ControlApplication"]:
+    def chain(self) -> list[ControlApplication]:
         out, node = [], self
         while isinstance(node, ControlApplication):
             out.append(node)
@@ -301,22 +338,58 @@ class ControlApplication:
         self._hint_cache = (key, hint)
         return hint
 
+    def residuals_for(self, x: torch.Tensor, timestep: torch.Tensor | float, cond: Mapping[str, Any],
+                      groups: int) -> dict[str, Any]:
+        """This application's own residuals for the UNet input `x`."""
+        added = None
+        if cond.get("pooled") is not None and cond.get("size_cond") is not None:
+            added = {"text_embeds": _tile_batch(cond["pooled"], x.shape[0]),
+                     "time_ids": _tile_batch(cond["size_cond"], x.shape[0])}
+        context = _tile_batch(cond["context"], x.shape[0])
+        return self.controlnet.residuals(x, timestep, context, self.hint_for(x, groups), self.strength, added)
+
     def get_control(self, x: torch.Tensor, timestep: torch.Tensor | float, cond: Mapping[str, Any]) -> dict | None:
-        """Residuals {"down": [...], "mid": t} for the UNet input `x` (this application plus every
-        previous one in the chain, summed), or None when none of them is active at this sigma."""
+        """Residuals {"down": [...], "mid": t} and/or {"intrablock": [...]} (T2I-Adapters) for the UNet
+        input `x` (this application plus every previous one in the chain, summed), or None when none
+        of them is active at this sigma."""
         total: dict | None = None
         for app in self.chain():
             if app.strength == 0 or not app.active(cond.get("sigma")):
                 continue
             groups = len(cond.get("cond_or_uncond") or [1])
-            added = None
-            if cond.get("pooled") is not None and cond.get("size_cond") is not None:
-                added = {"text_embeds": _tile_batch(cond["pooled"], x.shape[0]),
-                         "time_ids": _tile_batch(cond["size_cond"], x.shape[0])}
-            context = _tile_batch(cond["context"], x.shape[0])
-            res = app.controlnet.residuals(x, timestep, context, app.hint_for(x, groups), app.strength, added)
-            if total is None:
-                total = res
-            else:
-                total = {"down": [a + b for a, b in zip(total["down"], res["down"])], "mid": total["mid"] + res["mid"]}
+            total = merge_controls(total, app.residuals_for(x, timestep, cond, groups))
         return total
+
+
+def merge_controls(a: dict | None, b: dict) -> dict:
+    """Sum two residual dicts key by key (a ControlNet and a T2I-Adapter fill different keys)."""
+    if a is None:
+        return b
+    out = dict(a)
+    for key, value in b.items():
+        if out.get(key) is None:
+            out[key] = value
+        elif key == "mid":
+            out[key] = out[key] + value
+        else:
+            out[key] = [p + q for p, q in zip(out[key], value)]
+    return out
+
+
+class AdapterApplication(ControlApplication):
+    """A T2I-Adapter applied to a conditioning. Its features depend on the hint alone, so they are
+    computed once per hint size and batch and scaled by the strength."""
+
+    _features: tuple[tuple, list[torch.Tensor]] | None = None
+
+    def residuals_for(self, x: torch.Tensor, timestep: torch.Tensor | float, cond: Mapping[str, Any],
+                      groups: int) -> dict[str, Any]:
+        hint = self.hint_for(x, groups)
+        key = self._hint_cache[0] if self._hint_cache is not None else None
+        if self._features is None or self._features[0] != key:
+            factor = int(self.controlnet.model.config.downscale_factor)
+            if hint.shape[-1] % factor or hint.shape[-2] % factor:
+                raise ValueError(f"this T2I-Adapter needs image sides that are multiples of {factor} pixels, "
+                                 f"got {hint.shape[-1]}x{hint.shape[-2]}")
+            self._features = (key, self.controlnet.features(hint))
+        return {"intrablock": [f.to(x.device, x.dtype) * self.strength for f in self._features[1]]}

@@ -21,7 +21,7 @@ import torch
 
 from .ldm_keys import UNET_PREFIX
 
-ARCHES = ("sd1", "sd2", "sdxl")
+ARCHES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 # Where each text encoder lives in a single-file checkpoint, and in which layout.
@@ -32,13 +32,20 @@ CLIP_LOCATIONS: dict[str, dict[str, tuple[str, str]]] = {
         "l": ("conditioner.embedders.0.transformer.", "hf"),
         "g": ("conditioner.embedders.1.model.", "openclip"),
     },
+    # The refiner conditions on OpenCLIP-G alone.
+    "sdxl_refiner": {"g": ("conditioner.embedders.0.model.", "openclip")},
 }
 # The diffusers folder component holding each text encoder.
 CLIP_COMPONENTS: dict[str, dict[str, str]] = {
     "sd1": {"l": "text_encoder"},
     "sd2": {"h": "text_encoder"},
     "sdxl": {"l": "text_encoder", "g": "text_encoder_2"},
+    "sdxl_refiner": {"g": "text_encoder_2"},
 }
+# Numbers Fourier-embedded into the added conditioning next to the pooled text embedding:
+# base (height, width, crop_h, crop_w, target_height, target_width); refiner (height, width, crop_h,
+# crop_w, aesthetic_score).
+SIZE_CONDS = {"sdxl": 6, "sdxl_refiner": 5}
 VAE_PREFIX = "first_stage_model."
 
 # Heuristic used for SD2 checkpoints without metadata: the v-prediction 768 models have a
@@ -76,11 +83,11 @@ def has_unet(sd: Mapping[str, torch.Tensor]) -> bool:
 
 
 def detect_arch(sd: Mapping[str, torch.Tensor]) -> str | None:
-    """"sd1", "sd2" or "sdxl" for a single-file LDM checkpoint, None if it is none of them."""
+    """"sd1", "sd2", "sdxl" or "sdxl_refiner" for a single-file LDM checkpoint, None if it is none of them."""
     if not has_unet(sd):
         return None
     if UNET_PREFIX + "label_emb.0.0.weight" in sd or any(k.startswith("conditioner.embedders.") for k in sd):
-        return "sdxl"
+        return "sdxl_refiner" if is_refiner(sd) else "sdxl"
     if any(k.startswith("cond_stage_model.model.") for k in sd):
         return "sd2"
     if any(k.startswith("cond_stage_model.transformer.") for k in sd):
@@ -90,6 +97,22 @@ def detect_arch(sd: Mapping[str, torch.Tensor]) -> str | None:
     if proj is not None and proj.ndim == 2:
         return "sd2"
     return "sd1"
+
+
+def is_refiner(sd: Mapping[str, torch.Tensor], prefix: str = UNET_PREFIX) -> bool:
+    """An SDXL refiner: OpenCLIP-G as the only (first) embedder, or, for a UNet without text encoders,
+    an added-conditioning width of context + 5 embedded numbers (the base has context = L + G, and
+    pooled G + 6 numbers never leaves a multiple of 5 over the context)."""
+    if any(k.startswith("conditioner.embedders.0.model.") for k in sd):
+        return True
+    if any(k.startswith("conditioner.embedders.") for k in sd):
+        return False
+    adm = sd.get(prefix + "label_emb.0.0.weight")
+    ctx = next((v for k, v in sd.items() if k.startswith(prefix) and k.endswith("attn2.to_k.weight")), None)
+    if adm is None or ctx is None:
+        return False
+    extra = int(adm.shape[1]) - int(ctx.shape[1])
+    return extra > 0 and extra % 5 == 0 and extra % 6 != 0
 
 
 def detect_prediction_type(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], arch: str) -> str:
@@ -168,13 +191,16 @@ def infer_unet_config(ldm: Mapping[str, torch.Tensor], arch: str, *, pooled_dim:
         adm_in = int(ldm["label_emb.0.0.weight"].shape[1])
         cfg["addition_embed_type"] = "text_time"
         cfg["projection_class_embeddings_input_dim"] = adm_in
-        # adm input = pooled text embedding + 6 Fourier-embedded size/crop numbers.
-        if pooled_dim is not None and (adm_in - pooled_dim) > 0 and (adm_in - pooled_dim) % 6 == 0:
-            cfg["addition_time_embed_dim"] = (adm_in - pooled_dim) // 6
+        # adm input = pooled text embedding + 6 (refiner: 5) Fourier-embedded size/crop/score numbers.
+        n = SIZE_CONDS.get(arch, 6)
+        if pooled_dim is None and arch == "sdxl_refiner":
+            pooled_dim = int(ctx.shape[1])  # the refiner pools from the encoder it conditions on
+        if pooled_dim is not None and (adm_in - pooled_dim) > 0 and (adm_in - pooled_dim) % n == 0:
+            cfg["addition_time_embed_dim"] = (adm_in - pooled_dim) // n
     else:
-        for k in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
-                  "addition_embed_type_num_heads"):
-            cfg.pop(k, None)
+        for name in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                     "addition_embed_type_num_heads"):
+            cfg.pop(name, None)
     return cfg
 
 

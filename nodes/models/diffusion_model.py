@@ -1,12 +1,18 @@
 """What the MODEL socket carries: a diffusers UNet plus the facts a sampler needs about it."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import nn
 
+from .inpaint import extra_input
 from .memory import ResidentMixin, WeightsHolder, default_device
+
+ARCHES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
+# The SDXL refiner's aesthetic score when a conditioning does not give one (ComfyUI's defaults).
+REFINER_ASCORE = {0: 6.0, 1: 2.5}  # cond_or_uncond: 0 = positive, 1 = negative
 
 
 class DiffusionModelHandle(ResidentMixin):
@@ -14,7 +20,7 @@ class DiffusionModelHandle(ResidentMixin):
 
     def __init__(self, unet: nn.Module, arch: str, prediction_type: str = "epsilon",
                  device: str | None = None) -> None:
-        if arch not in ("sd1", "sd2", "sdxl"):
+        if arch not in ARCHES:
             raise ValueError(f"unknown architecture {arch!r}")
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"unknown prediction type {prediction_type!r}")
@@ -23,8 +29,39 @@ class DiffusionModelHandle(ResidentMixin):
         self.prediction_type = prediction_type
         self.load_device = device or default_device()
 
+    # A ModelSampling* node's noise schedule (nodes/model_patches.py); None = the checkpoint's own.
+    model_sampling: Any = None
+    # Sampling patches set by model-patch nodes on a clone (see with_patches): "cfg_function",
+    # "denoise_mask_function" (read by nodes.sampling.sample), "guider" (a (kind, ...) tuple for
+    # guiders other than CFG) and "output_block_patches" (functions (h, skip) -> (h, skip) applied to
+    # every UNet up-block input before it is concatenated with its skip connection).
+    sampling_patches: dict[str, Any] = {}
+
+    def with_patches(self, **patches: Any) -> DiffusionModelHandle:
+        """A clone with these sampling patches added; output_block_patches accumulate, others replace."""
+        twin = self.clone()
+        merged = dict(self.sampling_patches)
+        for key, value in patches.items():
+            if key == "output_block_patches":
+                value = tuple(merged.get(key, ())) + tuple(value)
+            merged[key] = value
+        twin.sampling_patches = merged
+        return twin
+
+    def with_model_sampling(self, schedule: Any) -> DiffusionModelHandle:
+        twin = self.clone()
+        twin.model_sampling = schedule
+        return twin
+
+    def sampling_schedule(self) -> Any:
+        """The DiscreteSchedule (or override) samplers use with this model."""
+        if self.model_sampling is not None:
+            return self.model_sampling
+        from ..sampling.model_sampling import DiscreteSchedule
+        return DiscreteSchedule(prediction_type=self.prediction_type)
+
     @classmethod
-    def from_checkpoint(cls, checkpoint: Any, device: str | None = None) -> "DiffusionModelHandle":
+    def from_checkpoint(cls, checkpoint: Any, device: str | None = None) -> DiffusionModelHandle:
         """From a `nodes.models.checkpoint.LoadedCheckpoint` (duck-typed)."""
         if checkpoint.unet is None:
             raise ValueError(f"{getattr(checkpoint, 'source', 'checkpoint')} has no diffusion model")
@@ -32,15 +69,17 @@ class DiffusionModelHandle(ResidentMixin):
 
     @property
     def unet(self) -> nn.Module:
-        return self._weights.modules["unet"]
+        unet = self._weights.modules["unet"]
+        assert unet is not None  # a diffusion model handle always holds its UNet
+        return unet
 
-    def clone(self) -> "DiffusionModelHandle":
+    def clone(self) -> DiffusionModelHandle:
         """Shares the weights; attributes set on the clone leave the original alone."""
         twin = object.__new__(DiffusionModelHandle)
         twin.__dict__.update(self.__dict__)
         return twin
 
-    def with_unet(self, unet: nn.Module) -> "DiffusionModelHandle":
+    def with_unet(self, unet: nn.Module) -> DiffusionModelHandle:
         """A clone holding different weights (e.g. a LoRA-merged copy); settings carried over."""
         twin = self.clone()
         twin._weights = WeightsHolder({"unet": unet})
@@ -56,7 +95,12 @@ class DiffusionModelHandle(ResidentMixin):
 
     @property
     def is_sdxl(self) -> bool:
-        return self.arch == "sdxl"
+        return self.arch in ("sdxl", "sdxl_refiner")
+
+    @property
+    def is_inpaint(self) -> bool:
+        """A 9-channel inpainting model: its input is the latent plus mask and masked-image latent."""
+        return self.in_channels == 9
 
     # no_grad rather than inference_mode: callers may update the result in place afterwards.
     @torch.no_grad()
@@ -67,7 +111,13 @@ class DiffusionModelHandle(ResidentMixin):
         `cond`: "context" [B|1, T, D] (required); "pooled" [B|1, P] and "size_cond" [B|1, 6]
         (SDXL's added conditioning: text_embeds / time_ids); optional "control" as a dict with
         "down" (list of residuals, one per UNet skip connection) and "mid" (the middle block's
-        residual), added inside the UNet the way a ControlNet's outputs are; anything else is ignored.
+        residual), added inside the UNet the way a ControlNet's outputs are, or "intrablock" (a
+        T2I-Adapter's features, added inside the down blocks); "concat" [B|1, 9, h, w] (mask, inpainting
+        and pix2pix image latents, see models/inpaint.py): inpainting models append its first 5
+        channels to their input, InstructPix2Pix models the last 4 (blanks when absent), others ignore
+        it; anything else is ignored.
+        For the SDXL refiner, "size_cond" may hold the base model's 6 numbers (the aesthetic score
+        then defaults per "cond_or_uncond"), and the base model takes the refiner's 5.
         Batch-1 conditioning is broadcast to the batch of `x_in`. Inputs are cast to the UNet's
         dtype (float16 on CUDA); the result is on `x_in`'s device in float32 (or `x_in`'s dtype if
         that is wider), so samplers keep full precision whatever the weights are stored in.
@@ -97,6 +147,7 @@ class DiffusionModelHandle(ResidentMixin):
             pooled, size_cond = cond.get("pooled"), cond.get("size_cond")
             if pooled is None or size_cond is None:
                 raise ValueError("SDXL models need 'pooled' and 'size_cond' in cond")
+            size_cond = self._fit_time_ids(size_cond, pooled.shape[-1], cond.get("cond_or_uncond"))
             kwargs["added_cond_kwargs"] = {"text_embeds": prep(pooled), "time_ids": prep(size_cond)}
         control = cond.get("control")
         if control is not None and not isinstance(control, dict) and hasattr(control, "get_control"):
@@ -108,8 +159,66 @@ class DiffusionModelHandle(ResidentMixin):
                 raise ValueError("control residuals need both 'down' and 'mid'")
             kwargs["down_block_additional_residuals"] = [prep(r) for r in control["down"]]
             kwargs["mid_block_additional_residual"] = prep(control["mid"])
-        out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
+        if isinstance(control, dict) and control.get("intrablock") is not None:
+            kwargs["down_intrablock_additional_residuals"] = [prep(r) for r in control["intrablock"]]
+        if x.shape[1] < self.in_channels:
+            x = torch.cat([x, prep(extra_input(cond.get("concat"), x_in, self.in_channels - x.shape[1]))], dim=1)
+        with self._output_block_hooks():
+            out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
         return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))
+
+    @contextlib.contextmanager
+    def _output_block_hooks(self):
+        """Run output_block_patches inside the UNet for one call. The weights are shared with other
+        handles, so the hooks live only for the call. In a diffusers up block each resnet's input is
+        cat([h, skip]); the split point follows from the block's channel layout."""
+        patches = self.sampling_patches.get("output_block_patches") or ()
+        if not patches:
+            yield
+            return
+        handles = []
+
+        def make_hook(h_channels: int):
+            def hook(module, args):
+                h, skip = args[0][:, :h_channels], args[0][:, h_channels:]
+                h = h.clone()
+                for patch in patches:
+                    h, skip = patch(h, skip)
+                return (torch.cat([h, skip.to(h.dtype)], dim=1),) + tuple(args[1:])
+            return hook
+
+        try:
+            for block in getattr(self.unet, "up_blocks", ()):
+                resnets = list(getattr(block, "resnets", ()))
+                for i, resnet in enumerate(resnets):
+                    out_ch = int(resnet.out_channels)
+                    h_ch = int(resnet.in_channels) - out_ch if i == 0 and len(resnets) > 1 else out_ch
+                    handles.append(resnet.register_forward_pre_hook(make_hook(h_ch)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _fit_time_ids(self, size_cond: torch.Tensor, pooled_dim: int, cond_or_uncond: Any) -> torch.Tensor:
+        cfg = self.unet.config
+        per = int(getattr(cfg, "addition_time_embed_dim", 0) or 0)
+        total = getattr(cfg, "projection_class_embeddings_input_dim", None)
+        if not per or total is None:
+            return size_cond
+        want = (int(total) - int(pooled_dim)) // per
+        have = size_cond.shape[-1]
+        if want == have:
+            return size_cond
+        if want == 5 and have == 6:  # refiner given base conditioning: (h, w, crop_h, crop_w) + aesthetic score
+            rows = size_cond.shape[0]
+            flags = list(cond_or_uncond) if cond_or_uncond else [0]
+            per_job = max(1, rows // len(flags))
+            score = torch.tensor([REFINER_ASCORE.get(int(flags[min(i // per_job, len(flags) - 1)]), 6.0)
+                                  for i in range(rows)], dtype=size_cond.dtype, device=size_cond.device)
+            return torch.cat([size_cond[:, :4], score[:, None]], dim=1)
+        if want == 6 and have == 5:  # base given refiner conditioning: the target size is the size
+            return torch.cat([size_cond[:, :4], size_cond[:, :2]], dim=1)
+        raise ValueError(f"the model's added conditioning takes {want} size numbers, got {have}")
 
     def _needs_added_cond(self) -> bool:
         return getattr(self.unet.config, "addition_embed_type", None) == "text_time"

@@ -92,7 +92,9 @@ def extract_vectors(data: object, dim: int, key: str | None = None) -> torch.Ten
 class EmbeddingStore:
     """Resolves `embedding:NAME` references for one text encoder width; files are cached by mtime."""
 
-    def __init__(self, directories: Iterable[str | os.PathLike] | Callable[[], Iterable[str | os.PathLike]] | None = None) -> None:
+    def __init__(self,
+                 directories: Iterable[str | os.PathLike] | Callable[[], Iterable[str | os.PathLike]] | None = None,
+                 ) -> None:
         # A callable is re-read on every lookup, so folders added later (extra paths YAML) count.
         self._directories = directories if callable(directories) else [Path(d) for d in (directories or [])]
         self._cache: dict[tuple[str, int, int], object] = {}

@@ -253,10 +253,15 @@ class ModelFolders:
 
     # ------------------------------------------------------------------ lookup
     def full_path(self, key: str, name: str) -> Path | None:
-        """The first existing file `name` in the directories of `key`, or None.
+        """The first existing file `name` in the directories of `key`, resolved (symlinks followed), or None.
 
         Raises UnsafePathError for a name that would leave the folder (checked before any lookup,
         so a hostile name fails the same way whether or not the target exists)."""
+        found = self._find(key, name)
+        return None if found is None else found[1]
+
+    def _find(self, key: str, name: str) -> tuple[Path, Path] | None:
+        """(the folder holding `name`, the resolved path) for the first match."""
         _check_name(name)
         folder = self._folders.get(canonical_key(key))
         if folder is None:
@@ -266,18 +271,21 @@ class ModelFolders:
                 continue
             path = resolve_name(root, name, follow_links=self.follow_links)
             if path.is_file() or (folder.extensions == {"folder"} and path.is_dir()):
-                return path
+                return root, path
             if os.path.islink(root / name):
                 log.warning("%s exists but does not link anywhere; skipped", root / name)
         return None
 
     def require(self, key: str, name: str) -> Path:
-        """Like full_path, but a missing file is FileNotFoundError with the searched folders."""
-        path = self.full_path(key, name)
-        if path is None:
+        """The path to load `name` from: the model folder joined with the name as the workflow gave it
+        (a symlink is followed when the file is opened, not here), so that every error about the file
+        names what the workflow asked for rather than the link's target. A missing file is
+        FileNotFoundError with the searched folders."""
+        found = self._find(key, name)
+        if found is None:
             searched = ", ".join(str(p) for p in self.paths(key)) or "(no folders)"
             raise FileNotFoundError(f"{key} file {name!r} not found in: {searched}")
-        return path
+        return found[0] / name
 
 
 def _entries(value: object) -> list[str]:

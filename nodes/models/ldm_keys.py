@@ -219,6 +219,8 @@ def openclip_to_hf(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, tor
             out["text_projection.weight"] = value.t().contiguous()
         elif rest.startswith("transformer.resblocks."):
             m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)", rest)
+            if m is None:  # no layer index: skipped like the other keys without a counterpart
+                continue
             i, sub = m.group(1), m.group(2)
             base = f"text_model.encoder.layers.{i}."
             if sub in ("attn.in_proj_weight", "attn.in_proj_bias"):

@@ -149,7 +149,7 @@ def unet_name_map(unet: nn.Module) -> dict[str, str]:
     if config is not None and "layers_per_block" in config:
         for d_key, _ in unet.named_parameters():
             try:
-                (l_key,) = ldm_keys.unet_diffusers_to_ldm({d_key: None}, config)
+                (l_key,) = ldm_keys.unet_diffusers_to_ldm({d_key: None}, config)  # type: ignore[dict-item]  # keys only
             except (KeyError, TypeError, ValueError):
                 continue
             d_mod, _, d_leaf = d_key.rpartition(".")
@@ -215,7 +215,7 @@ def _resolve_one(base: str, unet_map: dict[str, str], enc_maps: dict[str, dict[s
         if name.startswith(prefix):
             key = which or first_encoder
             hit = enc_maps.get(key, {}).get(name[len(prefix):]) if key else None
-            return (key, hit) if hit else None
+            return (key, hit) if key and hit else None
     for prefix in _LDM_PREFIXES:
         if name.startswith(prefix):
             hit = unet_map.get(name[len(prefix):])
@@ -229,7 +229,7 @@ def _resolve_one(base: str, unet_map: dict[str, str], enc_maps: dict[str, dict[s
             rest = _clean_diffusers_name(name[len(prefix):])
             emap = enc_maps.get(key, {}) if key else {}
             hit = emap.get(rest) or emap.get("text_model." + rest)
-            return (key, hit) if hit else None
+            return (key, hit) if key and hit else None
     # A bare PEFT save of one model: try the UNet, then the first text encoder.
     bare = _clean_diffusers_name(name)
     if bare in unet_map:

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from engine.memory import tensor_part
+from engine.memory import notify_moved, request_room, tensor_part
 
 
 def default_device() -> str:
@@ -114,18 +114,29 @@ class WeightsHolder:
         return out
 
     def move(self, device: str | torch.device) -> None:
+        """Move every module to `device`, telling the engine's accounting before (so it can offload least
+        recently used entries to make room) and after (so it re-measures where these weights live). The
+        notifications happen outside `self.lock`: the cache may move other handles while making room."""
         target = torch.device(device)
+        pending = [m for m in self.present() if not _on_device(m, target)]
+        if not pending:
+            return
+        request_room(device_key(target), sum(module_footprint(pending).values()))
         with self.lock:
-            for module in self.present():
-                current = modules_device([module])
-                if current is None or _same_device(current, target):
-                    continue
-                module.to(target)
+            for module in pending:
+                if not _on_device(module, target):
+                    module.to(target)
             if target.type == "cpu" and torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        notify_moved(self)
 
     def ensure_on(self, device: str | torch.device) -> None:
         self.move(device)
+
+
+def _on_device(module: nn.Module, target: torch.device) -> bool:
+    current = modules_device([module])
+    return current is None or _same_device(current, target)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

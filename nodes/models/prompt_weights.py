@@ -20,6 +20,13 @@ import re
 from dataclasses import dataclass
 
 EMBEDDING_PREFIX = "embedding:"
+# Deeper nesting has no use (1.1**50 is a weight of 117) and each level is parsed again: 5,000 `(` would
+# recurse past Python's limit. Prompts nesting deeper are refused with this message.
+MAX_NESTING = 50
+
+
+class PromptTooDeep(ValueError):
+    """The prompt nests parentheses deeper than MAX_NESTING."""
 
 # Escaped parentheses are swapped for private-use characters while the groups are parsed,
 # then restored as plain parentheses.
@@ -107,8 +114,33 @@ def _weigh(text: str, weight: float) -> list[tuple[str, float]]:
     return out
 
 
+def nesting_depth(text: str) -> int:
+    """The deepest level of unescaped parentheses (one linear scan)."""
+    depth = deepest = 0
+    for char in _escape(text):
+        if char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")" and depth > 0:
+            depth -= 1
+    return deepest
+
+
+def check_nesting(text: str) -> str | None:
+    """An error message when `text` nests too deeply to parse, else None."""
+    depth = nesting_depth(text)
+    if depth > MAX_NESTING:
+        return (f"the prompt nests parentheses {depth} levels deep; at most {MAX_NESTING} are allowed "
+                f"(write (word:1.5) for a strong weight)")
+    return None
+
+
 def parse_prompt_weights(text: str) -> list[tuple[str, float]]:
-    """`text` -> [(segment, weight)], escaped parentheses restored; empty segments dropped."""
+    """`text` -> [(segment, weight)], escaped parentheses restored; empty segments dropped. Raises
+    PromptTooDeep past MAX_NESTING levels."""
+    problem = check_nesting(text)
+    if problem:
+        raise PromptTooDeep(problem)
     return [(_unescape(seg), w) for seg, w in _weigh(_escape(text), 1.0) if seg]
 
 

@@ -15,7 +15,8 @@ Which hidden layer feeds the UNet:
 - SD1 (CLIP-L): the last layer, after the final layer norm;
 - SD2 (OpenCLIP-H): the penultimate layer, with the final layer norm applied;
 - SDXL: the penultimate layer of CLIP-L and of OpenCLIP-G, without the final norm, concatenated
-  (768 + 1280 = 2048 dims); pooled = G's projected EOS vector.
+  (768 + 1280 = 2048 dims); pooled = G's projected EOS vector;
+- SDXL refiner: OpenCLIP-G alone, penultimate layer without the final norm (1280 dims), pooled as SDXL.
 `set_last_layer(n)` (CLIPSetLastLayer) picks layer n (-1 last, -2 penultimate, ...) in every encoder;
 an |n| larger than the encoder is the normed last layer.
 """
@@ -63,6 +64,7 @@ ARCH_ENCODERS: dict[str, tuple[EncoderSpec, ...]] = {
     "sd1": (EncoderSpec("l", None, True, True, "clip_l"),),
     "sd2": (EncoderSpec("h", -2, True, False, "clip_h"),),
     "sdxl": (EncoderSpec("l", -2, False, True, "clip_l"), EncoderSpec("g", -2, False, False, "clip_g")),
+    "sdxl_refiner": (EncoderSpec("g", -2, False, False, "clip_g"),),
 }
 
 
@@ -154,8 +156,8 @@ def empty_chunk(pad_id: int, bos: int = BOS_ID, eos: int = EOS_ID) -> TokenChunk
     return TokenChunk(ids, [1.0] * MAX_LENGTH)
 
 
-def _text_model(model: nn.Module) -> nn.Module:
-    """The module holding embeddings/encoder/final_layer_norm (WithProjection wraps one)."""
+def _text_model(model: nn.Module) -> Any:
+    """The module holding embeddings/encoder/final_layer_norm (WithProjection wraps one); duck-typed."""
     return getattr(model, "text_model", model)
 
 
@@ -196,7 +198,7 @@ class ClipHandle(ResidentMixin):
     @classmethod
     def from_checkpoint(cls, checkpoint: Any,
                         embedding_dirs: Iterable[str | Path] | Callable[[], Iterable[str | Path]] | None = None,
-                        device: str | None = None) -> "ClipHandle":
+                        device: str | None = None) -> ClipHandle:
         """From a `nodes.models.checkpoint.LoadedCheckpoint` (duck-typed)."""
         return cls(checkpoint.text_encoders, checkpoint.tokenizers, checkpoint.arch,
                    embedding_dirs=embedding_dirs, device=device,
@@ -207,7 +209,7 @@ class ClipHandle(ResidentMixin):
     def text_encoders(self) -> dict[str, nn.Module]:
         return dict(self._weights.modules)  # type: ignore[arg-type]
 
-    def clone(self) -> "ClipHandle":
+    def clone(self) -> ClipHandle:
         twin = object.__new__(ClipHandle)
         twin.__dict__.update(self.__dict__)
         twin.tokenizers = dict(self.tokenizers)
@@ -216,7 +218,7 @@ class ClipHandle(ResidentMixin):
         twin._cache_lock = threading.Lock()
         return twin
 
-    def with_text_encoders(self, text_encoders: Mapping[str, nn.Module]) -> "ClipHandle":
+    def with_text_encoders(self, text_encoders: Mapping[str, nn.Module]) -> ClipHandle:
         """A clone whose encoders are replaced (e.g. LoRA-merged copies); settings carried over."""
         twin = self.clone()
         modules = dict(self._weights.modules)
@@ -282,7 +284,9 @@ class ClipHandle(ResidentMixin):
         return TokenizedPrompt(text, chunks)
 
     def _hidden_size(self, key: str) -> int:
-        return int(_text_model(self._weights.modules[key]).config.hidden_size)
+        model = self._weights.modules[key]
+        assert model is not None  # a handle holds every encoder its arch has
+        return int(_text_model(model).config.hidden_size)
 
     # ------------------------------------------------------------------ encoding
     def encode(self, tokens: TokenizedPrompt) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -334,6 +338,7 @@ class ClipHandle(ResidentMixin):
 
     def _encode_one(self, spec: EncoderSpec, chunks: list[TokenChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         model = self._weights.modules[spec.key]
+        assert model is not None  # a handle holds every encoder its arch has
         tokenizer = self.tokenizers[spec.key]
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else BOS_ID
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else EOS_ID

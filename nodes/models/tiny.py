@@ -3,7 +3,9 @@
 They use the real diffusers/transformers classes and the real block structure of each
 architecture (SD1: conv projections and 8 heads; SD2: linear projections and an OpenCLIP-H
 style encoder; SDXL: an attention-free first level, deeper second level, text-time embedding
-and two encoders), only with tiny widths. The VAE keeps four levels so images are still
+and two encoders; SDXL refiner: OpenCLIP-G only, attention-free first and last levels, 5 embedded
+size/score numbers), only with tiny widths; `inpaint=True` gives the 9-channel inpainting UNet.
+T2I-Adapters (full, light, SDXL) are sized to fit these UNets. The VAE keeps four levels so images are still
 downscaled by 8. Configs are derived from the shipped full-size ones with the same rules the
 loader uses to infer them back from tensor shapes (detect.py), so a written tiny checkpoint
 loads into identical models.
@@ -34,11 +36,14 @@ MODELSPEC_ARCH = {
     "sd1": "stable-diffusion-v1",
     "sd2": "stable-diffusion-v2-768-v",
     "sdxl": "stable-diffusion-xl-v1-base",
+    "sdxl_refiner": "stable-diffusion-xl-v1-refiner",
 }
 
 
-def tiny_configs(arch: str = "sd1") -> dict[str, dict]:
-    """diffusers/transformers configs of the tiny models: keys unet, vae, l/h/g."""
+def tiny_configs(arch: str = "sd1", *, inpaint: bool = False) -> dict[str, dict]:
+    """diffusers/transformers configs of the tiny models: keys unet, vae, l/h/g.
+
+    `inpaint`: a 9-channel inpainting UNet (latent + mask + masked-image latent)."""
     clips: dict[str, dict] = {}
     for kind, component in CLIP_COMPONENTS[arch].items():
         cfg = detect.shipped_config(arch, component)
@@ -55,7 +60,21 @@ def tiny_configs(arch: str = "sd1") -> dict[str, dict]:
     unet = detect.shipped_config(arch, "unet")
     channels = [32, 64]
     unet.update(block_out_channels=channels, layers_per_block=1, cross_attention_dim=context)
-    if arch == "sdxl":
+    if inpaint:
+        unet["in_channels"] = 9
+    if arch == "sdxl_refiner":
+        # the refiner's shape: no attention in the first and last levels, pooled G + 5 size/score numbers
+        channels = [32, 64, 64]
+        unet.update(
+            block_out_channels=channels,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            transformer_layers_per_block=[2, 2, 2],
+            addition_time_embed_dim=SDXL_TIME_EMBED,
+            projection_class_embeddings_input_dim=clips["g"]["projection_dim"] + 5 * SDXL_TIME_EMBED,
+            attention_head_dim=[unet_heads(arch, c) for c in channels],
+        )
+    elif arch == "sdxl":
         unet.update(
             down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
             up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
@@ -69,7 +88,8 @@ def tiny_configs(arch: str = "sd1") -> dict[str, dict]:
             down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
             up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
             transformer_layers_per_block=[1, 1],
-            attention_head_dim=unet_heads(arch, channels[0]) if arch == "sd1" else [unet_heads(arch, c) for c in channels],
+            attention_head_dim=(unet_heads(arch, channels[0]) if arch == "sd1"
+                                else [unet_heads(arch, c) for c in channels]),
         )
 
     vae = detect.shipped_config(arch, "vae")
@@ -90,11 +110,12 @@ def _clip_model(cfg: dict) -> CLIPTextModel | CLIPTextModelWithProjection:
     return cls(CLIPTextConfig(**kwargs))
 
 
-def tiny_checkpoint_models(arch: str = "sd1", *, prediction_type: str = "epsilon", seed: int = 0) -> LoadedCheckpoint:
+def tiny_checkpoint_models(arch: str = "sd1", *, prediction_type: str = "epsilon", seed: int = 0,
+                           inpaint: bool = False) -> LoadedCheckpoint:
     """In-memory tiny models of `arch`, deterministic for a seed (the global RNG is left alone)."""
     if arch not in detect.ARCHES:
         raise ValueError(f"unknown architecture {arch!r}")
-    cfgs = tiny_configs(arch)
+    cfgs = tiny_configs(arch, inpaint=inpaint)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -119,17 +140,18 @@ def tiny_checkpoint_models(arch: str = "sd1", *, prediction_type: str = "epsilon
 
 
 def write_tiny_checkpoint(
-    path: str | Path, arch: str = "sd1", *, prediction_type: str = "epsilon", seed: int = 0
+    path: str | Path, arch: str = "sd1", *, prediction_type: str = "epsilon", seed: int = 0,
+    inpaint: bool = False,
 ) -> Path:
     """Write a tiny single-file `.safetensors` checkpoint in the original LDM layout."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    ckpt = tiny_checkpoint_models(arch, prediction_type=prediction_type, seed=seed)
+    ckpt = tiny_checkpoint_models(arch, prediction_type=prediction_type, seed=seed, inpaint=inpaint)
     metadata = {
         "sdflow.random_weights": "true",
         "modelspec.prediction_type": prediction_type,
-        "modelspec.architecture": MODELSPEC_ARCH[arch],
+        "modelspec.architecture": MODELSPEC_ARCH[arch] + ("-inpainting" if inpaint else ""),
         "modelspec.title": f"sdflow tiny {arch} (random weights)",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,12 +162,14 @@ def write_tiny_checkpoint(
 
 
 def write_tiny_diffusers_folder(
-    path: str | Path, arch: str = "sd1", seed: int = 0, *, prediction_type: str = "epsilon"
+    path: str | Path, arch: str = "sd1", seed: int = 0, *, prediction_type: str = "epsilon",
+    inpaint: bool = False,
 ) -> Path:
     """Write the tiny models of `arch` as a diffusers pipeline folder."""
     path = Path(path)
-    ckpt = tiny_checkpoint_models(arch, prediction_type=prediction_type, seed=seed)
+    ckpt = tiny_checkpoint_models(arch, prediction_type=prediction_type, seed=seed, inpaint=inpaint)
     path.mkdir(parents=True, exist_ok=True)
+    assert ckpt.unet is not None and ckpt.vae is not None
     ckpt.unet.save_pretrained(path / "unet")
     ckpt.vae.save_pretrained(path / "vae")
     for kind, sub in CLIP_COMPONENTS[arch].items():
@@ -163,4 +187,45 @@ def write_demo_checkpoint(models_dir: str | Path) -> Path:
     path = Path(models_dir) / "checkpoints" / DEMO_NAME
     if not path.exists():
         write_tiny_checkpoint(path, "sd1")
+    return path
+
+
+def tiny_t2i_adapter(arch: str = "sd1", *, light: bool = False, in_channels: int = 3, seed: int = 0):
+    """A tiny random-weight diffusers T2IAdapter whose features fit the tiny UNet of `arch`: the
+    full adapter (SD1/SD2), the SDXL full adapter (unshuffle by 16) or, with `light`, the light one."""
+    from diffusers import T2IAdapter
+
+    if light:
+        kwargs = {"channels": [32, 64], "num_res_blocks": 2, "downscale_factor": 8, "adapter_type": "light_adapter"}
+    elif arch == "sdxl":
+        kwargs = {"channels": [32, 64], "num_res_blocks": 2, "downscale_factor": 16, "adapter_type": "full_adapter_xl"}
+    else:
+        kwargs = {"channels": [32, 64], "num_res_blocks": 2, "downscale_factor": 8, "adapter_type": "full_adapter"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapter = T2IAdapter(in_channels=in_channels, **kwargs)
+    _jitter(adapter, torch.Generator().manual_seed(seed + 1))
+    return adapter.eval().requires_grad_(False)
+
+
+def write_tiny_t2i_adapter(path: str | Path, arch: str = "sd1", *, layout: str = "diffusers", light: bool = False,
+                           in_channels: int = 3, seed: int = 0) -> Path:
+    """Write a tiny T2I-Adapter: `layout` "diffusers" (bare file), "folder" (save_pretrained) or
+    "original" (TencentARC key names)."""
+    from safetensors.torch import save_file
+
+    from .t2i_adapter import diffusers_to_original
+
+    path = Path(path)
+    adapter = tiny_t2i_adapter(arch, light=light, in_channels=in_channels, seed=seed)
+    if layout == "folder":
+        adapter.save_pretrained(path)
+        return path
+    sd = {k: v.contiguous() for k, v in adapter.state_dict().items()}
+    if layout == "original":
+        sd = diffusers_to_original(sd, adapter.config.num_res_blocks, light)
+    elif layout != "diffusers":
+        raise ValueError(f"unknown layout {layout!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
     return path

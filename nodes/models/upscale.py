@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine import progress
+
 from .memory import ResidentMixin, WeightsHolder, default_device, is_out_of_memory
 from .state_dict import ModelFileError, read_state_dict
 
@@ -161,6 +163,7 @@ def tiled_upscale(image: torch.Tensor, model: Callable[[torch.Tensor], torch.Ten
         done = [0]
 
         def step() -> None:
+            progress.check_interrupt()   # after every tile, whoever called (the node reports progress too)
             done[0] += 1
             if on_progress is not None:
                 on_progress(done[0], total)

@@ -7,18 +7,29 @@ space EmptyLatentImage's zeros live in.
 
 Images whose sides are not multiples of 8 are center-cropped to the nearest smaller multiple
 (as ComfyUI does). Out-of-memory during decode/encode falls back to smaller batches, then to tiles.
+
+Batches run in chunks of about CHUNK_PIXELS output pixels and tiles one at a time, with an interrupt
+check and a progress report after each: a batch of 4096 stops within one chunk of an interrupt.
 """
 from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
+from engine import progress
+
 from .memory import ResidentMixin, WeightsHolder, default_device, is_out_of_memory
 
+if TYPE_CHECKING:  # diffusers is imported where models are built: importing it costs seconds
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
 log = logging.getLogger(__name__)
+
+CHUNK_PIXELS = 4 * 512 * 512      # full-resolution pixels per chunk (the decoder's activations scale with them)
 
 
 class VaeHandle(ResidentMixin):
@@ -34,10 +45,10 @@ class VaeHandle(ResidentMixin):
         self._run_lock = threading.Lock()
 
     @property
-    def vae(self) -> nn.Module:
-        return self._weights.modules["vae"]
+    def vae(self) -> AutoencoderKL:
+        return cast("AutoencoderKL", self._weights.modules["vae"])
 
-    def clone(self) -> "VaeHandle":
+    def clone(self) -> VaeHandle:
         twin = object.__new__(VaeHandle)
         twin.__dict__.update(self.__dict__)
         twin._run_lock = threading.Lock()
@@ -77,7 +88,7 @@ class VaeHandle(ResidentMixin):
         if pixels.ndim == 3:
             pixels = pixels.unsqueeze(0)
         pixels = self.crop_pixels(pixels[..., :3])
-        out = self._batched(pixels, self._encode_batch, self._encode_tiled)
+        out = self._batched(pixels, self._encode_batch, self._encode_tiled, pixels.shape[1] * pixels.shape[2])
         return out.to(self.output_device)
 
     @torch.no_grad()
@@ -86,7 +97,9 @@ class VaeHandle(ResidentMixin):
         if samples.ndim == 5:  # video-shaped latents: frames become batch entries
             b, c, f, h, w = samples.shape
             samples = samples.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-        out = self._batched(samples, self._decode_batch, self._decode_tiled)
+        r = self.downscale_ratio
+        out = self._batched(samples, self._decode_batch, self._decode_tiled,
+                            samples.shape[-2] * r * samples.shape[-1] * r)
         return out.to(self.output_device)
 
     @torch.no_grad()
@@ -98,13 +111,13 @@ class VaeHandle(ResidentMixin):
             return self._decode_tiled(samples, tile, overlap).to(self.output_device)
 
     # ------------------------------------------------------------------ internals
-    def _batched(self, x: torch.Tensor, run, tiled) -> torch.Tensor:
+    def _batched(self, x: torch.Tensor, run, tiled, pixels_per_item: int = 1) -> torch.Tensor:
         with self._run_lock:
             self.ensure_loaded()
-            batch = x.shape[0]
+            batch = max(1, min(x.shape[0], CHUNK_PIXELS // max(pixels_per_item, 1)))
             while True:
                 try:
-                    return torch.cat([run(x[i : i + batch]) for i in range(0, x.shape[0], batch)], dim=0)
+                    return _chunks(x, batch, run)
                 except (RuntimeError, torch.OutOfMemoryError) as exc:
                     if not is_out_of_memory(exc):
                         raise
@@ -114,7 +127,7 @@ class VaeHandle(ResidentMixin):
                         log.warning("VAE ran out of memory; retrying with batch %d", batch)
                         continue
                     log.warning("VAE ran out of memory at batch 1; falling back to tiles")
-                    return torch.cat([tiled(x[i : i + 1]) for i in range(x.shape[0])], dim=0)
+                    return _chunks(x, 1, tiled)
 
     def _device(self) -> torch.device:
         return next(self.vae.parameters()).device
@@ -143,6 +156,19 @@ class VaeHandle(ResidentMixin):
 
         r = self.downscale_ratio
         return _tiled(x, tile, overlap, 1, run, out_channels_last=False, shrink=r)
+
+
+def _chunks(x: torch.Tensor, batch: int, run) -> torch.Tensor:
+    """`run` over `x` in chunks of `batch`; an interrupt is honoured between chunks. Progress is reported
+    only when there is more than one chunk (a single decode shows no bar)."""
+    total = -(-x.shape[0] // batch)
+    parts = []
+    for n, i in enumerate(range(0, x.shape[0], batch), start=1):
+        progress.check_interrupt()
+        parts.append(run(x[i: i + batch]))
+        if total > 1:
+            progress.report(n, total)
+    return torch.cat(parts, dim=0)
 
 
 def _free_cache() -> None:
@@ -182,13 +208,14 @@ def _tiled(x: torch.Tensor, tile: int, overlap: int, scale: int, run, out_channe
     weight = None
     for y0 in ys:
         for x0 in xs:
+            progress.check_interrupt()    # tiles of one huge image are the unit of interruption
             th, tw = min(tile, h - y0), min(tile, w - x0)
             piece = run(x[:, :, y0 : y0 + th, x0 : x0 + tw]).float()
             if out_channels_last:
                 piece = piece.movedim(-1, 1)
             oy, ox = y0 * scale // shrink, x0 * scale // shrink
             ph, pw = piece.shape[-2], piece.shape[-1]
-            if out is None:
+            if out is None or weight is None:  # set together, on the first tile
                 out = torch.zeros(piece.shape[0], piece.shape[1], h * scale // shrink, w * scale // shrink,
                                   device=piece.device)
                 weight = torch.zeros(1, 1, out.shape[-2], out.shape[-1], device=piece.device)

@@ -8,7 +8,8 @@ the model. ``callback`` receives ``{"i", "x", "sigma", "sigma_hat", "denoised"}`
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -35,7 +36,8 @@ def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
-def get_ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def get_ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor,
+                       eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a step to sigma_to into a deterministic step down to sigma_down plus fresh noise of std sigma_up."""
     if not eta:
         return sigma_to, torch.zeros_like(sigma_to)
@@ -57,9 +59,11 @@ def brownian_noise(
     return BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seed=seed, cpu=cpu)
 
 
-def report(callback: StepCallback, i: int, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor, sigma_hat=None) -> None:
+def report(callback: StepCallback, i: int, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor,
+           sigma_hat=None) -> None:
     if callback is not None:
-        callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma if sigma_hat is None else sigma_hat, "denoised": denoised})
+        callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma if sigma_hat is None else sigma_hat,
+                  "denoised": denoised})
 
 
 def sigma_fn(t: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ def _ends(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sigmas[0].log().neg(), sigma_min.log().neg()
 
 
-def _ancestral_target(solver: "_Solver", t, t_next, t_end, eta: float):
+def _ancestral_target(solver: _Solver, t, t_next, t_end, eta: float):
     """Where an ancestral step from t to t_next lands deterministically (in -log sigma), and the noise
     added on top to reach sigma(t_next); eta = 0 is the plain step."""
     if not eta:
@@ -108,6 +108,7 @@ def sample_dpm_fast(model: Denoiser, x, sigmas, extra_args=None, callback: StepC
         step = (solver.step_1, solver.step_2, solver.step_3)[order - 1]
         x = step(x, t, t_target)
         if eta:
+            assert noise is not None  # made when eta is set
             x = x + sigma_up * s_noise * noise(solver.sigma(t), solver.sigma(t_next))
     return x
 
@@ -115,7 +116,8 @@ def sample_dpm_fast(model: Denoiser, x, sigmas, extra_args=None, callback: StepC
 class _PIDStepSize:
     """PID step-size controller (Söderlind 2003) with the arctan limiter, on an error measured in tolerances."""
 
-    def __init__(self, h: float, pcoeff: float, icoeff: float, dcoeff: float, order: float, accept_safety: float) -> None:
+    def __init__(self, h: float, pcoeff: float, icoeff: float, dcoeff: float, order: float,
+                 accept_safety: float) -> None:
         self.h = h
         self.b1 = (pcoeff + icoeff + dcoeff) / order
         self.b2 = -(pcoeff + 2 * dcoeff) / order
@@ -174,6 +176,7 @@ def sample_dpm_adaptive(model: Denoiser, x, sigmas, extra_args=None, callback: S
             x_prev = x_low
             x = x_high
             if eta:
+                assert noise is not None  # made when eta is set
                 x = x + sigma_up * s_noise * noise(solver.sigma(s), solver.sigma(t))
             s = t
         attempts += 1

@@ -9,12 +9,14 @@ Entries whose shapes agree (cond and uncond alike) run as one batched ``apply_mo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
+from ..models.inpaint import model_concat
 from .model_sampling import DiscreteSchedule, _bcast
 
 ApplyModel = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
@@ -38,6 +40,8 @@ class CondEntry:
     sigma_start: float | None  # inactive while sigma > sigma_start
     sigma_end: float | None  # inactive while sigma < sigma_end
     options: dict[str, Any] = field(default_factory=dict)
+    # [B, 9, h, w] extra input of inpainting / InstructPix2Pix models; see models/inpaint.py
+    concat: torch.Tensor | None = None
     # Per-device copies and per-shape weights, built on first use: the sampler calls the denoiser with the
     # same entries every step, so nothing here is rebuilt or re-uploaded after the first step.
     cache: dict[tuple, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -89,9 +93,12 @@ def _resolve_area(area: Sequence[Any], h: int, w: int) -> tuple[int, int, int, i
 
 
 def resolve_conditioning(
-    conditioning: Conditioning, schedule: DiscreteSchedule, latent_shape: Sequence[int]
+    conditioning: Conditioning, schedule: DiscreteSchedule, latent_shape: Sequence[int],
+    *, latent_image: torch.Tensor | None = None, noise_mask: torch.Tensor | None = None,
 ) -> list[CondEntry]:
-    """Turn a CONDITIONING list into entries with areas, masks, SDXL size conds and sigma ranges resolved."""
+    """Turn a CONDITIONING list into entries with areas, masks, SDXL size conds and sigma ranges resolved.
+
+    ``latent_image``/``noise_mask`` are the sampler's, the inpainting models' default extra input."""
     b, h, w = latent_shape[0], latent_shape[-2], latent_shape[-1]
     entries = []
     for item in conditioning:
@@ -111,6 +118,9 @@ def resolve_conditioning(
                 opts.get("target_height", height),
                 opts.get("target_width", width),
             ]
+            if "aesthetic_score" in opts:
+                # SDXL refiner: original size, crop and aesthetic score instead of the target size
+                vals = vals[:4] + [opts["aesthetic_score"]]
             size_cond = torch.tensor([float(v) for v in vals]).repeat(b, 1)
         mask = opts.get("mask")
         area = opts.get("area")
@@ -136,6 +146,7 @@ def resolve_conditioning(
                 sigma_start=schedule.percent_to_sigma(start) if start is not None and start > 0 else None,
                 sigma_end=schedule.percent_to_sigma(end) if end is not None and end < 1 else None,
                 options=opts,
+                concat=model_concat(opts, latent_image, noise_mask, latent_shape),
             )
         )
     return entries
@@ -176,6 +187,13 @@ def _build_weights(entry: CondEntry, like: torch.Tensor, full_h: int, full_w: in
                 if start + size < full:
                     mult.narrow(dim, size - 1 - t, 1).mul_(f)
     return mult
+
+
+def _crop(t: torch.Tensor, area: tuple[int, int, int, int] | None) -> torch.Tensor:
+    if area is None:
+        return t
+    ah, aw, ay, ax = area
+    return t[:, :, ay : ay + ah, ax : ax + aw]
 
 
 @dataclass
@@ -228,8 +246,9 @@ class CFGDenoiser:
         self.schedule = schedule
         self.cfg = float(cfg)
         self.latent_shape = tuple(latent_shape)
-        self.positive = resolve_conditioning(positive, schedule, latent_shape)
-        self.negative = resolve_conditioning(negative, schedule, latent_shape)
+        concat_src = {"latent_image": latent_image, "noise_mask": noise_mask}
+        self.positive = resolve_conditioning(positive, schedule, latent_shape, **concat_src)
+        self.negative = resolve_conditioning(negative, schedule, latent_shape, **concat_src)
         self._share_control_with_uncond()
         self.skip_uncond = math.isclose(self.cfg, 1.0)
         # CFG++ protocol (see _common.uncond_getter): a sampler sets need_uncond = True, which forces the
@@ -238,6 +257,12 @@ class CFGDenoiser:
         # blend (ComfyUI's post-CFG "uncond_denoised"); None when the negative pass was skipped.
         self.need_uncond = False
         self.last_uncond: torch.Tensor | None = None
+        # Model patches (nodes/model_patches.py): cfg_function(cond, uncond, cfg, x, sigma) -> denoised
+        # replaces the CFG mix; mask_function(sigma, mask, step_sigmas) -> mask reshapes the inpainting
+        # mask per step; step_sigmas is the sampler's schedule (set by sample()).
+        self.cfg_function: Callable[..., torch.Tensor] | None = None
+        self.mask_function: Callable[..., torch.Tensor] | None = None
+        self.step_sigmas: torch.Tensor | None = None
         self.model_calls = 0
         # (device, dtype) -> (mask, latent_image, inpaint_noise) on that device; see _inpaint_tensors
         self._inpaint_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -259,7 +284,8 @@ class CFGDenoiser:
     def _share_control_with_uncond(self) -> None:
         # ControlNetApply (old) marks control_apply_to_uncond: the negative entries get the same control.
         shared = next(
-            (e.control for e in self.positive if e.control is not None and e.options.get("control_apply_to_uncond")), None
+            (e.control for e in self.positive if e.control is not None and e.options.get("control_apply_to_uncond")),
+            None,
         )
         if shared is not None:
             for e in self.negative:
@@ -273,21 +299,34 @@ class CFGDenoiser:
             sigma = sigma.expand(x.shape[0])
         if self.mask is not None:
             mask, original, inpaint_noise = self._inpaint_tensors(x)
+            if self.mask_function is not None:
+                mask = self.mask_function(sigma, mask, self.step_sigmas)
             renoised = original + inpaint_noise * _bcast(sigma, x)
             x = x * mask + renoised * (1 - mask)
-        cond, uncond = self.predict(x, sigma, skip_uncond=self.skip_uncond and not self.need_uncond)
-        self.last_uncond = uncond
-        out = cond if uncond is None else uncond + (cond - uncond) * self.cfg
+        out = self.guide(x, sigma)
         if self.mask is not None:
             out = out * mask + original * (1 - mask)
         return out
+
+    def guide(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The guided denoised estimate at (x, sigma), before any inpainting blend: CFG of the positive
+        and negative predictions. Other guiders (nodes/sampling/guiders.py) combine other predictions."""
+        cond, uncond = self.predict(x, sigma, skip_uncond=self.skip_uncond and not self.need_uncond)
+        self.last_uncond = uncond
+        if uncond is None:
+            return cond
+        if self.cfg_function is not None:
+            return self.cfg_function(cond, uncond, self.cfg, x, sigma)
+        return uncond + (cond - uncond) * self.cfg
 
     def _inpaint_tensors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The inpainting mask, original latent and re-noise noise on x's device/dtype, moved once."""
         key = (x.device, x.dtype)
         hit = self._inpaint_cache.get(key)
         if hit is None:
-            hit = tuple(t.to(x.device, x.dtype) for t in (self.mask, self.latent_image, self.inpaint_noise))
+            assert self.mask is not None  # called only when inpainting, which set all three
+            hit = (self.mask.to(x.device, x.dtype), self.latent_image.to(x.device, x.dtype),
+                   self.inpaint_noise.to(x.device, x.dtype))
             self._inpaint_cache[key] = hit
         return hit
 
@@ -295,9 +334,14 @@ class CFGDenoiser:
         self, x: torch.Tensor, sigma: torch.Tensor, skip_uncond: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Denoised predictions for the positive and (unless skip_uncond) negative conditioning."""
+        sides = [self.positive] if skip_uncond else [self.positive, self.negative]
+        preds = self.predict_sides(x, sigma, sides)
+        return preds[0], (None if skip_uncond else preds[1])
+
+    def predict_sides(self, x: torch.Tensor, sigma: torch.Tensor, sides: Sequence[list[CondEntry]]) -> list[torch.Tensor]:
+        """One denoised prediction per list of entries, batched into as few model calls as possible."""
         # reading sigma back to the host syncs a GPU, so only do it when an entry has a timestep range
         s = float(sigma.max()) if self._has_ranges else 0.0
-        sides = [self.positive] if skip_uncond else [self.positive, self.negative]
         full_h, full_w = x.shape[-2], x.shape[-1]
         jobs: list[_Job] = []
         for which, entries in enumerate(sides):
@@ -321,6 +365,8 @@ class CFGDenoiser:
                 tuple(job.x.shape),
                 e.context.shape[2],
                 None if e.pooled is None else tuple(e.pooled.shape),
+                None if e.size_cond is None else e.size_cond.shape[1],
+                e.concat is None,
                 id(e.control),
             )
             groups.setdefault(key, []).append(job)
@@ -330,8 +376,7 @@ class CFGDenoiser:
                 outs = self._run(chunk, sigma)
                 for job, den in zip(chunk, outs):
                     results[job.which].append((job, den))
-        preds = [self._combine(r, x) for r in results]
-        return preds[0], (None if skip_uncond else preds[1])
+        return [self._combine(r, x) for r in results]
 
     def _chunk_conds(self, chunk: list[_Job], device: torch.device) -> dict[str, torch.Tensor]:
         """context (repeat-padded to one token length), pooled and size_cond of a chunk, stacked on device.
@@ -347,8 +392,10 @@ class CFGDenoiser:
         ctx = [c if c.shape[1] == length else c.repeat(1, length // c.shape[1], 1) for c, _, _ in parts]
         hit = {"context": torch.cat(ctx) if len(ctx) > 1 else ctx[0]}
         if chunk[0].entry.pooled is not None:
-            hit["pooled"] = torch.cat([p for _, p, _ in parts])
-            hit["size_cond"] = torch.cat([sc for _, _, sc in parts])
+            hit["pooled"] = torch.cat(cast("list[torch.Tensor]", [p for _, p, _ in parts]))
+            hit["size_cond"] = torch.cat(cast("list[torch.Tensor]", [sc for _, _, sc in parts]))
+        if chunk[0].entry.concat is not None:
+            hit["concat"] = torch.cat([_crop(j.entry.concat, j.entry.area).to(device) for j in chunk])
         self._chunk_cache[key] = hit
         return hit
 
@@ -392,6 +439,7 @@ class CFGDenoiser:
 # The sampler-facing denoiser ``(x, sigma[B]) -> denoised``. ``apply_model(x_in, timestep[B], cond) -> eps|v``
 # gets c_in-scaled input; ``cond`` holds ``context``, ``pooled`` + ``size_cond`` (SDXL, only when the entry
 # has pooled_output), ``control`` (passthrough), ``cond_or_uncond`` (0/1 per stacked chunk of the batch) and
-# ``sigma``. With ``noise_mask`` (1 = regenerate) the unmasked region is held at ``latent_image`` re-noised
+# ``sigma``, and ``concat`` (the [B, 9, h, w] extra input of inpainting and InstructPix2Pix models, when
+# the entry or the sampler has a mask or a concat image; a model takes the channels it needs, if any). With ``noise_mask`` (1 = regenerate) the unmasked region is held at ``latent_image`` re-noised
 # with ``noise`` (drawn from ``seed`` when not given).
 make_denoiser = CFGDenoiser

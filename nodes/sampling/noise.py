@@ -8,7 +8,7 @@ step count (torchsde's BrownianTree, as k-diffusion/ComfyUI do).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -16,10 +16,13 @@ NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def default_noise_sampler(x: torch.Tensor, seed: int | None = None) -> NoiseSampler:
-    """Independent N(0, 1) draws from a generator on x's device seeded with ``seed`` (ComfyUI's choice).
+    """Independent N(0, 1) draws from a generator on x's device, seeded as ComfyUI seeds it.
 
-    On the CPU the initial noise comes from a generator with the same seed, so the per-step draws use
-    ``seed + 1`` there (as ComfyUI does): otherwise the first step would re-add the initial noise."""
+    ComfyUI (since PR #11528, in 0.8.x) seeds it with ``seed + 1`` when x is on the CPU and with ``seed``
+    on any other device: the initial noise comes from a CPU generator seeded with ``seed``, so on the
+    CPU the plain seed would make the first step re-add the initial noise (ComfyUI issue #9819).
+    ComfyUI 0.3.x used the plain seed everywhere; sdflow follows the current, fixed rule.
+    tests/nodes/test_sampler_noise_parity.py checks every sampler against this rule and k-diffusion."""
     generator: torch.Generator | None = None
     if seed is not None:
         generator = torch.Generator(device=x.device)

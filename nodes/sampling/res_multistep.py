@@ -49,6 +49,7 @@ def _res_multistep(model: Denoiser, x, sigmas, extra_args, callback: StepCallbac
             else:
                 x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
+            assert old_sigma_down is not None  # set with old_denoised
             t, t_next = t_fn(sigmas[i]), t_fn(sigma_down)
             h = t_next - t
             # c2: the previous step's length relative to this one (negative: it lies behind)
@@ -60,6 +61,7 @@ def _res_multistep(model: Denoiser, x, sigmas, extra_args, callback: StepCallbac
                 x = x + (denoised - uncond)
             x = torch.exp(-h) * x + h * (b1 * uncond + b2 * old_denoised)
         if eta and sigmas[i + 1] > 0:
+            assert noise is not None  # made when eta is set
             x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
         old_denoised = uncond  # with CFG++ the history is the unconditional prediction
         old_sigma_down = sigma_down

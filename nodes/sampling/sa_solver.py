@@ -9,7 +9,8 @@ corrected state (Predict-Evaluate-Correct-Evaluate), one extra call per step.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ def _tau_band(model: Denoiser, eta: float = 1.0) -> Callable[[float], float]:
 
 
 def _combine(preds: list[torch.Tensor], coeffs: np.ndarray) -> torch.Tensor:
-    return sum(float(c) * p for c, p in zip(coeffs, preds))
+    return cast(torch.Tensor, sum(float(c) * p for c, p in zip(coeffs, preds)))  # never empty: a tensor
 
 
 @torch.no_grad()

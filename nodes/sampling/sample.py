@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -74,6 +75,9 @@ def sample(
     add_noise: bool = True,
     callback: ProgressCallback | None = None,
     sigmas: torch.Tensor | None = None,
+    sampler_options: dict[str, Any] | None = None,
+    denoiser_factory: Callable[..., Any] | None = None,
+    patches: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Run one KSampler call and return the sampled latent (same space and shape as ``latent_image``).
 
@@ -84,6 +88,9 @@ def sample(
     (what ``preview.latent_to_rgb`` expects). Samplers with their own step grid (dpm_fast,
     dpm_adaptive) report their own step indices, as in ComfyUI. An exception raised by the callback propagates
     and stops sampling (the interrupt path). ``sigmas`` overrides the scheduler (custom sampling).
+    ``sampler_options`` are keyword arguments for the sampler (eta, s_noise, ...); ``denoiser_factory``
+    replaces ``make_denoiser`` (same arguments) for guiders other than CFG (``guiders.py``).
+    ``patches`` are the model's sampling patches (``cfg_function``, ``denoise_mask_function``).
     """
     get_sampler(sampler_name)  # fail fast on an unknown name
     device = latent_image.device
@@ -114,7 +121,7 @@ def sample(
         gen = torch.Generator(device="cpu").manual_seed((int(seed) + 1) % 2**64)
         inpaint_noise = torch.randn(tuple(noise.shape), generator=gen).to(device)
 
-    denoiser = make_denoiser(
+    denoiser = (denoiser_factory or make_denoiser)(
         apply_model,
         schedule,
         positive,
@@ -127,6 +134,11 @@ def sample(
         noise=inpaint_noise if noise_mask is not None else None,
     )
 
+    patches = patches or {}
+    denoiser.cfg_function = patches.get("cfg_function")
+    denoiser.mask_function = patches.get("denoise_mask_function")
+    denoiser.step_sigmas = sigmas
+
     x = schedule.noise_scaling(sigmas[0], noise, latent, schedule.is_max_denoise(sigmas))
     total = len(sigmas) - 1
     step_cb = None
@@ -136,7 +148,7 @@ def sample(
             callback(min(int(info["i"]), total - 1), total, info["denoised"])
 
     sampler = get_sampler(sampler_name)
-    x = sampler(denoiser, x, sigmas, extra_args={"seed": int(seed)}, callback=step_cb)
+    x = sampler(denoiser, x, sigmas, extra_args={"seed": int(seed)}, callback=step_cb, **(sampler_options or {}))
     x = schedule.inverse_noise_scaling(sigmas[-1], x)
 
     if noise_mask is not None and float(sigmas[-1]) == 0.0:

@@ -7,7 +7,7 @@ workflow's ``sampler_name`` widget value means the same algorithm in both tools.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

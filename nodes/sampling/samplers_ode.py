@@ -268,7 +268,8 @@ def _ipndm_v_coeffs(h: list[float], order: int) -> list[float]:
 
 # iPNDM-v: iPNDM (Zhang & Chen 2023) with step-size-aware multistep weights (see _ipndm_v_coeffs).
 @torch.no_grad()
-def sample_ipndm_v(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None, max_order=4):
+def sample_ipndm_v(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
+                   max_order=4):
     kwargs, _ = split_extra(extra_args)
     s_in = x.new_ones([x.shape[0]])
     sig = [float(s) for s in sigmas]

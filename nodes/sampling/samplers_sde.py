@@ -200,6 +200,7 @@ def sample_dpmpp_3m_sde(model: Denoiser, x, sigmas, extra_args=None, callback: S
             h_eta = h * (eta + 1)
             x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
             if h_2 is not None:
+                assert denoised_1 is not None and denoised_2 is not None  # set with h_1 and h_2
                 r0, r1 = h_1 / h, h_2 / h
                 d1_0 = (denoised - denoised_1) / r0
                 d1_1 = (denoised_1 - denoised_2) / r1
@@ -209,6 +210,7 @@ def sample_dpmpp_3m_sde(model: Denoiser, x, sigmas, extra_args=None, callback: S
                 phi_3 = phi_2 / h_eta - 0.5
                 x = x + phi_2 * d1 - phi_3 * d2
             elif h_1 is not None:
+                assert denoised_1 is not None  # set with h_1
                 d = (denoised - denoised_1) / (h_1 / h)
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
                 x = x + phi_2 * d
@@ -232,7 +234,8 @@ def _ddpm_step(x_vp, sigma, sigma_prev, eps, noise):
 
 # DDPM ancestral sampling, Ho et al. 2020, Alg. 2 (over an arbitrary sigma subsequence).
 @torch.no_grad()
-def sample_ddpm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None, noise_sampler=None):
+def sample_ddpm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
+                noise_sampler=None):
     kwargs, seed = split_extra(extra_args)
     noise = ancestral_noise(x, seed, noise_sampler)
     s_in = x.new_ones([x.shape[0]])
@@ -248,7 +251,8 @@ def sample_ddpm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallb
 
 # Latent Consistency Model sampling, Luo et al. 2023 (arXiv 2310.04378) Alg. 1: predict x0, re-noise.
 @torch.no_grad()
-def sample_lcm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None, noise_sampler=None):
+def sample_lcm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
+               noise_sampler=None):
     kwargs, seed = split_extra(extra_args)
     noise = ancestral_noise(x, seed, noise_sampler)
     s_in = x.new_ones([x.shape[0]])
@@ -330,6 +334,7 @@ def sample_er_sde(model: Denoiser, x, sigmas, extra_args=None, callback: StepCal
                 pos = lam_t + index * step
                 scaled = scaler(pos)
                 integral = torch.sum(1 / scaled) * step
+                assert old_denoised is not None  # stage >= 2: there was a previous step
                 denoised_d = (denoised - old_denoised) / (lam_s - lambdas[i - 1])
                 x = x + (dt + integral * scaler(lam_t)) * denoised_d
                 if stage >= 3:
@@ -383,7 +388,8 @@ def sample_seeds_2(model: Denoiser, x, sigmas, extra_args=None, callback: StepCa
             x_2 = x_2 + sde_noise * sigma_1 * s_noise
         denoised_2 = model(x_2, sigma_1 * s_in, **kwargs)
         if solver_type == "phi_1":
-            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - _ei_phi1(-h_eta) * torch.lerp(denoised, denoised_2, fac)
+            x = (sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x
+                 - _ei_phi1(-h_eta) * torch.lerp(denoised, denoised_2, fac))
         else:
             b2 = _ei_phi2(-h_eta) / r
             b1 = _ei_phi1(-h_eta) - b2

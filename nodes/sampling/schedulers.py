@@ -6,7 +6,7 @@ Names and semantics follow ComfyUI's ``KSampler.SCHEDULERS`` so a workflow sampl
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -41,6 +41,44 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
 def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
     """Uniform steps in log-sigma."""
     return _with_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp())
+
+
+def polyexponential_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
+    """Polynomial in log-sigma (k-diffusion): log sigma_i = log sigma_min + (1 - i/(n-1))^rho (log sigma_max - log sigma_min)."""
+    ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** rho
+    return _with_zero((ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp())
+
+
+# Align Your Steps (Sabour et al. 2024) optimised 10-step noise levels, as NVIDIA publishes them.
+AYS_NOISE_LEVELS: dict[str, list[float]] = {
+    "SD1": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+            0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582],
+    "SDXL": [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+             0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582],
+    "SVD": [700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002],
+}
+
+
+def align_your_steps_sigmas(model_type: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
+    """AYS levels log-linearly interpolated to steps + 1 values (the published recipe); with denoise < 1
+    the last round(steps * denoise) steps; the final sigma set to 0."""
+    if denoise <= 0.0:
+        return torch.zeros(0)
+    total = steps if denoise >= 1.0 else round(steps * denoise)
+    levels = np.asarray(AYS_NOISE_LEVELS[model_type], dtype=np.float64)
+    if steps + 1 != len(levels):
+        xs = np.linspace(0, 1, len(levels))
+        levels = np.exp(np.interp(np.linspace(0, 1, steps + 1), xs, np.log(levels[::-1])))[::-1].copy()
+    out = torch.tensor(levels[-(total + 1):], dtype=torch.float32)
+    out[-1] = 0
+    return out
+
+
+def sd_turbo_sigmas(s: DiscreteSchedule, steps: int, denoise: float = 1.0) -> torch.Tensor:
+    """SD/SDXL-Turbo: up to 10 steps on the timesteps 999, 899, ..., 99, starting 10 - int(10 denoise) in."""
+    start = 10 - int(10 * denoise)
+    timesteps = torch.flip(torch.arange(1, 11) * 100 - 1, (0,))[start:start + steps]
+    return torch.cat([s.sigma(timesteps.double()).float(), torch.zeros(1)])
 
 
 def kl_optimal_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:

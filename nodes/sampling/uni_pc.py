@@ -80,7 +80,8 @@ def sample_uni_pc(model: Denoiser, x, sigmas, extra_args=None, callback: StepCal
         x_base = (sig[step] / sig[i0]).item() * x - h_phi_1.item() * m0
         x_new = x_base
         if diffs:
-            rhos_p = torch.tensor([0.5], dtype=torch.float64) if step_order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+            rhos_p = (torch.tensor([0.5], dtype=torch.float64) if step_order == 2
+                      else torch.linalg.solve(R[:-1, :-1], b[:-1]))
             x_new = x_base - b_h.item() * _weighted(rhos_p, diffs)
         m_new = None
         if use_corrector:

@@ -223,3 +223,91 @@ def test_shared_memory_is_counted_once_and_sharing_entries_free_nothing():
     # a, b and c hold the same MiB; only dropping all three frees it, oldest first
     assert cache.usage()["cpu"] == 3 * 2**20
     assert "d" in cache and not ({"a", "b", "c"} & {k for k in ("a", "b", "c") if k in cache})
+
+
+class ReportsOnly:
+    """An object that reports device memory but has no `to_device`: the cache can count it, not move it."""
+
+    def footprint(self) -> dict[str, int]:
+        return {"cuda:0": 1000}
+
+
+def test_eviction_terminates_when_an_offload_frees_nothing():
+    cache = OutputCache({"cuda": 1500, "cpu": 10_000})
+    cache.put("a", [[ReportsOnly()]])
+    cache.put("b", [[ReportsOnly()]])   # over budget; "a" cannot move, so it is dropped, not retried
+    assert "a" not in cache and "b" in cache
+    assert cache.usage() == {"cuda": 1000} and cache.evictions == 1
+
+
+def test_namedtuple_values_move_to_cpu_on_offload():
+    from typing import NamedTuple
+
+    class Pair(NamedTuple):
+        model: FakeModel
+        weights: torch.Tensor
+
+    cache = OutputCache({"cuda": 1500, "cpu": 100_000})
+    first = Pair(FakeModel(1000), tensor_kib(1))
+    cache.put("pair", [[first]])
+    cache.put("m", [[FakeModel(1000)]])
+    entry = cache.get("pair")
+    assert entry is not None and isinstance(entry.outputs[0][0], Pair)
+    assert first.model.device == "cpu" and cache.offloads == 1
+    assert cache.usage() == {"cuda": 1000, "cpu": 1000 + KiB}
+
+
+class SimHandle:
+    """A model handle on a simulated accelerator kind ("sim"): it moves itself on use and tells the
+    accounting before and after, the way nodes.models.memory.WeightsHolder does for real modules."""
+
+    def __init__(self, nbytes: int, log: list) -> None:
+        self.nbytes, self.device, self.log = nbytes, "cpu", log
+
+    def footprint(self) -> dict[str, int]:
+        return {self.device: self.nbytes}
+
+    def to_device(self, device: str) -> None:
+        from engine.memory import notify_moved, request_room
+        if device == self.device:
+            return
+        request_room(device, self.nbytes)
+        self.log.append((id(self), device))
+        self.device = device
+        notify_moved(self)
+
+    def ensure_loaded(self) -> None:
+        self.to_device("sim:0")
+
+
+def test_moves_made_outside_the_cache_are_accounted_and_make_room_first():
+    log: list = []
+    cache = OutputCache({"sim": 1500, "cpu": 100_000})
+    a, b = SimHandle(1000, log), SimHandle(1000, log)
+    cache.put("a", [[a]])
+    cache.put("b", [[b]])
+    assert cache.usage() == {"cpu": 2000}
+    a.ensure_loaded()                                   # first use moves the weights in place
+    assert cache.usage() == {"sim": 1000, "cpu": 1000}
+    b.ensure_loaded()                                   # no room for both: the LRU one goes to the CPU first
+    assert log == [(id(a), "sim:0"), (id(a), "cpu"), (id(b), "sim:0")]
+    assert a.device == "cpu" and b.device == "sim:0"
+    assert cache.usage() == {"sim": 1000, "cpu": 1000} and cache.offloads == 1
+
+
+def test_a_move_that_leaves_the_budget_exceeded_is_corrected_after():
+    log: list = []
+    cache = OutputCache({"sim": 500, "cpu": 100_000})
+    a = SimHandle(1000, log)
+    cache.put("a", [[a]])
+    a.ensure_loaded()                                   # larger than the accelerator budget on its own
+    assert a.device == "cpu" and cache.usage() == {"cpu": 1000} and "a" in cache
+
+
+def test_accelerator_budget_comes_from_measured_free_memory():
+    from engine.memory import MIN_RESERVE, accelerator_budgets
+    gib = 1 << 30
+    budgets = accelerator_budgets(lambda: {"cuda": (30 * gib, 80 * gib), "xpu": (100 << 20, 16 * gib)})
+    assert budgets["cuda"] == 30 * gib - 8 * gib         # free minus a tenth of the total
+    assert budgets["xpu"] == 0                           # less free than the reserve
+    assert accelerator_budgets(lambda: {}) == {"cuda": 0} and MIN_RESERVE > 0

@@ -1,9 +1,10 @@
-from typing import Annotated, Any
 """The executor on small non-diffusion nodes: events, partial re-execution, content-addressed caching,
 eviction, interrupt, errors, list mapping, lazy inputs, progress and previews."""
+
 import os
 import threading
 import time
+from typing import Annotated, Any
 
 import pytest
 

@@ -12,13 +12,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from engine import png_metadata
-from engine.png_metadata import (
-    embed_png_text,
-    load_workflow_file,
-    png_text_chunks,
-    read_png_text,
-    workflow_from_png,
-)
+from engine.png_metadata import embed_png_text, load_workflow_file, png_text_chunks, read_png_text, workflow_from_png
 from engine.ui_workflow import WorkflowFormatError, ui_to_api
 
 DATA = Path(__file__).parent / "data"

@@ -47,6 +47,7 @@ PAIRS = [
     ("primitive_hires_ui.json", "primitive_hires_api.json"),
     ("inpaint_ui.json", "inpaint_api.json"),
     ("subgraph_ui.json", "subgraph_api.json"),
+    ("group_node_ui.json", "group_node_api.json"),
 ]
 API_FIXTURES = sorted({api for _, api in PAIRS})
 
@@ -262,11 +263,82 @@ def test_subgraph_containing_itself_is_an_error(oi):
         ui_to_api(ui, oi)
 
 
-def test_legacy_group_node_is_refused_clearly(oi):
-    ui = load("default_ui.json")
-    ui["extra"]["groupNodes"] = {"sampler": {"nodes": [], "links": []}}
-    ui["nodes"].append({"id": 50, "type": "workflow>sampler", "mode": 0})
-    with pytest.raises(WorkflowFormatError, match=r"'workflow>sampler'.*group node"):
+def test_legacy_group_node_is_flattened_like_the_frontend(oi):
+    out = ui_to_api(load("group_node_ui.json"), oi)
+    assert "10" not in out
+    # instance widgets go to the inner nodes in order; the second "text" was named "CLIPTextEncode text"
+    assert out["10:0"]["inputs"]["text"].startswith("beautiful scenery")
+    assert out["10:1"]["inputs"] == {"text": "text, watermark", "clip": ["4", 1]}
+    assert out["10:2"]["inputs"]["seed"] == 156680208700286
+    assert out["10:2"]["inputs"]["positive"] == ["10:0", 0]
+    assert out["9"]["inputs"]["images"] == ["10:3", 0]
+
+
+def test_legacy_group_node_older_prefix_and_no_instance_values(oi):
+    ui = load("group_node_ui.json")
+    inst = node_by_id(ui, 10)
+    inst["type"] = "workflow/Prompts+Sampler"  # the 2023 frontend's separator
+    del inst["widgets_values"]
+    out = ui_to_api(ui, oi)
+    # without instance values the inner nodes keep the ones saved in the definition
+    assert out["10:0"]["inputs"]["text"] == "a cat" and out["10:2"]["inputs"]["seed"] == 1
+    assert out["9"]["inputs"]["images"] == ["10:3", 0]
+
+
+def test_legacy_group_node_muted_or_bypassed(oi):
+    ui = load("group_node_ui.json")
+    node_by_id(ui, 10)["mode"] = 2
+    out = ui_to_api(ui, oi)
+    assert not any(k.startswith("10:") for k in out) and "images" not in out["9"]["inputs"]
+
+
+def test_legacy_group_node_with_primitive_and_converted_seed(oi):
+    ui = load("group_node_ui.json")
+    group = ui["extra"]["groupNodes"]["Prompts+Sampler"]
+    ks = group["nodes"][2]
+    ks["inputs"].append({"name": "seed", "type": "INT", "link": None, "widget": {"name": "seed"}})
+    group["nodes"].insert(0, {"type": "PrimitiveNode", "pos": [0, 0], "size": [210, 82], "flags": {}, "order": 0,
+                              "mode": 0, "inputs": [],
+                              "outputs": [{"name": "INT", "type": "INT", "links": [], "widget": {"name": "seed"}}],
+                              "title": "Seed", "properties": {"Run widget replace on values": False},
+                              "widgets_values": [5, "fixed"], "index": 0})
+    # every index moves by one; the primitive feeds the KSampler's converted seed (its slot 4)
+    group["links"] = [[a + 1, b, c + 1, d, *rest] for a, b, c, d, *rest in group["links"]]
+    group["links"].append([0, 0, 3, 4, 9, "INT"])
+    group["external"] = [[4, 0, "IMAGE"]]
+    inst = node_by_id(ui, 10)
+    # widgets: Seed value + control, both texts, then the KSampler's remaining widgets
+    inst["widgets_values"] = [4242, "fixed", "a dog", "blurry", 25, 7.5, "euler", "karras", 0.9]
+    out = ui_to_api(ui, oi)
+    assert out["10:3"]["inputs"]["seed"] == 4242 and out["10:3"]["inputs"]["steps"] == 25
+    assert out["10:1"]["inputs"]["text"] == "a dog" and out["10:2"]["inputs"]["text"] == "blurry"
+    assert out["10:3"]["inputs"]["scheduler"] == "karras" and out["9"]["inputs"]["images"] == ["10:4", 0]
+    assert "10:0" not in out  # the primitive is frontend-only
+
+
+def test_legacy_group_widget_turned_into_an_instance_input(oi):
+    ui = load("group_node_ui.json")
+    inst = node_by_id(ui, 10)
+    inst["inputs"].append({"name": "seed", "type": "INT", "link": 20, "widget": {"name": "seed"}})
+    ui["nodes"].append({"id": 21, "type": "PrimitiveInt", "mode": 0, "inputs": [],
+                        "outputs": [{"name": "INT", "type": "INT", "links": [20]}], "widgets_values": [99, "fixed"]})
+    ui["links"].append([20, 21, 0, 10, 5, "INT"])
+    out = ui_to_api(ui, oi)
+    assert out["10:2"]["inputs"]["seed"] == ["21", 0]
+
+
+def test_legacy_group_node_with_an_unknown_inner_type_reaches_validation(oi):
+    ui = load("group_node_ui.json")
+    ui["extra"]["groupNodes"]["Prompts+Sampler"]["nodes"][3]["type"] = "FancyDecode"
+    out = ui_to_api(ui, oi)
+    assert out["10:3"]["class_type"] == "FancyDecode"
+    assert out["10:3"]["inputs"] == {"samples": ["10:2", 0], "vae": ["4", 2]}
+
+
+def test_malformed_legacy_group_is_named(oi):
+    ui = load("group_node_ui.json")
+    ui["extra"]["groupNodes"]["Prompts+Sampler"]["nodes"] = [{"pos": [0, 0]}]
+    with pytest.raises(WorkflowFormatError, match=r"node 10 .*group node 'Prompts\+Sampler'"):
         ui_to_api(ui, oi)
 
 
@@ -358,3 +430,51 @@ def test_api_to_ui_rejects_non_prompts(oi):
         api_to_ui(load("default_ui.json"), oi)
     with pytest.raises(WorkflowFormatError, match="node '3'"):
         api_to_ui({"3": {"class_type": "KSampler", "inputs": []}}, oi)
+
+
+# ---------------------------------------------------------------------------------------------- widget defaults
+
+# ComfyUI's VAEEncodeForInpaint schema (nodes.py): grow_mask_by was added after the first inpaint saves.
+VAE_ENCODE_FOR_INPAINT = {
+    "input": {"required": {"pixels": ["IMAGE"], "vae": ["VAE"], "mask": ["MASK"],
+                           "grow_mask_by": ["INT", {"default": 6, "min": 0, "max": 64, "step": 1}]}},
+    "input_order": {"required": ["pixels", "vae", "mask", "grow_mask_by"]},
+    "output": ["LATENT"], "output_name": ["LATENT"], "name": "VAEEncodeForInpaint",
+    "display_name": "VAE Encode (for Inpainting)", "category": "latent/inpaint",
+}
+
+
+def test_node_saved_without_widgets_values_gets_schema_defaults(oi):
+    ui = load("default_ui.json")
+    del node_by_id(ui, 9)["widgets_values"]  # SaveImage as hand-edited / stripped files carry it
+    out = ui_to_api(ui, oi)
+    assert out["9"]["inputs"] == {"images": ["8", 0], "filename_prefix": "ComfyUI"}
+
+
+def test_older_save_with_fewer_widgets_gets_the_missing_defaults(oi):
+    ui = load("inpaint_ui.json")
+    info = dict(oi, VAEEncodeForInpaint=VAE_ENCODE_FOR_INPAINT)
+    enc = node_by_id(ui, 11)
+    enc["type"] = "VAEEncodeForInpaint"
+    enc["inputs"].append({"name": "mask", "type": "MASK", "link": None})
+    enc["widgets_values"] = []  # saved before grow_mask_by existed
+    assert ui_to_api(ui, info)["11"]["inputs"]["grow_mask_by"] == 6
+    # a KSampler saved before denoise existed: the seed's control slot is kept, denoise defaults
+    node_by_id(ui, 3)["widgets_values"] = [1234, "increment", 30, 6.5, "dpmpp_2m_sde", "karras"]
+    ks = ui_to_api(ui, info)["3"]["inputs"]
+    assert (ks["seed"], ks["steps"], ks["scheduler"], ks["denoise"]) == (1234, 30, "karras", 1.0)
+
+
+def test_explicit_null_widget_is_not_replaced_by_a_default(oi):
+    ui = load("default_ui.json")
+    node_by_id(ui, 9)["widgets_values"] = [None]
+    assert "filename_prefix" not in ui_to_api(ui, oi)["9"]["inputs"]
+
+
+def test_widget_default_without_a_default_option():
+    from engine.ui_workflow import InputSpec, widget_default
+    assert widget_default(InputSpec("n", "INT", {"min": 3}, True)) == 3
+    assert widget_default(InputSpec("f", "FLOAT", {"max": -1.0}, True)) == -1.0
+    assert widget_default(InputSpec("c", ["a", "b"], {}, True)) == "a"
+    assert widget_default(InputSpec("s", "STRING", {}, True)) == ""
+    assert widget_default(InputSpec("b", "BOOLEAN", {}, True)) is False

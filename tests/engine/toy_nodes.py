@@ -54,7 +54,8 @@ def divmod_node(a: int, b: int = 1) -> DivMod:
 
 
 @node("Concat", category="text")
-def concat(a: Annotated[str, String("", multiline=True)], b: str = "", sep: Annotated[str, Combo([" ", "-", ""], default=" ")] = " ") -> str:
+def concat(a: Annotated[str, String("", multiline=True)], b: str = "",
+           sep: Annotated[str, Combo([" ", "-", ""], default=" ")] = " ") -> str:
     CALLS.append("Concat")
     return f"{a}{sep}{b}"
 
@@ -66,7 +67,8 @@ def upper(text: str, enabled: Annotated[bool, Boolean(True)] = True) -> str:
 
 
 @node("SolidImage", category="image")
-def solid_image(value: Annotated[float, Float(0.5, min=0.0, max=1.0)], size: Annotated[int, Int(8, min=1, max=64)] = 8) -> Image:
+def solid_image(value: Annotated[float, Float(0.5, min=0.0, max=1.0)],
+                size: Annotated[int, Int(8, min=1, max=64)] = 8) -> Image:
     CALLS.append("SolidImage")
     return torch.full((1, size, size, 3), value)
 
@@ -84,7 +86,8 @@ def big_tensor(megabytes: Annotated[int, Int(1, min=1, max=64)], tag: Annotated[
 
 
 @node("Show", category="output", output_node=True)
-def show(value: socket("*", object), prompt: Annotated[Any, Hidden("PROMPT")] = None, uid: Annotated[Any, Hidden("UNIQUE_ID")] = None) -> NodeOutput:
+def show(value: socket("*", object), prompt: Annotated[Any, Hidden("PROMPT")] = None,
+         uid: Annotated[Any, Hidden("UNIQUE_ID")] = None) -> NodeOutput:
     CALLS.append("Show")
     shown = value.tolist() if hasattr(value, "tolist") and getattr(value, "numel", lambda: 99)() < 16 else value
     if hasattr(shown, "shape"):
@@ -110,7 +113,8 @@ def fail(value: int, message: str = "boom") -> int:
 
 
 @node("Slow", category="test")
-def slow(value: int, steps: Annotated[int, Int(10, min=1, max=1000)] = 10, delay: Annotated[float, Float(0.01, min=0.0, max=5.0)] = 0.01) -> int:
+def slow(value: int, steps: Annotated[int, Int(10, min=1, max=1000)] = 10,
+         delay: Annotated[float, Float(0.01, min=0.0, max=5.0)] = 0.01) -> int:
     CALLS.append("Slow")
     for i in range(steps):
         time.sleep(delay)

@@ -12,8 +12,7 @@ from engine.executor import Executor
 from engine.paths import UnsafePathError
 from engine.png_metadata import read_png_text
 from engine.validation import validate_prompt
-from nodes import image as image_nodes
-from nodes import latent as latent_nodes
+from nodes import image as image_nodes, latent as latent_nodes
 from nodes.conditioning import conditioning_set_area
 
 from .conftest import TINY_SD1
@@ -27,7 +26,8 @@ def _txt2img(seed=1, sampler="euler", scheduler="normal", cfg=8.0, steps=2, deno
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
         "3": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
                                                    "scheduler": scheduler, "denoise": denoise, "model": ["4", 0],
-                                                   "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+                                                   "positive": ["6", 0], "negative": ["7", 0],
+                                                   "latent_image": ["5", 0]}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
         "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
     }

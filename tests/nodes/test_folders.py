@@ -177,7 +177,8 @@ def test_extra_model_paths_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     touch(home / "sdflow-test-models" / "ckpts" / "first.safetensors")
     assert folders.list_files("checkpoints") == ["first.safetensors", "only_webui.safetensors", "same.safetensors"]
     assert folders.full_path("checkpoints", "same.safetensors").read_bytes() == b"default"
-    assert folders.full_path("checkpoints", "only_webui.safetensors").parent == (a1111 / "models" / "Stable-diffusion").resolve()
+    webui = folders.full_path("checkpoints", "only_webui.safetensors")
+    assert webui.parent == (a1111 / "models" / "Stable-diffusion").resolve()
     assert folders.full_path("checkpoints", "missing.safetensors") is None
     with pytest.raises(FileNotFoundError):
         folders.require("checkpoints", "missing.safetensors")

@@ -38,7 +38,8 @@ How the two differ, and what the test does about it
   (checked with a loose tolerance); with the scheduler's timesteps replaced by the unrounded ones
   (subclass below, nothing else changed) the runs agree to float round-off.
 * Ancestral noise. ComfyUI's euler_ancestral draws each step's noise from a generator on the latent's
-  device, seeded with the seed, plus one on the CPU (where the initial noise already used the seed);
+  device, seeded with the seed, plus one on the CPU (where the initial noise already used the seed;
+  ComfyUI added the + 1 in PR #11528, 0.3.x used the plain seed and so re-added the initial noise);
   diffusers' EulerAncestralDiscreteScheduler draws it with ``randn`` from the pipeline's ``generator``.
   Since the initial latents are passed in, the pipeline draws nothing else from that generator, so
   seeding it with seed + 1 gives identical per-step noise on the CPU (diffusers also draws one unused

@@ -91,7 +91,8 @@ def run(name: str = "euler", steps: int = 4, model=None, latent=None, seed: int 
     noise = kw.pop("noise", None)
     if noise is None:
         noise = prepare_noise(latent, seed)
-    return sample(model, kw.pop("schedule", SCHED), noise=noise, latent_image=latent, positive=kw.pop("positive", cond(0)),
+    return sample(model, kw.pop("schedule", SCHED), noise=noise, latent_image=latent,
+                  positive=kw.pop("positive", cond(0)),
                   negative=kw.pop("negative", cond(1)), cfg=cfg, sampler_name=name, scheduler=scheduler, steps=steps,
                   seed=seed, **kw)
 
@@ -472,7 +473,8 @@ def test_mask_conditioning_and_percentage_area() -> None:
     mask[:, :8] = 1.0
     positive = cond(0.0, strength=1.0) + cond(1.0, mask=mask, mask_strength=1.0)
     d = make_denoiser(GaussianModel(context_shift=True), SCHED, positive, cond(0), 1.0, latent_shape=x.shape)(x, sigma)
-    ref0 = make_denoiser(GaussianModel(context_shift=True), SCHED, cond(0.0), cond(0), 1.0, latent_shape=x.shape)(x, sigma)
+    ref0 = make_denoiser(GaussianModel(context_shift=True), SCHED, cond(0.0), cond(0), 1.0,
+                         latent_shape=x.shape)(x, sigma)
     assert torch.allclose(d[..., 8:, :], ref0[..., 8:, :], atol=1e-6)
     assert not torch.allclose(d[..., :8, :], ref0[..., :8, :])
     pct = cond(1.0, area=("percentage", 0.5, 0.5, 0.5, 0.5))
@@ -504,7 +506,8 @@ def test_sdxl_pooled_and_size_cond() -> None:
     rows = {tuple(r) for r in c["size_cond"].tolist()}
     assert rows == {(768.0, 1024.0, 2.0, 4.0, 768.0, 1024.0), (64.0, 128.0, 0.0, 0.0, 64.0, 128.0)}
     m2 = GaussianModel()
-    make_denoiser(m2, SCHED, cond(0), cond(0), 5.0, latent_shape=(1, 4, 8, 8))(torch.zeros(1, 4, 8, 8), torch.tensor([1.0]))
+    make_denoiser(m2, SCHED, cond(0), cond(0), 5.0,
+                  latent_shape=(1, 4, 8, 8))(torch.zeros(1, 4, 8, 8), torch.tensor([1.0]))
     assert "pooled" not in m2.conds[0] and "size_cond" not in m2.conds[0]
 
 
@@ -512,7 +515,8 @@ def test_control_is_passed_through_and_shared_with_uncond() -> None:
     m = GaussianModel()
     control = {"marker": 1}
     pos = cond(0.0, control=control, control_apply_to_uncond=True)
-    make_denoiser(m, SCHED, pos, cond(1.0), 5.0, latent_shape=(1, 4, 8, 8))(torch.zeros(1, 4, 8, 8), torch.tensor([1.0]))
+    make_denoiser(m, SCHED, pos, cond(1.0), 5.0,
+                  latent_shape=(1, 4, 8, 8))(torch.zeros(1, 4, 8, 8), torch.tensor([1.0]))
     assert m.calls == 1 and m.conds[0]["control"] is control
 
 

@@ -102,7 +102,8 @@ def test_euler_ancestral_matches_diffusers_with_same_noise_stream(toy: ToyEps) -
     sched.set_timesteps(10)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(11))
     seed = 4242
-    # sdflow seeds its CPU per-step generator with seed + 1 (ComfyUI's rule: the initial noise used seed)
+    # sdflow seeds its CPU per-step generator with seed + 1, as ComfyUI does since PR #11528 (the initial
+    # noise used seed; 0.3.x used seed here too, which re-added the initial noise on the first step)
     ref = _diffusers_loop(toy, sched, noise * sched.init_noise_sigma, generator=torch.Generator().manual_seed(seed + 1))
     sigmas = sched.sigmas.float()
     ours = _ours(toy, "euler_ancestral", sigmas, noise * sigmas[0], seed=seed)
@@ -117,7 +118,8 @@ def test_euler_ancestral_matches_diffusers_with_same_noise_stream(toy: ToyEps) -
 
 def test_dpmpp_2m_karras_matches_diffusers(toy: ToyEps) -> None:
     steps = 10  # < 15, so diffusers also takes a first-order final step (lower_order_final), as k-diffusion does
-    sched = DPMSolverMultistepScheduler(**SD_CONFIG, use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_order=2)
+    sched = DPMSolverMultistepScheduler(**SD_CONFIG, use_karras_sigmas=True, algorithm_type="dpmsolver++",
+                                        solver_order=2)
     sched.set_timesteps(steps)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
     # diffusers runs in VP space (x_vp = x_ve / sqrt(1 + sigma^2)), starting from unit-variance noise

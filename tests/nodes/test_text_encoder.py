@@ -9,13 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nodes.models.text_encoder import (
-    BOS_ID,
-    EOS_ID,
-    MAX_LENGTH,
-    ClipHandle,
-    chunk_groups,
-)
+from nodes.models.text_encoder import BOS_ID, EOS_ID, MAX_LENGTH, ClipHandle, chunk_groups
 from nodes.models.tiny import tiny_checkpoint_models
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

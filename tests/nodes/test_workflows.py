@@ -57,6 +57,7 @@ def test_hires_fix_upscales_and_previews_first_pass(sd_env):
     final = result.outputs["9"]["images"][0]
     preview = result.outputs["11"]["images"][0]
     from PIL import Image
-    with Image.open(config.output_dir / final["filename"]) as big, Image.open(config.temp_dir / preview["filename"]) as small:
+    with (Image.open(config.output_dir / final["filename"]) as big,
+          Image.open(config.temp_dir / preview["filename"]) as small):
         assert big.size == (96, 96) and small.size == (64, 64)
     assert preview["type"] == "temp" and preview["filename"].startswith("ComfyUI_temp_")

@@ -16,7 +16,7 @@ from aiohttp import web
 from engine.config import RuntimeConfig
 from engine.registry import Registry
 from server.app import create_app
-from server.state import ServerOptions, STATE
+from server.state import STATE, ServerOptions
 from tests.server.conftest import Server, free_port
 
 ray = pytest.importorskip("ray")

@@ -5,12 +5,11 @@ SDFLOW_TEST_INPUT_DIR / SDFLOW_TEST_OUTPUT_DIR (set by the tests, in-process or 
 """
 from __future__ import annotations
 
-from typing import Annotated
-
 import hashlib
 import os
 import time
 from pathlib import Path
+from typing import Annotated
 
 from PIL import Image
 

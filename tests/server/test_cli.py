@@ -106,7 +106,8 @@ def test_make_demo_model_if_missing_leaves_real_collections_alone(tmp_path):
     other = tmp_path / "collection"
     (other / "models" / "checkpoints").mkdir(parents=True)
     (other / "models" / "checkpoints" / "real.safetensors").write_bytes(b"not checked here")
-    second = subprocess.run([sys.executable, "-m", "server", "make-demo-model", "--data-dir", str(other), "--if-missing"],
+    second = subprocess.run([sys.executable, "-m", "server", "make-demo-model", "--data-dir", str(other),
+                             "--if-missing"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     assert sorted(p.name for p in (other / "models" / "checkpoints").iterdir()) == ["real.safetensors"]

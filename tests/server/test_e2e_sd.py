@@ -50,7 +50,8 @@ async def test_txt2img_through_the_server(tmp_path):
             ws = await s.ws_connect(url + "/ws?clientId=e2e")
             await ws.receive(timeout=10)
             async with s.post(url + "/prompt", json={"prompt": prompt, "client_id": "e2e",
-                                                     "extra_data": {"extra_pnginfo": {"workflow": {"nodes": []}}}}) as r:
+                                                     "extra_data": {"extra_pnginfo": {"workflow": {"nodes": []}}},
+                                                     }) as r:
                 body = await r.json()
                 assert r.status == 200, body
             pid = body["prompt_id"]

@@ -176,7 +176,8 @@ async def test_malformed_requests_give_clear_4xx(server):
             text = await r.text()
             assert r.status == 400, (raw[:60], r.status, text)
             assert fragment in text, (raw[:60], text)
-    for path, body in [("/queue", b'{"delete": "x"}'), ("/history", b'{"delete": [1]}'), ("/interrupt", b'{"prompt_id": 3}')]:
+    for path, body in [("/queue", b'{"delete": "x"}'), ("/history", b'{"delete": [1]}'),
+                       ("/interrupt", b'{"prompt_id": 3}')]:
         async with await server.post(path, data=body) as r:
             assert r.status == 400, path
     async with await server.get("/history?max_items=abc") as r:
@@ -265,7 +266,7 @@ async def test_status_broadcast_and_routing_without_client_id(server):
     while True:
         try:
             got.append(await other.next_json(timeout=0.3))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
     assert got and {m["type"] for m in got} == {"status"}
     assert not any(kind == "binary" for kind, _ in other.events)
@@ -279,7 +280,7 @@ async def test_status_broadcast_and_routing_without_client_id(server):
     while True:
         try:
             seen.append(await other.next_json(timeout=0.3))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
     kinds = {m["type"] for m in seen}
     assert "progress" in kinds and not kinds & {"executing", "executed", "execution_start", "execution_success"}

@@ -99,7 +99,8 @@ async def test_sigkill_mid_run_then_restart(tmp_path):
             # the killed one is failed with a clear reason
             entry = hist[killed["prompt_id"]]
             assert entry["status"]["status_str"] == "error" and entry["status"]["completed"] is False
-            assert "server stopped while this prompt was running" in entry["status"]["messages"][-1][1]["exception_message"]
+            message = entry["status"]["messages"][-1][1]["exception_message"]
+            assert "server stopped while this prompt was running" in message
             assert entry["prompt"][1] == killed["prompt_id"] and entry["prompt"][2]["2"]["class_type"] == "TestSlow"
             # the pending ones ran, in queue order, successfully
             order = [pid for pid in hist if pid in {p["prompt_id"] for p in pending}]

@@ -153,7 +153,8 @@ async def test_workflow_names_refused(hostile_server):
             async with srv.session.request(method, url, json={"nodes": []}) as r:
                 await assert_refused(r, f"workflows {method} {name}")
     assert outside_files(tmp_path) == before
-    assert not (srv.config.user_dir / "workflows").exists() or not any((srv.config.user_dir / "workflows").iterdir())
+    wf = srv.config.user_dir / "default" / "workflows"
+    assert not wf.exists() or not any(wf.iterdir())
 
 
 async def test_static_editor_refuses_escapes(tmp_path):

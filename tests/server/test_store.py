@@ -56,7 +56,8 @@ def test_survives_reopen_and_recovers_running(tmp_path):
     hist = s2.history()
     assert list(hist) == ["a", "b"]
     assert hist["a"]["outputs"] == {"1": {"text": ["x"]}}
-    assert hist["b"]["status"] == {"status_str": "error", "completed": False, "messages": hist["b"]["status"]["messages"]}
+    assert hist["b"]["status"] == {"status_str": "error", "completed": False,
+                                   "messages": hist["b"]["status"]["messages"]}
     assert hist["b"]["status"]["messages"][-1][1]["exception_message"] == "server stopped while this prompt was running"
     assert s2.next_number() == 3
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -52,7 +52,7 @@ def drag(ed: EditorPage, a: tuple[float, float], b: tuple[float, float]) -> None
     m.move(a[0] + (b[0] - a[0]) * 0.3, a[1] + (b[1] - a[1]) * 0.3, steps=6)
     m.move(*b, steps=10)
     m.up()
-    ed.page.wait_for_timeout(60)
+    ed.page.wait_for_function("!sdflow.canvas.pointer.isDown")
 
 
 def slot_index(ed: EditorPage, node_id: int, kind: str, name: str) -> int:
@@ -119,14 +119,22 @@ def release_link_and_pick(ed: EditorPage, start: tuple[float, float], at: tuple[
     return new_node_id(ed, before), offered
 
 
+def forget_last_click(ed: EditorPage) -> None:
+    """The next click on the canvas starts a new gesture: litegraph reads two clicks at about the same
+    spot within 300 ms as a double-click, and a test issues its clicks faster than a person does."""
+    ed.js("sdflow.canvas.pointer.eLastDown = undefined")
+
+
 def set_widget_by_prompt(ed: EditorPage, node_id: int, name: str, value: Any) -> None:
     """Click the middle of a number widget, type into litegraph's value prompt, press Enter."""
+    forget_last_click(ed)
     ed.page.mouse.click(*ed.js(f"sdflow.widgetPos({node_id}, {json.dumps(name)}, 0.5)"))
     box = ed.page.locator(".graphdialog input, .graphdialog textarea").first
     box.wait_for()
     box.fill(str(value))
     box.press("Enter")
-    ed.page.wait_for_timeout(50)
+    ed.page.wait_for_function("([id, name, v]) => sdflow.nodeState(id).widgets[name] === v", arg=[node_id, name, value])
+    ed.page.wait_for_selector(".graphdialog", state="detached")
 
 
 def type_into_textarea(ed: EditorPage, node_id: int, name: str, text: str) -> None:
@@ -137,6 +145,14 @@ def type_into_textarea(ed: EditorPage, node_id: int, name: str, text: str) -> No
     el.click()
     el.press("Control+A")
     el.type(text)
+
+
+def wait_persisted(ed: EditorPage, node_id: int, widget: str, value: Any) -> None:
+    """Waits until the page has kept the graph, with `widget` at `value`, for a reload."""
+    ed.page.wait_for_function(
+        """([id, name, v]) => { const wf = sdflow.persisted(); const n = wf && wf.nodes.find(n => n.id === id);
+             if (!n) return false; const i = sdflow.graph.getNodeById(id).widgets.findIndex(w => w.name === name);
+             return n.widgets_values[i] === v; }""", arg=[node_id, widget, value])
 
 
 def state(ed: EditorPage, node_id: int) -> dict:
@@ -254,7 +270,8 @@ def test_build_txt2img_from_palette_and_run(editor: EditorPage, server: Server) 
     ed.page.wait_for_function(f"(window.__seen[{ks}] || {{}}).progress > 0", timeout=180000)
     ed.screenshot("editor_running.png")
     ed.page.wait_for_function(f"sdflow.nodeState({save}).images.length > 0", timeout=180000)
-    ed.page.wait_for_timeout(300)
+    ed.page.wait_for_function("sdflow.events().some(e => e.type === 'execution_success') && !sdflow.app.execution.runningNode",
+                              timeout=60000)
     ed.screenshot("editor_run_done.png")
 
     seen = ed.js("window.__seen")
@@ -359,7 +376,7 @@ def test_validation_errors_highlighted(editor: EditorPage, server: Server) -> No
     queued = ed.js("sdflow.queue(1)")
     assert queued == []
     ed.page.wait_for_selector(".toast-error")
-    ed.page.wait_for_timeout(200)
+    ed.page.wait_for_function(f"sdflow.nodeState({ckpt}).hasErrors && sdflow.nodeState({ks}).hasErrors")
     ck = state(ed, ckpt)
     assert ck["hasErrors"] and any(i["input"] == "ckpt_name" for i in ck["issues"])
     k = state(ed, ks)
@@ -465,16 +482,19 @@ def test_save_load_and_reload_keeps_graph(editor: EditorPage, server: Server) ->
     # The last graph survives a reload (local storage).
     before = ed.js("sdflow.serialize()")
     ed.js(f"sdflow.setWidget({ks}, 'steps', 9)")
-    ed.page.wait_for_timeout(1300)
+    wait_persisted(ed, ks, "steps", 9)
     ed.page.reload()
     ed.page.wait_for_function("window.sdflow && document.body.classList.contains('ready')")
     after = ed.js("sdflow.serialize()")
     assert [n["type"] for n in after["nodes"]] == [n["type"] for n in before["nodes"]]
     assert next(n for n in after["nodes"] if n["id"] == ks)["widgets_values"][2] == 9
 
-    # Loading from the Workflows panel brings back the saved version.
+    # The change after saving is unsaved work, and stays marked as such after the reload.
+    assert ed.js("sdflow.tabs()")[0]["dirty"] is True
+    # Loading from the Workflows panel asks first, then brings back the saved version.
     ed.page.click(".tab[data-tab=workflows]")
     ed.page.click(".workflow-item[data-name='my graph']")
+    ed.page.click(".modal button[data-choice=replace]")
     ed.page.wait_for_function(f"sdflow.nodeState({ks}).widgets.steps === 7")
     assert ed.page.inner_text(".workflow-name") == "my graph"
     assert ed.errors == []
@@ -612,27 +632,41 @@ def test_execution_error_shown_on_node(editor: EditorPage, server: Server) -> No
     ed.screenshot("editor_execution_error.png")
 
 
+def click_title(ed: EditorPage, node_id: int) -> None:
+    """A real click on a node's title; returns once the editor has it selected."""
+    forget_last_click(ed)
+    ed.page.mouse.click(*ed.js(f"sdflow.nodeTitlePos({node_id})"))
+    ed.page.wait_for_function(f"sdflow.selected().length === 1 && sdflow.selected()[0] === {node_id}")
+
+
+def undo_depth(ed: EditorPage) -> dict:
+    return ed.js("sdflow.undoDepth()")
+
+
 def test_undo_redo_and_mode_shortcuts(editor: EditorPage) -> None:
     ed = editor
     ed.js("sdflow.app.loadDefault()")
-    ed.page.wait_for_timeout(400)
     count = ed.js("sdflow.graph.nodes.length")
     vae = ed.js("sdflow.graph.nodes.find(n => n.type === 'VAEDecode').id")
     # Select the decoder with a real click on its title, then delete it with the keyboard.
-    ed.page.mouse.click(*ed.js(f"sdflow.nodeTitlePos({vae})"))
+    click_title(ed, vae)
+    steps = undo_depth(ed)["undo"]
     ed.page.keyboard.press("Delete")
     ed.page.wait_for_function(f"sdflow.graph.nodes.length === {count - 1}")
-    ed.page.wait_for_timeout(400)
+    ed.page.wait_for_function(f"sdflow.undoDepth().undo === {steps + 1}")
     ed.page.keyboard.press("Control+z")
     ed.page.wait_for_function(f"sdflow.graph.nodes.length === {count}")
     assert ed.js(f"!!sdflow.graph.getNodeById({vae})")
+    assert undo_depth(ed) == {"undo": steps, "redo": 1}
     ed.page.keyboard.press("Control+y")
     ed.page.wait_for_function(f"sdflow.graph.nodes.length === {count - 1}")
+    assert undo_depth(ed) == {"undo": steps + 1, "redo": 0}
     ed.page.keyboard.press("Control+z")
     ed.page.wait_for_function(f"sdflow.graph.nodes.length === {count}")
+    assert undo_depth(ed) == {"undo": steps, "redo": 1}
 
     # Ctrl+B bypasses the selected node: it leaves the prompt, its links are bridged.
-    ed.page.mouse.click(*ed.js(f"sdflow.nodeTitlePos({vae})"))
+    click_title(ed, vae)
     ed.page.keyboard.press("Control+b")
     assert ed.js(f"sdflow.graph.getNodeById({vae}).mode") == 4
     assert str(vae) not in ed.js("sdflow.graphToApi()")

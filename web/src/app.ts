@@ -2,8 +2,9 @@
 import {
   LGraph,
   LGraphCanvas,
+  LGraphGroup,
+  LGraphNode,
   LiteGraph,
-  type LGraphNode,
 } from "@comfyorg/litegraph";
 import type { IBaseWidget, ISerialisedGraph } from "./lgtypes";
 import { Api, HttpError, PromptError, type ImageRef, type NodeErrors } from "./api";
@@ -11,13 +12,14 @@ import { setToken } from "./auth";
 import { applyTypeColors } from "./colors";
 import { graphToApi, isApiPrompt, serialiseWorkflow, type ApiPrompt } from "./convert";
 import { initDomWidgets, isTextAreaWidget, syncDomWidgets } from "./domwidgets";
-import { ExecutionTracker, nodeById } from "./execution";
+import { ExecutionTracker, nodeById, showOutputs } from "./execution";
 import { buildDefaultGraph, loadApiPrompt } from "./loader";
 import { ensureImageRoom, setIssues, visual, type NodeIssue } from "./nodevisuals";
 import { comfyClassOf, registerNodeDefs, registerVirtualNodes, registry, setNodeHooks } from "./nodetypes";
 import { isPng, readPngText } from "./png";
 import { nodeInputs, nodeOutputs, type ObjectInfo } from "./schema";
-import { promptDialog, confirmDialog } from "./ui/dialog";
+import { choiceDialog, promptDialog, confirmDialog } from "./ui/dialog";
+import { makeTab, TabBar, type StoredTabs, type WorkflowTab } from "./tabs";
 import { h } from "./ui/dom";
 import { DRAG_MIME, NodeLibrary } from "./ui/library";
 import { cachedImageUrl, HistoryPanel, QueuePanel } from "./ui/queue";
@@ -32,6 +34,10 @@ import { applyControlAfterGenerate, setWidgetHost } from "./widgets";
 
 const STORE_KEY = "sdflow.workflow";
 const STORE_NAME_KEY = "sdflow.workflowName";
+const TABS_KEY = "sdflow.tabs";
+const MUTED_ALPHA = 0.4;
+/** Space between a new group's border and the nodes it holds. */
+const GROUP_PADDING = 10;
 
 function errText(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
@@ -77,6 +83,13 @@ export class App {
   side!: SidePanel;
   /** Prompt ids queued from this page, oldest first. */
   readonly queued: string[] = [];
+  tabs: WorkflowTab[] = [];
+  activeTab!: WorkflowTab;
+  tabBar!: TabBar;
+  /** The tab each prompt queued from this page came from, so its outputs land there. */
+  private promptTabs = new Map<string, string>();
+  private queueSize = 0;
+  private progressPct: number | null = null;
   private entries: SearchEntry[] = [];
   private overlayEl!: HTMLElement;
   private queueing = false;
@@ -103,9 +116,9 @@ export class App {
       this.exposeHook();
       return;
     }
-    this.restoreOrDefault();
     this.undo = new UndoHistory(this);
-    this.undo.reset();
+    this.undo.onChange = () => this.updateDirty();
+    this.restoreTabs();
     this.api.connect();
     this.queuePanel.refresh();
     this.historyPanel.refresh();
@@ -123,15 +136,20 @@ export class App {
     const overlay = h("div", { class: "dom-overlay" });
     this.overlayEl = overlay;
     const wrap = h("div", { class: "canvas-wrap" }, this.canvasEl, overlay);
+    this.tabBar = new TabBar({
+      select: (id) => this.switchTab(id),
+      close: (id) => void this.closeTab(id),
+      add: () => this.newTab(null, "Untitled"),
+    });
     this.search = new NodeSearch(() => this.entries);
     this.library = new NodeLibrary(() => this.entries, (e) => this.addNodeAt(e.name, this.viewCenter()));
     const actions = {
-      loadWorkflow: (data: unknown, name: string) => this.loadGraphData(data, name),
+      loadWorkflow: (data: unknown, name: string) => void this.openWorkflow(data, name),
       nodeTitle: (id: string) => nodeById(this.graph, id)?.title,
     };
     this.queuePanel = new QueuePanel(this.api, actions);
     this.historyPanel = new HistoryPanel(this.api, actions);
-    this.workflowsPanel = new WorkflowsPanel(this.api, (d, n) => this.loadGraphData(d, n), () => this.saveWorkflow());
+    this.workflowsPanel = new WorkflowsPanel(this.api, (d, n) => void this.openWorkflow(d, n), () => this.saveWorkflow());
     this.side = new SidePanel([
       { id: "queue", label: "Queue", el: this.queuePanel.el, onShow: () => this.queuePanel.refresh() },
       { id: "history", label: "History", el: this.historyPanel.el, onShow: () => this.historyPanel.refresh() },
@@ -139,8 +157,9 @@ export class App {
       { id: "workflows", label: "Workflows", el: this.workflowsPanel.el, onShow: () => this.workflowsPanel.refresh() },
     ]);
     this.topbar = new TopBar(this);
-    this.queuePanel.onCountChange = (r, p) => this.topbar.setQueueCount(r + p);
-    const main = h("main", { class: "workspace" }, wrap, this.side.el);
+    this.queuePanel.onCountChange = (r, p) => this.setQueueSize(r + p);
+    const column = h("div", { class: "editor-column" }, this.tabBar.el, wrap);
+    const main = h("main", { class: "workspace" }, column, this.side.el);
     root.replaceChildren(this.topbar.el, main);
     this.setupDrop(wrap);
   }
@@ -184,6 +203,19 @@ export class App {
     canvas.onDrawBackground = (ctx, area) => this.drawGrid(ctx, area);
     canvas.onDrawForeground = () => syncDomWidgets();
     initDomWidgets(canvas, this.overlayEl);
+    this.adjustMenus(canvas);
+    // Muted nodes are drawn faded, as ComfyUI shows them: they stay in the workflow but do not run.
+    const drawNode = canvas.drawNode.bind(canvas);
+    canvas.drawNode = (node: LGraphNode, ctx: CanvasRenderingContext2D) => {
+      if (node.mode !== 2) return drawNode(node, ctx);
+      const alpha = canvas.editor_alpha;
+      canvas.editor_alpha = alpha * MUTED_ALPHA;
+      try {
+        drawNode(node, ctx);
+      } finally {
+        canvas.editor_alpha = alpha;
+      }
+    };
     applyTypeColors(canvas, ["MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"]);
 
     const wrap = this.canvasEl.parentElement!;
@@ -405,6 +437,33 @@ export class App {
     this.canvas.setDirty(true, true);
   }
 
+  /** Menus offer only what works here: subgraphs are not implemented, so "Convert to Subgraph" goes. */
+  private adjustMenus(canvas: LGraphCanvas): void {
+    const keep = (o: any) => !(o && typeof o.content === "string" && /subgraph/i.test(o.content));
+    const nodeMenu = canvas.getNodeMenuOptions.bind(canvas);
+    canvas.getNodeMenuOptions = (node: LGraphNode) => nodeMenu(node).filter(keep);
+    const canvasMenu = canvas.getCanvasMenuOptions.bind(canvas);
+    canvas.getCanvasMenuOptions = () => canvasMenu().filter(keep);
+  }
+
+  /** Ctrl+G: a group around the selected nodes (titled "Group"; double-click the title to rename). */
+  groupSelected(): LGraphGroup | null {
+    const nodes = [...this.canvas.selectedItems].filter((i): i is LGraphNode => i instanceof LGraphNode);
+    if (!nodes.length) {
+      toast("Select the nodes to group first", "info", { timeout: 2000 });
+      return null;
+    }
+    const group = new LGraphGroup("Group");
+    this.graph.beforeChange();
+    group.resizeTo(nodes, GROUP_PADDING);
+    this.graph.add(group);
+    group.recomputeInsideNodes();
+    this.graph.afterChange();
+    this.graph._version++;
+    this.canvas.setDirty(true, true);
+    return group;
+  }
+
   fitView(): void {
     const nodes = this.graph.nodes;
     if (!nodes.length) {
@@ -460,17 +519,254 @@ export class App {
     if (missing.length) toast(`The server has no ${missing.join(", ")}: the default graph is incomplete`, "warning");
   }
 
-  async newGraph(): Promise<void> {
-    if (this.graph.nodes.length && !(await confirmDialog("New workflow", "Clear the canvas? Unsaved changes are lost.", "Clear"))) return;
-    this.graph.clear();
-    this.setName("Untitled");
-    this.fitView();
+  /** "New": an empty workflow in a new tab. */
+  newGraph(): void {
+    this.newTab(null, "Untitled");
+  }
+
+  /** "Load default graph" from the menu: asks before replacing unsaved work. */
+  async openDefault(): Promise<void> {
+    const scratch = new LGraph();
+    buildDefaultGraph(scratch);
+    await this.openWorkflow(serialiseWorkflow(scratch), "Untitled");
   }
 
   setName(name: string): void {
     this.workflowName = name || "Untitled";
     this.topbar?.setName(this.workflowName);
-    document.title = `${this.workflowName} · sdflow`;
+    if (this.activeTab && this.activeTab.name !== this.workflowName) {
+      this.activeTab.name = this.workflowName;
+      this.renderTabs();
+    }
+    this.updateTitle();
+  }
+
+  /** The page title: progress and queue size first (they show in the browser's tab strip), as ComfyUI does. */
+  updateTitle(): void {
+    const pct = this.progressPct !== null ? `[${this.progressPct}%]` : "";
+    const queue = this.queueSize > 0 ? `[${this.queueSize}]` : "";
+    const dirty = this.activeTab?.dirty ? "*" : "";
+    document.title = `${pct}${queue}${pct || queue ? " " : ""}${dirty}${this.workflowName} - sdflow`;
+  }
+
+  setQueueSize(n: number): void {
+    this.queueSize = n;
+    this.topbar.setQueueCount(n);
+    if (n === 0) this.progressPct = null;
+    this.updateTitle();
+  }
+
+  setProgress(p: { value?: number; max?: number } | null): void {
+    this.progressPct = p?.max ? Math.round((100 * (p.value ?? 0)) / p.max) : null;
+    this.updateTitle();
+  }
+
+  // ---------- tabs ----------
+
+  private renderTabs(): void {
+    this.tabBar?.render(this.tabs, this.activeTab?.id ?? "");
+  }
+
+  /** Recomputes the unsaved mark of the shown tab from the undo history's current state. */
+  private updateDirty(): void {
+    const t = this.activeTab;
+    if (!t || !this.undo) return;
+    const dirty = this.undo.state !== t.clean;
+    if (dirty !== t.dirty) {
+      t.dirty = dirty;
+      this.renderTabs();
+      this.updateTitle();
+    }
+    this.persist();
+  }
+
+  /** Marks the shown tab as matching what was just loaded or saved. */
+  private markClean(): void {
+    this.undo.check();
+    this.activeTab.clean = this.undo.state;
+    this.activeTab.dirty = false;
+    this.renderTabs();
+    this.updateTitle();
+    this.persist(true);
+  }
+
+  private restoreTabs(): void {
+    let stored: StoredTabs | null = null;
+    try {
+      stored = JSON.parse(localStorage.getItem(TABS_KEY) ?? "null");
+    } catch {
+      stored = null;
+    }
+    if (stored && Array.isArray(stored.tabs) && stored.tabs.length) {
+      this.tabs = stored.tabs.map((t) => ({ ...makeTab(t.name || "Untitled", t.workflow ?? null), id: t.id, dirty: !!t.dirty }));
+      const active = this.tabs.find((t) => t.id === stored!.active) ?? this.tabs[0];
+      this.activeTab = active;
+      this.showTab(active);
+      return;
+    }
+    const tab = makeTab("Untitled");
+    this.tabs = [tab];
+    this.activeTab = tab;
+    this.undo.quietly(() => this.restoreOrDefault());
+    this.undo.reset();
+    tab.name = this.workflowName;
+    tab.clean = this.undo.state;
+    this.updateDirty();
+    this.renderTabs();
+    this.updateTitle();
+  }
+
+  /** Puts the graph of the shown tab into the tab, so another can be shown. */
+  private stashActive(): void {
+    const t = this.activeTab;
+    if (!t) return;
+    t.history = this.undo.save();
+    t.workflow = this.serialize();
+  }
+
+  /** Shows `tab` on the canvas: its graph, outputs and undo history. */
+  private showTab(tab: WorkflowTab): void {
+    this.activeTab = tab;
+    this.canvas.deselectAll();
+    this.undo.quietly(() => {
+      if (tab.workflow) {
+        try {
+          this.loadGraphData(tab.workflow, tab.name, { quiet: true, keepView: true });
+        } catch (e) {
+          console.warn(`tab ${tab.name}: workflow unreadable`, e);
+          this.graph.clear();
+        }
+      } else {
+        this.graph.clear();
+        this.setName(tab.name);
+        this.fitView();
+      }
+      this.applyOutputs(tab);
+    });
+    if (tab.history) this.undo.load(tab.history);
+    else this.undo.reset();
+    // A tab restored with unsaved changes stays marked until saved.
+    if (!tab.clean) tab.clean = tab.dirty ? "\u0000unsaved" : this.undo.state;
+    tab.workflow = null;
+    this.updateDirty();
+    this.setName(tab.name);
+    this.renderTabs();
+    this.updateTitle();
+    this.persist(true);
+  }
+
+  switchTab(id: string): void {
+    const tab = this.tabs.find((t) => t.id === id);
+    if (!tab || tab === this.activeTab) return;
+    this.stashActive();
+    this.showTab(tab);
+  }
+
+  /** Opens a workflow (or an empty graph) in a new tab and shows it. */
+  newTab(workflow: unknown, name: string): WorkflowTab {
+    this.stashActive();
+    const tab = makeTab(name);
+    this.tabs.push(tab);
+    this.activeTab = tab;
+    this.canvas.deselectAll();
+    this.undo.quietly(() => {
+      if (workflow) this.loadGraphData(workflow, name, { quiet: true });
+      else {
+        this.graph.clear();
+        this.setName(name);
+        this.fitView();
+      }
+    });
+    this.undo.reset();
+    tab.clean = this.undo.state;
+    this.updateDirty();
+    this.setName(name);
+    this.renderTabs();
+    this.updateTitle();
+    this.persist(true);
+    return tab;
+  }
+
+  async closeTab(id: string): Promise<void> {
+    const tab = this.tabs.find((t) => t.id === id);
+    if (!tab) return;
+    if (tab.dirty && !(await confirmDialog("Close tab", `“${tab.name}” has unsaved changes. Close it anyway?`, "Close without saving"))) return;
+    const i = this.tabs.indexOf(tab);
+    this.tabs.splice(i, 1);
+    if (!this.tabs.length) {
+      this.activeTab = undefined as unknown as WorkflowTab;
+      this.newTab(null, "Untitled");
+      return;
+    }
+    if (tab === this.activeTab) this.showTab(this.tabs[Math.min(i, this.tabs.length - 1)]);
+    else {
+      this.renderTabs();
+      this.persist(true);
+    }
+  }
+
+  /**
+   * Loads a workflow the user asked for (file, drop, history, saved list, template) into the shown
+   * tab, first asking whether to keep unsaved work: open in a new tab, replace, or cancel.
+   */
+  async openWorkflow(data: unknown, name: string): Promise<boolean> {
+    const t = this.activeTab;
+    this.undo.check();
+    if (t.dirty && this.graph.nodes.length) {
+      const choice = await choiceDialog("Unsaved changes", `“${t.name}” has unsaved changes. Open “${name}” in a new tab, or replace the current graph?`, [
+        { label: "Cancel", value: "cancel" },
+        { label: "Replace", value: "replace", kind: "danger" },
+        { label: "Open in new tab", value: "tab", kind: "primary" },
+      ]);
+      if (choice === "tab") {
+        this.newTab(data, name);
+        toast(`Opened ${name}`, "success", { timeout: 2000 });
+        return true;
+      }
+      if (choice !== "replace") return false;
+    }
+    this.canvas.deselectAll();
+    this.loadGraphData(data, name);
+    t.outputs.clear();
+    this.markClean();
+    return true;
+  }
+
+  /** Shows the outputs a tab's runs produced on its nodes (after a tab switch or an undo). */
+  private applyOutputs(tab: WorkflowTab): void {
+    for (const n of this.graph.nodes) {
+      const o = tab.outputs.get(String(n.id));
+      if (o && o.type === n.type) showOutputs(n, o.refs, o.images);
+    }
+  }
+
+  /** The graph showing a prompt's workflow: the canvas when its tab is shown (or it is not ours). */
+  graphForPrompt(promptId: string | undefined): LGraph | null {
+    const tabId = promptId ? this.promptTabs.get(promptId) : undefined;
+    if (!tabId || tabId === this.activeTab?.id || !this.tabs.some((t) => t.id === tabId)) return this.graph;
+    return null;
+  }
+
+  onOutputs(promptId: string | undefined, nodeId: string, refs: ImageRef[], imgs: HTMLImageElement[]): void {
+    const tabId = promptId ? this.promptTabs.get(promptId) : undefined;
+    const tab = this.tabs.find((t) => t.id === tabId) ?? this.activeTab;
+    if (tab === this.activeTab) {
+      const n = nodeById(this.graph, nodeId);
+      if (!n) return;
+      tab.outputs.set(nodeId, { type: n.type, images: imgs, refs });
+      showOutputs(n, refs, imgs);
+    } else {
+      const type = tab.workflow?.nodes?.find((n) => String(n.id) === nodeId)?.type;
+      if (type) tab.outputs.set(nodeId, { type: String(type), images: imgs, refs });
+    }
+  }
+
+  /** Puts back a graph recorded by the undo history, leaving the view where the user has it. */
+  restoreSnapshot(wf: ISerialisedGraph): void {
+    this.canvas.deselectAll();
+    this.loadGraphData(wf, this.workflowName, { quiet: true, keepViewAlways: true });
+    // Outputs are not part of the workflow: put back the images the restored nodes had.
+    this.applyOutputs(this.activeTab);
   }
 
   /** Loads a UI workflow (v0.4 or v1) or an API prompt. */
@@ -513,8 +809,8 @@ export class App {
       const base = file.name.replace(/\.(json|png)$/i, "");
       if (isPng(buf)) {
         const text = await readPngText(buf);
-        if (text.workflow) this.loadGraphData(JSON.parse(text.workflow), base);
-        else if (text.prompt) this.loadGraphData(JSON.parse(text.prompt), base);
+        if (text.workflow) await this.openWorkflow(JSON.parse(text.workflow), base);
+        else if (text.prompt) await this.openWorkflow(JSON.parse(text.prompt), base);
         else if (!(await this.imageAsLoadNode(file, dropPos))) toast(`${file.name} carries no workflow`, "error");
         return;
       }
@@ -522,7 +818,7 @@ export class App {
         if (!(await this.imageAsLoadNode(file, dropPos))) toast(`${file.name} carries no workflow`, "error");
         return;
       }
-      this.loadGraphData(JSON.parse(new TextDecoder().decode(buf)), base);
+      await this.openWorkflow(JSON.parse(new TextDecoder().decode(buf)), base);
     } catch (e) {
       toast(`Cannot load ${file.name}: ${errText(e)}`, "error");
     }
@@ -559,6 +855,7 @@ export class App {
       try {
         await this.api.saveWorkflowFile(name, wf);
         this.setName(name);
+        this.markClean();
         toast(`Saved ${name}`, "success");
         this.workflowsPanel.refresh();
         return;
@@ -572,6 +869,7 @@ export class App {
     }
     download(`${name}.json`, JSON.stringify(wf, null, 2));
     this.setName(name);
+    this.markClean();
   }
 
   exportWorkflow(): void {
@@ -582,13 +880,19 @@ export class App {
     download(`${this.workflowName}_api.json`, JSON.stringify(graphToApi(this.graph), null, 2));
   }
 
+  /** Keeps the open tabs (the shown one as it is now) in local storage for the next page load. */
   private persist(force = false): void {
+    if (!this.activeTab) return;
     const v = this.graph._version + this.canvas.ds.offset[0] + this.canvas.ds.scale * 1e6;
     if (!force && v === this.savedVersion) return;
     this.savedVersion = v;
+    const live = this.serialize();
+    const data: StoredTabs = {
+      active: this.activeTab.id,
+      tabs: this.tabs.map((t) => ({ id: t.id, name: t.name, dirty: t.dirty, workflow: t === this.activeTab ? live : t.workflow })),
+    };
     try {
-      localStorage.setItem(STORE_KEY, JSON.stringify(this.serialize()));
-      localStorage.setItem(STORE_NAME_KEY, this.workflowName);
+      localStorage.setItem(TABS_KEY, JSON.stringify(data));
     } catch (e) {
       console.warn("could not keep the workflow in local storage", e);
     }
@@ -663,6 +967,7 @@ export class App {
         try {
           const res = await this.api.queuePrompt(prompt, workflow, { front });
           ids.push(res.prompt_id);
+          this.promptTabs.set(res.prompt_id, this.activeTab.id);
           this.queued.push(res.prompt_id);
           if (res.node_errors && Object.keys(res.node_errors).length) this.showNodeErrors(res.node_errors);
         } catch (e) {
@@ -759,6 +1064,7 @@ export class App {
       nodeTitlePos(nodeId: number): [number, number] {
         const node = app.graph.getNodeById(nodeId);
         if (!node) throw new Error(`no node ${nodeId}`);
+        app.canvas.draw(true, true); // lay out a node added or loaded in this same task
         return app.graphToClient(node.pos[0] + 40, node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2);
       },
       /** Client coordinates of the centre of a widget (x at `fx` of its width). */
@@ -799,21 +1105,40 @@ export class App {
         app.canvas.setDirty(true, true);
       },
       lastRefusedLink: () => app.lastRefusedLink,
+      /** The workflow as kept in local storage for the next page load. */
+      persisted: () => {
+        const stored = JSON.parse(localStorage.getItem(TABS_KEY) ?? "null") as StoredTabs | null;
+        return stored?.tabs.find((t) => t.id === stored.active)?.workflow ?? null;
+      },
+      /** The open tabs: id, name, unsaved mark, active. */
+      tabs: () => app.tabs.map((t) => ({ id: t.id, name: t.name, dirty: t.dirty, active: t === app.activeTab })),
+      /** Ids of the selected nodes. */
+      selected: () => [...app.canvas.selectedItems].map((i: any) => i.id).filter((id) => id !== undefined),
+      /** Undo and redo stack sizes, with any pending change recorded first. */
+      undoDepth() {
+        app.undo?.check();
+        return app.undo?.depth ?? { undo: 0, redo: 0 };
+      },
     };
   }
 }
 
 export function installExecution(app: App): void {
-  app.execution = new ExecutionTracker(app.api, () => app.graph, {
-    onProgress: (p) => app.queuePanel.setProgress(p),
+  app.execution = new ExecutionTracker(app.api, (id) => app.graphForPrompt(id), {
+    onOutputs: (promptId, nodeId, refs, imgs) => app.onOutputs(promptId, nodeId, refs, imgs),
+    onProgress: (p) => {
+      app.queuePanel.setProgress(p);
+      app.setProgress(p.max ? p : null);
+    },
     onPromptDone: () => {
+      app.setProgress(null);
       app.queuePanel.scheduleRefresh();
       app.historyPanel.refresh();
     },
     onQueueChanged: (d) => {
       app.queuePanel.scheduleRefresh();
       const remaining = d?.status?.exec_info?.queue_remaining;
-      if (typeof remaining === "number") app.topbar.setQueueCount(remaining);
+      if (typeof remaining === "number") app.setQueueSize(remaining);
       const paused = d?.status?.exec_info?.paused ?? d?.status?.paused;
       if (typeof paused === "boolean") app.queuePanel.setPaused(paused);
     },

@@ -2,6 +2,16 @@
 import type { LGraph, LGraphNode } from "@comfyorg/litegraph";
 import type { Api, ImageRef, PreviewFrame } from "./api";
 import { clearRunState, ensureImageRoom, setIssues, visual } from "./nodevisuals";
+
+/** Shows output images on a node (below its widgets, replacing a live preview). */
+export function showOutputs(n: LGraphNode, refs: ImageRef[], imgs: HTMLImageElement[]): void {
+  const v = visual(n);
+  v.images = imgs;
+  v.preview = undefined;
+  (n as any).sdflowOutputs = refs;
+  ensureImageRoom(n);
+  n.setDirtyCanvas(true, true);
+}
 import { toast } from "./ui/toast";
 
 export interface ExecutionListener {
@@ -9,6 +19,8 @@ export interface ExecutionListener {
   onPromptDone(promptId: string | undefined): void;
   onQueueChanged(data: any): void;
   imageUrl(ref: ImageRef): Promise<string>;
+  /** A node's output images arrived (the app keeps them with the tab that queued the prompt). */
+  onOutputs(promptId: string | undefined, nodeId: string, refs: ImageRef[], images: HTMLImageElement[]): void;
 }
 
 export function nodeById(graph: LGraph, id: unknown): LGraphNode | null {
@@ -34,7 +46,8 @@ export class ExecutionTracker {
   readonly log: { type: string; data: any; t: number }[] = [];
   private previewUrl: string | null = null;
 
-  constructor(api: Api, private graph: () => LGraph, private listener: ExecutionListener) {
+  /** `graphFor` gives the graph showing a prompt's workflow, or null while its tab is not shown. */
+  constructor(api: Api, private graphFor: (promptId: string | undefined) => LGraph | null, private listener: ExecutionListener) {
     api.on("*", (msg) => {
       this.log.push({ type: msg.type, data: msg.data, t: Date.now() });
       if (this.log.length > 500) this.log.splice(0, this.log.length - 500);
@@ -51,8 +64,13 @@ export class ExecutionTracker {
     api.on("preview", (f: PreviewFrame) => this.onPreview(f));
   }
 
-  private node(id: unknown): LGraphNode | null {
-    return nodeById(this.graph(), id);
+  private node(id: unknown, promptId = this.promptId): LGraphNode | null {
+    const g = this.graphFor(promptId);
+    return g ? nodeById(g, id) : null;
+  }
+
+  private redraw(): void {
+    this.graphFor(this.promptId)?.setDirtyCanvas(true, true);
   }
 
   private setRunning(id: string | null): void {
@@ -67,12 +85,12 @@ export class ExecutionTracker {
       v.running = true;
       v.progress = undefined;
     }
-    this.graph().setDirtyCanvas(true, true);
+    this.redraw();
   }
 
   private onStart(d: any): void {
     this.promptId = d?.prompt_id;
-    for (const n of this.graph().nodes) {
+    for (const n of this.graphFor(this.promptId)?.nodes ?? []) {
       clearRunState(n);
       const v = visual(n);
       // Errors from the previous run are stale now; validation issues stay until edited.
@@ -112,18 +130,14 @@ export class ExecutionTracker {
   }
 
   private async onExecuted(d: any): Promise<void> {
-    const n = this.node(d?.display_node ?? d?.node);
+    const id = d?.display_node ?? d?.node;
     const images: ImageRef[] = d?.output?.images ?? [];
-    if (!n || !images.length) return;
+    if (id == null || !images.length) return;
+    const promptId: string | undefined = d?.prompt_id ?? this.promptId;
     try {
       const urls = await Promise.all(images.map((ref) => this.listener.imageUrl(ref)));
       const imgs = await Promise.all(urls.map(loadImage));
-      const v = visual(n);
-      v.images = imgs;
-      v.preview = undefined;
-      (n as any).sdflowOutputs = images;
-      ensureImageRoom(n);
-      n.setDirtyCanvas(true, true);
+      this.listener.onOutputs(promptId, String(id), images, imgs);
     } catch (e) {
       console.warn("could not show output images", e);
     }

@@ -35,6 +35,9 @@ document.addEventListener("keydown", (e) => {
   } else if (mod && (e.key === "m" || e.key === "M")) {
     e.preventDefault();
     app.toggleMode(2);
+  } else if (mod && (e.key === "g" || e.key === "G")) {
+    e.preventDefault();
+    app.groupSelected();
   } else if (mod && (e.key === "b" || e.key === "B")) {
     e.preventDefault();
     app.toggleMode(4);

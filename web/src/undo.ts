@@ -1,23 +1,69 @@
-// Undo/redo by snapshots: after each user action (pointer up, key up, text input) or graph change,
-// the workflow is serialised and compared with the last snapshot; a difference becomes an undo step.
+// Undo/redo by snapshots, driven by graph changes: litegraph bumps `graph._version` on every structural
+// change (add, remove, connect, widget value, mode, configure), so a watcher on that counter schedules a
+// comparison with the last snapshot; moves and resizes end with a pointer-up on the canvas and text
+// typed into DOM widgets fires `input`, which schedule the same comparison. Nothing polls: a restore
+// cannot be followed by a stray check that finds a late layout change and throws the redo steps away.
 // The view (pan/zoom) is not part of a snapshot, so panning is never undone.
+import type { LGraph } from "@comfyorg/litegraph";
 import type { App } from "./app";
 
 const LIMIT = 60;
+
+type Listener = () => void;
+const versionWatchers = new WeakMap<LGraph, Set<Listener>>();
+
+/** Calls `fn` (synchronously) whenever litegraph bumps the graph's change counter. */
+export function watchGraphVersion(graph: LGraph, fn: Listener): () => void {
+  let set = versionWatchers.get(graph);
+  if (!set) {
+    const listeners = new Set<Listener>();
+    set = listeners;
+    versionWatchers.set(graph, listeners);
+    let value = graph._version;
+    Object.defineProperty(graph, "_version", {
+      configurable: true,
+      enumerable: true,
+      get: () => value,
+      set: (v: number) => {
+        value = v;
+        for (const l of listeners) l();
+      },
+    });
+  }
+  set.add(fn);
+  return () => set!.delete(fn);
+}
+
+export interface HistoryState {
+  undo: string[];
+  redo: string[];
+  current: string;
+}
 
 export class UndoHistory {
   private undoStack: string[] = [];
   private redoStack: string[] = [];
   private current = "";
-  private lastVersion = -1;
-  private pending = true;
+  private dirty = false;
+  private scheduled = false;
+  private restoring = false;
+  private suspended = 0;
+  /** Called after every recorded step, undo and redo (the tab bar shows the unsaved mark from it). */
+  onChange?: () => void;
 
   constructor(private app: App) {
-    const mark = () => (this.pending = true);
-    window.addEventListener("pointerup", mark, true);
-    window.addEventListener("keyup", mark, true);
-    window.addEventListener("input", mark, true);
-    setInterval(() => this.check(), 300);
+    watchGraphVersion(app.graph, () => this.changed());
+    const wrap = () => app.canvasEl.parentElement;
+    // After litegraph's own handler has finished with the event (it is registered on the canvas,
+    // below this capture listener), hence the task rather than a microtask.
+    window.addEventListener("pointerup", (e) => {
+      if (wrap()?.contains(e.target as Node)) this.changed(true);
+    }, true);
+    for (const type of ["input", "change"]) {
+      window.addEventListener(type, (e) => {
+        if (wrap()?.contains(e.target as Node)) this.changed(true);
+      }, true);
+    }
   }
 
   private snapshot(): string {
@@ -26,31 +72,84 @@ export class UndoHistory {
     return JSON.stringify(wf);
   }
 
-  /** Starts a fresh history from the current graph (used at start-up). */
+  /** Something may have changed: compare once the current event is over. */
+  changed(afterEvent = false): void {
+    if (this.restoring || this.suspended) return;
+    this.dirty = true;
+    if (this.scheduled) return;
+    this.scheduled = true;
+    const run = () => {
+      this.scheduled = false;
+      this.check();
+    };
+    if (afterEvent) setTimeout(run, 0);
+    else queueMicrotask(run);
+  }
+
+  /** Runs `fn` without recording its changes as a step (they become part of the current state). */
+  quietly<T>(fn: () => T): T {
+    this.suspended++;
+    try {
+      return fn();
+    } finally {
+      this.suspended--;
+      this.current = this.snapshot();
+      this.dirty = false;
+    }
+  }
+
+  /** Starts a fresh history from the current graph. */
   reset(): void {
     this.undoStack = [];
     this.redoStack = [];
     this.current = this.snapshot();
-    this.lastVersion = this.app.graph._version;
-    this.pending = false;
+    this.dirty = false;
+    this.onChange?.();
+  }
+
+  /** The stacks, for keeping a tab's history while another tab is shown. */
+  save(): HistoryState {
+    this.check();
+    return { undo: [...this.undoStack], redo: [...this.redoStack], current: this.current };
+  }
+
+  load(state: HistoryState): void {
+    this.undoStack = [...state.undo];
+    this.redoStack = [...state.redo];
+    this.current = this.snapshot();
+    this.dirty = false;
   }
 
   check(): void {
-    const version = this.app.graph._version;
-    if (!this.pending && version === this.lastVersion) return;
-    if (this.app.canvas?.pointer?.isDown) return; // wait for the end of a drag
-    this.pending = false;
-    this.lastVersion = version;
+    if (!this.dirty || this.restoring) return;
+    // A drag in progress ends with a pointer-up, which checks again.
+    if (this.app.canvas?.pointer?.isDown) return;
+    this.dirty = false;
     const snap = this.snapshot();
     if (snap === this.current) return;
     if (this.current) this.undoStack.push(this.current);
     if (this.undoStack.length > LIMIT) this.undoStack.shift();
     this.redoStack = [];
     this.current = snap;
+    this.onChange?.();
   }
 
   get canUndo(): boolean {
     return this.undoStack.length > 0;
+  }
+
+  get canRedo(): boolean {
+    return this.redoStack.length > 0;
+  }
+
+  /** Sizes of the stacks (the test hook waits on them). */
+  get depth(): { undo: number; redo: number } {
+    return { undo: this.undoStack.length, redo: this.redoStack.length };
+  }
+
+  /** The serialised graph as last recorded. */
+  get state(): string {
+    return this.current;
   }
 
   undo(): boolean {
@@ -72,10 +171,15 @@ export class UndoHistory {
   }
 
   private restore(snap: string): void {
-    this.app.loadGraphData(JSON.parse(snap), this.app.workflowName, { quiet: true, keepView: true, keepViewAlways: true });
-    // Compare later changes with the graph as loaded (loading may normalise details of the snapshot).
-    this.current = this.snapshot();
-    this.lastVersion = this.app.graph._version;
-    this.pending = false;
+    this.restoring = true;
+    try {
+      this.app.restoreSnapshot(JSON.parse(snap));
+      // Compare later changes with the graph as loaded (loading may normalise details of the snapshot).
+      this.current = this.snapshot();
+      this.dirty = false;
+    } finally {
+      this.restoring = false;
+    }
+    this.onChange?.();
   }
 }

@@ -36,5 +36,7 @@ def load_tokenizer(kind: str = "l") -> CLIPTokenizer:
 
     vocab, merges = _bpe_data()
     return CLIPTokenizer(
-        vocab=dict(vocab), merges=list(merges), pad_token=PAD_TOKENS[kind], model_max_length=MAX_LENGTH
+        vocab=dict(vocab),
+        merges=list(merges),  # type: ignore[arg-type]  # hinted list[str]; its BPE takes (a, b) pairs as well
+        pad_token=PAD_TOKENS[kind], model_max_length=MAX_LENGTH,
     )

@@ -70,3 +70,24 @@ export function confirmDialog(title: string, message: string, okText = "OK"): Pr
     requestAnimationFrame(() => ok.focus());
   });
 }
+
+/** A question with several answers (buttons, the last one focused); null when dismissed. */
+export function choiceDialog(title: string, message: string, choices: { label: string; value: string; kind?: "primary" | "danger" }[]): Promise<string | null> {
+  return new Promise((resolve) => {
+    const buttons = choices.map((c) => h("button", {
+      type: "button",
+      class: `btn${c.kind ? ` btn-${c.kind}` : ""}`,
+      dataset: { choice: c.value },
+      onclick: () => {
+        m.close();
+        resolve(c.value);
+      },
+    }, c.label));
+    const box = h("div", { class: "modal", role: "dialog", "aria-label": title },
+      h("h2", {}, title),
+      h("p", {}, message),
+      h("div", { class: "modal-actions" }, buttons));
+    const m = modal(box, () => resolve(null));
+    requestAnimationFrame(() => buttons[buttons.length - 1]?.focus());
+  });
+}
