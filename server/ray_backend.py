@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import RuntimeConfig, reset_current_config, set_current_config
+from engine.events import Event
 from engine.paths import UnsafePathError, contained_path
 from engine.planning import compute_keys
 from engine.registry import Registry
@@ -84,7 +85,7 @@ class WorkerSpec:
     @classmethod
     def from_config(cls, config: RuntimeConfig, *, builtin_nodes: bool = True,
                     node_modules: list[str] | None = None, env: dict[str, str] | None = None) -> WorkerSpec:
-        return cls(models_dir=str(Path(config.models_dir).resolve()),
+        return cls(models_dir=str(Path(str(config.models_dir)).resolve()),
                    extra_model_paths=[str(Path(p).resolve()) for p in config.extra_model_paths],
                    cache_budget_bytes=config.cache_budget_bytes, preview_method=config.preview_method,
                    builtin_nodes=builtin_nodes, node_modules=list(node_modules or []), env=dict(env or {}))
@@ -183,7 +184,7 @@ class RayCluster:
         self._cls = ray.remote(ExecutorWorker)
         self.head_node = ray.get_runtime_context().get_node_id()
         self.address = ray.get_runtime_context().gcs_address
-        head = next((n for n in ray.nodes() if n.get("NodeID") == self.head_node), {})
+        head: dict = next((n for n in ray.nodes() if n.get("NodeID") == self.head_node), {})
         gpus = int(head.get("Resources", {}).get("GPU", 0))
         if workers is None:
             workers = gpus or 1
@@ -212,7 +213,8 @@ class RayCluster:
         if slot_resource:
             opts["resources"] = {SLOT_RESOURCE: 1}
         actor = self._cls.options(**opts).remote(self.spec.as_dict(), name)
-        slot = Slot(name, actor, {"requires": {k: v for k, v in opts.items() if k in ("num_gpus", "num_cpus", "resources")}})
+        requires = {k: v for k, v in opts.items() if k in ("num_gpus", "num_cpus", "resources")}
+        slot = Slot(name, actor, {"requires": requires})
         return slot, actor.ready.remote()
 
     def _await(self, started: list[tuple[Slot, Any]], timeout: float) -> None:
@@ -408,7 +410,7 @@ class RayBackend:
                 for s in self.slots]
 
     # ---- dispatching --------------------------------------------------------------------------------
-    def _idle(self, exclude: set[str] = frozenset()) -> list[Slot]:
+    def _idle(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Slot]:
         return [s for s in self.slots if s.state == "idle" and s.name not in exclude]
 
     def _loop(self) -> None:
@@ -559,9 +561,10 @@ class RayBackend:
             entry = failed_entry(item, f"{type(exc).__name__}: {exc}", exception_type=type(exc).__name__)
         assert entry is not None
         entry["dispatch"] = {**(attempts[-1] if attempts else {}), "attempts": attempts}
-        if entry["status"]["status_str"] == "error" and entry["status"]["messages"] and \
-                entry["status"]["messages"][-1][0] == "execution_error" and not entry.get("_sent"):
-            self.hub.post_threadsafe(self.hub.dispatch, "execution_error", entry["status"]["messages"][-1][1], client_id)
+        messages = entry["status"]["messages"]
+        if entry["status"]["status_str"] == "error" and messages and messages[-1][0] == "execution_error" \
+                and not entry.get("_sent"):
+            self.hub.post_threadsafe(self.hub.dispatch, "execution_error", messages[-1][1], client_id)
         entry.pop("_sent", None)
         self._finish(item, entry, client_id)
 
@@ -633,7 +636,7 @@ class RayBackend:
             if kind == "executed":
                 self._place_files(slot, files or [])
                 data = {**data, "output": self._renamed(slot, data.get("output"))}
-            if states.update(_Evt(kind, data)) and states.take_schedule():
+            if states.update(Event(kind, data)) and states.take_schedule():
                 hub.post_threadsafe(send_progress_state)
             if kind == "preview":
                 if preview is not None and hub.has_listener(client_id):
@@ -745,12 +748,6 @@ class _WorkerLost(Exception):
         self.reason = reason
 
 
-@dataclass
-class _Evt:   # the two fields ProgressStates reads
-    type: str
-    data: dict
-
-
 def _free_name(folder: Path, name: str) -> str:
     if not (folder / name).exists():
         return name
@@ -782,12 +779,10 @@ def worker_node_command(address: str, workers: int | None = None) -> list[str]:
 
 
 def _local_gpus() -> int:
-    torch = sys.modules.get("torch")
-    if torch is None:
-        try:
-            import torch  # noqa: F401  (only to count GPUs)
-        except ImportError:
-            return 0
+    try:
+        import torch  # only to count GPUs
+    except ImportError:
+        return 0
     try:
         return int(torch.cuda.device_count())
     except Exception:

@@ -203,4 +203,5 @@ def test_a_joining_node_asks_for_token_auth_when_it_has_a_token(tmp_path):
     token = tmp_path / "auth_token"
     token.write_text("x" * 64)
     assert worker_node_env({"RAY_AUTH_TOKEN_PATH": str(token)})["RAY_AUTH_MODE"] == "token"
-    assert worker_node_env({"RAY_AUTH_TOKEN_PATH": str(token), "RAY_AUTH_MODE": "disabled"})["RAY_AUTH_MODE"] == "disabled"
+    chosen = {"RAY_AUTH_TOKEN_PATH": str(token), "RAY_AUTH_MODE": "disabled"}
+    assert worker_node_env(chosen)["RAY_AUTH_MODE"] == "disabled"
