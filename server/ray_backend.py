@@ -329,6 +329,8 @@ class RayBackend:
         self._stop = False
         self._reruns = 0                         # run threads waiting for a worker to re-run on
         self._running: dict[str, tuple[QueueItem, Slot]] = {}
+        self._serving: set[str] = set()          # claimed from the store and not yet finished
+        self._interrupted: set[str] = set()      # interrupted while on no worker (claimed, or awaiting a re-run)
         self._threads: set[threading.Thread] = set()
         self._files_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -383,7 +385,9 @@ class RayBackend:
         """Global interrupt (every running prompt), or the worker that runs `prompt_id`."""
         with self._cond:
             running = list(self._running.values())
-        hit = False
+            waiting = {p for p in self._serving if p not in self._running and prompt_id in (None, p)}
+            self._interrupted |= waiting
+        hit = bool(waiting)
         for item, slot in running:
             if prompt_id is None or item.prompt_id == prompt_id:
                 try:
@@ -429,6 +433,8 @@ class RayBackend:
                 continue
             if item is None:
                 continue
+            with self._cond:
+                self._serving.add(item.prompt_id)
             keys = self._model_keys_of(item)
             with self._cond:
                 slot, reason, hits = self._choose(keys, set())
@@ -493,6 +499,8 @@ class RayBackend:
         slot.state = "busy"
         slot.runs += 1
         self._running[item.prompt_id] = (item, slot)
+        if item.prompt_id in self._interrupted:   # the executor keeps it until the prompt starts there
+            slot.actor.interrupt.remote(item.prompt_id)
 
     def _release(self, slot: Slot, item: QueueItem) -> None:
         with self._cond:
@@ -537,6 +545,9 @@ class RayBackend:
                                   f"({attempts[0]['failure']}), and so did the re-run on {slot.name} ({lost.reason})",
                             exception_type="WorkerDied")
                         break
+                    if item.prompt_id in self._interrupted:   # the user stopped it: no re-run
+                        entry = _interrupted_entry(item, lost.reason)
+                        break
                     log.warning("%s died running %s (%s); re-running it on another worker",
                                 slot.name, item.prompt_id, lost.reason)
                     exclude = {slot.name} if len(self.slots) > 1 else set()
@@ -566,6 +577,9 @@ class RayBackend:
                 and not entry.get("_sent"):
             self.hub.post_threadsafe(self.hub.dispatch, "execution_error", messages[-1][1], client_id)
         entry.pop("_sent", None)
+        interrupted = entry.pop("_interrupted", None)
+        if interrupted is not None:
+            self.hub.post_threadsafe(self.hub.dispatch, "execution_interrupted", interrupted, client_id)
         self._finish(item, entry, client_id)
 
     def _finish(self, item: QueueItem, entry: dict, client_id: str | None) -> None:
@@ -577,6 +591,9 @@ class RayBackend:
                 log.exception("could not record history for %s (attempt %d)", item.prompt_id, attempt + 1)
                 time.sleep(0.2 * (attempt + 1))
         self.completed += 1
+        with self._cond:
+            self._serving.discard(item.prompt_id)
+            self._interrupted.discard(item.prompt_id)
         self.hub.post_threadsafe(self.hub.dispatch, "executing", {"node": None, "prompt_id": item.prompt_id},
                                  client_id)
         self._changed()
@@ -740,6 +757,13 @@ class RayBackend:
             slot.state = "dead"
             self._cond.notify_all()
         log.error("Ray worker %s did not come back after a failure (%s)", slot.name, slot.reason)
+
+
+def _interrupted_entry(item: QueueItem, reason: str) -> dict:
+    data: dict[str, Any] = {"prompt_id": item.prompt_id, "node_id": None, "node_type": None, "executed": [],
+            "timestamp": int(time.time() * 1000), "reason": f"interrupted after its worker died ({reason})"}
+    return history_entry(item, status_str="error", completed=False,
+                         messages=[["execution_interrupted", data]]) | {"_interrupted": data}
 
 
 class _WorkerLost(Exception):
