@@ -206,6 +206,10 @@ def _ray_backend(args: argparse.Namespace, config: RuntimeConfig, registry: Regi
         print(f"sdflow: Ray worker not started: {problem}", file=sys.stderr, flush=True)
     up = ", ".join(f"{s.name} (pid {s.info.get('pid')} on {s.info.get('host')})" for s in cluster.slots)
     print(f"sdflow Ray backend: {len(cluster.slots)} worker(s): {up}", flush=True)
+    token = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    print(f"sdflow Ray cluster at {cluster.address}; more machines join with: "
+          + (f"RAY_AUTH_TOKEN_PATH=<a copy of {token}> " if token else "")
+          + f"sdflow worker --ray-address {cluster.address}", flush=True)
     return RayBackend.factory(cluster, config, registry)
 
 
