@@ -27,6 +27,7 @@ import { entryFromDef, NodeSearch, type SearchEntry, type SearchFilter } from ".
 import { SidePanel } from "./ui/sidepanel";
 import { toast } from "./ui/toast";
 import { installTooltips } from "./ui/tooltip";
+import { TemplatesBrowser } from "./ui/templates";
 import { TopBar } from "./ui/topbar";
 import { WorkflowsPanel } from "./ui/workflows";
 import { UndoHistory } from "./undo";
@@ -86,6 +87,7 @@ export class App {
   tabs: WorkflowTab[] = [];
   activeTab!: WorkflowTab;
   tabBar!: TabBar;
+  templates!: TemplatesBrowser;
   /** The tab each prompt queued from this page came from, so its outputs land there. */
   private promptTabs = new Map<string, string>();
   private queueSize = 0;
@@ -156,6 +158,7 @@ export class App {
       { id: "nodes", label: "Nodes", el: this.library.el, onShow: () => this.library.render() },
       { id: "workflows", label: "Workflows", el: this.workflowsPanel.el, onShow: () => this.workflowsPanel.refresh() },
     ]);
+    this.templates = new TemplatesBrowser(this.api, (wf, name) => this.openWorkflow(wf, name));
     this.topbar = new TopBar(this);
     this.queuePanel.onCountChange = (r, p) => this.setQueueSize(r + p);
     const column = h("div", { class: "editor-column" }, this.tabBar.el, wrap);

@@ -64,6 +64,7 @@ export class TopBar {
       "aria-haspopup": "menu",
       onclick: () => menu(workflowBtn, [
         ["New tab", "", () => app.newGraph()],
+        ["Templates…", "", () => void app.templates.show()],
         ["Open…", "Ctrl+O", () => app.openFile()],
         ["Save…", "Ctrl+S", () => app.saveWorkflow()],
         ["Export workflow (.json)", "", () => app.exportWorkflow()],
@@ -89,6 +90,7 @@ export class TopBar {
     this.el = h("header", { class: "topbar" },
       h("div", { class: "brand" }, h("span", { class: "logo" }), "sdflow"),
       workflowBtn,
+      h("button", { class: "btn btn-ghost templates-btn", title: "Browse workflow templates", onclick: () => void app.templates.show() }, icon("image"), "Templates"),
       h("button", { class: "btn btn-ghost", title: "Reload node definitions and model lists from the server", onclick: () => app.refreshNodeDefs() }, icon("refresh"), "Refresh"),
       this.nameEl,
       h("div", { class: "spacer" }),
