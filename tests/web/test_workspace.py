@@ -275,3 +275,55 @@ def test_template_opened_from_the_browser_runs(editor: EditorPage, server: Serve
     missing = sum(not server_has(server, p) for p in ("/templates/index.json", "/api/workflow_templates"))
     not_found = [e for e in ed.errors if "404 (Not Found)" in e]
     assert len(not_found) <= missing and [e for e in ed.errors if e not in not_found] == []
+
+
+def test_setting_and_keybinding_survive_a_reload(editor: EditorPage, server: Server) -> None:
+    ed = editor
+    assert ed.js("sdflow.canvas.links_render_mode") == 2
+    assert ed.js("!document.querySelector('.minimap').hidden")
+    ed.page.click(".settings-btn")
+    row = ed.page.locator(".modal-settings [data-setting='Comfy.LinkRenderMode'] select")
+    row.select_option(label="Straight")
+    ed.page.wait_for_function("sdflow.canvas.links_render_mode === 0")
+    ed.page.locator(".modal-settings [data-setting='Comfy.Minimap.Visible'] input").uncheck()
+    ed.page.wait_for_function("document.querySelector('.minimap').hidden")
+    # Rebind "group the selection" to Alt+G with a real key press in the dialog.
+    ed.page.click(".modal-settings [data-command='Comfy.Graph.GroupSelectedNodes'] button:has-text('Change')")
+    ed.page.wait_for_selector(".modal-settings button.capturing")
+    ed.page.keyboard.press("Alt+g")
+    ed.page.wait_for_selector(".modal-settings [data-command='Comfy.Graph.GroupSelectedNodes'] kbd:has-text('Alt+G')")
+    ed.screenshot("workspace_settings.png")
+
+    def stored() -> dict:
+        return server.get("/api/settings")
+
+    deadline_ok = ed.page.wait_for_function(
+        "async () => { const r = await fetch('/api/settings'); const s = await r.json();"
+        " return s['Comfy.LinkRenderMode'] === 0 && (s['Comfy.Keybinding.NewBindings'] || []).length === 1; }")
+    assert deadline_ok
+    s = stored()
+    assert s["Comfy.LinkRenderMode"] == 0 and s["Comfy.Minimap.Visible"] is False
+    assert s["Comfy.Keybinding.NewBindings"] == [
+        {"commandId": "Comfy.Graph.GroupSelectedNodes", "combo": {"key": "g", "ctrl": False, "alt": True, "shift": False}}]
+
+    # A fresh page (new browser context: nothing in local storage) gets them from the server.
+    ctx = ed.page.context.browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        fresh = EditorPage(ctx.new_page())
+        fresh.open(server.url + "/")
+        assert fresh.js("sdflow.canvas.links_render_mode") == 0
+        assert fresh.js("document.querySelector('.minimap').hidden")
+        fresh.js("sdflow.app.loadDefault()")
+        fresh.js("sdflow.canvas.selectItems(sdflow.graph.nodes.slice(0, 2))")
+        fresh.page.locator("#graph-canvas").focus()
+        fresh.page.keyboard.press("Control+g")
+        assert fresh.js("sdflow.graph.groups.length") == 0, "the old key no longer groups"
+        fresh.page.keyboard.press("Alt+g")
+        fresh.page.wait_for_function("sdflow.graph.groups.length === 1")
+        assert fresh.errors == []
+    finally:
+        ctx.close()
+    # Put the defaults back for the other tests sharing this server.
+    for key in ("Comfy.LinkRenderMode", "Comfy.Minimap.Visible", "Comfy.Keybinding.NewBindings", "Comfy.Keybinding.UnsetBindings"):
+        server.post(f"/api/settings/{key}", {"Comfy.LinkRenderMode": 2, "Comfy.Minimap.Visible": True}.get(key, []))
+    assert ed.errors == []

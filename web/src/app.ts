@@ -27,6 +27,10 @@ import { entryFromDef, NodeSearch, type SearchEntry, type SearchFilter } from ".
 import { SidePanel } from "./ui/sidepanel";
 import { toast } from "./ui/toast";
 import { installTooltips } from "./ui/tooltip";
+import { Keymap, NEW_BINDINGS, UNSET_BINDINGS } from "./keybindings";
+import { Minimap } from "./minimap";
+import { Settings } from "./settings";
+import { SettingsDialog } from "./ui/settings";
 import { TemplatesBrowser } from "./ui/templates";
 import { TopBar } from "./ui/topbar";
 import { WorkflowsPanel } from "./ui/workflows";
@@ -88,6 +92,10 @@ export class App {
   activeTab!: WorkflowTab;
   tabBar!: TabBar;
   templates!: TemplatesBrowser;
+  readonly settings = new Settings(this.api);
+  readonly keymap = this.makeKeymap();
+  settingsDialog!: SettingsDialog;
+  minimap!: Minimap;
   /** The tab each prompt queued from this page came from, so its outputs land there. */
   private promptTabs = new Map<string, string>();
   private queueSize = 0;
@@ -109,6 +117,10 @@ export class App {
     });
     setNodeHooks({ nodeValueChanged: (node, name) => this.onNodeValueChanged(node, name) });
     installExecution(this);
+    await this.settings.load();
+    this.keymap.configure(this.settings.get(NEW_BINDINGS, []), this.settings.get(UNSET_BINDINGS, []));
+    this.applySettings();
+    this.settings.onChange((id) => this.applySettings(id));
 
     try {
       await this.loadObjectInfo();
@@ -158,6 +170,7 @@ export class App {
       { id: "nodes", label: "Nodes", el: this.library.el, onShow: () => this.library.render() },
       { id: "workflows", label: "Workflows", el: this.workflowsPanel.el, onShow: () => this.workflowsPanel.refresh() },
     ]);
+    this.settingsDialog = new SettingsDialog(this.settings, this.keymap);
     this.templates = new TemplatesBrowser(this.api, (wf, name) => this.openWorkflow(wf, name));
     this.topbar = new TopBar(this);
     this.queuePanel.onCountChange = (r, p) => this.setQueueSize(r + p);
@@ -204,7 +217,12 @@ export class App {
     canvas.links_render_mode = LiteGraph.SPLINE_LINK;
     canvas.connections_width = 3;
     canvas.onDrawBackground = (ctx, area) => this.drawGrid(ctx, area);
-    canvas.onDrawForeground = () => syncDomWidgets();
+    this.minimap = new Minimap(canvas, () => this.graph);
+    this.canvasEl.parentElement!.append(this.minimap.el);
+    canvas.onDrawForeground = () => {
+      syncDomWidgets();
+      this.minimap.update();
+    };
     initDomWidgets(canvas, this.overlayEl);
     this.adjustMenus(canvas);
     // Muted nodes are drawn faded, as ComfyUI shows them: they stay in the workflow but do not run.
@@ -438,6 +456,56 @@ export class App {
       node.pos = [node.pos[0] - node.size[0], node.pos[1]];
     }
     this.canvas.setDirty(true, true);
+  }
+
+  /** Commands and their default keys (the settings dialog lets the user change them). */
+  private makeKeymap(): Keymap {
+    const c = (id: string, label: string, run: () => void, global = false) => ({ id, label, run, global });
+    const k = (commandId: string, key: string, mods: { ctrl?: boolean; alt?: boolean; shift?: boolean } = {}) => ({ commandId, combo: { key, ...mods } });
+    return new Keymap([
+      c("Comfy.QueuePrompt", "Queue the graph (batch count times)", () => void this.queuePrompt(this.batchCount), true),
+      c("Comfy.QueuePromptFront", "Queue at the front of the queue", () => void this.queuePrompt(this.batchCount, true), true),
+      c("Comfy.Interrupt", "Interrupt the running prompt", () => void this.queuePanel.interrupt(), true),
+      c("Comfy.SaveWorkflow", "Save the workflow", () => void this.saveWorkflow(), true),
+      c("Comfy.OpenWorkflow", "Open a workflow (.json or .png)", () => this.openFile(), true),
+      c("Comfy.Undo", "Undo", () => void this.undo?.undo()),
+      c("Comfy.Redo", "Redo", () => void this.undo?.redo()),
+      c("Comfy.Canvas.ToggleSelectedNodes.Mute", "Mute / unmute the selected nodes", () => this.toggleMode(2)),
+      c("Comfy.Canvas.ToggleSelectedNodes.Bypass", "Bypass / un-bypass the selected nodes", () => this.toggleMode(4)),
+      c("Comfy.Graph.GroupSelectedNodes", "Group the selected nodes", () => void this.groupSelected()),
+      c("Comfy.Canvas.FitView", "Fit the whole graph in view", () => this.fitView()),
+      c("Comfy.NewBlankWorkflow", "New workflow tab", () => this.newGraph()),
+      c("Comfy.BrowseTemplates", "Browse templates", () => void this.templates.show()),
+      c("Comfy.ShowSettingsDialog", "Settings", () => this.settingsDialog.show()),
+      c("Comfy.Canvas.ToggleMinimap", "Show / hide the minimap", () => void this.settings.set("Comfy.Minimap.Visible", !this.minimap.visible)),
+    ], [
+      k("Comfy.QueuePrompt", "Enter", { ctrl: true }),
+      k("Comfy.QueuePromptFront", "Enter", { ctrl: true, shift: true }),
+      k("Comfy.Interrupt", "Enter", { ctrl: true, alt: true }),
+      k("Comfy.SaveWorkflow", "s", { ctrl: true }),
+      k("Comfy.OpenWorkflow", "o", { ctrl: true }),
+      k("Comfy.Undo", "z", { ctrl: true }),
+      k("Comfy.Redo", "y", { ctrl: true }),
+      k("Comfy.Redo", "z", { ctrl: true, shift: true }),
+      k("Comfy.Canvas.ToggleSelectedNodes.Mute", "m", { ctrl: true }),
+      k("Comfy.Canvas.ToggleSelectedNodes.Bypass", "b", { ctrl: true }),
+      k("Comfy.Graph.GroupSelectedNodes", "g", { ctrl: true }),
+      k("Comfy.Canvas.FitView", "."),
+      k("Comfy.ShowSettingsDialog", ",", { ctrl: true }),
+      k("Comfy.Canvas.ToggleMinimap", "m", { alt: true }),
+    ]);
+  }
+
+  /** Applies one setting (or all) to the canvas. */
+  applySettings(id?: string): void {
+    const all = id === undefined;
+    if (all || id === "Comfy.LinkRenderMode") {
+      const mode = Number(this.settings.get("Comfy.LinkRenderMode"));
+      if (this.canvas) this.canvas.links_render_mode = [0, 1, 2].includes(mode) ? mode : LiteGraph.SPLINE_LINK;
+    }
+    if ((all || id === "Comfy.Minimap.Visible") && this.minimap) this.minimap.visible = !!this.settings.get("Comfy.Minimap.Visible");
+    if (all || id === "sdflow.Canvas.SnapToGrid") LiteGraph.alwaysSnapToGrid = !!this.settings.get("sdflow.Canvas.SnapToGrid");
+    this.canvas?.setDirty(true, true);
   }
 
   /** Menus offer only what works here: subgraphs are not implemented, so "Convert to Subgraph" goes. */
@@ -715,7 +783,7 @@ export class App {
   async openWorkflow(data: unknown, name: string): Promise<boolean> {
     const t = this.activeTab;
     this.undo.check();
-    if (t.dirty && this.graph.nodes.length) {
+    if (t.dirty && this.graph.nodes.length && this.settings.get("sdflow.Workflow.ConfirmReplace")) {
       const choice = await choiceDialog("Unsaved changes", `“${t.name}” has unsaved changes. Open “${name}” in a new tab, or replace the current graph?`, [
         { label: "Cancel", value: "cancel" },
         { label: "Replace", value: "replace", kind: "danger" },

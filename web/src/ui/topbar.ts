@@ -74,6 +74,7 @@ export class TopBar {
         ["Redo", "Ctrl+Y", () => app.undo?.redo()],
         ["Fit view", ".", () => app.fitView()],
         ["Keyboard shortcuts", "", () => showShortcuts()],
+        ["Settings…", "Ctrl+,", () => app.settingsDialog.show()],
       ]),
     }, "Workflow", icon("chevron"));
     this.nameEl = h("button", { class: "workflow-name", title: "Rename", onclick: () => this.rename() }, app.workflowName);
@@ -98,6 +99,7 @@ export class TopBar {
       this.queueCountEl,
       h("label", { class: "batch-label" }, "Batch", this.batch),
       this.queueButton,
+      h("button", { class: "btn btn-ghost icon-only settings-btn", title: "Settings and keybindings (Ctrl+,)", "aria-label": "Settings", onclick: () => app.settingsDialog.show() }, icon("gear")),
       h("button", { class: "btn btn-ghost icon-only", title: "Toggle side panel", "aria-label": "Toggle side panel", onclick: () => app.side.toggle() }, icon("panel")));
   }
 
