@@ -327,3 +327,48 @@ def test_setting_and_keybinding_survive_a_reload(editor: EditorPage, server: Ser
     for key in ("Comfy.LinkRenderMode", "Comfy.Minimap.Visible", "Comfy.Keybinding.NewBindings", "Comfy.Keybinding.UnsetBindings"):
         server.post(f"/api/settings/{key}", {"Comfy.LinkRenderMode": 2, "Comfy.Minimap.Visible": True}.get(key, []))
     assert ed.errors == []
+
+
+def test_gallery_opens_an_output_and_loads_its_workflow(editor: EditorPage, server: Server) -> None:
+    ed = editor
+    ed.js("sdflow.app.loadDefault()")
+    make_small(ed)
+    save, ks = node_of(ed, "SaveImage"), node_of(ed, "KSampler")
+    ed.js(f"sdflow.setWidget({save}, 'filename_prefix', 'gallery_test')")
+    ed.js(f"sdflow.setWidget({ks}, 'control_after_generate', 'fixed'); sdflow.setWidget({ks}, 'seed', 777)")
+    ids = ed.js("sdflow.queue(1)")
+    ed.page.wait_for_function(f"sdflow.nodeState({save}).images.length === 1", timeout=180000)
+    filename = history_images(server, ids[0])[0]["filename"]
+
+    # The output node's menu sends its image to a new LoadImage node.
+    before = ed.js("sdflow.graph.nodes.length")
+    forget_last_click(ed)
+    ed.page.mouse.click(*ed.js(f"sdflow.nodeTitlePos({save})"), button="right")
+    ed.page.click(".litecontextmenu .litemenu-entry:has-text('Send to LoadImage')")
+    ed.page.wait_for_function(f"sdflow.graph.nodes.length === {before + 1}")
+    load = ed.js("sdflow.graph.nodes.find(n => n.type === 'LoadImage').id")
+    ed.page.wait_for_function(f"sdflow.nodeState({load}).images.length === 1", timeout=20000)
+    assert state(ed, load)["images"] == [{"w": 64, "h": 64}]
+    assert state(ed, load)["widgets"]["image"] == filename
+
+    # The gallery lists it; the viewer shows the image with the run's settings.
+    ed.page.click(".tab[data-tab=gallery]")
+    item = ed.page.locator(f".gallery-item[data-filename='{filename}']")
+    item.wait_for()
+    item.click()
+    viewer = ed.page.locator(f".gallery-viewer[data-filename='{filename}']")
+    viewer.wait_for()
+    ed.page.wait_for_function("(() => { const i = document.querySelector('.gallery-stage img'); return i && i.complete && i.naturalWidth === 64; })()")
+    meta = viewer.locator(".gallery-meta").inner_text()
+    assert "tiny.safetensors" in meta and "seed 777" in meta and "steps 2" in meta
+    assert "a beautiful mountain landscape" in meta
+    ed.screenshot("workspace_gallery_viewer.png")
+
+    # "Load workflow" over the modified graph asks first; in a new tab it brings back the run's graph.
+    viewer.locator("button[data-action='Load workflow']").click()
+    ed.page.click(".modal button[data-choice=tab]")
+    ed.page.wait_for_function("sdflow.tabs().length === 2")
+    ed.page.wait_for_function("sdflow.graph.nodes.length === 7")
+    assert state(ed, ks)["widgets"]["seed"] == 777 and state(ed, ks)["widgets"]["steps"] == 2
+    assert state(ed, save)["widgets"]["filename_prefix"] == "gallery_test"
+    assert ed.errors == []

@@ -31,6 +31,7 @@ import { Keymap, NEW_BINDINGS, UNSET_BINDINGS } from "./keybindings";
 import { Minimap } from "./minimap";
 import { Settings } from "./settings";
 import { SettingsDialog } from "./ui/settings";
+import { copyImage, GalleryPanel, openImage, saveImage } from "./ui/gallery";
 import { TemplatesBrowser } from "./ui/templates";
 import { TopBar } from "./ui/topbar";
 import { WorkflowsPanel } from "./ui/workflows";
@@ -82,6 +83,7 @@ export class App {
   library!: NodeLibrary;
   queuePanel!: QueuePanel;
   historyPanel!: HistoryPanel;
+  gallery!: GalleryPanel;
   workflowsPanel!: WorkflowsPanel;
   topbar!: TopBar;
   undo!: UndoHistory;
@@ -163,10 +165,15 @@ export class App {
     };
     this.queuePanel = new QueuePanel(this.api, actions);
     this.historyPanel = new HistoryPanel(this.api, actions);
+    this.gallery = new GalleryPanel(this.api, {
+      loadWorkflow: (data, name) => void this.openWorkflow(data, name),
+      sendToLoadImage: (ref) => void this.sendToLoadImage(ref),
+    });
     this.workflowsPanel = new WorkflowsPanel(this.api, (d, n) => void this.openWorkflow(d, n), () => this.saveWorkflow());
     this.side = new SidePanel([
       { id: "queue", label: "Queue", el: this.queuePanel.el, onShow: () => this.queuePanel.refresh() },
       { id: "history", label: "History", el: this.historyPanel.el, onShow: () => this.historyPanel.refresh() },
+      { id: "gallery", label: "Gallery", el: this.gallery.el, onShow: () => this.gallery.refresh() },
       { id: "nodes", label: "Nodes", el: this.library.el, onShow: () => this.library.render() },
       { id: "workflows", label: "Workflows", el: this.workflowsPanel.el, onShow: () => this.workflowsPanel.refresh() },
     ]);
@@ -512,7 +519,26 @@ export class App {
   private adjustMenus(canvas: LGraphCanvas): void {
     const keep = (o: any) => !(o && typeof o.content === "string" && /subgraph/i.test(o.content));
     const nodeMenu = canvas.getNodeMenuOptions.bind(canvas);
-    canvas.getNodeMenuOptions = (node: LGraphNode) => nodeMenu(node).filter(keep);
+    canvas.getNodeMenuOptions = (node: LGraphNode) => {
+      const opts = nodeMenu(node).filter(keep);
+      const ref: ImageRef | undefined = (node as any).sdflowOutputs?.[0];
+      if (!ref) return opts;
+      const run = (label: string, fn: () => unknown) => ({
+        content: label,
+        callback: () => {
+          Promise.resolve(fn()).catch((e) => toast(`${label} failed: ${errText(e)}`, "error"));
+        },
+      });
+      // Image actions on a node showing outputs (the first image of a batch).
+      return [
+        run("Open image", () => openImage(this.api, ref)),
+        run("Save image", () => saveImage(this.api, ref)),
+        run("Copy image", () => copyImage(this.api, ref)),
+        run("Send to LoadImage", () => this.sendToLoadImage(ref)),
+        null,
+        ...opts,
+      ];
+    };
     const canvasMenu = canvas.getCanvasMenuOptions.bind(canvas);
     canvas.getCanvasMenuOptions = () => canvasMenu().filter(keep);
   }
@@ -895,6 +921,19 @@ export class App {
     }
   }
 
+  /** "Send to LoadImage": the output image is uploaded as an input and a LoadImage node takes it. */
+  async sendToLoadImage(ref: ImageRef): Promise<void> {
+    const res = await this.api.fetchApi(this.api.viewPath(ref));
+    if (!res.ok) {
+      toast(`Cannot read ${ref.filename}: ${res.status}`, "error");
+      return;
+    }
+    const blob = await res.blob();
+    const file = new File([blob], ref.filename, { type: blob.type || "image/png" });
+    const [x, y] = this.viewCenter();
+    if (!(await this.imageAsLoadNode(file, [x, y]))) toast("This server has no LoadImage node", "error");
+  }
+
   /** A plain image dropped on the canvas becomes a LoadImage node holding it. */
   private async imageAsLoadNode(file: File, pos?: [number, number]): Promise<boolean> {
     if (!LiteGraph.registered_node_types.LoadImage) return false;
@@ -1203,6 +1242,7 @@ export function installExecution(app: App): void {
     },
     onPromptDone: () => {
       app.setProgress(null);
+      if (app.side.active === "gallery") void app.gallery.refresh();
       app.queuePanel.scheduleRefresh();
       app.historyPanel.refresh();
     },
