@@ -12,8 +12,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -134,7 +135,7 @@ class FrontendPage:
 
     def _on_response(self, response: Any) -> None:
         url = response.url
-        rel = url[len(self.server.url):] if url.startswith(self.server.url) else url
+        rel = url.removeprefix(self.server.url)
         self.responses.append((response.status, response.request.method, rel))
 
     def open(self) -> None:
