@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 
+import aiohttp
+
 import pytest
 from PIL import Image
 
@@ -77,3 +79,34 @@ async def test_comfyui_utils_submit_and_fetch(sd_server):  # noqa: F811
 
     await api.fetch({"filename": image["filename"], "subfolder": image["subfolder"], "type": image["type"]}, keep)
     assert _png_size(fetched[0]) == (64, 64)
+
+
+async def test_comfyui_websocket_images_example_flow(sd_server):  # noqa: F811
+    """The protocol of ComfyUI's websockets_api_example_ws_images.py: binary frames that arrive while its
+    SaveImageWebsocket node is executing are the images, minus the 8-byte header."""
+    import json
+    import uuid
+
+    url, session = sd_server
+    client_id = str(uuid.uuid4())
+    prompt = txt2img(14)
+    del prompt["9"]
+    prompt["save_image_websocket_node"] = {"class_type": "SaveImageWebsocket", "inputs": {"images": ["8", 0]}}
+    ws = await session.ws_connect(f"{url}/ws?clientId={client_id}")
+    async with session.post(url + "/prompt", json={"prompt": prompt, "client_id": client_id}) as r:
+        prompt_id = (await r.json())["prompt_id"]
+    images, current = [], ""
+    while True:
+        msg = await ws.receive(timeout=120)
+        if msg.type == aiohttp.WSMsgType.TEXT:
+            message = json.loads(msg.data)
+            if message["type"] == "executing":
+                data = message["data"]
+                if data["prompt_id"] == prompt_id:
+                    if data["node"] is None:
+                        break
+                    current = data["node"]
+        elif current == "save_image_websocket_node":
+            images.append(msg.data[8:])
+    await ws.close()
+    assert len(images) == 1 and _png_size(images[0]) == (64, 64)
