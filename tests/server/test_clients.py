@@ -6,7 +6,6 @@ import asyncio
 import io
 
 import aiohttp
-
 import pytest
 from PIL import Image
 
