@@ -110,7 +110,9 @@ def comfy_server(comfy_models_dir: Path, tmp_path_factory: pytest.TempPathFactor
     srv.stop()
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an event loop running in this thread while it is
+# open, and the asyncio tests collected after this folder (tests/server) need the thread free.
+@pytest.fixture(scope="module")
 def comfy_browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
