@@ -601,3 +601,24 @@ def _as_output_name(image: str) -> str:
 def load_image_output(image: Annotated[str, Combo(output_images, image_upload=True, image_folder="output")]) -> tuple[Image, Mask]:
     """Loads an image from the output folder (an earlier result), like LoadImage."""
     return load_image(_as_output_name(image))
+
+
+# ---- streaming to the client ------------------------------------------------------------------------
+
+@node("SaveImageWebsocket", category="api node/image", display_name="Save Image (Websocket)", output_node=True,
+      deterministic=False)
+def save_image_websocket(images: Image) -> NodeOutput:
+    """Sends each image as a PNG in a binary websocket frame (type 2, as ComfyUI's websocket image example
+    expects) to the client that queued the prompt; nothing is written to disk."""
+    import io
+    import struct
+
+    from engine.events import Event
+    from engine.progress import emit_event
+
+    for i, frame in enumerate(images):
+        buf = io.BytesIO()
+        tensor_to_pil(frame).save(buf, format="PNG", compress_level=1)
+        # frame layout: event type (2 = unencoded preview image), image format (2 = PNG), PNG bytes
+        emit_event(Event("image_frame", {"frame": struct.pack(">II", 2, 2) + buf.getvalue(), "index": i}))
+    return NodeOutput((), None)

@@ -76,6 +76,11 @@ StyleModel: TypeAlias = Annotated[Any, Socket("STYLE_MODEL")]
 Gligen: TypeAlias = Annotated[Any, Socket("GLIGEN")]
 
 
+class UnsupportedModelError(AttributeError, NotImplementedError):
+    """An AttributeError too, so generic probes (hasattr, getattr with a default: the cache's memory
+    accounting) see a plain object, while a consumer that uses it gets the reason."""
+
+
 class UnsupportedModel:
     """Stands on a socket whose model type sdflow cannot run yet; any consumer that touches it fails
     with the reason instead of a confusing attribute error."""
@@ -86,7 +91,7 @@ class UnsupportedModel:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        raise NotImplementedError(f"{self._what} (from {self._source}) is not supported by sdflow yet")
+        raise UnsupportedModelError(f"{self._what} (from {self._source}) is not supported by sdflow yet")
 
     def __repr__(self) -> str:
         return f"<unsupported {self._what} from {self._source}>"

@@ -53,9 +53,10 @@ def create_app(config: RuntimeConfig, registry: Registry, catalog: Any = None, *
 
     state_box: dict[str, AppState] = {}
     hub = Hub(server_features(options),
-              status=lambda: state_box["state"].exec_info())
+              status=lambda: state_box["state"].exec_info(), previews_for_all=options.preview_method != "none")
     worker = (worker_factory or Worker)(store, executor, hub, preview_size=options.preview_size,
-                    on_queue_change=lambda: hub.post_threadsafe(hub.broadcast_status))
+                                        on_queue_change=lambda: hub.post_threadsafe(hub.broadcast_status,
+                                                                                    state_box["state"].exec_info()))
     state = AppState(config=config, registry=registry, catalog=catalog, options=options, store=store,
                      hub=hub, worker=worker, executor=executor, started_at=time.time())
     state_box["state"] = state

@@ -594,9 +594,10 @@ class RayBackend:
         with self._cond:
             self._serving.discard(item.prompt_id)
             self._interrupted.discard(item.prompt_id)
+        # ComfyUI's end order: status (the queue without this prompt), then executing {node: null}
+        self._changed()
         self.hub.post_threadsafe(self.hub.dispatch, "executing", {"node": None, "prompt_id": item.prompt_id},
                                  client_id)
-        self._changed()
         with self._cond:
             self._threads.discard(threading.current_thread())
             self._cond.notify_all()
@@ -604,7 +605,7 @@ class RayBackend:
     def _job(self, item: QueueItem, client_id: str | None) -> dict:
         return {"prompt_id": item.prompt_id, "prompt": item.prompt, "outputs": list(item.outputs),
                 "extra_data": dict(item.extra_data), "files": self._input_files(item.prompt),
-                "wants_preview": self.hub.has_listener(client_id) and self.config.preview_method != "none",
+                "wants_preview": self.hub.has_preview_listener(client_id),
                 "preview_size": self.preview_size}
 
     def _run_on(self, slot: Slot, item: QueueItem, client_id: str | None) -> dict:
@@ -615,16 +616,13 @@ class RayBackend:
         hub = self.hub
         states = ProgressStates(item.prompt_id)
 
-        def send_progress_state() -> None:
-            hub.dispatch("progress_state", states.frame(), client_id)
-
         result: dict | None = None
         try:
             stream = slot.actor.run.options(num_returns="streaming").remote(self._job(item, client_id))
             for ref in stream:
                 msg = ray.get(ref)
                 if msg[0] == "event":
-                    self._forward(slot, states, send_progress_state, client_id, *msg[1:])
+                    self._forward(slot, states, client_id, *msg[1:])
                 elif msg[0] == "result":
                     result = msg[1]
                 elif msg[0] == "crash":
@@ -645,7 +643,7 @@ class RayBackend:
         return history_entry(item, status_str="success" if ok else "error", completed=ok,
                              messages=result["messages"], outputs=outputs, meta=result["meta"]) | {"_sent": True}
 
-    def _forward(self, slot: Slot, states: ProgressStates, send_progress_state: Callable[[], None],
+    def _forward(self, slot: Slot, states: ProgressStates,
                  client_id: str | None, kind: str, data: dict, preview: Any, files: list | None) -> None:
         """What the embedded worker's emit does, for an event that came over the wire."""
         hub = self.hub
@@ -653,15 +651,21 @@ class RayBackend:
             if kind == "executed":
                 self._place_files(slot, files or [])
                 data = {**data, "output": self._renamed(slot, data.get("output"))}
-            if states.update(Event(kind, data)) and states.take_schedule():
-                hub.post_threadsafe(send_progress_state)
+            event = Event(kind, data)
             if kind == "preview":
-                if preview is not None and hub.has_listener(client_id):
+                if preview is not None and hub.has_preview_listener(client_id):
                     hub.post_threadsafe(hub.dispatch, "preview", data, client_id, preview)
                 return
+            if kind == "image_frame":   # SaveImageWebsocket: an unencoded preview frame (type 2)
+                hub.post_threadsafe(hub.send_binary, data["frame"], client_id)
+                return
+            for frame in states.before(event):
+                hub.post_threadsafe(hub.dispatch, "progress_state", frame, client_id)
             if kind == "executing" and data.get("node") is None:
                 return   # sent after the history entry is committed
             hub.post_threadsafe(hub.dispatch, kind, data, client_id)
+            for frame in states.after(event):
+                hub.post_threadsafe(hub.dispatch, "progress_state", frame, client_id)
         except Exception:
             log.exception("could not forward event %s", kind)
 

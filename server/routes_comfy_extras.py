@@ -156,6 +156,46 @@ async def experiment_models_folder(request: web.Request) -> web.Response:
     return json_response(files)
 
 
+PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".preview.png", ".preview.jpg", ".preview.jpeg",
+                    ".preview.webp")
+
+
+def _preview_webp(root: Path, filename: str) -> bytes | None:
+    """The image beside a model file (`name.png`, `name.preview.jpg`, ...) as WebP, or None."""
+    from PIL import Image
+
+    try:
+        model = contained_path(root, filename)
+    except UnsafePathError:
+        return None
+    base = os.path.splitext(model.name)[0]
+    for suffix in PREVIEW_SUFFIXES:
+        candidate = model.with_name(base + suffix)
+        if candidate.is_file() and contained_path(root, os.path.relpath(candidate, root)) == candidate:
+            try:
+                with Image.open(candidate) as img:
+                    buf = io.BytesIO()
+                    img.convert("RGB").save(buf, format="WEBP")
+                    return buf.getvalue()
+            except OSError:
+                return None
+    return None
+
+
+@routes.get("/experiment/models/preview/{folder}/{path_index}/{filename:.*}", "A model's preview image (WebP)")
+async def experiment_model_preview(request: web.Request) -> web.Response:
+    folders = _folders(request)
+    folder = request.match_info["folder"]
+    index = request.match_info["path_index"]
+    roots = [Path(p) for p in folders.paths(folder)] if folders is not None and folder in folders.keys() else []
+    if not index.isdigit() or int(index) >= len(roots):
+        raise ApiError(404, "unknown model folder", type_="not_found")
+    data = await asyncio.to_thread(_preview_webp, roots[int(index)], request.match_info["filename"])
+    if data is None:
+        raise ApiError(404, "this model has no preview image", type_="not_found")
+    return web.Response(body=data, content_type="image/webp")
+
+
 # ---- /view_metadata/{folder}?filename= --------------------------------------------------------------
 
 def read_safetensors_metadata(path: Path) -> dict | None:
