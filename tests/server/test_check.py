@@ -144,9 +144,11 @@ async def test_post_check_rejects_what_is_not_a_workflow(sd_server):
 
 
 def test_cli_check_reads_a_png_with_a_legacy_group_node_workflow(tmp_path):
-    from engine.png_metadata import embed_png_text, png_text_chunks
     import io
+
     from PIL import Image
+
+    from engine.png_metadata import embed_png_text, png_text_chunks
 
     ui = json.loads((DATA / "group_node_ui.json").read_text())
     ui["extra"]["groupNodes"]["Prompts+Sampler"]["nodes"][3]["type"] = "VAEDecodeHald"  # inside the group

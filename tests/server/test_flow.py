@@ -261,7 +261,8 @@ async def test_queue_order_pause_resume_front_delete(server):
 
 async def test_status_broadcast_and_routing_without_client_id(server):
     owner = await server.connect()
-    other = await server.connect(features={"supports_preview_metadata": True})
+    other = await server.connect(features={"supports_preview_metadata": True}, extras=True)
+
     async def frames_until_marker(conn) -> list[dict]:
         """What `conn` got before a marker that every socket receives after all frames sent so far:
         pausing the queue broadcasts a status with paused set (then the queue is resumed)."""
