@@ -30,6 +30,26 @@ METHODS = {
     "ImagePadForOutpaint": "expand_image", "LatentFromBatch": "frombatch", "ConditioningZeroOut": "zero_out",
 }
 
+# ComfyUI's positional parameter order of those methods where it differs from the input order (packs call
+# `nodes.CLIPTextEncode().encode(clip, text)` positionally); others follow the node's declared inputs.
+ORDER = {
+    "CLIPTextEncode": ("clip", "text"), "VAEDecode": ("vae", "samples"), "VAEEncode": ("vae", "pixels"),
+    "VAEDecodeTiled": ("vae", "samples", "tile_size", "overlap", "temporal_size", "temporal_overlap"),
+    "VAEEncodeForInpaint": ("vae", "pixels", "mask", "grow_mask_by"),
+    "KSampler": ("model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
+                 "latent_image", "denoise"),
+    "KSamplerAdvanced": ("model", "add_noise", "noise_seed", "steps", "cfg", "sampler_name", "scheduler",
+                         "positive", "negative", "latent_image", "start_at_step", "end_at_step",
+                         "return_with_leftover_noise", "denoise"),
+    "EmptyLatentImage": ("width", "height", "batch_size"),
+    "LoraLoader": ("model", "clip", "lora_name", "strength_model", "strength_clip"),
+    "ImageScale": ("image", "upscale_method", "width", "height", "crop"),
+    "LatentUpscale": ("samples", "upscale_method", "width", "height", "crop"),
+    "ImageUpscaleWithModel": ("upscale_model", "image"),
+    "SaveImage": ("images", "filename_prefix", "prompt", "extra_pnginfo"),
+    "PreviewImage": ("images", "filename_prefix", "prompt", "extra_pnginfo"),
+}
+
 _state: dict[str, Any] = {"registry": None, "packs": {}, "classes": {}}
 
 
@@ -60,8 +80,17 @@ def class_for(nd: NodeDef) -> type:
     info = nd.info()
     n_out = len(nd.outputs)
 
+    order = ORDER.get(nd.name) or tuple(nd.inputs)
+
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        ret: Any = nd.fn(*args, **kwargs)
+        if len(args) > len(order):
+            raise TypeError(f"{nd.name}.{method}() takes {len(order)} positional arguments, got {len(args)}")
+        kwargs.update(zip(order, args, strict=False))
+        for name, decl in nd.inputs.items():   # ComfyUI's methods default what their widgets default
+            default = getattr(decl.spec, "default", None)
+            if name not in kwargs and default is not None and decl.section != "hidden":
+                kwargs[name] = default
+        ret: Any = nd.fn(**{k: v for k, v in kwargs.items() if k in nd.inputs or nd.accepts_extra})
         ui = None
         if isinstance(ret, NodeOutput):
             value, ui = ret.result, ret.ui
