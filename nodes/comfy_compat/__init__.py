@@ -29,6 +29,8 @@ SHIMS = {
     "node_helpers": "node_helpers",
     "comfy_execution.graph_utils": "graph_utils",
     "comfy_execution.graph": "graph_utils",
+    "comfy_api.latest": "v3",
+    "comfy_api.latest.io": "v3_io",
 }
 
 
@@ -64,12 +66,13 @@ def custom_node_folders(folders: Any, given: Iterable[str | Path] = ()) -> list[
 def load_custom_nodes(registry: Registry, folders: Iterable[str | Path]) -> list[Pack]:
     """Load every pack in the folders into `registry`, each in isolation; the report per pack."""
     from . import classes
+    from .v3 import extension_classes
 
-    packs = load_packs(list(folders), registry, prepare=lambda: install(registry))
+    packs = load_packs(list(folders), registry, prepare=lambda: install(registry), classes=extension_classes)
     for pack in packs:
         module = sys.modules.get(pack.name)
-        mappings = getattr(module, "NODE_CLASS_MAPPINGS", None) if pack.ok else None
-        if isinstance(mappings, dict):
+        mappings = dict(getattr(module, "NODE_CLASS_MAPPINGS", None) or {}) if pack.ok else None
+        if mappings is not None:
             classes.add_pack_classes({n: c for n, c in mappings.items() if n in pack.nodes},
                                      getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", None))
     return packs

@@ -93,6 +93,30 @@ def test_sdflow_run_loads_packs_and_runs_their_nodes(data_dir: Path, tmp_path: P
     assert "> 6.1." in done.stderr                          # the expanded nodes ran under prefixed ids
 
 
+V3_GRAPH = {
+    "1": {"class_type": "V3Add", "inputs": {"a": 40, "b": 2}},
+    "2": {"class_type": "V3Add", "inputs": {"a": 1}},
+    "3": {"class_type": "V3Pick", "inputs": {"first": False, "x": ["1", 0], "y": ["2", 0]}},
+    "4": {"class_type": "V3Show", "inputs": {"value": ["3", 0], "mode": "loud"}},
+    "5": {"class_type": "V3Show", "inputs": {"value": ["1", 0], "mode": "plain"}},
+}
+
+
+def test_v3_schema_nodes_from_comfy_entrypoint(data_dir: Path, tmp_path: Path) -> None:
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(V3_GRAPH))
+    done = sdflow("run", str(wf), "--data-dir", str(data_dir), "--custom-nodes", str(PACKS))
+    assert done.returncode == 0, done.stderr
+    assert "v3_pack: 3 node(s)" in done.stderr
+    ui = ui_lines(done.stderr)
+    assert ui["5"]["text"] == ["42", "5"]        # async execute; the optional input; hidden unique_id
+    assert ui["4"]["text"] == ["1!", "4"]        # the lazy pick took y (V3Add with b's default of 0)
+    bad = dict(V3_GRAPH, **{"1": {"class_type": "V3Add", "inputs": {"a": 400, "b": 2}}})
+    wf.write_text(json.dumps(bad))
+    done = sdflow("run", str(wf), "--data-dir", str(data_dir), "--custom-nodes", str(PACKS))
+    assert done.returncode == 1 and "node 1 (V3Add)" in done.stderr and "400" in done.stderr
+
+
 def test_disable_all_custom_nodes(data_dir: Path, tmp_path: Path) -> None:
     wf = tmp_path / "wf.json"
     wf.write_text(json.dumps({"2": GRAPH["2"]}))
@@ -205,6 +229,10 @@ async def test_server_with_packs(served) -> None:
         async with session.get(f"{base}/object_info/HelperInfo") as r:
             info = (await r.json())["HelperInfo"]
         assert info["display_name"] == "Helper info" and "euler" in info["input"]["required"]["sampler"][0]
+        async with session.get(f"{base}/object_info/V3Add") as r:
+            v3 = (await r.json())["V3Add"]
+        assert v3["display_name"] == "Add (V3)" and v3["output_name"] == ["sum"]
+        assert v3["input"]["required"]["a"][1]["max"] == 100 and "b" in v3["input"]["optional"]
 
         ws = await session.ws_connect(f"{base}/ws?clientId={sid}")
         custom: list[dict] = []
