@@ -25,9 +25,11 @@ class Input:
                  display_mode: Any = None, socketless: bool | None = None, advanced: bool | None = None,
                  extra_dict: dict | None = None, **_: Any) -> None:
         self.id, self.display_name, self.optional, self.tooltip = id, display_name, optional, tooltip
-        self.options = list(options) if options is not None and not isinstance(options, type) else options
+        self.options: list[Any] | None = None
         if isinstance(options, type) and issubclass(options, Enum):
             self.options = [e.value for e in options]
+        elif options is not None:
+            self.options = list(options)
         given = {"default": default, "min": min, "max": max, "step": step, "round": round, "tooltip": tooltip,
                  "lazy": lazy, "placeholder": placeholder, "rawLink": raw_link,
                  "control_after_generate": control_after_generate, "dynamicPrompts": dynamic_prompts,
@@ -176,7 +178,11 @@ def _overrides(cls: type, name: str) -> bool:
 
 def _await(value: Any) -> Any:
     # V3 `execute` may be async; nodes run in the executor's worker thread, which has no event loop.
-    return asyncio.run(value) if inspect.isawaitable(value) else value
+    if inspect.isawaitable(value):
+        async def wait() -> Any:
+            return await value
+        return asyncio.run(wait())
+    return value
 
 
 def _classic_result(out: Any, n_out: int) -> Any:
@@ -208,7 +214,7 @@ def classic_class(node: type) -> type:
     def execute_v3(self: Any, **kwargs: Any) -> Any:
         values = {name: kwargs.pop(name, None) for name in hidden}
         # A per-call subclass holds the hidden values, so concurrent graphs do not share them.
-        clone = type(node.__name__, (node,), {"hidden": HiddenHolder(values)})
+        clone: Any = type(node.__name__, (node,), {"hidden": HiddenHolder(values)})
         return _classic_result(_await(clone.execute(**kwargs)), n_out)
 
     attrs: dict[str, Any] = {
