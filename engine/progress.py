@@ -20,6 +20,7 @@ class NodeContext:
     check_interrupt: Callable[[], None]
     on_progress: Callable[[float, float, Any], None]
     node_type: str = ""
+    extra_data: dict | None = None      # the prompt's extra_data (client_id, extra_pnginfo) for node code
 
 
 _current: contextvars.ContextVar[NodeContext | None] = contextvars.ContextVar("sdflow_node", default=None)

@@ -22,13 +22,32 @@ class PromptServer:
     def __init__(self) -> None:
         self.routes = web.RouteTableDef()
         self.app: web.Application | None = None
-        self.client_id: str | None = None
-        self.last_node_id: str | None = None
-        self.last_prompt_id: str | None = None
         self.number = 0
         self.supports = ["custom_nodes_from_web"]
         self._hub: Any = None
         self._mounted = 0
+
+    def _running(self, key: str) -> str | None:
+        current = getattr(self._hub, "current", None)   # the hub tracks the running prompt's owner
+        return current.get(key) if current else None
+
+    @property
+    def client_id(self) -> str | None:
+        """The websocket client id of the prompt running now (what packs address `send_sync` to)."""
+        from engine.progress import current
+        ctx = current()      # inside a node: its own prompt's client, exact even while the hub lags behind
+        if ctx is not None and ctx.extra_data is not None:
+            sid = ctx.extra_data.get("client_id")
+            return sid if isinstance(sid, str) else None
+        return self._running("client_id")
+
+    @property
+    def last_node_id(self) -> str | None:
+        return self._running("node")
+
+    @property
+    def last_prompt_id(self) -> str | None:
+        return self._running("prompt_id")
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:

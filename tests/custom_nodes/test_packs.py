@@ -260,5 +260,5 @@ async def test_server_with_packs(served) -> None:
         assert runs == [1, 1, 2, 3, 4]     # same IS_CHANGED value: cached; new value or NaN: runs again
         info_run = await run({"1": GRAPH["1"]})
         assert info_run["status"]["status_str"] == "success"
-        assert custom == [{"sampler": "euler"}]
+        assert custom == [{"sampler": "euler", "to": sid}]   # PromptServer.instance.client_id: the prompt's
         await ws.close()

@@ -58,7 +58,8 @@ class HelperInfo:
             stub = "no error"
         except NotImplementedError as exc:
             stub = str(exc)
-        PromptServer.instance.send_sync("helpers_pack.info", {"sampler": sampler})
+        server = PromptServer.instance
+        server.send_sync("helpers_pack.info", {"sampler": sampler, "to": server.client_id}, server.client_id)
         return {"ui": {"text": [sampler, str(device.type), str(tuple(up.shape)), str(cond[0][1]),
                                 ",".join(folder_paths.get_filename_list("helper_models")), stub,
                                 str(len(nodes.NODE_CLASS_MAPPINGS) > 10)]}}
