@@ -135,3 +135,16 @@ def test_import_nodes_and_server_stays_light() -> None:
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_custom_node_folders_default_given_and_from_extra_model_paths(tmp_path: Path) -> None:
+    from nodes.comfy_compat import custom_node_folders
+    from nodes.models.folders import ModelFolders
+
+    (tmp_path / "extra.yaml").write_text("mine:\n  base_path: /srv/comfy\n  custom_nodes: custom_nodes\n")
+    folders = ModelFolders(tmp_path / "data")
+    assert custom_node_folders(folders) == [tmp_path / "data" / "custom_nodes"]
+    folders.add_extra_paths_yaml(tmp_path / "extra.yaml")
+    from_yaml = Path("/srv/comfy/custom_nodes")
+    assert custom_node_folders(folders) == [tmp_path / "data" / "custom_nodes", from_yaml]
+    assert custom_node_folders(folders, [tmp_path / "packs"]) == [tmp_path / "packs", from_yaml]
