@@ -107,7 +107,7 @@ def test_v3_schema_nodes_from_comfy_entrypoint(data_dir: Path, tmp_path: Path) -
     wf.write_text(json.dumps(V3_GRAPH))
     done = sdflow("run", str(wf), "--data-dir", str(data_dir), "--custom-nodes", str(PACKS))
     assert done.returncode == 0, done.stderr
-    assert "v3_pack: 3 node(s)" in done.stderr
+    assert "v3_pack: 4 node(s)" in done.stderr
     ui = ui_lines(done.stderr)
     assert ui["5"]["text"] == ["42", "5"]        # async execute; the optional input; hidden unique_id
     assert ui["4"]["text"] == ["1!", "4"]        # the lazy pick took y (V3Add with b's default of 0)
@@ -258,6 +258,13 @@ async def test_server_with_packs(served) -> None:
         nan2 = await run({"1": {"class_type": "HelperChanging", "inputs": {"key": "c", "always": True}}})
         runs = [h["outputs"]["1"]["runs"][0] for h in (first, again, changed, nan1, nan2)]
         assert runs == [1, 1, 2, 3, 4]     # same IS_CHANGED value: cached; new value or NaN: runs again
+        stamps = []
+        watched = log.name + ".watched"
+        for content in ("one", "one", "two"):
+            Path(watched).write_text(content)
+            h = await run({"1": {"class_type": "V3Stamp", "inputs": {"key": watched, "note": "n"}}})
+            stamps.append(h["outputs"]["1"]["runs"][0])
+        assert stamps == [1, 1, 2]         # V3 fingerprint_inputs: same prompt, changed file -> runs again
         info_run = await run({"1": GRAPH["1"]})
         assert info_run["status"]["status_str"] == "success"
         assert custom == [{"sampler": "euler", "to": sid}]   # PromptServer.instance.client_id: the prompt's

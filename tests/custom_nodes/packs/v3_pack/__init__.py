@@ -51,9 +51,29 @@ class V3Pick(io.ComfyNode):
         return io.NodeOutput(x if first else y)
 
 
+class V3Stamp(io.ComfyNode):
+    """fingerprint_inputs: the content of the file `key` names (a node reading a file re-runs when it changes)."""
+    runs = 0
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(node_id="V3Stamp", category="v3", is_output_node=True,
+                         inputs=[io.String.Input("key"), io.String.Input("note", default="")])
+
+    @classmethod
+    def fingerprint_inputs(cls, key):
+        with open(key) as f:
+            return f.read()
+
+    @classmethod
+    def execute(cls, key, note) -> io.NodeOutput:
+        V3Stamp.runs += 1
+        return io.NodeOutput(ui={"runs": [V3Stamp.runs]})
+
+
 class V3Extension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [V3Add, V3Show, V3Pick]
+        return [V3Add, V3Show, V3Pick, V3Stamp]
 
 
 async def comfy_entrypoint() -> V3Extension:
