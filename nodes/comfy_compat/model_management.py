@@ -185,3 +185,11 @@ def throw_exception_if_processing_interrupted() -> None:
         _interrupt_requested = False
         raise InterruptProcessingException("interrupted")
     check_interrupt()
+
+
+def __getattr__(name: str) -> Any:
+    # What sdflow does not offer of comfy.model_management is a placeholder that says so when called.
+    if name.startswith("__"):
+        raise AttributeError(name)
+    from .stubs import placeholder
+    return placeholder("comfy.model_management", name)

@@ -21,3 +21,11 @@ class KSampler:
 
 def sampler_object(name: str) -> Any:
     raise NotSupportedBySdflow("comfy.samplers.sampler_object is not supported by sdflow")
+
+
+def __getattr__(name: str) -> Any:
+    # What sdflow does not offer of comfy.samplers is a placeholder that says so when called.
+    if name.startswith("__"):
+        raise AttributeError(name)
+    from .stubs import placeholder
+    return placeholder("comfy.samplers", name)

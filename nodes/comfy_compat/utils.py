@@ -71,3 +71,11 @@ def _preview_image(preview: Any) -> Any:
     if isinstance(preview, tuple) and len(preview) >= 2:
         return preview[1]
     return preview
+
+
+def __getattr__(name: str) -> Any:
+    # What sdflow does not offer of comfy.utils is a placeholder that says so when called.
+    if name.startswith("__"):
+        raise AttributeError(name)
+    from .stubs import placeholder
+    return placeholder("comfy.utils", name)

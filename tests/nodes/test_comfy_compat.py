@@ -148,3 +148,20 @@ def test_custom_node_folders_default_given_and_from_extra_model_paths(tmp_path: 
     from_yaml = Path("/srv/comfy/custom_nodes")
     assert custom_node_folders(folders) == [tmp_path / "data" / "custom_nodes", from_yaml]
     assert custom_node_folders(folders, [tmp_path / "packs"]) == [tmp_path / "packs", from_yaml]
+
+
+def test_unprovided_members_of_shim_modules_refuse_clearly() -> None:
+    from nodes.comfy_compat import model_management, samplers
+    from nodes.comfy_compat.stubs import NotSupportedBySdflow
+
+    with pytest.raises(NotSupportedBySdflow, match="comfy.model_management.get_autocast_device is not supported"):
+        model_management.get_autocast_device(None)
+    with pytest.raises(NotSupportedBySdflow, match="KSampler objects are not supported"):
+        samplers.KSampler(None, 20, "cpu")
+    assert "euler" in samplers.KSampler.SAMPLERS and "karras" in samplers.KSampler.SCHEDULERS
+    assert model_management.get_torch_device().type in ("cpu", "cuda", "mps")
+    assert not model_management.processing_interrupted()
+    model_management.interrupt_current_processing()
+    with pytest.raises(model_management.InterruptProcessingException):
+        model_management.throw_exception_if_processing_interrupted()
+    model_management.throw_exception_if_processing_interrupted()   # the request was consumed
