@@ -37,7 +37,7 @@ from .inputs import (
     SocketSpec,
     StringSpec,
 )
-from .node import InputDecl, NodeDef, NodeOutput, OutputDecl
+from .node import InputDecl, NodeDef, NodeOutput, OutputDecl, Section
 
 _WIDGET_OPTIONS = {"default", "min", "max", "step", "round", "tooltip", "lazy", "forceInput", "multiline",
                    "dynamicPrompts", "placeholder", "label_on", "label_off", "control_after_generate",
@@ -115,7 +115,7 @@ def _param_names(fn: Callable) -> frozenset[str]:
     return frozenset(n for n in params if n not in ("self", "cls"))
 
 
-def nodedef_from_class(name: str, cls: type, *, display_name: str | None = None,
+def nodedef_from_class(name: str, cls: Any, *, display_name: str | None = None,
                        python_module: str = "custom_nodes") -> NodeDef:
     """The NodeDef of a classic ComfyUI node class; raises ClassicNodeError naming the class."""
     try:
@@ -130,15 +130,15 @@ def nodedef_from_class(name: str, cls: type, *, display_name: str | None = None,
 
     inputs: dict[str, InputDecl] = {}
     accepts_extra = False
-    for section in ("required", "optional", "hidden"):
+    sections: tuple[Section, ...] = ("required", "optional", "hidden")
+    for section in sections:
         entries = declared.get(section)
         if entries is None:
             continue
         if section != "hidden" and accepts_any_key(entries):
             accepts_extra = True
         for input_name, entry in dict(entries).items():
-            inputs[input_name] = InputDecl(input_name, _input_spec(name, section, input_name, entry),
-                                           section)  # type: ignore[arg-type]
+            inputs[input_name] = InputDecl(input_name, _input_spec(name, section, input_name, entry), section)
 
     outputs = _outputs(name, cls)
     instances = _Instances(cls)
@@ -215,7 +215,7 @@ def _input_spec(node: str, section: str, input_name: str, entry: Any) -> InputSp
         raise ClassicNodeError(f"{node}, input {input_name!r}: {exc}") from None
 
 
-def _outputs(node: str, cls: type) -> list[OutputDecl]:
+def _outputs(node: str, cls: Any) -> list[OutputDecl]:
     types = tuple(getattr(cls, "RETURN_TYPES", ()) or ())
     names = tuple(getattr(cls, "RETURN_NAMES", ()) or ())
     is_list = getattr(cls, "OUTPUT_IS_LIST", None)
@@ -239,7 +239,7 @@ class _Instances:
     """One instance of the class per node id (ComfyUI keeps node objects between runs of the same graph);
     outside an executor run, one shared instance."""
 
-    def __init__(self, cls: type) -> None:
+    def __init__(self, cls: Any) -> None:
         self.cls = cls
         self._by_node: dict[str, Any] = {}
         self._lock = threading.Lock()

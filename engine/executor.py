@@ -117,7 +117,7 @@ class Executor:
             return last[1]
         vr = validate_prompt(prompt, self.registry, targets)
         stable = digest is not None and vr.ok and not any(_depends_on_world(rn.nodedef) for rn in vr.nodes.values())
-        self._last_validation = (digest, vr) if stable else None
+        self._last_validation = (digest, vr) if stable and digest is not None else None
         return vr
 
     def _check_interrupt(self) -> None:
@@ -215,7 +215,8 @@ class _Run:
                     self._current_node = nid
                     self.send("executing", {"node": nid, "display_node": nid, "prompt_id": self.prompt_id})
             token = _current.set(NodeContext(nid, self.prompt_id, self.ex._check_interrupt,
-                                             self._progress_sink(nid), nd.name, self.extra_data))
+                                             self._progress_sink(nid), nd.name, self.emit,
+                                             self.extra_data))
             try:
                 outputs, ui = _call_mapped(nd, inputs, lambda exp: self._expand(nid, exp))
             finally:

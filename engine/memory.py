@@ -185,13 +185,15 @@ def _measure_accelerators() -> dict[str, tuple[int, int]]:
         return out
     try:
         if torch.cuda.is_available():
-            out["cuda"] = tuple(torch.cuda.mem_get_info(0))  # type: ignore[assignment]
+            free, total = torch.cuda.mem_get_info(0)
+            out["cuda"] = (int(free), int(total))
     except Exception:
         pass
     try:
         xpu = getattr(torch, "xpu", None)
         if xpu is not None and xpu.is_available():
-            out["xpu"] = tuple(xpu.mem_get_info(0))  # type: ignore[assignment]
+            free, total = xpu.mem_get_info(0)
+            out["xpu"] = (int(free), int(total))
     except Exception:
         pass
     try:

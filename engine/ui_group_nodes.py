@@ -93,17 +93,31 @@ def _inner_def(node: dict, index: int, info: dict, links_from: dict, links_to: d
     return inputs, outputs
 
 
-def build_definition(instance: dict, definition: dict, info: dict, *, widget_kinds, schema_inputs,
-                     widget_values, is_widget_type) -> dict:
+def build_definition(instance: dict, definition: dict, info: dict, **helpers: Any) -> dict:
     """A subgraph definition equivalent to one group node instance (see the module docstring).
 
-    The callables come from the converter (schema reading and widget layouts live there).
+    `helpers` are the converter's callables (schema reading and widget layouts live there). A
+    definition too damaged to read is a GroupNodeError naming the group.
     """
     name = group_name(instance["type"]) or instance["type"]
+    try:
+        return _build(instance, definition, info, name, **helpers)
+    except GroupNodeError:
+        raise
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError) as exc:
+        raise GroupNodeError(f"group node {name!r}: malformed definition ({type(exc).__name__}: {exc})") from None
+
+
+def _build(instance: dict, definition: dict, info: dict, name: str, *, widget_kinds, schema_inputs,
+           widget_values, is_widget_type) -> dict:
     raw_nodes = definition.get("nodes")
     if not isinstance(raw_nodes, list) or not all(isinstance(n, dict) and isinstance(n.get("type"), str)
                                                   for n in raw_nodes):
         raise GroupNodeError(f"group node {name!r}: 'nodes' must be a list of nodes with a 'type'")
+    for n in raw_nodes:
+        for key in ("inputs", "outputs"):
+            if not isinstance(n.get(key) or [], list) or not all(isinstance(x, dict) for x in n.get(key) or []):
+                raise GroupNodeError(f"group node {name!r}: inner node {n['type']!r}: '{key}' must be a list of slots")
     nodes = [copy.deepcopy(n) for n in raw_nodes]
     node_at = lambda i: nodes[i] if isinstance(i, int) and 0 <= i < len(nodes) else None  # noqa: E731
 

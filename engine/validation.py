@@ -150,7 +150,7 @@ def validate_prompt(prompt: Any, registry: Registry, partial_execution_targets: 
                 edges.append((src, nid))
                 if src not in needed:
                     stack.append(src)
-    graph = nx.DiGraph()
+    graph: nx.DiGraph[str] = nx.DiGraph()
     # prompt order keeps runs deterministic
     graph.add_nodes_from(nid for nid in prompt_ids(prompt) if nid in needed)
     graph.add_edges_from(edges)
@@ -164,6 +164,7 @@ def validate_prompt(prompt: Any, registry: Registry, partial_execution_targets: 
             continue
         pn = parsed[nid]
         nd = registry.get(pn.class_type)
+        assert nd is not None  # unknown class types were set aside in layer 1
         errors, constants = _check_node(pn, nd, parsed, registry, unknown)
         if errors:
             if len(errors) > MAX_ERRORS_PER_NODE:

@@ -188,6 +188,10 @@ def inpaint_model_conditioning(
 
 
 # ---- masks, averages and concatenation (ComfyUI core) --------------------------------------------
+# (imports kept with the section: the top of this module is edited by others too)
+
+
+
 
 def _cond_need(ok: bool, message: str) -> None:
     if not ok:

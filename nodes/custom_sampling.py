@@ -17,9 +17,7 @@ from engine.node import node
 
 from .sampler_nodes import patched_guider
 from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES, calculate_sigmas
-from .sampling.custom import EmptyNoise, SamplerChoice
-from .sampling.custom import Guider as GuiderValue
-from .sampling.custom import RandomNoise as RandomNoiseValue
+from .sampling.custom import EmptyNoise, Guider as GuiderValue, RandomNoise as RandomNoiseValue, SamplerChoice
 from .sampling.preview import latent_to_rgb
 from .sampling.sample import sample
 from .sampling.schedulers import (

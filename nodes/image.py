@@ -350,12 +350,13 @@ def image_pad_for_outpaint(image: Image, left: Annotated[int, Int(0, min=0, max=
         dist = torch.full((h, w), inf)
         if top:
             dist = torch.minimum(dist, ys.expand(h, w))
+        # ComfyUI measures to the far edges from one past the last row/column
         if bottom:
-            dist = torch.minimum(dist, (h - 1 - ys).expand(h, w))
+            dist = torch.minimum(dist, (h - ys).expand(h, w))
         if left:
             dist = torch.minimum(dist, xs.expand(h, w))
         if right:
-            dist = torch.minimum(dist, (w - 1 - xs).expand(h, w))
+            dist = torch.minimum(dist, (w - xs).expand(h, w))
         near = dist < feathering
         inner[near] = ((feathering - dist[near]) / feathering) ** 2
     mask[top:top + h, left:left + w] = inner
@@ -442,7 +443,8 @@ def image_blend(image1: Image, image2: Image,
 
 
 def _gaussian(radius: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
-    xs = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    # ComfyUI spans the window with coordinates -1..1, so sigma is relative to the radius
+    xs = torch.linspace(-1.0, 1.0, 2 * radius + 1)
     g = torch.exp(-(xs ** 2) / (2 * sigma ** 2))
     k = g[:, None] * g[None, :]
     return (k / k.sum()).to(like)
@@ -506,8 +508,11 @@ def image_quantize(image: Image, colors: Annotated[int, Int(256, min=1, max=256,
             threshold = _bayer(n) - 0.5
             h, w = arr.shape[:2]
             tiled = np.tile(threshold, (h // n + 1, w // n + 1))[:h, :w, None]
-            spread = 256.0 / max(1.0, colors ** (1 / 3))
-            pil = PILImage.fromarray(np.clip(arr + tiled * spread, 0, 255).astype(np.uint8), "RGB")
+            # the dither amplitude follows the palette size (two palette steps of an even ramp), +0.5 so
+            # the cast to 8 bits rounds
+            used = max(1, len(palette.getpalette() or []) // 3)
+            spread = 2 * 256.0 / used
+            pil = PILImage.fromarray(np.clip(arr + tiled * spread + 0.5, 0, 255).astype(np.uint8), "RGB")
             mode = PILImage.Dither.NONE
         else:
             mode = PILImage.Dither.FLOYDSTEINBERG if dither == "floyd-steinberg" else PILImage.Dither.NONE
@@ -540,16 +545,17 @@ def image_stitch(image1: Image, direction: Annotated[str, Combo(["right", "down"
     a, b = _repeat_to(a, batch), _repeat_to(b, batch).to(a)
     horizontal = direction in ("left", "right")
     if match_image_size:
+        # ComfyUI truncates the scaled side and resamples with Lanczos
         if horizontal:
-            w = max(1, round(b.shape[2] * a.shape[1] / b.shape[1]))
-            b = _resize_image(b, w, a.shape[1], "bicubic").clamp(0, 1)
+            b = _resize_image(b, max(1, int(a.shape[1] * b.shape[2] / b.shape[1])), a.shape[1], "lanczos")
         else:
-            h = max(1, round(b.shape[1] * a.shape[2] / b.shape[2]))
-            b = _resize_image(b, a.shape[2], h, "bicubic").clamp(0, 1)
+            b = _resize_image(b, a.shape[2], max(1, int(a.shape[2] * b.shape[1] / b.shape[2])), "lanczos")
     else:
-        # pad the smaller one (centred, black) so the joining sides are the same length
+        # pad the smaller one (centred) so the joining sides are the same length; white or black
+        # spacing colours also colour the padding, other colours pad with black
         dim = 1 if horizontal else 2
         size = max(a.shape[dim], b.shape[dim])
+        fill = {"white": 1.0}.get(spacing_color, 0.0)
 
         def pad(t: torch.Tensor) -> torch.Tensor:
             extra = size - t.shape[dim]
@@ -557,8 +563,9 @@ def image_stitch(image1: Image, direction: Annotated[str, Combo(["right", "down"
                 return t
             before = extra // 2
             spec = (0, 0, 0, 0, before, extra - before) if horizontal else (0, 0, before, extra - before)
-            return F.pad(t, spec)
+            return F.pad(t, spec, value=fill)
         a, b = pad(a), pad(b)
+    spacing_width += spacing_width % 2  # kept even, as ComfyUI does
     first, second = (b, a) if direction in ("left", "up") else (a, b)
     parts = [first]
     if spacing_width > 0:
@@ -594,3 +601,24 @@ def _as_output_name(image: str) -> str:
 def load_image_output(image: Annotated[str, Combo(output_images, image_upload=True, image_folder="output")]) -> tuple[Image, Mask]:
     """Loads an image from the output folder (an earlier result), like LoadImage."""
     return load_image(_as_output_name(image))
+
+
+# ---- streaming to the client ------------------------------------------------------------------------
+
+@node("SaveImageWebsocket", category="api node/image", display_name="Save Image (Websocket)", output_node=True,
+      deterministic=False)
+def save_image_websocket(images: Image) -> NodeOutput:
+    """Sends each image as a PNG in a binary websocket frame (type 2, as ComfyUI's websocket image example
+    expects) to the client that queued the prompt; nothing is written to disk."""
+    import io
+    import struct
+
+    from engine.events import Event
+    from engine.progress import emit_event
+
+    for i, frame in enumerate(images):
+        buf = io.BytesIO()
+        tensor_to_pil(frame).save(buf, format="PNG", compress_level=1)
+        # frame layout: event type (2 = unencoded preview image), image format (2 = PNG), PNG bytes
+        emit_event(Event("image_frame", {"frame": struct.pack(">II", 2, 2) + buf.getvalue(), "index": i}))
+    return NodeOutput((), None)

@@ -7,7 +7,7 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 
-from engine.inputs import Boolean, Combo, Float, Int
+from engine.inputs import Combo, Float, Int
 from engine.node import node
 
 from . import costs
@@ -97,6 +97,9 @@ def latent_upscale_by(samples: Latent, upscale_method: Annotated[str, Combo(LATE
 
 
 # ---- compositing, batches and arithmetic (ComfyUI core) -------------------------------------------
+# (imports kept with the section: the top of this module is edited by others too)
+
+from engine.inputs import Boolean  # noqa: E402
 
 def _need(ok: bool, message: str) -> None:
     # The executor prefixes the node's class and id; the message names the input.
@@ -255,12 +258,13 @@ def repeat_latent_batch(samples: Latent, amount: Annotated[int, Int(1, min=1, ma
 
 @node("LatentBatch", category="latent/batch")
 def latent_batch(samples1: Latent, samples2: Latent) -> Latent:
-    """Joins two latent batches; samples2 is resized to samples1's size."""
+    """Joins two latent batches; samples2 is resized to samples1's size. Each keeps its own noise indices
+    (as in ComfyUI, the first latent of each batch gets the same noise)."""
     a, b = _samples(samples1, "samples1"), _samples(samples2, "samples2")
     _need(a.shape[1] == b.shape[1], f"samples2: {b.shape[1]} channels, samples1 has {a.shape[1]}")
     b = _match_size(b, a)
     ia, ib = _batch_index(samples1, a.shape[0]), _batch_index(samples2, b.shape[0])
-    return {"samples": torch.cat([a, b.to(a)], dim=0), "batch_index": ia + [max(ia) + 1 + i for i in ib]}
+    return {"samples": torch.cat([a, b.to(a)], dim=0), "batch_index": ia + ib}
 
 
 def _arith(samples1: Latent, samples2: Latent, op) -> Latent:

@@ -65,15 +65,20 @@ def vae_loader(vae_name: Annotated[str, Combo(model_files("vae"))]) -> Vae:
 
 # ---- loaders ComfyUI's front end looks up in /object_info (its model-to-node registry) -------------
 
-from typing import Any, NamedTuple, TypeAlias  # noqa: E402
+from typing import Any, NamedTuple, TypeAlias
 
-from engine.inputs import Socket  # noqa: E402
+from engine.inputs import Socket
 
-from .models.unet_file import WEIGHT_DTYPES, load_unet_file  # noqa: E402
+from .models.unet_file import WEIGHT_DTYPES, load_unet_file
 
 ClipVision: TypeAlias = Annotated[Any, Socket("CLIP_VISION")]
 StyleModel: TypeAlias = Annotated[Any, Socket("STYLE_MODEL")]
 Gligen: TypeAlias = Annotated[Any, Socket("GLIGEN")]
+
+
+class UnsupportedModelError(AttributeError, NotImplementedError):
+    """An AttributeError too, so generic probes (hasattr, getattr with a default: the cache's memory
+    accounting) see a plain object, while a consumer that uses it gets the reason."""
 
 
 class UnsupportedModel:
@@ -86,7 +91,7 @@ class UnsupportedModel:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        raise NotImplementedError(f"{self._what} (from {self._source}) is not supported by sdflow yet")
+        raise UnsupportedModelError(f"{self._what} (from {self._source}) is not supported by sdflow yet")
 
     def __repr__(self) -> str:
         return f"<unsupported {self._what} from {self._source}>"

@@ -128,8 +128,8 @@ def feather_mask(mask: Mask, left: Annotated[int, Int(0, min=0, max=MAX_RESOLUTI
     def ramp(n: int, length: int) -> torch.Tensor:
         steps = torch.ones(length)
         k = min(n, length)
-        if k > 0:
-            steps[:k] = torch.arange(1, k + 1, dtype=torch.float32) / n
+        if k > 0:  # a feather wider than the mask ramps over the whole mask
+            steps[:k] = torch.arange(1, k + 1, dtype=torch.float32) / k
         return steps
 
     cols = ramp(left, w) * ramp(right, w).flip(0)

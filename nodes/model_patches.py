@@ -17,12 +17,7 @@ from engine.node import node
 from .custom_sampling import check_conditioning
 from .sampling.custom import Guider as GuiderValue
 from .sampling.guiders import perp_neg
-from .sampling.model_sampling import (
-    ContinuousEDMSchedule,
-    DiscreteSchedule,
-    LCMSchedule,
-    _bcast,
-)
+from .sampling.model_sampling import ContinuousEDMSchedule, DiscreteSchedule, LCMSchedule, _bcast
 from .types import Conditioning, Guider, Model
 
 _DISCRETE = {"eps": "epsilon", "v_prediction": "v_prediction", "x0": "x0"}

@@ -48,7 +48,7 @@ def string_trim(string: Annotated[str, _text()], mode: Annotated[str, Combo(["Bo
 @node("StringReplace", category=CATEGORY, display_name="Replace")
 def string_replace(string: Annotated[str, _text()], find: Annotated[str, _text()],
                    replace: Annotated[str, _text()]) -> str:
-    return string.replace(find, replace) if find else string
+    return string.replace(find, replace)
 
 
 @node("StringContains", category=CATEGORY, display_name="Contains", output_names=["contains"])
@@ -56,7 +56,7 @@ def string_contains(string: Annotated[str, _text()], substring: Annotated[str, _
                     case_sensitive: Annotated[bool, Boolean(True)]) -> bool:
     if case_sensitive:
         return substring in string
-    return substring.casefold() in string.casefold()
+    return substring.lower() in string.lower()
 
 
 @node("StringCompare", category=CATEGORY, display_name="Compare")
@@ -64,7 +64,7 @@ def string_compare(string_a: Annotated[str, _text()], string_b: Annotated[str, _
                    mode: Annotated[str, Combo(["Starts With", "Ends With", "Equal"])],
                    case_sensitive: Annotated[bool, Boolean(True)]) -> bool:
     if not case_sensitive:
-        string_a, string_b = string_a.casefold(), string_b.casefold()
+        string_a, string_b = string_a.lower(), string_b.lower()
     if mode == "Starts With":
         return string_a.startswith(string_b)
     if mode == "Ends With":
@@ -97,35 +97,33 @@ def regex_extract(string: Annotated[str, _text()], regex_pattern: Annotated[str,
                   case_insensitive: Annotated[bool, Boolean(True)], multiline: Annotated[bool, Boolean(False)],
                   dotall: Annotated[bool, Boolean(False)],
                   group_index: Annotated[int, Int(1, min=0, max=100)]) -> str:
-    """The first match, all matches (one per line), or group `group_index` of the first / every match;
-    empty when nothing matches."""
+    """The first match, all matches (one per line; with groups in the pattern, each match's first group),
+    or group `group_index` of the first / every match; empty when nothing matches."""
     rx = _compile(regex_pattern, case_insensitive, multiline, dotall)
     if mode == "First Match":
         m = rx.search(string)
         return m.group(0) if m else ""
     if mode == "All Matches":
-        return "\n".join(m.group(0) for m in rx.finditer(string))
-
-    def group(m: re.Match) -> str | None:
-        if group_index > (rx.groups or 0):
-            return None
-        return m.group(group_index)
+        return "\n".join(m.group(1 if rx.groups else 0) or "" for m in rx.finditer(string))
     if mode == "First Group":
         m = rx.search(string)
-        return (group(m) or "") if m else ""
-    return "\n".join(g for g in (group(m) for m in rx.finditer(string)) if g is not None)
+        return (m.group(group_index) or "") if m and rx.groups >= group_index else ""
+    if not rx.groups or rx.groups < group_index:
+        return ""
+    return "\n".join(m.group(group_index) or "" for m in rx.finditer(string))
 
 
 @node("RegexReplace", category=CATEGORY, display_name="Regex Replace")
 def regex_replace(string: Annotated[str, _text()], regex_pattern: Annotated[str, _text()],
                   replace: Annotated[str, _text()],
-                  case_insensitive: Annotated[bool, Boolean(True)] = True,
-                  multiline: Annotated[bool, Boolean(False)] = False,
-                  dotall: Annotated[bool, Boolean(False)] = False,
-                  count: Annotated[int, Int(0, min=0, max=100)] = 0) -> str:
+                  case_insensitive: Annotated[bool, Boolean(True)] | None = None,
+                  multiline: Annotated[bool, Boolean(False)] | None = None,
+                  dotall: Annotated[bool, Boolean(False)] | None = None,
+                  count: Annotated[int, Int(0, min=0, max=100)] | None = None) -> str:
     """Replaces matches (`count` 0 = all); the replacement may use \\1 or \\g<name> group references."""
-    rx = _compile(regex_pattern, case_insensitive, multiline, dotall)
+    rx = _compile(regex_pattern, True if case_insensitive is None else case_insensitive, bool(multiline),
+                  bool(dotall))
     try:
-        return rx.sub(replace, string, count=count)
+        return rx.sub(replace, string, count=count or 0)
     except (re.error, IndexError) as exc:
         raise ValueError(f"replace: invalid group reference in {replace!r}: {exc}") from None

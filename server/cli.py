@@ -162,7 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit("--max-upload-size must be positive")
     options = ServerOptions(host=args.host, port=args.port, auth_token=token, allowed_origins=args.allow_origin,
                             max_upload_bytes=int(args.max_upload_size * MB),
-                            web_root=Path(args.web_root) if args.web_root else None)
+                            web_root=_web_root(args), preview_method=args.preview_method)
     if not is_loopback_bind(args.host) and not token:
         log.warning("listening on %s without --auth-token: anyone who can reach this port can run workflows",
                     args.host)
@@ -230,6 +230,10 @@ def _ray_backend(args: argparse.Namespace, config: RuntimeConfig, registry: Regi
         print(f"sdflow: Ray worker not started: {problem}", file=sys.stderr, flush=True)
     up = ", ".join(f"{s.name} (pid {s.info.get('pid')} on {s.info.get('host')})" for s in cluster.slots)
     print(f"sdflow Ray backend: {len(cluster.slots)} worker(s): {up}", flush=True)
+    token = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    print(f"sdflow Ray cluster at {cluster.address}; more machines join with: "
+          + (f"RAY_AUTH_TOKEN_PATH=<a copy of {token}> " if token else "")
+          + f"sdflow worker --ray-address {cluster.address}", flush=True)
     return RayBackend.factory(cluster, config, registry)
 
 
@@ -240,6 +244,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return run_worker_node(args.ray_address, args.workers)
     except RayBackendError as exc:
         raise SystemExit(str(exc)) from None
+
+
+def _web_root(args: argparse.Namespace) -> Path | None:
+    if args.frontend == "comfyui":
+        if args.web_root:
+            raise SystemExit("--frontend comfyui and --web-root exclude each other")
+        from .comfy_frontend import FrontendMissing, comfyui_web_root
+        try:
+            return comfyui_web_root()
+        except FrontendMissing as e:
+            raise SystemExit(str(e)) from None
+    return Path(args.web_root) if args.web_root else None
 
 
 # ---- workflows from files ----------------------------------------------------------------------------
@@ -499,6 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
     g.add_argument("--workers", type=int, metavar="N",
                    help="N CPU workers on this machine (default: one per GPU, else one)")
+
+
+    p.add_argument("--frontend", choices=("sdflow", "comfyui"), default="sdflow",
+                   help="the web page served at /: sdflow's editor (default) or ComfyUI's official front end "
+                        "from the installed comfyui-frontend-package (extra sdflow[comfyui-frontend])")
+    p.add_argument("--preview-method", choices=("none", "auto", "latent2rgb"), default="none",
+                   help="step previews for every client, as ComfyUI's option (default none); sdflow's editor and "
+                        "clients that announce preview support in their feature_flags get them anyway")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import RuntimeConfig, reset_current_config, set_current_config
+from engine.events import Event
 from engine.paths import UnsafePathError, contained_path
 from engine.planning import compute_keys
 from engine.registry import Registry
@@ -84,7 +85,7 @@ class WorkerSpec:
     @classmethod
     def from_config(cls, config: RuntimeConfig, *, builtin_nodes: bool = True,
                     node_modules: list[str] | None = None, env: dict[str, str] | None = None) -> WorkerSpec:
-        return cls(models_dir=str(Path(config.models_dir).resolve()),
+        return cls(models_dir=str(Path(str(config.models_dir)).resolve()),
                    extra_model_paths=[str(Path(p).resolve()) for p in config.extra_model_paths],
                    cache_budget_bytes=config.cache_budget_bytes, preview_method=config.preview_method,
                    builtin_nodes=builtin_nodes, node_modules=list(node_modules or []), env=dict(env or {}))
@@ -182,7 +183,8 @@ class RayCluster:
         self._affinity = NodeAffinitySchedulingStrategy
         self._cls = ray.remote(ExecutorWorker)
         self.head_node = ray.get_runtime_context().get_node_id()
-        head = next((n for n in ray.nodes() if n.get("NodeID") == self.head_node), {})
+        self.address = ray.get_runtime_context().gcs_address
+        head: dict = next((n for n in ray.nodes() if n.get("NodeID") == self.head_node), {})
         gpus = int(head.get("Resources", {}).get("GPU", 0))
         if workers is None:
             workers = gpus or 1
@@ -211,7 +213,8 @@ class RayCluster:
         if slot_resource:
             opts["resources"] = {SLOT_RESOURCE: 1}
         actor = self._cls.options(**opts).remote(self.spec.as_dict(), name)
-        slot = Slot(name, actor, {"requires": {k: v for k, v in opts.items() if k in ("num_gpus", "num_cpus", "resources")}})
+        requires = {k: v for k, v in opts.items() if k in ("num_gpus", "num_cpus", "resources")}
+        slot = Slot(name, actor, {"requires": requires})
         return slot, actor.ready.remote()
 
     def _await(self, started: list[tuple[Slot, Any]], timeout: float) -> None:
@@ -326,6 +329,8 @@ class RayBackend:
         self._stop = False
         self._reruns = 0                         # run threads waiting for a worker to re-run on
         self._running: dict[str, tuple[QueueItem, Slot]] = {}
+        self._serving: set[str] = set()          # claimed from the store and not yet finished
+        self._interrupted: set[str] = set()      # interrupted while on no worker (claimed, or awaiting a re-run)
         self._threads: set[threading.Thread] = set()
         self._files_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -380,7 +385,9 @@ class RayBackend:
         """Global interrupt (every running prompt), or the worker that runs `prompt_id`."""
         with self._cond:
             running = list(self._running.values())
-        hit = False
+            waiting = {p for p in self._serving if p not in self._running and prompt_id in (None, p)}
+            self._interrupted |= waiting
+        hit = bool(waiting)
         for item, slot in running:
             if prompt_id is None or item.prompt_id == prompt_id:
                 try:
@@ -407,7 +414,7 @@ class RayBackend:
                 for s in self.slots]
 
     # ---- dispatching --------------------------------------------------------------------------------
-    def _idle(self, exclude: set[str] = frozenset()) -> list[Slot]:
+    def _idle(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Slot]:
         return [s for s in self.slots if s.state == "idle" and s.name not in exclude]
 
     def _loop(self) -> None:
@@ -426,6 +433,8 @@ class RayBackend:
                 continue
             if item is None:
                 continue
+            with self._cond:
+                self._serving.add(item.prompt_id)
             keys = self._model_keys_of(item)
             with self._cond:
                 slot, reason, hits = self._choose(keys, set())
@@ -490,6 +499,8 @@ class RayBackend:
         slot.state = "busy"
         slot.runs += 1
         self._running[item.prompt_id] = (item, slot)
+        if item.prompt_id in self._interrupted:   # the executor keeps it until the prompt starts there
+            slot.actor.interrupt.remote(item.prompt_id)
 
     def _release(self, slot: Slot, item: QueueItem) -> None:
         with self._cond:
@@ -534,6 +545,9 @@ class RayBackend:
                                   f"({attempts[0]['failure']}), and so did the re-run on {slot.name} ({lost.reason})",
                             exception_type="WorkerDied")
                         break
+                    if item.prompt_id in self._interrupted:   # the user stopped it: no re-run
+                        entry = _interrupted_entry(item, lost.reason)
+                        break
                     log.warning("%s died running %s (%s); re-running it on another worker",
                                 slot.name, item.prompt_id, lost.reason)
                     exclude = {slot.name} if len(self.slots) > 1 else set()
@@ -558,10 +572,14 @@ class RayBackend:
             entry = failed_entry(item, f"{type(exc).__name__}: {exc}", exception_type=type(exc).__name__)
         assert entry is not None
         entry["dispatch"] = {**(attempts[-1] if attempts else {}), "attempts": attempts}
-        if entry["status"]["status_str"] == "error" and entry["status"]["messages"] and \
-                entry["status"]["messages"][-1][0] == "execution_error" and not entry.get("_sent"):
-            self.hub.post_threadsafe(self.hub.dispatch, "execution_error", entry["status"]["messages"][-1][1], client_id)
+        messages = entry["status"]["messages"]
+        if entry["status"]["status_str"] == "error" and messages and messages[-1][0] == "execution_error" \
+                and not entry.get("_sent"):
+            self.hub.post_threadsafe(self.hub.dispatch, "execution_error", messages[-1][1], client_id)
         entry.pop("_sent", None)
+        interrupted = entry.pop("_interrupted", None)
+        if interrupted is not None:
+            self.hub.post_threadsafe(self.hub.dispatch, "execution_interrupted", interrupted, client_id)
         self._finish(item, entry, client_id)
 
     def _finish(self, item: QueueItem, entry: dict, client_id: str | None) -> None:
@@ -573,9 +591,13 @@ class RayBackend:
                 log.exception("could not record history for %s (attempt %d)", item.prompt_id, attempt + 1)
                 time.sleep(0.2 * (attempt + 1))
         self.completed += 1
+        with self._cond:
+            self._serving.discard(item.prompt_id)
+            self._interrupted.discard(item.prompt_id)
+        # ComfyUI's end order: status (the queue without this prompt), then executing {node: null}
+        self._changed()
         self.hub.post_threadsafe(self.hub.dispatch, "executing", {"node": None, "prompt_id": item.prompt_id},
                                  client_id)
-        self._changed()
         with self._cond:
             self._threads.discard(threading.current_thread())
             self._cond.notify_all()
@@ -583,7 +605,7 @@ class RayBackend:
     def _job(self, item: QueueItem, client_id: str | None) -> dict:
         return {"prompt_id": item.prompt_id, "prompt": item.prompt, "outputs": list(item.outputs),
                 "extra_data": dict(item.extra_data), "files": self._input_files(item.prompt),
-                "wants_preview": self.hub.has_listener(client_id) and self.config.preview_method != "none",
+                "wants_preview": self.hub.has_preview_listener(client_id),
                 "preview_size": self.preview_size}
 
     def _run_on(self, slot: Slot, item: QueueItem, client_id: str | None) -> dict:
@@ -594,16 +616,13 @@ class RayBackend:
         hub = self.hub
         states = ProgressStates(item.prompt_id)
 
-        def send_progress_state() -> None:
-            hub.dispatch("progress_state", states.frame(), client_id)
-
         result: dict | None = None
         try:
             stream = slot.actor.run.options(num_returns="streaming").remote(self._job(item, client_id))
             for ref in stream:
                 msg = ray.get(ref)
                 if msg[0] == "event":
-                    self._forward(slot, states, send_progress_state, client_id, *msg[1:])
+                    self._forward(slot, states, client_id, *msg[1:])
                 elif msg[0] == "result":
                     result = msg[1]
                 elif msg[0] == "crash":
@@ -624,7 +643,7 @@ class RayBackend:
         return history_entry(item, status_str="success" if ok else "error", completed=ok,
                              messages=result["messages"], outputs=outputs, meta=result["meta"]) | {"_sent": True}
 
-    def _forward(self, slot: Slot, states: ProgressStates, send_progress_state: Callable[[], None],
+    def _forward(self, slot: Slot, states: ProgressStates,
                  client_id: str | None, kind: str, data: dict, preview: Any, files: list | None) -> None:
         """What the embedded worker's emit does, for an event that came over the wire."""
         hub = self.hub
@@ -632,15 +651,21 @@ class RayBackend:
             if kind == "executed":
                 self._place_files(slot, files or [])
                 data = {**data, "output": self._renamed(slot, data.get("output"))}
-            if states.update(_Evt(kind, data)) and states.take_schedule():
-                hub.post_threadsafe(send_progress_state)
+            event = Event(kind, data)
             if kind == "preview":
-                if preview is not None and hub.has_listener(client_id):
+                if preview is not None and hub.has_preview_listener(client_id):
                     hub.post_threadsafe(hub.dispatch, "preview", data, client_id, preview)
                 return
+            if kind == "image_frame":   # SaveImageWebsocket: an unencoded preview frame (type 2)
+                hub.post_threadsafe(hub.send_binary, data["frame"], client_id)
+                return
+            for frame in states.before(event):
+                hub.post_threadsafe(hub.dispatch, "progress_state", frame, client_id)
             if kind == "executing" and data.get("node") is None:
                 return   # sent after the history entry is committed
             hub.post_threadsafe(hub.dispatch, kind, data, client_id)
+            for frame in states.after(event):
+                hub.post_threadsafe(hub.dispatch, "progress_state", frame, client_id)
         except Exception:
             log.exception("could not forward event %s", kind)
 
@@ -738,16 +763,17 @@ class RayBackend:
         log.error("Ray worker %s did not come back after a failure (%s)", slot.name, slot.reason)
 
 
+def _interrupted_entry(item: QueueItem, reason: str) -> dict:
+    data: dict[str, Any] = {"prompt_id": item.prompt_id, "node_id": None, "node_type": None, "executed": [],
+            "timestamp": int(time.time() * 1000), "reason": f"interrupted after its worker died ({reason})"}
+    return history_entry(item, status_str="error", completed=False,
+                         messages=[["execution_interrupted", data]]) | {"_interrupted": data}
+
+
 class _WorkerLost(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-@dataclass
-class _Evt:   # the two fields ProgressStates reads
-    type: str
-    data: dict
 
 
 def _free_name(folder: Path, name: str) -> str:
@@ -781,23 +807,33 @@ def worker_node_command(address: str, workers: int | None = None) -> list[str]:
 
 
 def _local_gpus() -> int:
-    torch = sys.modules.get("torch")
-    if torch is None:
-        try:
-            import torch  # noqa: F401  (only to count GPUs)
-        except ImportError:
-            return 0
+    try:
+        import torch  # only to count GPUs
+    except ImportError:
+        return 0
     try:
         return int(torch.cuda.device_count())
     except Exception:
         return 0
 
 
+def worker_node_env(environ: dict | None = None) -> dict:
+    """`ray start --address` (2.60) does not turn token auth on by itself when it finds a token, unlike
+    a head: with a token at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and no
+    RAY_AUTH_MODE chosen, ask for token mode so the node can talk to a head that requires it."""
+    env = dict(os.environ if environ is None else environ)
+    has_token = env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH") or \
+        (Path.home() / ".ray" / "auth_token").is_file()
+    if has_token and "RAY_AUTH_MODE" not in env:
+        env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
 def run_worker_node(address: str, workers: int | None = None) -> int:
     cmd = worker_node_command(address, workers)
     print(f"sdflow worker: joining the Ray cluster at {address} ({' '.join(cmd[1:])})", flush=True)
     try:
-        return subprocess.call(cmd)
+        return subprocess.call(cmd, env=worker_node_env())
     except FileNotFoundError:
         raise RayBackendError("the `ray` command is missing: pip install 'sdflow[ray]'") from None
     except KeyboardInterrupt:

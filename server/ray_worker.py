@@ -13,6 +13,7 @@ cannot be cancelled by Ray: the executor's cooperative flag is the way in).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import queue
 import shutil
@@ -22,7 +23,6 @@ import threading
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from engine.config import RuntimeConfig
@@ -35,7 +35,7 @@ _DONE = object()
 
 def ui_files(ui: Any) -> list[dict]:
     """The file references (`{filename, subfolder, type}`) in an output node's UI dict."""
-    found = []
+    found: list[dict] = []
     if isinstance(ui, dict):
         for value in ui.values():
             if isinstance(value, list):
@@ -62,15 +62,13 @@ class ExecutorWorker:
         from engine.executor import Executor
 
         from .cli import build_registry
-        args = SimpleNamespace(no_builtin_nodes=not spec.get("builtin_nodes", True),
-                               nodes_module=list(spec.get("node_modules", [])))
+        args = argparse.Namespace(no_builtin_nodes=not spec.get("builtin_nodes", True),
+                                  nodes_module=list(spec.get("node_modules", [])))
         try:
             registry, _ = build_registry(args, self.config)
         except SystemExit as exc:   # the CLI helper exits on a bad module; here it is a start failure
             raise RuntimeError(str(exc)) from None
         self.executor = Executor(registry, config=self.config)
-        self._interrupted: set[str] = set()   # interrupts that arrived before their prompt started
-        self._lock = threading.Lock()
 
     # ---- control (any thread of the actor) ---------------------------------------------------------
     def ready(self) -> dict:
@@ -79,9 +77,7 @@ class ExecutorWorker:
                 "node_id": ray.get_runtime_context().get_node_id(), "nodes": len(self.executor.registry)}
 
     def interrupt(self, prompt_id: str | None) -> None:
-        if prompt_id is not None:
-            with self._lock:
-                self._interrupted.add(prompt_id)
+        # keyed by prompt id: one that arrives before its prompt starts is kept by the executor
         self.executor.interrupt(prompt_id)
 
     def free(self, unload_models: bool, free_memory: bool) -> None:
@@ -106,11 +102,6 @@ class ExecutorWorker:
         size = int(job.get("preview_size", 512))
 
         def emit(event: Event) -> None:
-            if event.type == "execution_start":
-                with self._lock:
-                    early = pid in self._interrupted
-                if early:
-                    self.executor.interrupt(pid)
             if event.type == "preview":
                 if event.image is not None and wants_preview:
                     events.put(("event", "preview", event.data, encode_preview(event.image, event.data, size), None))
@@ -118,7 +109,7 @@ class ExecutorWorker:
             files = self._take_files(event.data.get("output")) if event.type == "executed" else None
             events.put(("event", event.type, event.data, None, files))
 
-        emit.wants_preview = lambda: wants_preview
+        emit.wants_preview = lambda: wants_preview  # type: ignore[attr-defined]
         box: dict[str, Any] = {}
 
         def work() -> None:
@@ -136,8 +127,6 @@ class ExecutorWorker:
         while (msg := events.get()) is not _DONE:
             yield msg
         thread.join()
-        with self._lock:
-            self._interrupted.discard(pid)
         if "crash" in box:
             yield ("crash",) + box["crash"]
             return
@@ -177,8 +166,8 @@ class ExecutorWorker:
 
     def _take_all(self) -> list[tuple[str, str, str, bytes]]:
         """Files left in the output folder that no event named (a node that writes without showing)."""
-        taken = []
-        base = self.config.output_dir
+        taken: list[tuple[str, str, str, bytes]] = []
+        base = self.scratch / "output"
         for root, _dirs, names in os.walk(base):
             for name in names:
                 path = Path(root) / name

@@ -478,3 +478,23 @@ def test_widget_default_without_a_default_option():
     assert widget_default(InputSpec("c", ["a", "b"], {}, True)) == "a"
     assert widget_default(InputSpec("s", "STRING", {}, True)) == ""
     assert widget_default(InputSpec("b", "BOOLEAN", {}, True)) is False
+
+
+def test_damaged_legacy_group_definitions_fail_cleanly(oi):
+    """Every single-field corruption of the definition converts or fails with WorkflowFormatError."""
+    base = load("group_node_ui.json")
+    group = base["extra"]["groupNodes"]["Prompts+Sampler"]
+    paths = [("links",), ("external",), ("nodes", 0, "inputs"), ("nodes", 2, "widgets_values"),
+             ("nodes", 3, "outputs"), ("links", 0), ("external", 0), ("nodes", 1, "inputs", 0)]
+    for path in paths:
+        for bad in (None, 7, "x", [None], [[None, None, None, None]], {"a": 1}, [["a", 0, "b", 1]]):
+            ui = copy.deepcopy(base)
+            target = ui["extra"]["groupNodes"]["Prompts+Sampler"]
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = bad
+            try:
+                ui_to_api(ui, oi)
+            except WorkflowFormatError:
+                pass
+    assert group["external"] == [[3, 0, "IMAGE"]]  # the fixture itself was not touched

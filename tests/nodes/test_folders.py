@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -249,16 +248,23 @@ def test_broken_symlink_is_skipped(tmp_path: Path) -> None:
     assert folders.full_path("vae", "gone.safetensors") is None
 
 
-def test_listing_speed_is_cached(tmp_path: Path) -> None:
+def test_repeated_listings_walk_no_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folders = ModelFolders(tmp_path)
     root = tmp_path / "models" / "loras"
     for i in range(200):
         touch(root / f"d{i % 10}" / f"f{i}.safetensors")
     first = folders.list_files("loras")
-    start = time.perf_counter()
+    assert len(first) == 200
+    # Repeated listings read the directories' mtimes only: no directory is walked again.
+    walks: list[object] = []
+    real_scandir, real_walk = os.scandir, os.walk
+    monkeypatch.setattr(os, "scandir", lambda *a, **k: walks.append(a) or real_scandir(*a, **k))
+    monkeypatch.setattr(os, "walk", lambda *a, **k: walks.append(a) or real_walk(*a, **k))
     for _ in range(50):
         assert folders.list_files("loras") == first
-    assert len(first) == 200 and time.perf_counter() - start < 2.0
+    assert walks == []
+    folders.invalidate("loras")
+    assert folders.list_files("loras") == first and walks   # the counter does see a real walk
 
 
 def test_default_yaml_in_base_dir(tmp_path: Path) -> None:

@@ -121,3 +121,16 @@ def test_style_and_gligen_loaders_fail_honestly(sd_env, class_type, param, folde
     assert registry.node_info(class_type)["input"]["required"][param][0] == ["some.safetensors"]
     with pytest.raises(NotImplementedError, match=f"{class_type}: .* not supported by sdflow yet"):
         (style_model_loader if class_type == "StyleModelLoader" else gligen_loader)("some.safetensors")
+
+
+def test_image_only_checkpoint_loader_in_a_prompt(sd_env):
+    registry, _ = sd_env
+    prompt = {
+        "1": {"class_type": "ImageOnlyCheckpointLoader", "inputs": {"ckpt_name": TINY_SD1}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+    }
+    result = Executor(registry).execute(prompt, "p")
+    assert result.status == "success", result.messages     # the cache holds the CLIP_VISION stand-in too
+    assert result.outputs["4"]["images"]

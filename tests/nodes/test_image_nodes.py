@@ -29,6 +29,9 @@ def test_pad_for_outpaint_grey_border_and_feathered_mask():
     # inside the original, along the padded (left) side: ((4 - d) / 4)^2 for distance d < 4
     assert mask[0, 0, 8:13].tolist() == pytest.approx([1.0, 0.5625, 0.25, 0.0625, 0.0])
     assert mask[0, :, 12:].eq(0).all()
+    _, right = I.image_pad_for_outpaint(img(value=1.0), 0, 0, 8, 0, 4)
+    # the far side counts from one past the last column: the last original column is at distance 1
+    assert right[0, 0, 4:9].tolist() == pytest.approx([0.0, 0.0625, 0.25, 0.5625, 1.0])
 
 
 def test_crop_clamps_the_origin_like_comfyui():
@@ -101,8 +104,10 @@ def test_stitch_directions_spacing_and_size_matching():
     right = I.image_stitch(a, "right", True, 2, "red", b)
     assert right.shape == (1, 8, 8 + 2 + 12, 3)  # b scaled to height 8 keeps its aspect: width 12
     assert right[0, 0, 8].tolist() == [1.0, 0.0, 0.0] and right[0, 0, 0].eq(0).all()
-    left = I.image_stitch(a, "left", False, 0, "white", b)
+    left = I.image_stitch(a, "left", False, 0, "black", b)
     assert left.shape == (1, 8, 14, 3) and left[0, 0, 0].eq(0).all() and left[0, 3, 0].eq(1).all()  # centred pad
+    white = I.image_stitch(a, "left", False, 3, "white", b)
+    assert white.shape == (1, 8, 18, 3) and white[0, 0, 0].eq(1).all()  # white pads white; odd spacing -> 4
     down = I.image_stitch(a, "down", True, 0, "white", b)
     assert down.shape[1:3] == (8 + 5, 8) and down[0, 0, 0].eq(0).all()
     assert I.image_stitch(a, "up", True, 0, "white", None).equal(a)
@@ -126,3 +131,14 @@ def test_load_image_output_reads_the_output_folder(sd_env):
     assert not vr.ok and "missing.png" in str(vr.node_errors["1"])
     prompt["1"]["inputs"]["image"] = "../escape.png [output]"
     assert not validate_prompt(prompt, registry).ok
+
+
+def test_blur_kernel_spans_minus_one_to_one_like_comfyui():
+    dot = img(value=0.0, h=9, w=9)
+    dot[0, 4, 4] = 1.0
+    out = I.image_blur(dot, 1, 1.0)[0, :, :, 0]
+    e = torch.exp(torch.tensor(-0.5)).item()
+    total = 1 + 4 * e + 4 * e * e
+    assert out[4, 4].item() == pytest.approx(1 / total, abs=1e-6)
+    assert out[4, 5].item() == pytest.approx(e / total, abs=1e-6)
+    assert out[3, 3].item() == pytest.approx(e * e / total, abs=1e-6)

@@ -66,6 +66,8 @@ def test_feather_mask_linear_ramps():
     assert out[0, 0].tolist() == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 0.5])
     top = M.feather_mask(torch.ones(1, 4, 4), 0, 2, 0, 0)
     assert top[0, :, 0].tolist() == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    wide = M.feather_mask(torch.ones(1, 2, 4), 10, 0, 0, 0)
+    assert wide[0, 0].tolist() == pytest.approx([0.25, 0.5, 0.75, 1.0])
 
 
 def test_grow_mask_dilates_and_erodes():

@@ -16,6 +16,9 @@ def test_primitives_pass_their_value_through_with_comfyui_schemas(sd_env):
     assert registry.node_info("PrimitiveStringMultiline")["input"]["required"]["value"][1]["multiline"] is True
     assert registry.node_info("StringLength")["output"] == ["INT"]
     assert registry.node_info("RegexMatch")["output"] == ["BOOLEAN"]
+    assert registry.node_info("RegexReplace")["input_order"] == {
+        "required": ["string", "regex_pattern", "replace"],
+        "optional": ["case_insensitive", "multiline", "dotall", "count"]}
 
 
 def test_string_basics():
@@ -25,7 +28,7 @@ def test_string_basics():
     assert [S.case_converter("hello wORLD", m) for m in ("UPPERCASE", "lowercase", "Capitalize", "Title Case")] == [
         "HELLO WORLD", "hello world", "Hello world", "Hello World"]
     assert [S.string_trim("  x  ", m) for m in ("Both", "Left", "Right")] == ["x", "x  ", "  x"]
-    assert S.string_replace("a-b-c", "-", "+") == "a+b+c" and S.string_replace("abc", "", "x") == "abc"
+    assert S.string_replace("a-b-c", "-", "+") == "a+b+c" and S.string_replace("abc", "", "-") == "-a-b-c-"
     assert S.string_contains("Hello", "hell", False) and not S.string_contains("Hello", "hell", True)
     assert S.string_compare("Hello", "he", "Starts With", False)
     assert not S.string_compare("Hello", "he", "Starts With", True)
@@ -39,7 +42,9 @@ def test_regex_nodes():
     assert S.regex_match("a\nb", "a.b", False, False, True)
     text = "w=512 h=768 w=1024"
     assert S.regex_extract(text, r"w=(\d+)", "First Match", True, False, False, 1) == "w=512"
-    assert S.regex_extract(text, r"w=(\d+)", "All Matches", True, False, False, 1) == "w=512\nw=1024"
+    assert S.regex_extract(text, r"w=\d+", "All Matches", True, False, False, 1) == "w=512\nw=1024"
+    # with groups, ComfyUI lists each match's first group
+    assert S.regex_extract(text, r"(w)=(\d+)", "All Matches", True, False, False, 1) == "w\nw"
     assert S.regex_extract(text, r"w=(\d+)", "First Group", True, False, False, 1) == "512"
     assert S.regex_extract(text, r"w=(\d+)", "All Groups", True, False, False, 1) == "512\n1024"
     assert S.regex_extract(text, r"w=(\d+)", "First Group", True, False, False, 5) == ""
@@ -47,6 +52,7 @@ def test_regex_nodes():
     assert S.regex_replace("a1b22", r"\d+", "#", True, False, False, 0) == "a#b#"
     assert S.regex_replace("a1b22", r"\d+", "#", True, False, False, 1) == "a#b22"
     assert S.regex_replace("w=512", r"w=(\d+)", r"width \1", True, False, False, 0) == "width 512"
+    assert S.regex_replace("A a", "a", "b") == "b b"  # the optional flags default to case-insensitive
 
 
 def test_bad_patterns_are_reported_against_their_input():

@@ -163,3 +163,45 @@ def test_cli_options_and_worker_command():
     cmd = worker_node_command(args.ray_address, args.workers)
     assert cmd[1:4] == ["start", "--address=10.0.0.1:6379", "--block"]
     assert cmd[4] == f'--resources={{"{SLOT_RESOURCE}": 3}}'
+
+
+async def test_a_prompt_whose_rerun_dies_too_gets_a_clear_execution_error(ray_server):
+    be = backend(ray_server)
+    ws = await ray_server.connect("client-4")
+    try:
+        slow = (await ray_server.queue_prompt(chain(value=4, steps=200, delay=0.05), client_id="client-4"))["prompt_id"]
+        killed = []
+        error = None
+        while error is None:
+            msg = await ws.next_json(timeout=90)
+            data = msg["data"]
+            if msg["type"] == "progress" and data["prompt_id"] == slow and len(killed) < 2:
+                running = be._running.get(slow)     # None between the failure and the re-run's start
+                slot = running[1] if running else None
+                if slot is not None and slot.name not in killed:   # the first run, then the re-run
+                    killed.append(slot.name)
+                    os.kill(slot.info["pid"], signal.SIGKILL)
+            elif msg["type"] == "execution_error" and data["prompt_id"] == slow:
+                error = data
+        assert len(set(killed)) == 2
+        assert error["exception_type"] == "WorkerDied"
+        assert killed[0] in error["exception_message"] and killed[1] in error["exception_message"]
+        await ws.until_done(slow, timeout=30)
+        entry = await ray_server.wait_history(slow)
+        assert entry["status"]["status_str"] == "error" and len(entry["dispatch"]["attempts"]) == 2
+        # both workers come back and the server keeps serving
+        await wait_until(lambda: all(s.state == "idle" for s in be.slots), timeout=90, what="both restarts")
+        again = (await ray_server.queue_prompt(chain(value=6), client_id="client-4"))["prompt_id"]
+        assert (await ray_server.wait_history(again, timeout=60))["outputs"]["4"] == {"text": ["16"]}
+    finally:
+        await ws.close()
+
+
+def test_a_joining_node_asks_for_token_auth_when_it_has_a_token(tmp_path):
+    from server.ray_backend import worker_node_env
+
+    token = tmp_path / "auth_token"
+    token.write_text("x" * 64)
+    assert worker_node_env({"RAY_AUTH_TOKEN_PATH": str(token)})["RAY_AUTH_MODE"] == "token"
+    chosen = {"RAY_AUTH_TOKEN_PATH": str(token), "RAY_AUTH_MODE": "disabled"}
+    assert worker_node_env(chosen)["RAY_AUTH_MODE"] == "disabled"

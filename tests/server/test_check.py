@@ -141,3 +141,21 @@ async def test_post_check_rejects_what_is_not_a_workflow(sd_server):
         assert r.status == 400
     async with session.get(url + "/object_info/KSampler") as r:
         assert r.status == 200  # the server keeps serving
+
+
+def test_cli_check_reads_a_png_with_a_legacy_group_node_workflow(tmp_path):
+    from engine.png_metadata import embed_png_text, png_text_chunks
+    import io
+    from PIL import Image
+
+    ui = json.loads((DATA / "group_node_ui.json").read_text())
+    ui["extra"]["groupNodes"]["Prompts+Sampler"]["nodes"][3]["type"] = "VAEDecodeHald"  # inside the group
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    png = tmp_path / "shared.png"
+    png.write_bytes(embed_png_text(buf.getvalue(), png_text_chunks(None, {"workflow": ui})))
+    r = sdflow(tmp_path / "data", "check", str(png), "--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == 1
+    assert report["missing_nodes"] == [{"class_type": "VAEDecodeHald", "node_ids": ["10:3"]}]
+    assert [m["name"] for m in report["missing_models"]] == ["v1-5-pruned-emaonly.safetensors"]

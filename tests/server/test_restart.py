@@ -1,7 +1,7 @@
 """Durability: SIGKILL a real `sdflow serve` subprocess mid-run and start it again on the same data dir."""
 from __future__ import annotations
 
-import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +10,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
+from tests.waiting import until
 
 from .conftest import chain, free_port
 
@@ -26,21 +28,24 @@ def spawn(data_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
 
 
 async def wait_up(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen, log_path: Path) -> None:
-    for _ in range(300):
+    async def up() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"server exited: {log_path.read_text()[-3000:]}")
         try:
             async with session.get(url + "/prompt") as r:
-                if r.status == 200:
-                    return
+                return r.status == 200
         except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"server did not start: {log_path.read_text()[-3000:]}")
+            return False
+
+    try:
+        await until(up, timeout=60, interval=0.1, what="the server to answer")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {log_path.read_text()[-3000:]}") from None
 
 
-async def post_prompt(session: aiohttp.ClientSession, url: str, prompt: dict) -> dict:
-    async with session.post(url + "/prompt", json={"prompt": prompt}) as r:
+async def post_prompt(session: aiohttp.ClientSession, url: str, prompt: dict, client_id: str | None = None) -> dict:
+    body = {"prompt": prompt} | ({"client_id": client_id} if client_id else {})
+    async with session.post(url + "/prompt", json=body) as r:
         body = await r.json()
         assert r.status == 200, body
         return body
@@ -62,24 +67,29 @@ async def test_sigkill_mid_run_then_restart(tmp_path):
         try:
             await wait_up(session, url, proc, log_path)
             done = await post_prompt(session, url, chain(1))
-            for _ in range(100):
-                if done["prompt_id"] in await history(session, url):
-                    break
-                await asyncio.sleep(0.05)
+
+            async def done_in_history() -> bool:
+                return done["prompt_id"] in await history(session, url)
+
+            await until(done_in_history, what="the first prompt in the history")
             before = await history(session, url)
             assert before[done["prompt_id"]]["status"]["status_str"] == "success"
 
-            killed = await post_prompt(session, url, chain(2, steps=400, delay=0.05))   # ~20 s: killed mid-run
+            ws = await session.ws_connect(url + "/ws?clientId=watcher")
+            killed = await post_prompt(session, url, chain(2, steps=400, delay=0.05), "watcher")  # ~20 s
             pending = [await post_prompt(session, url, chain(10 + i, steps=2, delay=0.01)) for i in range(3)]
-            for _ in range(200):
-                async with session.get(url + "/queue") as r:
-                    q = await r.json()
-                if q["queue_running"] and q["queue_running"][0][1] == killed["prompt_id"]:
+            # Killed mid-run: once its slow node reports progress (the store marks a prompt running first).
+            while True:
+                msg = await ws.receive(timeout=60)
+                if msg.type == aiohttp.WSMsgType.BINARY:   # a preview
+                    continue
+                assert msg.type == aiohttp.WSMsgType.TEXT, msg
+                frame = json.loads(msg.data)
+                if frame["type"] == "progress" and frame["data"].get("prompt_id") == killed["prompt_id"]:
                     break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the slow prompt never started")
-            await asyncio.sleep(0.3)
+            await ws.close()
+            async with session.get(url + "/queue") as r:
+                assert (await r.json())["queue_running"][0][1] == killed["prompt_id"]
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
@@ -87,13 +97,12 @@ async def test_sigkill_mid_run_then_restart(tmp_path):
         proc = spawn(data, port, log_path)
         try:
             await wait_up(session, url, proc, log_path)
-            for _ in range(300):
+
+            async def pending_done() -> dict | None:
                 hist = await history(session, url)
-                if all(p["prompt_id"] in hist for p in pending):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError(f"pending prompts did not run after restart: {list(hist)}")
+                return hist if all(p["prompt_id"] in hist for p in pending) else None
+
+            hist = await until(pending_done, what="the pending prompts to run after the restart")
             # history intact: the entry from before the crash is unchanged
             assert hist[done["prompt_id"]] == before[done["prompt_id"]]
             # the killed one is failed with a clear reason
@@ -110,12 +119,11 @@ async def test_sigkill_mid_run_then_restart(tmp_path):
             # numbering continues after the restart
             again = await post_prompt(session, url, chain(99))
             assert again["number"] > pending[-1]["number"]
-            for _ in range(100):
-                if again["prompt_id"] in await history(session, url):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the restarted server does not run new prompts")
+
+            async def again_done() -> bool:
+                return again["prompt_id"] in await history(session, url)
+
+            await until(again_done, what="the restarted server to run a new prompt")
         finally:
             proc.terminate()
             try:

@@ -243,6 +243,19 @@ export class Api {
     return this.json(`/models/${encodeURIComponent(folder)}`);
   }
 
+  /** A path outside /api (ComfyUI serves `/templates/...` as static files, without the prefix). */
+  async fetchRoot(path: string): Promise<Response> {
+    const headers = new Headers();
+    const token = getToken();
+    if (token) headers.set("Authorization", `Bearer ${token}`);
+    return fetch(basePath() + path.replace(/^\//, ""), { headers, cache: "no-store" });
+  }
+
+  /** Custom-node example workflows, ComfyUI's shape: {module: [template names]}. */
+  listWorkflowTemplates(): Promise<Record<string, string[]>> {
+    return this.json("/workflow_templates");
+  }
+
   listWorkflows(): Promise<unknown> {
     return this.json("/workflows");
   }
@@ -264,7 +277,8 @@ export class Api {
   connect(): void {
     this.closedByUs = false;
     const proto = window.location.protocol === "https:" ? "wss:" : "ws:";
-    const q = new URLSearchParams({ clientId: this.clientId });
+    // extras=sdflow: status messages also carry sdflow's fields (paused); other clients get ComfyUI's only
+    const q = new URLSearchParams({ clientId: this.clientId, extras: "sdflow" });
     const token = getToken();
     if (token) q.set("token", token);
     const ws = new WebSocket(`${proto}//${window.location.host}${this.url("/ws")}?${q.toString()}`);

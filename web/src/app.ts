@@ -27,6 +27,12 @@ import { entryFromDef, NodeSearch, type SearchEntry, type SearchFilter } from ".
 import { SidePanel } from "./ui/sidepanel";
 import { toast } from "./ui/toast";
 import { installTooltips } from "./ui/tooltip";
+import { Keymap, NEW_BINDINGS, UNSET_BINDINGS } from "./keybindings";
+import { Minimap } from "./minimap";
+import { Settings } from "./settings";
+import { SettingsDialog } from "./ui/settings";
+import { copyImage, GalleryPanel, openImage, saveImage } from "./ui/gallery";
+import { TemplatesBrowser } from "./ui/templates";
 import { TopBar } from "./ui/topbar";
 import { WorkflowsPanel } from "./ui/workflows";
 import { UndoHistory } from "./undo";
@@ -77,6 +83,7 @@ export class App {
   library!: NodeLibrary;
   queuePanel!: QueuePanel;
   historyPanel!: HistoryPanel;
+  gallery!: GalleryPanel;
   workflowsPanel!: WorkflowsPanel;
   topbar!: TopBar;
   undo!: UndoHistory;
@@ -86,6 +93,11 @@ export class App {
   tabs: WorkflowTab[] = [];
   activeTab!: WorkflowTab;
   tabBar!: TabBar;
+  templates!: TemplatesBrowser;
+  readonly settings = new Settings(this.api);
+  readonly keymap = this.makeKeymap();
+  settingsDialog!: SettingsDialog;
+  minimap!: Minimap;
   /** The tab each prompt queued from this page came from, so its outputs land there. */
   private promptTabs = new Map<string, string>();
   private queueSize = 0;
@@ -107,6 +119,10 @@ export class App {
     });
     setNodeHooks({ nodeValueChanged: (node, name) => this.onNodeValueChanged(node, name) });
     installExecution(this);
+    await this.settings.load();
+    this.keymap.configure(this.settings.get(NEW_BINDINGS, []), this.settings.get(UNSET_BINDINGS, []));
+    this.applySettings();
+    this.settings.onChange((id) => this.applySettings(id));
 
     try {
       await this.loadObjectInfo();
@@ -149,13 +165,20 @@ export class App {
     };
     this.queuePanel = new QueuePanel(this.api, actions);
     this.historyPanel = new HistoryPanel(this.api, actions);
+    this.gallery = new GalleryPanel(this.api, {
+      loadWorkflow: (data, name) => void this.openWorkflow(data, name),
+      sendToLoadImage: (ref) => void this.sendToLoadImage(ref),
+    });
     this.workflowsPanel = new WorkflowsPanel(this.api, (d, n) => void this.openWorkflow(d, n), () => this.saveWorkflow());
     this.side = new SidePanel([
       { id: "queue", label: "Queue", el: this.queuePanel.el, onShow: () => this.queuePanel.refresh() },
       { id: "history", label: "History", el: this.historyPanel.el, onShow: () => this.historyPanel.refresh() },
+      { id: "gallery", label: "Gallery", el: this.gallery.el, onShow: () => this.gallery.refresh() },
       { id: "nodes", label: "Nodes", el: this.library.el, onShow: () => this.library.render() },
       { id: "workflows", label: "Workflows", el: this.workflowsPanel.el, onShow: () => this.workflowsPanel.refresh() },
     ]);
+    this.settingsDialog = new SettingsDialog(this.settings, this.keymap);
+    this.templates = new TemplatesBrowser(this.api, (wf, name) => this.openWorkflow(wf, name));
     this.topbar = new TopBar(this);
     this.queuePanel.onCountChange = (r, p) => this.setQueueSize(r + p);
     const column = h("div", { class: "editor-column" }, this.tabBar.el, wrap);
@@ -201,7 +224,12 @@ export class App {
     canvas.links_render_mode = LiteGraph.SPLINE_LINK;
     canvas.connections_width = 3;
     canvas.onDrawBackground = (ctx, area) => this.drawGrid(ctx, area);
-    canvas.onDrawForeground = () => syncDomWidgets();
+    this.minimap = new Minimap(canvas, () => this.graph);
+    this.canvasEl.parentElement!.append(this.minimap.el);
+    canvas.onDrawForeground = () => {
+      syncDomWidgets();
+      this.minimap.update();
+    };
     initDomWidgets(canvas, this.overlayEl);
     this.adjustMenus(canvas);
     // Muted nodes are drawn faded, as ComfyUI shows them: they stay in the workflow but do not run.
@@ -437,11 +465,80 @@ export class App {
     this.canvas.setDirty(true, true);
   }
 
+  /** Commands and their default keys (the settings dialog lets the user change them). */
+  private makeKeymap(): Keymap {
+    const c = (id: string, label: string, run: () => void, global = false) => ({ id, label, run, global });
+    const k = (commandId: string, key: string, mods: { ctrl?: boolean; alt?: boolean; shift?: boolean } = {}) => ({ commandId, combo: { key, ...mods } });
+    return new Keymap([
+      c("Comfy.QueuePrompt", "Queue the graph (batch count times)", () => void this.queuePrompt(this.batchCount), true),
+      c("Comfy.QueuePromptFront", "Queue at the front of the queue", () => void this.queuePrompt(this.batchCount, true), true),
+      c("Comfy.Interrupt", "Interrupt the running prompt", () => void this.queuePanel.interrupt(), true),
+      c("Comfy.SaveWorkflow", "Save the workflow", () => void this.saveWorkflow(), true),
+      c("Comfy.OpenWorkflow", "Open a workflow (.json or .png)", () => this.openFile(), true),
+      c("Comfy.Undo", "Undo", () => void this.undo?.undo()),
+      c("Comfy.Redo", "Redo", () => void this.undo?.redo()),
+      c("Comfy.Canvas.ToggleSelectedNodes.Mute", "Mute / unmute the selected nodes", () => this.toggleMode(2)),
+      c("Comfy.Canvas.ToggleSelectedNodes.Bypass", "Bypass / un-bypass the selected nodes", () => this.toggleMode(4)),
+      c("Comfy.Graph.GroupSelectedNodes", "Group the selected nodes", () => void this.groupSelected()),
+      c("Comfy.Canvas.FitView", "Fit the whole graph in view", () => this.fitView()),
+      c("Comfy.NewBlankWorkflow", "New workflow tab", () => this.newGraph()),
+      c("Comfy.BrowseTemplates", "Browse templates", () => void this.templates.show()),
+      c("Comfy.ShowSettingsDialog", "Settings", () => this.settingsDialog.show()),
+      c("Comfy.Canvas.ToggleMinimap", "Show / hide the minimap", () => void this.settings.set("Comfy.Minimap.Visible", !this.minimap.visible)),
+    ], [
+      k("Comfy.QueuePrompt", "Enter", { ctrl: true }),
+      k("Comfy.QueuePromptFront", "Enter", { ctrl: true, shift: true }),
+      k("Comfy.Interrupt", "Enter", { ctrl: true, alt: true }),
+      k("Comfy.SaveWorkflow", "s", { ctrl: true }),
+      k("Comfy.OpenWorkflow", "o", { ctrl: true }),
+      k("Comfy.Undo", "z", { ctrl: true }),
+      k("Comfy.Redo", "y", { ctrl: true }),
+      k("Comfy.Redo", "z", { ctrl: true, shift: true }),
+      k("Comfy.Canvas.ToggleSelectedNodes.Mute", "m", { ctrl: true }),
+      k("Comfy.Canvas.ToggleSelectedNodes.Bypass", "b", { ctrl: true }),
+      k("Comfy.Graph.GroupSelectedNodes", "g", { ctrl: true }),
+      k("Comfy.Canvas.FitView", "."),
+      k("Comfy.ShowSettingsDialog", ",", { ctrl: true }),
+      k("Comfy.Canvas.ToggleMinimap", "m", { alt: true }),
+    ]);
+  }
+
+  /** Applies one setting (or all) to the canvas. */
+  applySettings(id?: string): void {
+    const all = id === undefined;
+    if (all || id === "Comfy.LinkRenderMode") {
+      const mode = Number(this.settings.get("Comfy.LinkRenderMode"));
+      if (this.canvas) this.canvas.links_render_mode = [0, 1, 2].includes(mode) ? mode : LiteGraph.SPLINE_LINK;
+    }
+    if ((all || id === "Comfy.Minimap.Visible") && this.minimap) this.minimap.visible = !!this.settings.get("Comfy.Minimap.Visible");
+    if (all || id === "sdflow.Canvas.SnapToGrid") LiteGraph.alwaysSnapToGrid = !!this.settings.get("sdflow.Canvas.SnapToGrid");
+    this.canvas?.setDirty(true, true);
+  }
+
   /** Menus offer only what works here: subgraphs are not implemented, so "Convert to Subgraph" goes. */
   private adjustMenus(canvas: LGraphCanvas): void {
     const keep = (o: any) => !(o && typeof o.content === "string" && /subgraph/i.test(o.content));
     const nodeMenu = canvas.getNodeMenuOptions.bind(canvas);
-    canvas.getNodeMenuOptions = (node: LGraphNode) => nodeMenu(node).filter(keep);
+    canvas.getNodeMenuOptions = (node: LGraphNode) => {
+      const opts = nodeMenu(node).filter(keep);
+      const ref: ImageRef | undefined = (node as any).sdflowOutputs?.[0];
+      if (!ref) return opts;
+      const run = (label: string, fn: () => unknown) => ({
+        content: label,
+        callback: () => {
+          Promise.resolve(fn()).catch((e) => toast(`${label} failed: ${errText(e)}`, "error"));
+        },
+      });
+      // Image actions on a node showing outputs (the first image of a batch).
+      return [
+        run("Open image", () => openImage(this.api, ref)),
+        run("Save image", () => saveImage(this.api, ref)),
+        run("Copy image", () => copyImage(this.api, ref)),
+        run("Send to LoadImage", () => this.sendToLoadImage(ref)),
+        null,
+        ...opts,
+      ];
+    };
     const canvasMenu = canvas.getCanvasMenuOptions.bind(canvas);
     canvas.getCanvasMenuOptions = () => canvasMenu().filter(keep);
   }
@@ -712,7 +809,7 @@ export class App {
   async openWorkflow(data: unknown, name: string): Promise<boolean> {
     const t = this.activeTab;
     this.undo.check();
-    if (t.dirty && this.graph.nodes.length) {
+    if (t.dirty && this.graph.nodes.length && this.settings.get("sdflow.Workflow.ConfirmReplace")) {
       const choice = await choiceDialog("Unsaved changes", `“${t.name}” has unsaved changes. Open “${name}” in a new tab, or replace the current graph?`, [
         { label: "Cancel", value: "cancel" },
         { label: "Replace", value: "replace", kind: "danger" },
@@ -822,6 +919,19 @@ export class App {
     } catch (e) {
       toast(`Cannot load ${file.name}: ${errText(e)}`, "error");
     }
+  }
+
+  /** "Send to LoadImage": the output image is uploaded as an input and a LoadImage node takes it. */
+  async sendToLoadImage(ref: ImageRef): Promise<void> {
+    const res = await this.api.fetchApi(this.api.viewPath(ref));
+    if (!res.ok) {
+      toast(`Cannot read ${ref.filename}: ${res.status}`, "error");
+      return;
+    }
+    const blob = await res.blob();
+    const file = new File([blob], ref.filename, { type: blob.type || "image/png" });
+    const [x, y] = this.viewCenter();
+    if (!(await this.imageAsLoadNode(file, [x, y]))) toast("This server has no LoadImage node", "error");
   }
 
   /** A plain image dropped on the canvas becomes a LoadImage node holding it. */
@@ -1132,6 +1242,7 @@ export function installExecution(app: App): void {
     },
     onPromptDone: () => {
       app.setProgress(null);
+      if (app.side.active === "gallery") void app.gallery.refresh();
       app.queuePanel.scheduleRefresh();
       app.historyPanel.refresh();
     },

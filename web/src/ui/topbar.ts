@@ -64,6 +64,7 @@ export class TopBar {
       "aria-haspopup": "menu",
       onclick: () => menu(workflowBtn, [
         ["New tab", "", () => app.newGraph()],
+        ["Templates…", "", () => void app.templates.show()],
         ["Open…", "Ctrl+O", () => app.openFile()],
         ["Save…", "Ctrl+S", () => app.saveWorkflow()],
         ["Export workflow (.json)", "", () => app.exportWorkflow()],
@@ -73,6 +74,7 @@ export class TopBar {
         ["Redo", "Ctrl+Y", () => app.undo?.redo()],
         ["Fit view", ".", () => app.fitView()],
         ["Keyboard shortcuts", "", () => showShortcuts()],
+        ["Settings…", "Ctrl+,", () => app.settingsDialog.show()],
       ]),
     }, "Workflow", icon("chevron"));
     this.nameEl = h("button", { class: "workflow-name", title: "Rename", onclick: () => this.rename() }, app.workflowName);
@@ -89,6 +91,7 @@ export class TopBar {
     this.el = h("header", { class: "topbar" },
       h("div", { class: "brand" }, h("span", { class: "logo" }), "sdflow"),
       workflowBtn,
+      h("button", { class: "btn btn-ghost templates-btn", title: "Browse workflow templates", onclick: () => void app.templates.show() }, icon("image"), "Templates"),
       h("button", { class: "btn btn-ghost", title: "Reload node definitions and model lists from the server", onclick: () => app.refreshNodeDefs() }, icon("refresh"), "Refresh"),
       this.nameEl,
       h("div", { class: "spacer" }),
@@ -96,6 +99,7 @@ export class TopBar {
       this.queueCountEl,
       h("label", { class: "batch-label" }, "Batch", this.batch),
       this.queueButton,
+      h("button", { class: "btn btn-ghost icon-only settings-btn", title: "Settings and keybindings (Ctrl+,)", "aria-label": "Settings", onclick: () => app.settingsDialog.show() }, icon("gear")),
       h("button", { class: "btn btn-ghost icon-only", title: "Toggle side panel", "aria-label": "Toggle side panel", onclick: () => app.side.toggle() }, icon("panel")));
   }
 
