@@ -107,8 +107,11 @@ def load_custom_node_packs(registry: Registry, catalog: Any, given: Sequence[str
     """ComfyUI custom-node packs into `registry`, with the import report on stderr (and kept for the server)."""
     from nodes.comfy_compat import custom_node_folders, load_custom_nodes
 
-    packs = load_custom_nodes(registry, custom_node_folders(catalog.folders, given))
+    folders = custom_node_folders(catalog.folders, given)
+    packs = load_custom_nodes(registry, folders)
     registry.custom_packs = packs  # type: ignore[attr-defined]
+    if packs:   # Ray workers load the same packs from the same folders
+        registry.custom_node_dirs = [str(p.resolve()) for p in folders]  # type: ignore[attr-defined]
     if packs:
         print("custom nodes:", file=sys.stderr)
     for pack in packs:
@@ -221,7 +224,8 @@ def _ray_backend(args: argparse.Namespace, config: RuntimeConfig, registry: Regi
 
     if args.workers is not None and args.workers < 1:
         raise SystemExit("--workers must be at least 1")
-    spec = WorkerSpec.from_config(config, builtin_nodes=not args.no_builtin_nodes, node_modules=args.nodes_module)
+    spec = WorkerSpec.from_config(config, builtin_nodes=not args.no_builtin_nodes, node_modules=args.nodes_module,
+                                  custom_nodes=getattr(registry, "custom_node_dirs", None))
     try:
         cluster = RayCluster(spec, address=args.ray_address, workers=args.workers, data_dir=config.data_dir)
     except RayBackendError as exc:
