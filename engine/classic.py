@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from .expansion import expansion_from
 from .inputs import (
     HIDDEN_KINDS,
     BooleanSpec,
@@ -147,6 +148,8 @@ def nodedef_from_class(name: str, cls: Any, *, display_name: str | None = None,
         # Classic nodes always return a tuple (or a ui/result dict); sdflow functions with one output
         # return the bare value, so the result is handed over as a NodeOutput, which means "as is".
         ret = getattr(instances.get(), method_name)(**kwargs)
+        if isinstance(ret, dict) and "expand" in ret:
+            return expansion_from(ret)  # type: ignore[return-value]   # the executor runs the sub-graph
         if isinstance(ret, dict) and ("ui" in ret or "result" in ret):
             return NodeOutput(tuple(ret.get("result") or ()), ret.get("ui"))
         if isinstance(ret, NodeOutput):

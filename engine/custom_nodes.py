@@ -68,7 +68,10 @@ def discover(folders: Iterable[str | Path]) -> list[Path]:
 
 
 def load_packs(folders: Iterable[str | Path], registry: Registry, *,
-               prepare: Callable[[], None] | None = None) -> list[Pack]:
+               prepare: Callable[[], None] | None = None,
+               classes: Callable[[Any], dict[str, type]] | None = None) -> list[Pack]:
+    """`classes(module)`: more node classes of a pack beyond NODE_CLASS_MAPPINGS, or replacements for
+    entries of it, in the classic protocol (the SD domain adapts ComfyUI's V3 nodes this way)."""
     entries = discover(folders)
     if not entries:
         return []
@@ -77,7 +80,7 @@ def load_packs(folders: Iterable[str | Path], registry: Registry, *,
     builtin = set(registry.names())
     packs = []
     for entry in entries:
-        pack = load_pack(entry, registry, protected=builtin)
+        pack = load_pack(entry, registry, protected=builtin, classes=classes)
         packs.append(pack)
         if pack.ok:
             log.info("custom nodes: %s (%d nodes, %.2f s)", pack.name, len(pack.nodes), pack.seconds)
@@ -86,7 +89,8 @@ def load_packs(folders: Iterable[str | Path], registry: Registry, *,
     return packs
 
 
-def load_pack(entry: Path, registry: Registry, *, protected: set[str] | frozenset[str] = frozenset()) -> Pack:
+def load_pack(entry: Path, registry: Registry, *, protected: set[str] | frozenset[str] = frozenset(),
+              classes: Callable[[Any], dict[str, type]] | None = None) -> Pack:
     started = time.perf_counter()
     name = entry.stem if entry.is_file() else entry.name
     pack = Pack(name=name, path=entry)
@@ -99,6 +103,16 @@ def load_pack(entry: Path, registry: Registry, *, protected: set[str] | frozense
         pack.seconds = time.perf_counter() - started
         return pack
     mappings = getattr(module, "NODE_CLASS_MAPPINGS", None)
+    extra: dict[str, type] = {}
+    if classes is not None:
+        try:
+            extra = classes(module)
+        except Exception as exc:
+            pack.error = _describe(exc)
+            pack.seconds = time.perf_counter() - started
+            return pack
+    if extra:
+        mappings = {**(mappings if isinstance(mappings, dict) else {}), **extra}
     if not isinstance(mappings, dict):
         pack.error = "defines no NODE_CLASS_MAPPINGS dict"
         pack.seconds = time.perf_counter() - started
@@ -109,7 +123,8 @@ def load_pack(entry: Path, registry: Registry, *, protected: set[str] | frozense
             pack.skipped.append(f"{class_name}: a built-in node of that name exists")
             continue
         try:
-            nd = nodedef_from_class(class_name, cls, display_name=display.get(class_name),
+            shown = display.get(class_name) or getattr(cls, "DISPLAY_NAME", None)
+            nd = nodedef_from_class(class_name, cls, display_name=shown,
                                     python_module=f"custom_nodes.{name}")
         except ClassicNodeError as exc:
             pack.skipped.append(str(exc))

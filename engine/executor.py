@@ -18,6 +18,7 @@ from typing import Any
 from .cache import CacheEntry, OutputCache
 from .config import reset_current_config, set_current_config
 from .events import Emit, Event, no_emit, now_ms
+from .expansion import SINK, ExecutionBlocker, Expansion, RegistryWithSink, is_link, prefixed, sink_def
 from .node import NodeDef, NodeOutput
 from .planning import compute_keys, needed_nodes
 from .progress import Interrupted, NodeContext, _current
@@ -136,6 +137,14 @@ class _Run:
         self.nodes: dict[str, ResolvedNode] = {}
         self.keys: dict[str, str] = {}
         self.order: list[str] = []
+        self.parents: dict[str, str] = {}     # node id made by an expansion -> the node that expanded
+        self._expansions = 0
+
+    def display(self, nid: str) -> str:
+        """The node of the user's prompt that an expanded node stands for (ComfyUI's display_node)."""
+        while nid in self.parents:
+            nid = self.parents[nid]
+        return nid
 
     def send(self, kind: str, data: dict, *, record: bool = False) -> None:
         if record:
@@ -196,7 +205,7 @@ class _Run:
         rn = self.nodes[nid]
         nd = rn.nodedef
         self._current_node = nid
-        self.send("executing", {"node": nid, "display_node": nid, "prompt_id": self.prompt_id})
+        self.send("executing", {"node": nid, "display_node": self.display(nid), "prompt_id": self.prompt_id})
         inputs = self._gather(rn)
         try:
             if nd.check_lazy is not None:
@@ -206,9 +215,10 @@ class _Run:
                     self._current_node = nid
                     self.send("executing", {"node": nid, "display_node": nid, "prompt_id": self.prompt_id})
             token = _current.set(NodeContext(nid, self.prompt_id, self.ex._check_interrupt,
-                                             self._progress_sink(nid), nd.name, self.emit))
+                                             self._progress_sink(nid), nd.name, self.emit,
+                                             self.extra_data))
             try:
-                outputs, ui = _call_mapped(nd, inputs)
+                outputs, ui = _call_mapped(nd, inputs, lambda exp: self._expand(nid, exp))
             finally:
                 _current.reset(token)
         except (Interrupted, NodeFailure):
@@ -223,8 +233,10 @@ class _Run:
         if ui is None:
             return
         self.result.outputs[nid] = ui
-        self.result.meta[nid] = {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid}
-        self.send("executed", {"node": nid, "display_node": nid, "output": ui, "prompt_id": self.prompt_id})
+        self.result.meta[nid] = {"node_id": nid, "display_node": self.display(nid),
+                                 "parent_node": self.parents.get(nid), "real_node_id": nid}
+        self.send("executed", {"node": nid, "display_node": self.display(nid), "output": ui,
+                               "prompt_id": self.prompt_id})
 
     def _progress_sink(self, nid: str):
         def sink(value: float, total: float, preview: Any) -> None:
@@ -244,6 +256,8 @@ class _Run:
         for name, decl in nd.inputs.items():
             if decl.section == "hidden":
                 values[name] = [self._hidden(decl.spec.wire, rn.id)]
+            elif name in rn.links and decl.spec.extra.get("rawLink"):
+                values[name] = [list(rn.links[name])]   # the node wants the link itself (to expand with)
             elif name in rn.links:
                 src, slot = rn.links[name]
                 entry = self.entries.get(src)
@@ -253,6 +267,9 @@ class _Run:
         if nd.accepts_extra:
             for name, value in rn.constants.items():
                 values.setdefault(name, [value])
+            for name, (src, slot) in rn.links.items():   # linked inputs the node does not declare
+                if name not in values and src in self.entries:
+                    values[name] = self.entries[src].outputs[slot]
         return values
 
     def _hidden(self, kind: str, nid: str) -> Any:
@@ -285,6 +302,35 @@ class _Run:
                 if nid in sub and nid not in self.entries:
                     self.run_node(nid)
             inputs = self._gather(rn)
+
+    def _expand(self, nid: str, exp: Expansion) -> tuple:
+        """Validate and run a node's expansion sub-graph now; its result values, each as a list."""
+        self._expansions += 1
+        prefix = f"{nid}.{self._expansions}."
+        sub = prefixed(exp.graph, prefix)
+        result = [[prefix + v[0], v[1]] if is_link(v) and v[0] in exp.graph else v for v in exp.result]
+        links = [v for v in result if is_link(v)]
+        sink = {"class_type": SINK, "inputs": {f"r{i}": v for i, v in enumerate(links)}}
+        known = {k: v for k, v in self.prompt.items() if k not in sub}
+        vr = validate_prompt({**known, **sub, prefix + SINK: sink},
+                             RegistryWithSink(self.ex.registry, sink_def(len(links))),  # type: ignore[arg-type]
+                             [prefix + SINK])
+        if not vr.ok:
+            errors = "; ".join(f"{n} ({e.get('class_type')}): {x.get('message')}: {x.get('details')}"
+                               for n, e in vr.node_errors.items() for x in e.get("errors", []))
+            raise ValueError(f"node expansion is invalid: {(vr.error or {}).get('message', '')} {errors}".strip())
+        new = [n for n in vr.order if n not in self.nodes and n != prefix + SINK]
+        for n in new:
+            self.nodes[n] = vr.nodes[n]
+            self.parents[n] = nid
+        self.keys.update({n: k for n, k in compute_keys(vr.nodes, [n for n in vr.order if n != prefix + SINK],
+                                                        uuid.uuid4().hex).items() if n not in self.keys})
+        self.order.extend(new)
+        plan = needed_nodes(self.nodes, [v[0] for v in links], lambda n: n in self.entries)
+        for n in [x for x in vr.order if x in plan and x not in self.entries]:
+            self.run_node(n)
+        self._current_node = nid
+        return tuple(_Listed(self.entries[v[0]].outputs[v[1]]) if is_link(v) else v for v in result)
 
     # ---- reporting ----------------------------------------------------------------------------------
     def _done(self) -> list[str]:
@@ -343,7 +389,11 @@ def _summary(value: Any) -> Any:
 
 # ---- calling a node over lists ------------------------------------------------------------------
 
-def _call_mapped(nd: NodeDef, inputs: dict[str, list]) -> tuple[list[list[Any]], dict | None]:
+class _Listed(list):
+    """An expanded node's output: already the whole list of values for its slot."""
+
+
+def _call_mapped(nd: NodeDef, inputs: dict[str, list], expand: Any = None) -> tuple[list[list[Any]], dict | None]:
     n_out = len(nd.outputs)
     if nd.input_is_list:
         calls = [dict(inputs)]
@@ -355,15 +405,36 @@ def _call_mapped(nd: NodeDef, inputs: dict[str, list]) -> tuple[list[list[Any]],
     slots: list[list[Any]] = [[] for _ in range(n_out)]
     ui: dict | None = None
     for kwargs in calls:
-        result, call_ui = _normalize(nd, nd.fn(**kwargs))
+        blocker = _blocker(kwargs)
+        if blocker is not None:
+            if blocker.message:
+                raise RuntimeError(blocker.message)
+            for k in range(n_out):
+                slots[k].append(blocker)
+            continue
+        ret = nd.fn(**kwargs)
+        if isinstance(ret, Expansion):
+            if expand is None:
+                raise TypeError(f"node {nd.name} returned a graph expansion where none can run")
+            ret = NodeOutput(expand(ret), None)
+        result, call_ui = _normalize(nd, ret)
         for k in range(n_out):
-            if nd.outputs[k].is_list:
+            if nd.outputs[k].is_list or isinstance(result[k], _Listed):
                 slots[k].extend(result[k])
             else:
                 slots[k].append(result[k])
         if call_ui is not None:
             ui = _merge_ui(ui, call_ui)
     return slots, ui
+
+
+def _blocker(kwargs: dict) -> ExecutionBlocker | None:
+    for value in kwargs.values():
+        if isinstance(value, ExecutionBlocker):
+            return value
+        if isinstance(value, list) and value and isinstance(value[0], ExecutionBlocker):
+            return value[0]
+    return None
 
 
 def _normalize(nd: NodeDef, ret: Any) -> tuple[tuple, dict | None]:

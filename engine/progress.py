@@ -21,6 +21,7 @@ class NodeContext:
     on_progress: Callable[[float, float, Any], None]
     node_type: str = ""
     emit: Callable[[Any], None] | None = None    # the run's event sink, for nodes that stream data to clients
+    extra_data: dict | None = None      # the prompt's extra_data (client_id, extra_pnginfo) for node code
 
 
 _current: contextvars.ContextVar[NodeContext | None] = contextvars.ContextVar("sdflow_node", default=None)

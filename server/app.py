@@ -17,7 +17,16 @@ from engine.config import RuntimeConfig
 from engine.registry import Registry
 from engine.store import Store
 
-from . import files, routes_check, routes_comfy_extras, routes_info, routes_prompt, routes_userdata, routes_workflows
+from . import (
+    files,
+    routes_check,
+    routes_comfy_extras,
+    routes_custom_nodes,
+    routes_info,
+    routes_prompt,
+    routes_userdata,
+    routes_workflows,
+)
 from .openapi import build_openapi
 from .routing import API_PREFIX, RouteDoc, Routes, json_response
 from .security import OriginPolicy, auth_middleware, error_middleware, host_origin_middleware, is_loopback_bind
@@ -30,7 +39,8 @@ log = logging.getLogger("sdflow.server")
 
 LOCK: web.AppKey[IO[str] | None] = web.AppKey("sdflow_data_dir_lock")
 ROUTE_TABLES: tuple[Routes, ...] = (routes_prompt.routes, routes_info.routes, files.routes, routes_workflows.routes,
-                                    routes_userdata.routes, routes_check.routes, routes_comfy_extras.routes)
+                                    routes_userdata.routes, routes_check.routes, routes_comfy_extras.routes,
+                                    routes_custom_nodes.routes)
 
 
 def create_app(config: RuntimeConfig, registry: Registry, catalog: Any = None, *,
@@ -64,6 +74,7 @@ def create_app(config: RuntimeConfig, registry: Registry, catalog: Any = None, *
 
     for table in ROUTE_TABLES:
         table.add_to(app)
+    routes_custom_nodes.bind_prompt_server(app, registry, hub)
     for prefix in ("", API_PREFIX):
         app.router.add_get(prefix + "/ws", hub.handle)
     openapi_doc = build_openapi(ROUTE_TABLES + (_openapi_routes(),), routes_info.sdflow_version())

@@ -49,6 +49,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="import MODULE and register every node declared in it (repeatable)")
     g.add_argument("--no-builtin-nodes", action="store_true",
                    help="do not load the built-in Stable Diffusion nodes or installed plugins")
+    g.add_argument("--custom-nodes", action="append", default=[], metavar="DIR",
+                   help="load ComfyUI custom-node packs from DIR (repeatable; default <data-dir>/custom_nodes, "
+                        "plus custom_nodes entries of extra_model_paths.yaml). Packs are arbitrary code")
+    g.add_argument("--disable-all-custom-nodes", action="store_true", help="load no custom-node packs")
 
 
 def make_config(args: argparse.Namespace) -> RuntimeConfig:
@@ -86,6 +90,8 @@ def build_registry(args: argparse.Namespace, config: RuntimeConfig) -> tuple[Reg
         from nodes import build_registry as build_sd_registry  # the SD domain, loaded only here
         registry, catalog = build_sd_registry(config)
         install_example_inputs(config.input_dir)
+        if not getattr(args, "disable_all_custom_nodes", False):
+            load_custom_node_packs(registry, catalog, getattr(args, "custom_nodes", []))
     for name in args.nodes_module:
         try:
             module = importlib.import_module(name)
@@ -95,6 +101,27 @@ def build_registry(args: argparse.Namespace, config: RuntimeConfig) -> tuple[Reg
         if not added:
             log.warning("--nodes-module %s declares no nodes", name)
     return registry, catalog
+
+
+def load_custom_node_packs(registry: Registry, catalog: Any, given: Sequence[str]) -> None:
+    """ComfyUI custom-node packs into `registry`, with the import report on stderr (and kept for the server)."""
+    from nodes.comfy_compat import custom_node_folders, load_custom_nodes
+
+    folders = custom_node_folders(catalog.folders, given)
+    packs = load_custom_nodes(registry, folders)
+    registry.custom_packs = packs  # type: ignore[attr-defined]
+    if packs:   # Ray workers load the same packs from the same folders
+        registry.custom_node_dirs = [str(p.resolve()) for p in folders]  # type: ignore[attr-defined]
+    if packs:
+        print("custom nodes:", file=sys.stderr)
+    for pack in packs:
+        if pack.ok:
+            print(f"  {pack.seconds:6.2f}s  {pack.name}: {len(pack.nodes)} node(s)", file=sys.stderr)
+        else:
+            print(f"  {pack.seconds:6.2f}s  {pack.name}: IMPORT FAILED: {pack.error}", file=sys.stderr)
+        for skipped in pack.skipped:
+            print(f"           {pack.name}: skipped {skipped}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 EXAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "workflows" / "inputs"
@@ -197,7 +224,8 @@ def _ray_backend(args: argparse.Namespace, config: RuntimeConfig, registry: Regi
 
     if args.workers is not None and args.workers < 1:
         raise SystemExit("--workers must be at least 1")
-    spec = WorkerSpec.from_config(config, builtin_nodes=not args.no_builtin_nodes, node_modules=args.nodes_module)
+    spec = WorkerSpec.from_config(config, builtin_nodes=not args.no_builtin_nodes, node_modules=args.nodes_module,
+                                  custom_nodes=getattr(registry, "custom_node_dirs", None))
     try:
         cluster = RayCluster(spec, address=args.ray_address, workers=args.workers, data_dir=config.data_dir)
     except RayBackendError as exc:

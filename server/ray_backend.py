@@ -81,14 +81,17 @@ class WorkerSpec:
     builtin_nodes: bool = True
     node_modules: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    custom_nodes: list[str] = field(default_factory=list)   # the custom-node folders the head loaded packs from
 
     @classmethod
     def from_config(cls, config: RuntimeConfig, *, builtin_nodes: bool = True,
-                    node_modules: list[str] | None = None, env: dict[str, str] | None = None) -> WorkerSpec:
+                    node_modules: list[str] | None = None, env: dict[str, str] | None = None,
+                    custom_nodes: list[str] | None = None) -> WorkerSpec:
         return cls(models_dir=str(Path(str(config.models_dir)).resolve()),
                    extra_model_paths=[str(Path(p).resolve()) for p in config.extra_model_paths],
                    cache_budget_bytes=config.cache_budget_bytes, preview_method=config.preview_method,
-                   builtin_nodes=builtin_nodes, node_modules=list(node_modules or []), env=dict(env or {}))
+                   builtin_nodes=builtin_nodes, node_modules=list(node_modules or []), env=dict(env or {}),
+                   custom_nodes=list(custom_nodes or []))
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

@@ -63,7 +63,9 @@ class ExecutorWorker:
 
         from .cli import build_registry
         args = argparse.Namespace(no_builtin_nodes=not spec.get("builtin_nodes", True),
-                                  nodes_module=list(spec.get("node_modules", [])))
+                                  nodes_module=list(spec.get("node_modules", [])),
+                                  custom_nodes=list(spec.get("custom_nodes", [])),
+                                  disable_all_custom_nodes=not spec.get("custom_nodes"))
         try:
             registry, _ = build_registry(args, self.config)
         except SystemExit as exc:   # the CLI helper exits on a bad module; here it is a start failure

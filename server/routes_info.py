@@ -120,6 +120,7 @@ async def features(request: web.Request) -> web.Response:
     return json_response(request.app[STATE].features)
 
 
-@routes.get("/extensions", "Frontend extension scripts (none: sdflow's editor has no script plugins)")
+@routes.get("/extensions", "Frontend extension scripts: the JS files of custom-node packs' WEB_DIRECTORY")
 async def extensions(request: web.Request) -> web.Response:
-    return json_response([])
+    from .routes_custom_nodes import extension_scripts, loaded_packs
+    return json_response(extension_scripts(loaded_packs(request.app[STATE].registry)))

@@ -147,6 +147,15 @@ class ModelFolders:
                 folder.paths.append(path)
             self._listings.pop(key, None)
 
+    def set_folder(self, key: str, paths: Iterable[str | os.PathLike], extensions: Iterable[str]) -> None:
+        """Replace a folder's directories and extensions (a custom-node pack assigning
+        `folder_paths.folder_names_and_paths[key]`)."""
+        key = canonical_key(key)
+        with self._lock:
+            self._folders[key] = _Folder([Path(os.path.normpath(os.fspath(p))) for p in paths],
+                                         frozenset(e.lower() for e in extensions))
+            self._listings.pop(key, None)
+
     def add_extra_paths_yaml(self, yaml_path: str | os.PathLike) -> None:
         """Read an extra_model_paths.yaml (ComfyUI semantics):
 
