@@ -276,7 +276,8 @@ def load_text_encoder_file(path: str | Path, expect: str | None = None, *, dtype
     if kind is None:
         raise ModelFileError(path, "not a CLIP-L, CLIP-G or T5-XXL text encoder file")
     if expect is not None and kind != expect:
-        raise ModelFileError(path, f"expected a {ENCODER_NAMES[expect]} text encoder, the file holds {ENCODER_NAMES[kind]}")
+        raise ModelFileError(
+            path, f"expected a {ENCODER_NAMES[expect]} text encoder, the file holds {ENCODER_NAMES[kind]}")
     bad = sorted({str(v.dtype) for v in sd.values() if not v.is_floating_point() and v.ndim > 1})
     if bad:
         raise ModelFileError(path, f"{ENCODER_NAMES[kind]} weights stored as {', '.join(bad)}; expected float "
@@ -324,7 +325,9 @@ def load_sd3_checkpoint(
     mmdit = _strip(sd, MMDIT_PREFIX) if any(k.startswith(MMDIT_PREFIX) for k in sd) else dict(sd)
     try:
         cfg = infer_transformer_config(mmdit)
-        transformer = _build_transformer(cfg, transformer_from_original(mmdit), dtype, path) if load_transformer else None
+        transformer = None
+        if load_transformer:
+            transformer = _build_transformer(cfg, transformer_from_original(mmdit), dtype, path)
         del mmdit
         vae = None
         if load_vae:
@@ -337,7 +340,8 @@ def load_sd3_checkpoint(
             for kind, prefix in ENCODER_PREFIXES.items():
                 part = _strip(sd, prefix)
                 if part:
-                    encoders[kind] = build_t5(part, dtype, path) if kind == "t5" else build_clip(part, kind, dtype, path)
+                    encoders[kind] = (build_t5(part, dtype, path) if kind == "t5"
+                                      else build_clip(part, kind, dtype, path))
             missing = [ENCODER_NAMES[k] for k in ("l", "g") if k not in encoders]
             if require_clip and missing:
                 raise ModelFileError(

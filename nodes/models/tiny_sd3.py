@@ -33,7 +33,8 @@ def tiny_t5_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
-    pieces = ["<pad>", "</s>", "<unk>"] + ["\u2581" + w for w in WORDS] + ["\u2581"] + list("abcdefghijklmnopqrstuvwxyz,.!")
+    pieces = ["<pad>", "</s>", "<unk>"] + ["\u2581" + w for w in WORDS] + ["\u2581"]
+    pieces += list("abcdefghijklmnopqrstuvwxyz,.!")
     vocab = [(p, 0.0 if i < 3 else -float(i)) for i, p in enumerate(pieces)]
     tok = Tokenizer(models.Unigram(vocab, unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
