@@ -63,6 +63,16 @@ def is_sd3(sd: Mapping[str, Any]) -> bool:
     return any(p + "joint_blocks.0.x_block.attn.qkv.weight" in sd for p in (MMDIT_PREFIX, ""))
 
 
+def is_sd3_file(path: str | Path) -> bool:
+    """Whether a .safetensors file holds an SD3 MMDiT (read from its header only)."""
+    from .state_dict import _read_safetensors_header
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    return is_sd3(_read_safetensors_header(path))
+
+
 def _indices(keys, pattern: str) -> set[int]:
     rx = re.compile(pattern)
     return {int(m.group(1)) for k in keys if (m := rx.match(k))}

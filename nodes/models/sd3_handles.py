@@ -12,6 +12,7 @@ tokens for T5 (truncated at 77, as ComfyUI pads it to 77).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,6 +73,11 @@ class SD3ModelHandle(DiffusionModelHandle):
 
         context, pooled = prep(cond["context"]), prep(cond["pooled"])
         want = int(getattr(tr.config, "joint_attention_dim", 0))
+        # Without T5 the embedding is CLIP padded with zeros to T5-XXL's 4096: only the padding may differ.
+        if context.shape[-1] < want:
+            context = torch.nn.functional.pad(context, (0, want - context.shape[-1]))
+        elif context.shape[-1] > want and not bool(context[..., want:].any()):
+            context = context[..., :want]
         if context.shape[-1] != want:
             raise ValueError(f"conditioning width {context.shape[-1]} does not fit this SD3 model ({want}): "
                              "encode the prompt with the matching SD3 text encoders")
@@ -185,3 +191,25 @@ def _t5_chunk(ids: list[int]):
     from .text_encoder import TokenChunk
 
     return TokenChunk(list(ids), [1.0] * len(ids))
+
+
+T5_TOKENIZER_DIR = Path(__file__).parent / "tokenizer" / "t5"
+
+
+def t5_tokenizer_for(t5: nn.Module) -> Any:
+    """The tokenizer of a T5 encoder: the shipped T5 (SentencePiece) vocabulary, or the tiny test
+    vocabulary for the tiny random-weight encoders (told apart by their vocabulary size)."""
+    from .tiny_sd3 import tiny_t5_tokenizer
+
+    vocab = int(getattr(t5.config, "vocab_size", 0))
+    tiny = tiny_t5_tokenizer()
+    if vocab == len(tiny):
+        return tiny
+    from transformers import T5Tokenizer
+
+    for name, kwargs in (("tokenizer.json", "tokenizer_file"), ("spiece.model", "vocab_file")):
+        path = T5_TOKENIZER_DIR / name
+        if path.is_file():
+            return T5Tokenizer(**{kwargs: str(path)}, extra_ids=100, model_max_length=512)
+    raise RuntimeError(f"the T5 tokenizer data is not installed (expected {T5_TOKENIZER_DIR}/spiece.model or "
+                       "tokenizer.json); T5-XXL prompts cannot be tokenized")

@@ -29,9 +29,9 @@ WORDS = ("a photo of cat dog red blue green house tree sky sunset mountain river
 
 
 def tiny_t5_tokenizer():
-    """A T5TokenizerFast over a small unigram vocabulary (T5's special ids, EOS appended)."""
+    """A T5Tokenizer over a small unigram vocabulary (T5's special ids, EOS appended)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
+    from transformers import T5Tokenizer
 
     pieces = ["<pad>", "</s>", "<unk>"] + ["\u2581" + w for w in WORDS] + ["\u2581"]
     pieces += list("abcdefghijklmnopqrstuvwxyz,.!")
@@ -41,7 +41,7 @@ def tiny_t5_tokenizer():
     tok.decoder = decoders.Metaspace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+    return T5Tokenizer(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
                            extra_ids=0, model_max_length=512)
 
 
