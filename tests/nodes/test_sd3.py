@@ -142,3 +142,26 @@ def test_txt2img_matches_the_diffusers_pipeline(files, sd35):
                latents=noise.clone(), height=64, width=64, max_sequence_length=77, output_type="np").images[0]
     assert ours.shape == ref.shape == (64, 64, 3) and float(ours.std()) > 0.01
     assert float(np.abs(ours - ref).max()) <= 1 / 255
+
+
+def test_ksampler_runs_every_sampler_family_over_flow_sigmas_with_16_channel_previews(files):
+    """KSampler's samplers and schedulers on the flow schedule; previews of the 16-channel x0."""
+    from nodes.sampling.preview import latent_to_rgb_tensor
+
+    ck = sd3.load_sd3_checkpoint(files["sd35"])
+    model, clip, _ = _sdflow(ck, tiny_t5_tokenizer())
+    pos, neg = clip.encode_text("a red house"), clip.encode_text("")
+    latent = torch.zeros(1, 16, 8, 8)
+    previews = []
+    results = {}
+    for sampler, scheduler in (("euler", "simple"), ("dpmpp_2m", "sgm_uniform"), ("euler_ancestral", "normal"),
+                               ("uni_pc", "beta"), ("dpmpp_2m_sde", "karras"), ("heun", "exponential")):
+        out = sample(model.apply, model.sampling_schedule(), noise=prepare_noise(latent, 3), latent_image=latent,
+                     positive=pos, negative=neg, cfg=3.0, sampler_name=sampler, scheduler=scheduler, steps=3, seed=3,
+                     callback=lambda i, n, x0: previews.append(latent_to_rgb_tensor(x0, "sd3")))
+        assert torch.isfinite(out).all() and out.shape == latent.shape, (sampler, scheduler)
+        results[sampler] = out
+    assert previews and all(p.shape == (8, 8, 3) for p in previews)
+    assert not torch.equal(results["euler"], results["dpmpp_2m"])
+    # the flow schedule starts from pure noise: sigma_max is 1
+    assert float(model.sampling_schedule().sigma_max) == pytest.approx(1.0)
