@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import torch
 
@@ -18,7 +18,7 @@ from engine.node import node
 
 from .models.memory import default_device
 from .models.sd3 import ENCODER_NAMES, load_sd3_checkpoint, load_text_encoder_file
-from .models.sd3_handles import SD3ClipHandle, SD3ModelHandle, t5_tokenizer_for
+from .models.sd3_handles import SD3ClipHandle, SD3ModelHandle, SkipLayerGuidance, t5_tokenizer_for
 from .models.tokenizer import load_tokenizer
 from .models.vae import VaeHandle
 from .runtime import model_file_exists, model_files, runtime
@@ -188,3 +188,26 @@ def model_sampling_sd3(model: Model, shift: Annotated[float, Float(3.0, min=0.0,
     from .sampling.model_sampling import FlowSchedule
 
     return model.with_model_sampling(FlowSchedule(shift=shift))
+
+
+@node("SkipLayerGuidanceSD3", category="advanced/guidance")
+def skip_layer_guidance_sd3(model: Model,
+                            layers: Annotated[str, String("7, 8, 9", multiline=False)],
+                            scale: Annotated[float, Float(3.0, min=0.0, max=10.0, step=0.1)],
+                            start_percent: Annotated[float, Float(0.01, min=0.0, max=1.0, step=0.001)],
+                            end_percent: Annotated[float, Float(0.15, min=0.0, max=1.0, step=0.001)]) -> Model:
+    """Generic version of SkipLayerGuidance node that can be used on every DiT model (sdflow: SD3 / SD3.5)."""
+    if not isinstance(model, SD3ModelHandle):
+        raise ValueError("SkipLayerGuidanceSD3: input 'model' must be an SD3 / SD3.5 model")
+    try:
+        idx = [int(p) for p in layers.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise ValueError(f"SkipLayerGuidanceSD3: input 'layers' must be comma-separated block numbers, got {layers!r}"
+                         ) from None
+    # Numbers past the model's last block skip nothing (as in ComfyUI, where they patch no block).
+    schedule = model.sampling_schedule()
+    slg = SkipLayerGuidance(idx, scale, schedule.percent_to_sigma(start_percent),
+                            schedule.percent_to_sigma(end_percent))
+    twin = cast(SD3ModelHandle, model.with_patches(cfg_function=slg.cfg_function))
+    twin.skip_layer_guidance = slg
+    return twin

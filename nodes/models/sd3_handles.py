@@ -84,12 +84,16 @@ class SD3ModelHandle(DiffusionModelHandle):
         t = torch.as_tensor(timestep, device=device, dtype=torch.float32)
         if t.ndim == 0:
             t = t.expand(batch)
-        kwargs: dict[str, Any] = {}
-        if cond.get("skip_layers"):
-            kwargs["skip_layers"] = list(cond["skip_layers"])
-        out = tr(hidden_states=x_in.to(device=device, dtype=dtype), timestep=t, encoder_hidden_states=context,
-                 pooled_projections=pooled, return_dict=False, **kwargs)[0]
+        x = x_in.to(device=device, dtype=dtype)
+        out = tr(hidden_states=x, timestep=t, encoder_hidden_states=context, pooled_projections=pooled,
+                 return_dict=False)[0]
+        slg = self.skip_layer_guidance
+        if slg is not None:
+            slg.observe(self, x, t, context, pooled, out, cond)
         return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))
+
+    # A SkipLayerGuidance set by SkipLayerGuidanceSD3 on a clone; None = off.
+    skip_layer_guidance: Any = None
 
 
 class SD3ClipHandle(ResidentMixin):
@@ -185,6 +189,51 @@ class SD3ClipHandle(ResidentMixin):
         with torch.no_grad():
             out = t5(input_ids=ids).last_hidden_state
         return out.float().to(self.output_device)
+
+
+class SkipLayerGuidance:
+    """Skip-layer guidance (SD3.5): between two sigmas, the positive prediction is also computed with
+    some joint blocks skipped, and the guided result moves away from it:
+    ``cfg_result + (cond - cond_skipped) * scale`` (denoised estimates).
+
+    `observe` runs inside the model call of the positive rows and keeps the difference for the same
+    thread's CFG step (`cfg_function`); several positive entries contribute their mean difference."""
+
+    def __init__(self, layers: list[int], scale: float, sigma_start: float, sigma_end: float) -> None:
+        import threading
+
+        self.layers, self.scale = list(layers), float(scale)
+        self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
+        self._local = threading.local()
+
+    def active(self, sigma: float) -> bool:
+        return bool(self.layers) and self.scale != 0 and self.sigma_end <= sigma <= self.sigma_start
+
+    def observe(self, handle: SD3ModelHandle, x, t, context, pooled, out, cond: Mapping[str, Any]) -> None:
+        sig = cond.get("sigma")
+        flags = list(cond.get("cond_or_uncond") or [])
+        if sig is None or not flags or not self.active(float(torch.as_tensor(sig).max())):
+            return
+        per = x.shape[0] // len(flags)
+        rows = [r for k, f in enumerate(flags) if f == 0 for r in range(k * per, (k + 1) * per)]
+        if not rows:
+            return
+        idx = torch.tensor(rows, device=x.device)
+        skipped = handle.unet(hidden_states=x[idx], timestep=t[idx], encoder_hidden_states=context[idx],
+                              pooled_projections=pooled[idx], skip_layers=self.layers, return_dict=False)[0]
+        s = torch.as_tensor(sig, device=x.device, dtype=torch.float32)[idx].view(-1, 1, 1, 1)
+        # denoised = x - v * sigma, so cond - cond_skipped = sigma * (v_skipped - v)
+        diff = (s * (skipped.float() - out[idx].float())).reshape(-1, per, *x.shape[1:]).mean(0)
+        self._local.diff = diff
+
+    def cfg_function(self, cond: torch.Tensor, uncond: torch.Tensor, cfg: float, x: torch.Tensor,
+                     sigma: torch.Tensor) -> torch.Tensor:
+        result = uncond + (cond - uncond) * cfg
+        diff = getattr(self._local, "diff", None)
+        self._local.diff = None
+        if diff is None or not self.active(float(torch.as_tensor(sigma).max())):
+            return result
+        return result + diff.to(result) * self.scale
 
 
 def _t5_chunk(ids: list[int]):

@@ -1,7 +1,7 @@
 """Real-shaped SD3 / SD3.5 workflows (the shapes of ComfyUI's templates and examples, API format, in
 tests/compat/data/sd3): SD3 Medium with the encoders inside the checkpoint and the zeroed-negative
 timestep split, SD3.5 Large with TripleCLIPLoader, Large Turbo (4 steps, cfg 1), SD3.5 Medium with
-CLIPTextEncodeSD3 over a DualCLIPLoader (no T5).
+CLIPTextEncodeSD3 over a DualCLIPLoader (no T5), SD3.5 Medium with SkipLayerGuidanceSD3.
 
 Every model is installed under the name the workflow uses, as a tiny random-weight model built with the
 real classes in the real file layout; the graphs run unchanged except for smaller latents and fewer steps."""
@@ -21,7 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 DATA = Path(__file__).parent / "data" / "sd3"
-WORKFLOWS = ["sd3_medium_incl_clips", "sd35_large_triple_clip", "sd35_large_turbo", "sd35_medium_clip_text_encode_sd3"]
+WORKFLOWS = ["sd3_medium_incl_clips", "sd35_large_triple_clip", "sd35_large_turbo", "sd35_medium_clip_text_encode_sd3",
+             "sd35_medium_skip_layer_guidance"]
 
 
 def _install_models(models: Path) -> None:

@@ -165,3 +165,47 @@ def test_ksampler_runs_every_sampler_family_over_flow_sigmas_with_16_channel_pre
     assert not torch.equal(results["euler"], results["dpmpp_2m"])
     # the flow schedule starts from pure noise: sigma_max is 1
     assert float(model.sampling_schedule().sigma_max) == pytest.approx(1.0)
+
+
+def test_skip_layer_guidance_matches_its_definition(files):
+    """SkipLayerGuidanceSD3: inside its sigma window the result is cfg + (cond - cond_skipped) * scale;
+    outside it, plain CFG."""
+    from nodes.sd3_nodes import skip_layer_guidance_sd3
+
+    ck = sd3.load_sd3_checkpoint(files["sd35"])
+    model, clip, _ = _sdflow(ck, tiny_t5_tokenizer())
+    pos, neg = clip.encode_text("a red house"), clip.encode_text("")
+    latent = torch.zeros(1, 16, 8, 8)
+    noise = prepare_noise(latent, 5)
+    sigmas = torch.tensor([1.0, 0.5, 0.0])
+    slg = skip_layer_guidance_sd3(model, "1", 3.0, 0.4, 1.0)  # the second step only (sigma 0.5)
+    assert slg.skip_layer_guidance.active(0.5) and not slg.skip_layer_guidance.active(1.0)
+
+    def run(m):
+        return sample(m.apply, m.sampling_schedule(), noise=noise, latent_image=latent, positive=pos, negative=neg,
+                      cfg=2.0, sampler_name="euler", scheduler="simple", steps=2, seed=5, sigmas=sigmas,
+                      patches=dict(m.sampling_patches))
+
+    plain, guided = run(model), run(slg)
+    # by hand: euler from sigma 1 to 0.5 is unguided by SLG; the last step adds the SLG term
+    ctx = {k: torch.cat([p[0][0], n[0][0]]) for k, p, n in [("c", pos, neg)]}["c"]
+    pooled = torch.cat([pos[0][1]["pooled_output"], neg[0][1]["pooled_output"]])
+    tr = ck.transformer
+
+    def v(x, s, skip=None):
+        kw = {"skip_layers": skip} if skip else {}
+        return tr(hidden_states=x.repeat(2, 1, 1, 1), timestep=torch.full((2,), s * 1000.0),
+                  encoder_hidden_states=ctx, pooled_projections=pooled, **kw).sample
+
+    x = noise.clone()
+    for s, s_next in ((1.0, 0.5), (0.5, 0.0)):
+        out = v(x, s)
+        den_c, den_u = x - out[:1] * s, x - out[1:] * s
+        den = den_u + (den_c - den_u) * 2.0
+        if s == 0.5:
+            skipped = tr(hidden_states=x, timestep=torch.full((1,), 500.0), encoder_hidden_states=ctx[:1],
+                         pooled_projections=pooled[:1], skip_layers=[1]).sample
+            den = den + (den_c - (x - skipped * s)) * 3.0
+        x = x + (x - den) / s * (s_next - s)
+    torch.testing.assert_close(guided, x, rtol=0, atol=1e-4)
+    assert float((guided - plain).abs().max()) > 1e-3
