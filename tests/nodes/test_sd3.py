@@ -209,3 +209,12 @@ def test_skip_layer_guidance_matches_its_definition(files):
         x = x + (x - den) / s * (s_next - s)
     torch.testing.assert_close(guided, x, rtol=0, atol=1e-4)
     assert float((guided - plain).abs().max()) > 1e-3
+
+
+def test_t5_file_of_the_wrong_dtype_is_named_with_what_was_expected(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {k: (v * 100).to(torch.int8) for k, v in sd3.encoder_state_dict("t5", tiny_sd3_models()["t5"]).items()}
+    save_file(sd, str(tmp_path / "t5xxl_int8.safetensors"))
+    with pytest.raises(ModelFileError, match=r"t5xxl weights stored as torch.int8; expected float"):
+        sd3.load_text_encoder_file(tmp_path / "t5xxl_int8.safetensors", expect="t5")
