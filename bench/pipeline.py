@@ -17,7 +17,12 @@ sdflow's per-step latent previews are on (as for a user with a browser open).
 Prints the median wall time per run for each side, the ratio sdflow/diffusers (target <= 1.05), the
 median time per sampler step, each child's peak RSS, and how far the two sides' PNGs differ.
 
-Run: .venv/bin/python bench/pipeline.py [--arch sd1|sd2|sdxl] [--size 256] [--steps 20] [--repeats 7]
+SD3 family (--arch sd3, --arch sd35 for MMDiT-X): a tiny SD3 single file with its three text encoders;
+sdflow runs the same graph with EmptySD3LatentImage and KSampler euler/simple on the flow schedule (shift
+3), diffusers runs StableDiffusion3Pipeline with FlowMatchEulerDiscreteScheduler given the same
+(unshifted) sigmas, T5 at 77 tokens as sdflow encodes it.
+
+Run: .venv/bin/python bench/pipeline.py [--arch sd1|sd2|sdxl|sd3|sd35] [--size 256] [--steps 20] [--repeats 7]
 """
 from __future__ import annotations
 
@@ -42,9 +47,23 @@ NEGATIVE = "text, watermark"
 BASE_SEED = 156680208700286
 
 
-def load_workflow() -> dict:
-    """The txt2img example in API format (workflows/txt2img_api.json; txt2img.json is the UI format)."""
-    return json.loads((ROOT / "workflows" / "txt2img_api.json").read_text())
+SD3_ARCHES = ("sd3", "sd35")
+
+
+def load_workflow(arch: str = "sd1") -> dict:
+    """The txt2img example in API format (workflows/txt2img_api.json; txt2img.json is the UI format);
+    for SD3 the same graph with the 16-channel EmptySD3LatentImage."""
+    wf = json.loads((ROOT / "workflows" / "txt2img_api.json").read_text())
+    if arch in SD3_ARCHES:
+        wf["5"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}}
+    return wf
+
+
+def sd3_unshifted_sigmas(steps: int) -> list[float]:
+    """KSampler's "simple" schedule on the flow table, before the time shift (what the diffusers
+    scheduler takes: it applies the shift itself)."""
+    stride = 1000 / steps
+    return [(1000 - int(i * stride)) / 1000 for i in range(steps)]
 
 
 def peak_rss_mib() -> float:
@@ -66,7 +85,7 @@ class SdflowSide:
         self.cfg = RuntimeConfig(data_dir=data_dir)
         registry, _ = nodes.build_registry(self.cfg, plugins=False)
         self.executor = Executor(registry)
-        self.workflow = load_workflow()
+        self.workflow = load_workflow(args.arch)
         self.args = args
 
     def prompt(self, run: int) -> dict:
@@ -75,7 +94,7 @@ class SdflowSide:
         wf["5"]["inputs"].update(width=self.args.size, height=self.args.size)
         ks = wf["3"]["inputs"]
         ks.update(seed=BASE_SEED + run, steps=self.args.steps, cfg=self.args.cfg, sampler_name="euler",
-                  scheduler="normal")
+                  scheduler="simple" if self.args.arch in SD3_ARCHES else "normal")
         wf["6"]["inputs"]["text"] = prompt_for(self.workflow["6"]["inputs"]["text"], run)
         wf["7"]["inputs"]["text"] = NEGATIVE
         wf["9"]["inputs"]["filename_prefix"] = f"bench_{run}"
@@ -107,6 +126,14 @@ class DiffusersSide:
 
         from nodes.models.checkpoint import load_checkpoint
 
+        self.torch = torch
+        self.args = args
+        self.base_prompt = load_workflow()["6"]["inputs"]["text"]
+        self.out_dir = data_dir / "diffusers_out"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if args.arch in SD3_ARCHES:
+            self._sd3_pipeline(data_dir)
+            return
         ckpt = load_checkpoint(data_dir / "models" / "checkpoints" / CKPT_NAME)
         scheduler = EulerDiscreteScheduler.from_config(ckpt.scheduler_config, timestep_spacing="linspace")
         common = dict(vae=ckpt.vae, unet=ckpt.unet, scheduler=scheduler)
@@ -121,13 +148,25 @@ class DiffusersSide:
             self.pipe = StableDiffusionPipeline(text_encoder=text_encoder, tokenizer=tokenizer, safety_checker=None,
                                                 feature_extractor=None, requires_safety_checker=False, **common)
         self.pipe.set_progress_bar_config(disable=True)
-        self.base_prompt = load_workflow()["6"]["inputs"]["text"]
-        self.out_dir = data_dir / "diffusers_out"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.args = args
-        self.torch = torch
+
+    def _sd3_pipeline(self, data_dir: Path) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+        from nodes.models.sd3 import load_sd3_checkpoint
+        from nodes.models.sd3_handles import t5_tokenizer_for
+        from nodes.models.tokenizer import load_tokenizer
+
+        ckpt = load_sd3_checkpoint(data_dir / "models" / "checkpoints" / CKPT_NAME)
+        enc = ckpt.text_encoders
+        self.pipe = StableDiffusion3Pipeline(
+            transformer=ckpt.transformer, vae=ckpt.vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            text_encoder=enc["l"], tokenizer=load_tokenizer("l"), text_encoder_2=enc["g"],
+            tokenizer_2=load_tokenizer("g"), text_encoder_3=enc["t5"], tokenizer_3=t5_tokenizer_for(enc["t5"]))
+        self.pipe.set_progress_bar_config(disable=True)
 
     def run(self, run: int) -> dict:
+        if self.args.arch in SD3_ARCHES:
+            return self._run_sd3(run)
         torch = self.torch
         seed = BASE_SEED + run
         stamps: list[float] = []
@@ -152,6 +191,30 @@ class DiffusersSide:
                               height=self.args.size, width=self.args.size, latents=latents,
                               generator=torch.Generator().manual_seed(seed), output_type="pil",
                               callback_on_step_end=on_step).images[0]
+        png = self.out_dir / f"bench_{run}.png"
+        image.save(png, compress_level=4)
+        total = time.perf_counter() - t0
+        return {"total_s": total, "step_s": [b - a for a, b in zip(stamps, stamps[1:])], "png": str(png)}
+
+
+    def _run_sd3(self, run: int) -> dict:
+        torch = self.torch
+        seed = BASE_SEED + run
+        stamps: list[float] = []
+
+        def on_step(pipe, i, t, kwargs):
+            stamps.append(time.perf_counter())
+            return kwargs
+
+        t0 = time.perf_counter()
+        # KSampler's noise (CPU generator, seed); at sigma 1 the flow start point is the noise itself.
+        latent_hw = self.args.size // 8
+        noise = torch.randn((1, 16, latent_hw, latent_hw), generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            image = self.pipe(prompt_for(self.base_prompt, run), negative_prompt=NEGATIVE,
+                              sigmas=sd3_unshifted_sigmas(self.args.steps), guidance_scale=self.args.cfg,
+                              height=self.args.size, width=self.args.size, latents=noise, max_sequence_length=77,
+                              output_type="pil", callback_on_step_end=on_step).images[0]
         png = self.out_dir / f"bench_{run}.png"
         image.save(png, compress_level=4)
         total = time.perf_counter() - t0
@@ -214,14 +277,18 @@ def png_diff(a: str, b: str) -> int:
 
 def parent_main(args: argparse.Namespace) -> None:
     from nodes.models.tiny import write_tiny_checkpoint
+    from nodes.models.tiny_sd3 import write_tiny_sd3_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="sdflow-bench-") as tmp:
         data_dir = Path(tmp)
-        write_tiny_checkpoint(data_dir / "models" / "checkpoints" / CKPT_NAME, args.arch)
+        if args.arch in SD3_ARCHES:
+            write_tiny_sd3_checkpoint(data_dir / "models" / "checkpoints" / CKPT_NAME, sd35=args.arch == "sd35")
+        else:
+            write_tiny_checkpoint(data_dir / "models" / "checkpoints" / CKPT_NAME, args.arch)
         argv = ["--arch", args.arch, "--size", str(args.size), "--steps", str(args.steps), "--cfg", str(args.cfg),
                 "--data-dir", str(data_dir)]
         print(f"tiny {args.arch} checkpoint (random weights), {args.size}x{args.size}, "
-              f"{args.steps} steps euler/normal, "
+              f"{args.steps} steps euler/{'simple (flow)' if args.arch in SD3_ARCHES else 'normal'}, "
               f"cfg {args.cfg}, {args.repeats} timed runs per side (alternating), model load excluded")
         sides = {name: Child(name, argv) for name in ("sdflow", "diffusers")}
         results: dict[str, list[dict]] = {name: [] for name in sides}
@@ -252,7 +319,7 @@ def parent_main(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], default="sd1")
+    ap.add_argument("--arch", choices=["sd1", "sd2", "sdxl", *SD3_ARCHES], default="sd1")
     ap.add_argument("--size", type=int, default=256, help="image width and height in pixels (multiple of 8)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=8.0)

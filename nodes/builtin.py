@@ -17,13 +17,14 @@ from . import (
     model_patches,
     primitives,
     sampler_nodes,
+    sd3_nodes,
     strings,
     upscale,
 )
 from .runtime import configure
 
 MODULES = (loaders, conditioning, latent, sampler_nodes, image, lora, controlnet, upscale,
-           custom_sampling, model_patches, instructpix2pix, mask, primitives, strings)
+           custom_sampling, model_patches, instructpix2pix, mask, primitives, strings, sd3_nodes)
 
 
 class ModelCatalog:

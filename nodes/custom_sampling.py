@@ -32,7 +32,7 @@ from .sampling.schedulers import (
 from .types import Conditioning, Guider, Latent, Model, Noise, Sampler, Sigmas
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-_PREVIEW_ARCH = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl"}
+_PREVIEW_ARCH = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sd3": "sd3"}
 # ComfyUI's default sigma range for the model-free schedulers: SD1's table ends
 SIGMA_MAX, SIGMA_MIN = 14.614642, 0.0291675
 

@@ -14,6 +14,7 @@ from engine.node import node
 from .models.checkpoint import load_checkpoint, load_diffusers_folder, load_vae_file
 from .models.diffusion_model import DiffusionModelHandle
 from .models.memory import compute_dtype, default_device
+from .models.sd3 import is_sd3_file
 from .models.text_encoder import ClipHandle
 from .models.vae import VaeHandle
 from .runtime import model_file_exists, model_file_fingerprint, model_files, runtime
@@ -41,7 +42,11 @@ def checkpoint_loader_simple(
 ) -> tuple[Model, Clip, Vae]:
     """Loads a diffusion model checkpoint; diffusion models denoise latents."""
     rt = runtime()
-    ckpt = load_checkpoint(rt.folders.require("checkpoints", ckpt_name), **_dtypes())
+    path = rt.folders.require("checkpoints", ckpt_name)
+    if is_sd3_file(path):
+        from .sd3_nodes import load_sd3_handles
+        return load_sd3_handles(path, ckpt_name, _dtypes(), rt.folders.paths("embeddings"))
+    ckpt = load_checkpoint(path, **_dtypes())
     return _handles(ckpt, rt.folders.paths("embeddings"))
 
 

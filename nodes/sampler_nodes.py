@@ -24,7 +24,7 @@ from .sampling.sample import prepare_noise, sample
 from .types import Conditioning, Latent, Model
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-_PREVIEW_ARCH = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sdxl_refiner": "sdxl"}
+_PREVIEW_ARCH = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sdxl_refiner": "sdxl", "sd3": "sd3"}
 
 
 def patched_guider(model) -> Any:

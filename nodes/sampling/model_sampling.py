@@ -289,3 +289,58 @@ class ContinuousEDMSchedule(DiscreteSchedule):
         s = _bcast(sigma, model_output)
         sd2 = self.sigma_data**2
         return x * sd2 / (s * s + sd2) + model_output * s * self.sigma_data / (s * s + sd2) ** 0.5
+
+
+def flow_shift(shift: float, t: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow time shift: t -> shift*t / (1 + (shift-1)*t) (SD3's resolution-dependent shift)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class FlowSchedule(DiscreteSchedule):
+    """Discrete rectified flow (SD3/SD3.5; ComfyUI's ModelSamplingDiscreteFlow + CONST).
+
+    ``x_sigma = sigma * noise + (1 - sigma) * x0`` with sigma in (0, 1]; the model predicts the
+    velocity ``noise - x0`` at timestep ``sigma * multiplier``. The table holds sigma at
+    timesteps 1..N, so every KSampler scheduler reads it as it reads the discrete one.
+    """
+
+    def __init__(self, shift: float = 3.0, multiplier: float = 1000.0, timesteps: int = 1000) -> None:
+        self.prediction_type = "flow"
+        self.beta_schedule = "flow"
+        self.sigma_data = 1.0
+        self.zsnr = False
+        self.shift = float(shift)
+        self.multiplier = float(multiplier)
+        ts = torch.arange(1, timesteps + 1, dtype=torch.float64)
+        self._set_sigmas(flow_shift(self.shift, ts / self.multiplier))
+
+    def timestep(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        s = torch.as_tensor(sigma)
+        return s * self.multiplier if s.is_floating_point() else s.float() * self.multiplier
+
+    def sigma(self, timestep: torch.Tensor | float) -> torch.Tensor:
+        t = torch.as_tensor(timestep)
+        out_dtype = t.dtype if t.is_floating_point() else torch.float32
+        return flow_shift(self.shift, t.double() / self.multiplier).to(out_dtype)
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return float(flow_shift(self.shift, torch.tensor(1.0 - percent, dtype=torch.float64)))
+
+    def calculate_input(self, sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def calculate_denoised(self, sigma: torch.Tensor | float, model_output: torch.Tensor,
+                           x: torch.Tensor) -> torch.Tensor:
+        return x - model_output * _bcast(sigma, model_output)
+
+    def noise_scaling(self, sigma: torch.Tensor | float, noise: torch.Tensor, latent_image: torch.Tensor,
+                      max_denoise: bool = False) -> torch.Tensor:
+        s = _bcast(sigma, noise)
+        return s * noise + (1.0 - s) * latent_image
+
+    def inverse_noise_scaling(self, sigma: torch.Tensor | float, latent: torch.Tensor) -> torch.Tensor:
+        return latent / (1.0 - _bcast(sigma, latent))

@@ -32,6 +32,18 @@ LATENT_RGB_FACTORS: dict[str, tuple[list[list[float]], list[float]]] = {
     ),
 }
 LATENT_RGB_FACTORS["sd2"] = LATENT_RGB_FACTORS["sd1"]  # same VAE
+# SD3 / SD3.5: 16 latent channels (the same fit ComfyUI's previewer uses)
+LATENT_RGB_FACTORS["sd3"] = (
+    [
+        [-0.0922, -0.0175, 0.0749], [0.0311, 0.0633, 0.0954], [0.1994, 0.0927, 0.0458],
+        [0.0856, 0.0339, 0.0902], [0.0587, 0.0272, -0.0496], [-0.0006, 0.1104, 0.0309],
+        [0.0978, 0.0306, 0.0427], [-0.0042, 0.1038, 0.1358], [-0.0194, 0.0020, 0.0669],
+        [-0.0488, 0.0130, -0.0268], [0.0922, 0.0988, 0.0951], [-0.0278, 0.0524, -0.0542],
+        [0.0332, 0.0456, 0.0895], [-0.0069, -0.0030, -0.0810], [-0.0596, -0.0465, -0.0293],
+        [-0.1448, -0.1463, -0.1189],
+    ],
+    [0.2394, 0.2135, 0.1925],
+)
 
 
 def latent_to_rgb_tensor(latent: torch.Tensor, arch: str = "sd1") -> torch.Tensor:
@@ -41,9 +53,9 @@ def latent_to_rgb_tensor(latent: torch.Tensor, arch: str = "sd1") -> torch.Tenso
     x = latent.detach()
     if x.ndim == 4:
         x = x[0]
-    if x.ndim != 3 or x.shape[0] != 4:
-        raise ValueError(f"expected a 4-channel latent [C,h,w] or [B,C,h,w], got {tuple(latent.shape)}")
     factors, bias = LATENT_RGB_FACTORS[arch]
+    if x.ndim != 3 or x.shape[0] != len(factors):
+        raise ValueError(f"expected a {len(factors)}-channel latent [C,h,w] or [B,C,h,w], got {tuple(latent.shape)}")
     w = torch.tensor(factors, dtype=torch.float32, device=x.device)
     b = torch.tensor(bias, dtype=torch.float32, device=x.device)
     rgb = torch.einsum("chw,cr->hwr", x.float(), w) + b  # roughly in [-1, 1]

@@ -1,0 +1,264 @@
+"""What the MODEL and CLIP sockets carry for SD3 / SD3.5.
+
+MODEL: the MMDiT with a rectified-flow schedule (shift 3.0 unless ModelSamplingSD3 sets another).
+CLIP: CLIP-L, OpenCLIP-G and (optionally) T5-XXL. A prompt becomes, as in the reference pipeline:
+  context = [ CLIP-L ++ CLIP-G penultimate layers (77 tokens, zero-padded to the T5 width) ;
+              T5 last layer (77 tokens, EOS then padding) ]  along the token axis,
+  pooled  = CLIP-L ++ CLIP-G projected EOS vectors.
+Without T5 its 77 tokens are zeros. The CLIP parts reuse ClipHandle's SDXL prompt handling
+(penultimate layers, no final norm, weights, embeddings); longer prompts keep the first chunk's
+tokens for T5 (truncated at 77, as ComfyUI pads it to 77).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .diffusion_model import DiffusionModelHandle
+from .memory import ResidentMixin, WeightsHolder, default_device
+from .text_encoder import ClipHandle, TokenizedPrompt
+
+T5_TOKENS = 77
+
+
+class SD3ModelHandle(DiffusionModelHandle):
+    """An SD3Transformer2DModel; `apply` returns its velocity prediction."""
+
+    def __init__(self, transformer: nn.Module, variant: str = "sd3", shift: float = 3.0,
+                 device: str | None = None) -> None:  # noqa: D107  (no super().__init__: no UNet arch check)
+        self._weights = WeightsHolder({"unet": transformer})
+        self.arch = "sd3"
+        self.variant = variant
+        self.prediction_type = "flow"
+        self.shift = float(shift)
+        self.load_device = device or default_device()
+
+    def clone(self) -> SD3ModelHandle:
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        return twin
+
+    def sampling_schedule(self) -> Any:
+        if self.model_sampling is not None:
+            return self.model_sampling
+        from ..sampling.model_sampling import FlowSchedule
+        return FlowSchedule(shift=self.shift)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return False
+
+    @torch.no_grad()
+    def apply(self, x_in: torch.Tensor, timestep: torch.Tensor | float, cond: dict[str, Any]) -> torch.Tensor:
+        """Velocity for `x_in` [B,16,h,w] at `timestep` (sigma * 1000); cond: "context" [B|1,T,D] and
+        "pooled" [B|1,P] (required); "skip_layers" (indices of joint blocks to skip) optional."""
+        self.ensure_loaded()
+        if "context" not in cond or cond.get("pooled") is None:
+            raise ValueError("SD3 models need 'context' and 'pooled' in cond (encode the prompt with an SD3 CLIP)")
+        tr = self.unet
+        device, dtype = next(tr.parameters()).device, self.dtype
+        batch = x_in.shape[0]
+
+        def prep(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device=device, dtype=dtype)
+            if t.shape[0] != batch:
+                if t.shape[0] != 1:
+                    raise ValueError(f"conditioning batch {t.shape[0]} does not match input batch {batch}")
+                t = t.expand(batch, *t.shape[1:])
+            return t
+
+        context, pooled = prep(cond["context"]), prep(cond["pooled"])
+        want = int(getattr(tr.config, "joint_attention_dim", 0))
+        # Without T5 the embedding is CLIP padded with zeros to T5-XXL's 4096: only the padding may differ.
+        if context.shape[-1] < want:
+            context = torch.nn.functional.pad(context, (0, want - context.shape[-1]))
+        elif context.shape[-1] > want and not bool(context[..., want:].any()):
+            context = context[..., :want]
+        if context.shape[-1] != want:
+            raise ValueError(f"conditioning width {context.shape[-1]} does not fit this SD3 model ({want}): "
+                             "encode the prompt with the matching SD3 text encoders")
+        t = torch.as_tensor(timestep, device=device, dtype=torch.float32)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        x = x_in.to(device=device, dtype=dtype)
+        out = tr(hidden_states=x, timestep=t, encoder_hidden_states=context, pooled_projections=pooled,
+                 return_dict=False)[0]
+        slg = self.skip_layer_guidance
+        if slg is not None:
+            slg.observe(self, x, t, context, pooled, out, cond)
+        return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))
+
+    # A SkipLayerGuidance set by SkipLayerGuidanceSD3 on a clone; None = off.
+    skip_layer_guidance: Any = None
+
+
+class SD3ClipHandle(ResidentMixin):
+    """CLIP-L + CLIP-G (+ T5-XXL) with their tokenizers; the CLIP socket of SD3 models."""
+
+    arch = "sd3"
+
+    def __init__(self, text_encoders: Mapping[str, nn.Module], tokenizers: Mapping[str, Any],
+                 embedding_dirs: Any = None, device: str | None = None, output_device: str = "cpu") -> None:
+        missing = [k for k in ("l", "g") if k not in text_encoders]
+        if missing:
+            raise ValueError(f"SD3 text encoding needs CLIP-L and CLIP-G; missing {missing}")
+        if "t5" in text_encoders and "t5" not in tokenizers:
+            raise ValueError("a T5 text encoder needs the T5 tokenizer")
+        self.clip = ClipHandle({k: text_encoders[k] for k in ("l", "g")}, tokenizers, "sdxl",
+                               embedding_dirs=embedding_dirs, device=device, output_device=output_device)
+        # One holder for all three, shared with the inner CLIP handle: the cache accounts for (and moves)
+        # them together.
+        self._weights = WeightsHolder({k: text_encoders.get(k) for k in ("l", "g", "t5")})
+        self.clip._weights = self._weights
+        self.t5_tokenizer = tokenizers.get("t5")
+        self.load_device = device or default_device()
+        self.output_device = output_device
+
+    @property
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return {k: v for k, v in self._weights.modules.items() if v is not None}
+
+    @property
+    def has_t5(self) -> bool:
+        return self._weights.modules.get("t5") is not None
+
+    def clone(self) -> SD3ClipHandle:
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        twin.clip = self.clip.clone()
+        return twin
+
+    def set_last_layer(self, n: int) -> None:
+        self.clip.set_last_layer(n)
+
+    def tokenize(self, text: str) -> TokenizedPrompt:
+        tokens = self.clip.tokenize(text)
+        if self.t5_tokenizer is not None:
+            ids = self.t5_tokenizer(text, padding="max_length", max_length=T5_TOKENS, truncation=True).input_ids
+            tokens.chunks["t5"] = [_t5_chunk(ids)]
+        return tokens
+
+    def encode(self, tokens: TokenizedPrompt, t5_tokens: TokenizedPrompt | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled); `t5_tokens` gives T5 another prompt than the CLIPs (CLIPTextEncodeSD3)."""
+        clip_part = {k: v for k, v in tokens.chunks.items() if k != "t5"}
+        parts = []
+        pooled_parts = []
+        for key in ("l", "g"):
+            sub = TokenizedPrompt(tokens.text, {key: clip_part[key][:1]})
+            hidden, pooled = self._encode_single(key, sub)
+            parts.append(hidden)
+            pooled_parts.append(pooled)
+        clip_ctx = torch.cat(parts, dim=-1)
+        t5_src = t5_tokens if t5_tokens is not None else tokens
+        t5_ctx = self._encode_t5(t5_src)
+        width = t5_ctx.shape[-1]
+        if clip_ctx.shape[-1] > width:
+            raise ValueError(f"CLIP width {clip_ctx.shape[-1]} exceeds the T5 width {width}")
+        clip_ctx = torch.nn.functional.pad(clip_ctx, (0, width - clip_ctx.shape[-1]))
+        return torch.cat([clip_ctx, t5_ctx.to(clip_ctx)], dim=-2), torch.cat(pooled_parts, dim=-1)
+
+    def encode_text(self, text: str) -> list[list[Any]]:
+        cond, pooled = self.encode(self.tokenize(text))
+        return [[cond, {"pooled_output": pooled}]]
+
+    def _encode_single(self, key: str, tokens: TokenizedPrompt) -> tuple[torch.Tensor, torch.Tensor]:
+        handle = self.clip
+        spec = next(s for s in handle.specs if s.key == key)
+        with torch.no_grad(), self._weights.lock:
+            self.ensure_loaded()
+            hidden, pooled = handle._encode_one(spec, tokens.chunks[key])
+        return hidden.to(self.output_device), pooled.to(self.output_device)
+
+    def _t5_width(self) -> int:
+        t5 = self._weights.modules.get("t5")
+        return int(getattr(t5.config, "d_model", 4096)) if t5 is not None else 4096
+
+    def _encode_t5(self, tokens: TokenizedPrompt) -> torch.Tensor:
+        t5 = self._weights.modules.get("t5")
+        chunks = tokens.chunks.get("t5")
+        if t5 is None or not chunks:
+            return torch.zeros(1, T5_TOKENS, self._t5_width())
+        self.ensure_loaded()
+        device = next(t5.parameters()).device
+        ids = torch.tensor([chunks[0].ids], device=device)
+        with torch.no_grad():
+            out = t5(input_ids=ids).last_hidden_state
+        return out.float().to(self.output_device)
+
+
+class SkipLayerGuidance:
+    """Skip-layer guidance (SD3.5): between two sigmas, the positive prediction is also computed with
+    some joint blocks skipped, and the guided result moves away from it:
+    ``cfg_result + (cond - cond_skipped) * scale`` (denoised estimates).
+
+    `observe` runs inside the model call of the positive rows and keeps the difference for the same
+    thread's CFG step (`cfg_function`); several positive entries contribute their mean difference."""
+
+    def __init__(self, layers: list[int], scale: float, sigma_start: float, sigma_end: float) -> None:
+        import threading
+
+        self.layers, self.scale = list(layers), float(scale)
+        self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
+        self._local = threading.local()
+
+    def active(self, sigma: float) -> bool:
+        return bool(self.layers) and self.scale != 0 and self.sigma_end <= sigma <= self.sigma_start
+
+    def observe(self, handle: SD3ModelHandle, x, t, context, pooled, out, cond: Mapping[str, Any]) -> None:
+        sig = cond.get("sigma")
+        flags = list(cond.get("cond_or_uncond") or [])
+        if sig is None or not flags or not self.active(float(torch.as_tensor(sig).max())):
+            return
+        per = x.shape[0] // len(flags)
+        rows = [r for k, f in enumerate(flags) if f == 0 for r in range(k * per, (k + 1) * per)]
+        if not rows:
+            return
+        idx = torch.tensor(rows, device=x.device)
+        skipped = handle.unet(hidden_states=x[idx], timestep=t[idx], encoder_hidden_states=context[idx],
+                              pooled_projections=pooled[idx], skip_layers=self.layers, return_dict=False)[0]
+        s = torch.as_tensor(sig, device=x.device, dtype=torch.float32)[idx].view(-1, 1, 1, 1)
+        # denoised = x - v * sigma, so cond - cond_skipped = sigma * (v_skipped - v)
+        diff = (s * (skipped.float() - out[idx].float())).reshape(-1, per, *x.shape[1:]).mean(0)
+        self._local.diff = diff
+
+    def cfg_function(self, cond: torch.Tensor, uncond: torch.Tensor, cfg: float, x: torch.Tensor,
+                     sigma: torch.Tensor) -> torch.Tensor:
+        result = uncond + (cond - uncond) * cfg
+        diff = getattr(self._local, "diff", None)
+        self._local.diff = None
+        if diff is None or not self.active(float(torch.as_tensor(sigma).max())):
+            return result
+        return result + diff.to(result) * self.scale
+
+
+def _t5_chunk(ids: list[int]):
+    from .text_encoder import TokenChunk
+
+    return TokenChunk(list(ids), [1.0] * len(ids))
+
+
+T5_TOKENIZER_DIR = Path(__file__).parent / "tokenizer" / "t5"
+
+
+def t5_tokenizer_for(t5: nn.Module) -> Any:
+    """The tokenizer of a T5 encoder: the shipped T5 (SentencePiece) vocabulary, or the tiny test
+    vocabulary for the tiny random-weight encoders (told apart by their vocabulary size)."""
+    from .tiny_sd3 import tiny_t5_tokenizer
+
+    vocab = int(getattr(t5.config, "vocab_size", 0))
+    tiny = tiny_t5_tokenizer()
+    if vocab == len(tiny):
+        return tiny
+    from transformers import T5Tokenizer
+
+    for name, kwargs in (("tokenizer.json", "tokenizer_file"), ("spiece.model", "vocab_file")):
+        path = T5_TOKENIZER_DIR / name
+        if path.is_file():
+            return T5Tokenizer(**{kwargs: str(path)}, extra_ids=100, model_max_length=512)
+    raise RuntimeError(f"the T5 tokenizer data is not installed (expected {T5_TOKENIZER_DIR}/spiece.model or "
+                       "tokenizer.json); T5-XXL prompts cannot be tokenized")
