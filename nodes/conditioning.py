@@ -10,7 +10,7 @@ from engine.inputs import Boolean, Combo, Float, Int, String
 from engine.node import node
 
 from .models.prompt_weights import check_nesting
-from .types import MAX_RESOLUTION, Clip, Conditioning, Image, Latent, Mask, Vae
+from .types import MAX_RESOLUTION, Clip, ClipVision, ClipVisionOutput, Conditioning, Image, Latent, Mask, Vae
 
 
 def _check_text(text) -> bool | str:
@@ -258,3 +258,32 @@ def _batch_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if t.shape[0] == like.shape[0] or t.shape[0] != 1:
         return t
     return t.expand(like.shape[0], -1, -1)
+
+
+# ---- CLIP vision: image prompts ---------------------------------------------------------------------
+
+@node("CLIPVisionEncode", category="conditioning")
+def clip_vision_encode(clip_vision: ClipVision, image: Image,
+                       crop: Annotated[str, Combo(["center", "none"])]) -> ClipVisionOutput:
+    """Encodes an image with a CLIP vision model: resized so its shortest side fits the model and
+    center-cropped ("center") or squashed to a square ("none")."""
+    if crop not in ("center", "none"):
+        raise ValueError(f"crop must be 'center' or 'none', got {crop!r}")
+    if image.ndim != 4 or image.shape[-1] < 3:
+        raise ValueError(f"image must be an IMAGE batch [B,H,W,3], got shape {tuple(image.shape)}")
+    return clip_vision.encode_image(image, crop=crop == "center")
+
+
+@node("unCLIPConditioning", category="conditioning")
+def unclip_conditioning(conditioning: Conditioning, clip_vision_output: ClipVisionOutput,
+                        strength: Annotated[float, Float(1.0, min=-10.0, max=10.0, step=0.01)],
+                        noise_augmentation: Annotated[float, Float(0.0, min=0.0, max=1.0, step=0.01)],
+                        ) -> Conditioning:
+    """Adds an image's CLIP embedding to a conditioning, for unCLIP models (SD2.1 unCLIP) and SDXL
+    ("revision", with the ViT-bigG vision model); noise_augmentation blurs how closely it is followed."""
+    if strength == 0:
+        return conditioning
+    entry = {"clip_vision_output": clip_vision_output, "strength": strength,
+             "noise_augmentation": noise_augmentation}
+    return [[cond, {**opts, "unclip_conditioning": [*opts.get("unclip_conditioning", []), entry]}]
+            for cond, opts in conditioning]

@@ -69,7 +69,10 @@ from typing import Any, NamedTuple, TypeAlias  # noqa: E402
 
 from engine.inputs import Socket  # noqa: E402
 
+from .models.clip_vision import ClipVisionHandle, load_clip_vision_file  # noqa: E402
+from .models.state_dict import ModelFileError  # noqa: E402
 from .models.unet_file import WEIGHT_DTYPES, load_unet_file  # noqa: E402
+from .types import ClipVision as ClipVisionT  # noqa: E402
 
 ClipVision: TypeAlias = Annotated[Any, Socket("CLIP_VISION")]
 StyleModel: TypeAlias = Annotated[Any, Socket("STYLE_MODEL")]
@@ -137,3 +140,16 @@ def style_model_loader(style_model_name: Annotated[str, Combo(model_files("style
 def gligen_loader(gligen_name: Annotated[str, Combo(model_files("gligen"))]) -> Gligen:
     """Loads a GLIGEN model: not supported yet."""
     raise NotImplementedError(f"GLIGENLoader: {_not_supported('GLIGEN')} ({gligen_name!r})")
+
+
+@node("CLIPVisionLoader", category="loaders", display_name="Load CLIP Vision",
+      fingerprint=model_file_fingerprint("clip_vision", "clip_name"),
+      validate=model_file_exists("clip_vision", "clip_name", "CLIP vision model"))
+def clip_vision_loader(clip_name: Annotated[str, Combo(model_files("clip_vision"))]) -> ClipVisionT:
+    """Loads a CLIP vision model (CLIP ViT-L, OpenCLIP ViT-H or ViT-bigG; transformers or OpenCLIP layout)."""
+    path = runtime().folders.require("clip_vision", clip_name)
+    try:
+        model = load_clip_vision_file(path, dtype=_dtypes()["dtype"])
+    except ModelFileError as e:
+        raise ModelFileError(path, f"CLIPVisionLoader input clip_name {clip_name!r}: {e.reason}") from None
+    return ClipVisionHandle(model, name=clip_name)

@@ -36,6 +36,8 @@ class DiffusionModelHandle(ResidentMixin):
     # guiders other than CFG) and "output_block_patches" (functions (h, skip) -> (h, skip) applied to
     # every UNet up-block input before it is concatenated with its skip connection).
     sampling_patches: dict[str, Any] = {}
+    # SD2.1 unCLIP: the checkpoint's noise-augmentor statistics (mean, std), each [1, D]; see models/unclip.py.
+    unclip_stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def with_patches(self, **patches: Any) -> DiffusionModelHandle:
         """A clone with these sampling patches added; output_block_patches accumulate, others replace."""
@@ -148,7 +150,11 @@ class DiffusionModelHandle(ResidentMixin):
             if pooled is None or size_cond is None:
                 raise ValueError("SDXL models need 'pooled' and 'size_cond' in cond")
             size_cond = self._fit_time_ids(size_cond, pooled.shape[-1], cond.get("cond_or_uncond"))
+            if cond.get("unclip") is not None:
+                pooled = self._revision_pooled(cond["unclip"], prep(pooled), int(cond.get("seed", 0)))
             kwargs["added_cond_kwargs"] = {"text_embeds": prep(pooled), "time_ids": prep(size_cond)}
+        if self.class_input_dim:
+            kwargs["class_labels"] = prep(self._unclip_labels(cond.get("unclip"), batch, int(cond.get("seed", 0))))
         control = cond.get("control")
         if control is not None and not isinstance(control, dict) and hasattr(control, "get_control"):
             # A ControlNet application (nodes/models/controlnet.py) computes residuals for this input.
@@ -219,6 +225,41 @@ class DiffusionModelHandle(ResidentMixin):
         if want == 6 and have == 5:  # base given refiner conditioning: the target size is the size
             return torch.cat([size_cond[:, :4], size_cond[:, :2]], dim=1)
         raise ValueError(f"the model's added conditioning takes {want} size numbers, got {have}")
+
+    @property
+    def class_input_dim(self) -> int:
+        """Width of the class-label input of an unCLIP model (image embedding + noise-level embedding); 0 if none."""
+        cfg: Any = self.unet.config
+        if getattr(cfg, "class_embed_type", None) != "projection":
+            return 0
+        return int(cfg.projection_class_embeddings_input_dim)
+
+    def _unclip_rows(self, unclip: list, batch: int, make) -> torch.Tensor:
+        per_job = max(1, batch // len(unclip))
+        return torch.cat([make(entries).expand(per_job, -1) for entries in unclip])
+
+    def _unclip_labels(self, unclip: list | None, batch: int, seed: int) -> torch.Tensor:
+        from .unclip import NoiseAugmentor, unclip_adm
+
+        dim = self.class_input_dim
+        if unclip is None:  # no image: zeros, as ComfyUI feeds an unCLIP model without unCLIP conditioning
+            return torch.zeros(batch, dim)
+        mean, std = self.unclip_stats if self.unclip_stats is not None else (None, None)
+        augmentor = NoiseAugmentor(mean, std)
+
+        def make(entries: list) -> torch.Tensor:
+            adm = unclip_adm(entries, augmentor, merge=0.05, seed=seed)
+            if adm.shape[1] != dim:
+                raise ValueError(f"unCLIPConditioning: the image embeddings give {adm.shape[1]} class inputs, "
+                                 f"this unCLIP model takes {dim} (use the CLIP vision model it was trained with)")
+            return adm
+        return self._unclip_rows(unclip, batch, make)
+
+    def _revision_pooled(self, unclip: list, pooled: torch.Tensor, seed: int) -> torch.Tensor:
+        from .unclip import revision_pooled
+
+        rows = self._unclip_rows(unclip, pooled.shape[0], lambda e: revision_pooled(e, pooled.shape[-1], seed))
+        return rows.to(pooled)
 
     def _needs_added_cond(self) -> bool:
         return getattr(self.unet.config, "addition_embed_type", None) == "text_time"

@@ -229,3 +229,44 @@ def write_tiny_t2i_adapter(path: str | Path, arch: str = "sd1", *, layout: str =
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path))
     return path
+
+
+def tiny_clip_vision(*, projection_dim: int = CLIP_HIDDEN, seed: int = 0, image_size: int = 28, patch_size: int = 14):
+    """A tiny CLIPVisionModelWithProjection shaped like the OpenCLIP towers (GELU, 64-wide heads rule)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from .clip_vision import shipped_config
+
+    cfg = {k: v for k, v in shipped_config("vit_h").items() if k not in ("architectures", "model_type")}
+    cfg.update(hidden_size=CLIP_HIDDEN, intermediate_size=2 * CLIP_HIDDEN, num_hidden_layers=3,
+               num_attention_heads=clip_heads(CLIP_HIDDEN), projection_dim=projection_dim,
+               image_size=image_size, patch_size=patch_size)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg))
+    _jitter(model, gen)
+    return model.eval().requires_grad_(False)
+
+
+def write_tiny_clip_vision(path: str | Path, *, layout: str = "openclip", projection_dim: int = CLIP_HIDDEN,
+                           seed: int = 0) -> Path:
+    """Write a tiny CLIP vision tower: `layout` "openclip" (`visual.*`, as open_clip exports) or "hf"
+    (`vision_model.*`, as ComfyUI's clip_vision folder files and transformers' model.safetensors)."""
+    from safetensors.torch import save_file
+
+    from .clip_vision import hf_vision_to_openclip
+
+    model = tiny_clip_vision(projection_dim=projection_dim, seed=seed)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    if layout == "openclip":
+        sd = hf_vision_to_openclip(sd)
+    elif layout != "hf":
+        raise ValueError(f"unknown layout {layout!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".pt", ".pth", ".bin"):
+        torch.save(sd, path)
+    else:
+        save_file(sd, str(path), metadata={"sdflow.random_weights": "true"})
+    return path
