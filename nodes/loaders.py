@@ -69,7 +69,7 @@ from typing import Any, NamedTuple, TypeAlias  # noqa: E402
 
 from engine.inputs import Socket  # noqa: E402
 
-from .models.clip_vision import ClipVisionHandle, load_clip_vision_file  # noqa: E402
+from .models.clip_vision import ClipVisionHandle, clip_vision_from_state_dict, load_clip_vision_file  # noqa: E402
 from .models.state_dict import ModelFileError  # noqa: E402
 from .models.unet_file import WEIGHT_DTYPES, load_unet_file  # noqa: E402
 from .types import ClipVision as ClipVisionT  # noqa: E402
@@ -153,3 +153,31 @@ def clip_vision_loader(clip_name: Annotated[str, Combo(model_files("clip_vision"
     except ModelFileError as e:
         raise ModelFileError(path, f"CLIPVisionLoader input clip_name {clip_name!r}: {e.reason}") from None
     return ClipVisionHandle(model, name=clip_name)
+
+
+class UnclipCheckpoint(NamedTuple):
+    MODEL: Model
+    CLIP: Clip
+    VAE: Vae
+    CLIP_VISION: ClipVisionT
+
+
+@node("unCLIPCheckpointLoader", category="loaders",
+      fingerprint=model_file_fingerprint("checkpoints", "ckpt_name"),
+      validate=model_file_exists("checkpoints", "ckpt_name", "checkpoint"))
+def unclip_checkpoint_loader(ckpt_name: Annotated[str, Combo(model_files("checkpoints"))]) -> UnclipCheckpoint:
+    """Loads an unCLIP checkpoint (SD2.1 unCLIP): the models plus its CLIP vision image embedder."""
+    rt = runtime()
+    path = rt.folders.require("checkpoints", ckpt_name)
+    ckpt = load_checkpoint(path, load_clip_vision=True, **_dtypes())
+    vision = ckpt.extras.pop("clip_vision", None)
+    if vision is None:
+        raise ModelFileError(path, f"unCLIPCheckpointLoader input ckpt_name {ckpt_name!r}: not an unCLIP "
+                                   "checkpoint (it holds no CLIP vision image embedder); expected an unCLIP "
+                                   "checkpoint such as sd21-unclip-h")
+    try:
+        tower = clip_vision_from_state_dict(vision, path, _dtypes()["dtype"])
+    except ModelFileError as e:
+        raise ModelFileError(path, f"unCLIPCheckpointLoader input ckpt_name {ckpt_name!r}: {e.reason}") from None
+    model, clip, vae = _handles(ckpt, rt.folders.paths("embeddings"))
+    return UnclipCheckpoint(model, clip, vae, ClipVisionHandle(tower, name=ckpt_name))

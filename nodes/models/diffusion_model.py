@@ -67,7 +67,11 @@ class DiffusionModelHandle(ResidentMixin):
         """From a `nodes.models.checkpoint.LoadedCheckpoint` (duck-typed)."""
         if checkpoint.unet is None:
             raise ValueError(f"{getattr(checkpoint, 'source', 'checkpoint')} has no diffusion model")
-        return cls(checkpoint.unet, checkpoint.arch, checkpoint.prediction_type, device=device)
+        handle = cls(checkpoint.unet, checkpoint.arch, checkpoint.prediction_type, device=device)
+        stats = getattr(checkpoint, "extras", {}).get("noise_augmentor")
+        if stats is not None:
+            handle.unclip_stats = stats
+        return handle
 
     @property
     def unet(self) -> nn.Module:

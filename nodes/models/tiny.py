@@ -40,10 +40,11 @@ MODELSPEC_ARCH = {
 }
 
 
-def tiny_configs(arch: str = "sd1", *, inpaint: bool = False) -> dict[str, dict]:
+def tiny_configs(arch: str = "sd1", *, inpaint: bool = False, unclip: bool = False) -> dict[str, dict]:
     """diffusers/transformers configs of the tiny models: keys unet, vae, l/h/g.
 
-    `inpaint`: a 9-channel inpainting UNet (latent + mask + masked-image latent)."""
+    `inpaint`: a 9-channel inpainting UNet (latent + mask + masked-image latent). `unclip` (SD2): the
+    SD2.1 unCLIP UNet, taking a noise-augmented image embedding + noise-level embedding as class labels."""
     clips: dict[str, dict] = {}
     for kind, component in CLIP_COMPONENTS[arch].items():
         cfg = detect.shipped_config(arch, component)
@@ -92,6 +93,10 @@ def tiny_configs(arch: str = "sd1", *, inpaint: bool = False) -> dict[str, dict]
                                 else [unet_heads(arch, c) for c in channels]),
         )
 
+    if unclip:
+        if arch != "sd2":
+            raise ValueError("unCLIP models are SD2")
+        unet.update(class_embed_type="projection", projection_class_embeddings_input_dim=2 * CLIP_HIDDEN)
     vae = detect.shipped_config(arch, "vae")
     vae.update(block_out_channels=[32, 32, 32, 32], layers_per_block=1)
     return {"unet": unet, "vae": vae, **clips}
@@ -111,11 +116,12 @@ def _clip_model(cfg: dict) -> CLIPTextModel | CLIPTextModelWithProjection:
 
 
 def tiny_checkpoint_models(arch: str = "sd1", *, prediction_type: str = "epsilon", seed: int = 0,
-                           inpaint: bool = False) -> LoadedCheckpoint:
-    """In-memory tiny models of `arch`, deterministic for a seed (the global RNG is left alone)."""
+                           inpaint: bool = False, unclip: bool = False) -> LoadedCheckpoint:
+    """In-memory tiny models of `arch`, deterministic for a seed (the global RNG is left alone).
+    `unclip`: an SD2.1 unCLIP checkpoint, with its OpenCLIP image tower and noise-augmentor statistics."""
     if arch not in detect.ARCHES:
         raise ValueError(f"unknown architecture {arch!r}")
-    cfgs = tiny_configs(arch, inpaint=inpaint)
+    cfgs = tiny_configs(arch, inpaint=inpaint, unclip=unclip)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -136,22 +142,32 @@ def tiny_checkpoint_models(arch: str = "sd1", *, prediction_type: str = "epsilon
         scheduler_config=scheduler_config(arch, prediction_type),
         metadata={"sdflow.random_weights": "true", "modelspec.prediction_type": prediction_type},
         clip_layers=dict(CLIP_LAYER_DEFAULTS[arch]),
+        extras=_unclip_extras(seed) if unclip else {},
     )
+
+
+def _unclip_extras(seed: int) -> dict:
+    vision = tiny_clip_vision(seed=seed + 1000)
+    gen = torch.Generator().manual_seed(seed + 1001)
+    stats = (torch.randn(1, CLIP_HIDDEN, generator=gen), 0.5 + torch.rand(1, CLIP_HIDDEN, generator=gen))
+    return {"noise_augmentor": stats,
+            "clip_vision": {k: v for k, v in vision.state_dict().items() if not k.endswith("position_ids")}}
 
 
 def write_tiny_checkpoint(
     path: str | Path, arch: str = "sd1", *, prediction_type: str = "epsilon", seed: int = 0,
-    inpaint: bool = False,
+    inpaint: bool = False, unclip: bool = False,
 ) -> Path:
     """Write a tiny single-file `.safetensors` checkpoint in the original LDM layout."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    ckpt = tiny_checkpoint_models(arch, prediction_type=prediction_type, seed=seed, inpaint=inpaint)
+    ckpt = tiny_checkpoint_models(arch, prediction_type=prediction_type, seed=seed, inpaint=inpaint, unclip=unclip)
     metadata = {
         "sdflow.random_weights": "true",
         "modelspec.prediction_type": prediction_type,
-        "modelspec.architecture": MODELSPEC_ARCH[arch] + ("-inpainting" if inpaint else ""),
+        "modelspec.architecture": MODELSPEC_ARCH[arch] + ("-inpainting" if inpaint else "")
+        + ("-unclip" if unclip else ""),
         "modelspec.title": f"sdflow tiny {arch} (random weights)",
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -209,3 +209,93 @@ def test_revision_refuses_a_tower_of_the_wrong_width(sd_env, vision_files):
         model.apply(torch.zeros(1, 4, 8, 8), 10, {"context": ctx, "pooled": opts["pooled_output"],
                                                    "size_cond": torch.tensor([[64.0, 64, 0, 0, 64, 64]]),
                                                    "unclip": [opts["unclip_conditioning"]]})
+
+
+# ---- SD2.1 unCLIP checkpoints ------------------------------------------------------------------------
+
+UNCLIP = "tiny-sd21-unclip-h.safetensors"
+
+
+@pytest.fixture(scope="module")
+def unclip_file(sd_env):
+    activate(sd_env)
+    _, config = sd_env
+    path = config.models_dir / "checkpoints" / UNCLIP
+    if not path.exists():
+        write_tiny_checkpoint(path, "sd2", seed=8, unclip=True, prediction_type="v_prediction")
+    return path
+
+
+def test_unclip_checkpoint_loader_gives_the_image_embedder(unclip_file):
+    from nodes.loaders import unclip_checkpoint_loader
+    from nodes.models.tiny import tiny_checkpoint_models
+
+    model, clip, vae, vision = unclip_checkpoint_loader(UNCLIP)
+    ref = tiny_checkpoint_models("sd2", seed=8, unclip=True)
+    assert model.arch == "sd2" and model.prediction_type == "v_prediction" and model.class_input_dim == 64
+    for key, value in ref.extras["clip_vision"].items():
+        assert torch.equal(vision.model.state_dict()[key], value), key
+    mean, std = model.unclip_stats
+    assert torch.equal(mean, ref.extras["noise_augmentor"][0]) and torch.equal(std, ref.extras["noise_augmentor"][1])
+    assert clip is not None and vae is not None
+
+
+def test_unclip_model_matches_diffusers_stable_unclip_components(unclip_file):
+    """Image -> transformers tower -> diffusers' noise_image_embeddings -> UNet class labels, against the
+    CLIPVisionEncode + unCLIPConditioning path through the model handle."""
+    from diffusers import DDPMScheduler, StableUnCLIPImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+
+    from nodes.loaders import unclip_checkpoint_loader
+
+    model, clip, _, vision = unclip_checkpoint_loader(UNCLIP)
+    image = _image(48, 64, seed=3)
+    out = clip_vision_encode(vision, image, "center")
+    ctx, opts = unclip_conditioning(clip_text_encode("a cat", clip), out, 1.0, 0.25)[0]
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    seed = 77
+    got = model.apply(x, 300, {"context": ctx, "unclip": [opts["unclip_conditioning"]], "seed": seed})
+
+    mean, std = model.unclip_stats
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=mean.shape[-1])
+    normalizer.mean.data.copy_(mean)
+    normalizer.std.data.copy_(std)
+    pipe = types.SimpleNamespace(image_normalizer=normalizer,
+                                 image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
+    with torch.no_grad():
+        embeds = vision.model(pixel_values=cv.clip_preprocess(image, vision.image_size)).image_embeds
+        noise = torch.randn(embeds.shape, generator=torch.Generator().manual_seed(seed - 10))
+        labels = StableUnCLIPImg2ImgPipeline.noise_image_embeddings(pipe, embeds, round(999 * 0.25), noise=noise)
+        want = model.unet(x, torch.tensor([300.0]), encoder_hidden_states=ctx, class_labels=labels).sample
+    torch.testing.assert_close(got, want)
+    # without unCLIP conditioning the class input is zero (ComfyUI), which changes the prediction
+    plain = model.apply(x, 300, {"context": ctx})
+    with torch.no_grad():
+        zero = model.unet(x, torch.tensor([300.0]), encoder_hidden_states=ctx,
+                          class_labels=torch.zeros(1, model.class_input_dim)).sample
+    torch.testing.assert_close(plain, zero)
+    assert not torch.allclose(plain, got)
+
+
+def test_unclip_loader_refuses_a_plain_checkpoint(sd_env, unclip_file):
+    registry, _ = sd_env
+    prompt = {"1": {"class_type": "unCLIPCheckpointLoader", "inputs": {"ckpt_name": "tiny-sd1.safetensors"}},
+              "2": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+              "3": {"class_type": "CLIPVisionEncode",
+                    "inputs": {"clip_vision": ["1", 3], "image": ["2", 0], "crop": "none"}},
+              "4": {"class_type": "unCLIPConditioning", "inputs": {
+                  "conditioning": ["5", 0], "clip_vision_output": ["3", 0], "strength": 1.0,
+                  "noise_augmentation": 0.1}},
+              "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a", "clip": ["1", 1]}},
+              "6": {"class_type": "KSampler", "inputs": {
+                  "seed": 1, "steps": 1, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+                  "denoise": 1.0, "model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0],
+                  "latent_image": ["7", 0]}},
+              "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+              "8": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+              "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}}
+    result = Executor(registry).execute(prompt, "unclip-plain")
+    assert result.status == "error" and result.error["node_id"] == "1", result.error
+    msg = result.error["exception_message"]
+    assert "unCLIPCheckpointLoader" in msg and "ckpt_name" in msg and "tiny-sd1.safetensors" in msg
+    assert "expected an unCLIP checkpoint" in msg
