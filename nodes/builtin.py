@@ -14,6 +14,7 @@ from . import (
     loaders,
     lora,
     mask,
+    model_merging,
     model_patches,
     primitives,
     sampler_nodes,
@@ -23,7 +24,7 @@ from . import (
 from .runtime import configure
 
 MODULES = (loaders, conditioning, latent, sampler_nodes, image, lora, controlnet, upscale,
-           custom_sampling, model_patches, instructpix2pix, mask, primitives, strings)
+           custom_sampling, model_patches, instructpix2pix, mask, primitives, strings, model_merging)
 
 
 class ModelCatalog:

@@ -73,11 +73,39 @@ class DiffusionModelHandle(ResidentMixin):
             handle.unclip_stats = stats
         return handle
 
+    # Model merges recorded on this handle (models/merge.py); applied when the UNet is first used.
+    weight_patches: tuple = ()
+
     @property
-    def unet(self) -> nn.Module:
+    def base_unet(self) -> nn.Module:
+        """The loaded UNet, without this handle's merge patches."""
         unet = self._weights.modules["unet"]
         assert unet is not None  # a diffusion model handle always holds its UNet
         return unet
+
+    @property
+    def unet(self) -> nn.Module:
+        """The UNet with this handle's merge patches applied (built on first use, one per base weights)."""
+        if not self.weight_patches:
+            return self.base_unet
+        from .merge import merged_state, module_with_state, patch_key
+
+        key = patch_key(self)
+        holder = self._weights
+        with holder.lock:
+            if getattr(holder, "merged_key", None) != key or holder.modules.get("merged") is None:
+                holder.modules["merged"] = None  # free the previous merge before building the next
+                holder.modules["merged"] = module_with_state(self.base_unet, merged_state(self))
+                holder.merged_key = key  # type: ignore[attr-defined]
+            merged = holder.modules["merged"]
+        assert merged is not None
+        return merged
+
+    def with_merge(self, patch: Any) -> DiffusionModelHandle:
+        """A clone with one more merge patch (nothing is computed until the model is used)."""
+        twin = self.clone()
+        twin.weight_patches = tuple(self.weight_patches) + (patch,)
+        return twin
 
     def clone(self) -> DiffusionModelHandle:
         """Shares the weights; attributes set on the clone leave the original alone."""
@@ -89,6 +117,7 @@ class DiffusionModelHandle(ResidentMixin):
         """A clone holding different weights (e.g. a LoRA-merged copy); settings carried over."""
         twin = self.clone()
         twin._weights = WeightsHolder({"unet": unet})
+        twin.weight_patches = ()  # the given weights already include them
         return twin
 
     @property
