@@ -199,3 +199,65 @@ def vae_save(vae: Vae, filename_prefix: Annotated[str, String("vae/ComfyUI_vae")
     sd = ldm_keys.vae_diffusers_to_ldm(vae.vae.state_dict(), vae.vae.config)
     _write(path, sd, dict(png_text_chunks(prompt, extra_pnginfo)))
 
+
+
+# ---- CLIP ---------------------------------------------------------------------------------------------
+# Text encoders are merged when the node runs (they are a fraction of a UNet's size), into copies;
+# position ids and logit scales are never merged (ComfyUI skips them too).
+
+def _merge_clips(node_name: str, clip1: Any, clip2: Any, kind: str, a: float, b: float) -> Any:
+    from .models.merge import module_with_state
+
+    if clip1.arch != clip2.arch:
+        raise ValueError(f"{node_name}: clip2 is from an {clip2.arch} model, clip1 from an {clip1.arch} model")
+    merged = {}
+    others = clip2.text_encoders
+    for key, enc in clip1.text_encoders.items():
+        other = others[key].state_dict()
+        state = {}
+        for name, w in enc.state_dict().items():
+            w2 = other.get(name)
+            if (w2 is None or w2.shape != w.shape or not w.is_floating_point()
+                    or name.endswith((".position_ids", ".logit_scale"))):
+                continue
+            w2 = w2.to(w)
+            state[name] = w * a + w2 * b if kind != "subtract" else (w - w2) * a
+        merged[key] = module_with_state(enc, state)
+    return clip1.with_text_encoders(merged)
+
+
+@node("CLIPMergeSimple", category="advanced/model_merging")
+def clip_merge_simple(clip1: Clip, clip2: Clip, ratio: Annotated[float, _RATIO]) -> Clip:
+    """ratio * clip1 + (1 - ratio) * clip2, weight by weight."""
+    return _merge_clips("CLIPMergeSimple", clip1, clip2, "simple", float(ratio), 1.0 - float(ratio))
+
+
+@node("CLIPMergeSubtract", category="advanced/model_merging")
+def clip_merge_subtract(clip1: Clip, clip2: Clip,
+                        multiplier: Annotated[float, Float(1.0, min=-10.0, max=10.0, step=0.01)]) -> Clip:
+    """multiplier * (clip1 - clip2)."""
+    return _merge_clips("CLIPMergeSubtract", clip1, clip2, "subtract", float(multiplier), 0.0)
+
+
+@node("CLIPMergeAdd", category="advanced/model_merging")
+def clip_merge_add(clip1: Clip, clip2: Clip) -> Clip:
+    """clip1 + clip2."""
+    return _merge_clips("CLIPMergeAdd", clip1, clip2, "add", 1.0, 1.0)
+
+
+CLIP_FILE_TAGS = {"l": "clip_l", "g": "clip_g", "h": "clip_h"}
+
+
+@node("CLIPSave", category="advanced/model_merging", output_node=True)
+def clip_save(clip: Clip, filename_prefix: Annotated[str, String("clip/ComfyUI")],
+              prompt: Annotated[Any, Hidden("PROMPT")] = None,
+              extra_pnginfo: Annotated[Any, Hidden("EXTRA_PNGINFO")] = None) -> None:
+    """Saves each text encoder to its own file (`<prefix>_clip_l_00001_.safetensors`, ...) in the
+    transformers layout (text_model.*), as ComfyUI does."""
+    from .models.checkpoint import clip_file_state_dict
+
+    meta = dict(png_text_chunks(prompt, extra_pnginfo))
+    for key, enc in clip.text_encoders.items():
+        path, _ = _output_file(f"{filename_prefix}_{CLIP_FILE_TAGS.get(key, key)}", "CLIPSave")
+        sd = {k: v for k, v in clip_file_state_dict(enc).items() if not k.endswith(".position_ids")}
+        _write(path, sd, meta)

@@ -178,3 +178,30 @@ def test_model_specific_merges_take_a_ratio_per_block(sd_env, three, node_name, 
     assert any(ldm.startswith("output_blocks.1.") for ldm in names.values())
     for key, ldm in names.items():
         torch.testing.assert_close(merged[key], wb[key] if ldm.startswith("output_blocks.1.") else wa[key])
+
+
+def test_clip_merges_and_clip_save(sd_env, three):
+    from nodes.model_merging import clip_merge_add, clip_merge_simple, clip_merge_subtract
+
+    registry, config = sd_env
+    (_, c1, _), (_, c2, _), _ = three
+    e1, e2 = c1.text_encoders["l"].state_dict(), c2.text_encoders["l"].state_dict()
+    key = next(k for k in e1 if k.endswith("q_proj.weight"))
+    torch.testing.assert_close(clip_merge_simple(c1, c2, 0.25).text_encoders["l"].state_dict()[key],
+                               0.25 * e1[key] + 0.75 * e2[key])
+    torch.testing.assert_close(clip_merge_add(c1, c2).text_encoders["l"].state_dict()[key], e1[key] + e2[key])
+    torch.testing.assert_close(clip_merge_subtract(c1, c2, 0.5).text_encoders["l"].state_dict()[key],
+                               0.5 * (e1[key] - e2[key]))
+    assert torch.equal(c1.text_encoders["l"].state_dict()[key], e1[key])  # inputs untouched
+    cond = clip_merge_simple(c1, c2, 0.5).encode_text("a photo")[0][0]
+    assert not torch.allclose(cond, c1.encode_text("a photo")[0][0])
+
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY_SD1}},
+              "2": {"class_type": "CLIPSave", "inputs": {"clip": ["1", 1], "filename_prefix": "clip/solo"}}}
+    assert Executor(registry).execute(prompt, "clip-save").status == "success"
+    path = config.output_dir / "clip" / "solo_clip_l_00001_.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+        assert json.loads(f.metadata()["prompt"]) == prompt
+    assert saved and all(k.startswith("text_model.") for k in saved)
+    assert torch.equal(saved["text_model." + key.removeprefix("text_model.")], e1[key])
