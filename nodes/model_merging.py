@@ -259,5 +259,5 @@ def clip_save(clip: Clip, filename_prefix: Annotated[str, String("clip/ComfyUI")
     meta = dict(png_text_chunks(prompt, extra_pnginfo))
     for key, enc in clip.text_encoders.items():
         path, _ = _output_file(f"{filename_prefix}_{CLIP_FILE_TAGS.get(key, key)}", "CLIPSave")
-        sd = {k: v for k, v in clip_file_state_dict(enc).items() if not k.endswith(".position_ids")}
+        sd = {k: v for k, v in clip_file_state_dict(cast(Any, enc)).items() if not k.endswith(".position_ids")}
         _write(path, sd, meta)
