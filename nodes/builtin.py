@@ -11,6 +11,7 @@ from . import (
     image,
     instructpix2pix,
     latent,
+    latent_files,
     loaders,
     lora,
     mask,
@@ -24,7 +25,7 @@ from . import (
 from .runtime import configure
 
 MODULES = (loaders, conditioning, latent, sampler_nodes, image, lora, controlnet, upscale,
-           custom_sampling, model_patches, instructpix2pix, mask, primitives, strings, model_merging)
+           custom_sampling, model_patches, instructpix2pix, mask, primitives, strings, model_merging, latent_files)
 
 
 class ModelCatalog:

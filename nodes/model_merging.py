@@ -112,8 +112,8 @@ _declare_blocks(model_merge_sdxl, _block_names(9))
 
 # ---- saving ------------------------------------------------------------------------------------------
 
-def _output_file(prefix: str, node_name: str) -> tuple[Path, str]:
-    """`<output>/<folder>/<stem>_<counter:05>_.safetensors` (the counter continues after the highest one)."""
+def _output_file(prefix: str, node_name: str, suffix: str = ".safetensors") -> tuple[Path, str]:
+    """`<output>/<folder>/<stem>_<counter:05>_<suffix>` (the counter continues after the highest one)."""
     folder_part, _, stem = str(prefix).replace("\\", "/").rpartition("/")
     if not stem:
         raise ValueError(f"{node_name}: filename_prefix {prefix!r} has no file name part")
@@ -125,7 +125,7 @@ def _output_file(prefix: str, node_name: str) -> tuple[Path, str]:
     folder.mkdir(parents=True, exist_ok=True)
     pattern = re.compile(re.escape(stem) + r"_(\d{5,})_")
     counter = 1 + max((int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))), default=0)
-    return folder / f"{stem}_{counter:05}_.safetensors", f"{stem} {counter}"
+    return folder / f"{stem}_{counter:05}_{suffix}", f"{stem} {counter}"
 
 
 def _metadata(model: DiffusionModelHandle | None, title: str, prompt: Any, extra_pnginfo: Any) -> dict[str, str]:
