@@ -34,7 +34,8 @@ class DiffusionModelHandle(ResidentMixin):
     # Sampling patches set by model-patch nodes on a clone (see with_patches): "cfg_function",
     # "denoise_mask_function" (read by nodes.sampling.sample), "guider" (a (kind, ...) tuple for
     # guiders other than CFG) and "output_block_patches" (functions (h, skip) -> (h, skip) applied to
-    # every UNet up-block input before it is concatenated with its skip connection).
+    # every UNet up-block input before it is concatenated with its skip connection); "hypernetworks"
+    # (HypernetworkPatch objects, accumulated) rewrite the attention key/value inputs.
     sampling_patches: dict[str, Any] = {}
     # SD2.1 unCLIP: the checkpoint's noise-augmentor statistics (mean, std), each [1, D]; see models/unclip.py.
     unclip_stats: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -44,7 +45,7 @@ class DiffusionModelHandle(ResidentMixin):
         twin = self.clone()
         merged = dict(self.sampling_patches)
         for key, value in patches.items():
-            if key == "output_block_patches":
+            if key in ("output_block_patches", "hypernetworks"):
                 value = tuple(merged.get(key, ())) + tuple(value)
             merged[key] = value
         twin.sampling_patches = merged
@@ -202,9 +203,23 @@ class DiffusionModelHandle(ResidentMixin):
             kwargs["down_intrablock_additional_residuals"] = [prep(r) for r in control["intrablock"]]
         if x.shape[1] < self.in_channels:
             x = torch.cat([x, prep(extra_input(cond.get("concat"), x_in, self.in_channels - x.shape[1]))], dim=1)
-        with self._output_block_hooks():
+        with self._output_block_hooks(), self._hypernetwork_hooks():
             out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
         return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))
+
+    @contextlib.contextmanager
+    def _hypernetwork_hooks(self):
+        """Hypernetworks (models/hypernetwork.py) on the attention projections, for one call (the weights
+        are shared with other handles)."""
+        patches = self.sampling_patches.get("hypernetworks") or ()
+        handles = []
+        try:
+            for patch in patches:
+                handles.extend(patch.hooks(self.unet))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @contextlib.contextmanager
     def _output_block_hooks(self):
