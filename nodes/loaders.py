@@ -181,3 +181,69 @@ def unclip_checkpoint_loader(ckpt_name: Annotated[str, Combo(model_files("checkp
         raise ModelFileError(path, f"unCLIPCheckpointLoader input ckpt_name {ckpt_name!r}: {e.reason}") from None
     model, clip, vae = _handles(ckpt, rt.folders.paths("embeddings"))
     return UnclipCheckpoint(model, clip, vae, ClipVisionHandle(tower, name=ckpt_name))
+
+
+# ---- CheckpointLoader (with a config, for old workflows) ---------------------------------------------
+# The configs ComfyUI ships in models/configs, and what in them changes how a checkpoint runs: the
+# v-prediction ones (parameterization: "v") and the clip-skip-2 ones (the penultimate CLIP layer).
+# Architecture, channels and the rest are read from the checkpoint's tensors, so the config cannot
+# contradict them. A .yaml file of another name in the configs folder is read for the same two facts.
+SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
+    "anything_v3.yaml": {"clip_layer": -2},
+    "v1-inference.yaml": {},
+    "v1-inference_clip_skip_2.yaml": {"clip_layer": -2},
+    "v1-inference_clip_skip_2_fp16.yaml": {"clip_layer": -2},
+    "v1-inference_fp16.yaml": {},
+    "v1-inpainting-inference.yaml": {},
+    "v2-inference-v.yaml": {"prediction_type": "v_prediction"},
+    "v2-inference-v_fp32.yaml": {"prediction_type": "v_prediction"},
+    "v2-inference.yaml": {"prediction_type": "epsilon"},
+    "v2-inference_fp32.yaml": {"prediction_type": "epsilon"},
+    "v2-inpainting-inference.yaml": {"prediction_type": "epsilon"},
+}
+
+
+def config_names() -> list[str]:
+    return sorted(set(SHIPPED_CONFIGS) | set(runtime().folders.list_files("configs")))
+
+
+def _config_facts(config_name: str) -> dict[str, Any]:
+    path = runtime().folders.full_path("configs", config_name)
+    if path is None:
+        if config_name not in SHIPPED_CONFIGS:
+            raise ValueError(f"CheckpointLoader: config_name {config_name!r} is neither shipped nor in the configs "
+                             "folder")
+        return SHIPPED_CONFIGS[config_name]
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        params = cfg.get("model", {}).get("params", {}) or {}
+    except (yaml.YAMLError, AttributeError, OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"CheckpointLoader: config_name {config_name!r} is not a readable LDM config: {e}") from None
+    facts: dict[str, Any] = {}
+    if "parameterization" in params:
+        facts["prediction_type"] = "v_prediction" if params["parameterization"] == "v" else "epsilon"
+    cond = (params.get("cond_stage_config") or {}).get("params") or {}
+    if cond.get("layer") == "penultimate":
+        facts["clip_layer"] = -2
+    return facts
+
+
+@node("CheckpointLoader", category="advanced/loaders", display_name="Load Checkpoint With Config (DEPRECATED)",
+      deprecated=True, fingerprint=model_file_fingerprint("checkpoints", "ckpt_name"),
+      validate=model_file_exists("checkpoints", "ckpt_name", "checkpoint"))
+def checkpoint_loader(config_name: Annotated[str, Combo(config_names)],
+                      ckpt_name: Annotated[str, Combo(model_files("checkpoints"))]) -> tuple[Model, Clip, Vae]:
+    """Loads a checkpoint with an LDM config, as old workflows do: the config's prediction type and clip
+    skip are honoured; everything else comes from the checkpoint itself."""
+    facts = _config_facts(config_name)
+    rt = runtime()
+    ckpt = load_checkpoint(rt.folders.require("checkpoints", ckpt_name), **_dtypes())
+    if "prediction_type" in facts:
+        ckpt.prediction_type = facts["prediction_type"]
+    model, clip, vae = _handles(ckpt, rt.folders.paths("embeddings"))
+    if "clip_layer" in facts:
+        clip = clip.clone()
+        clip.set_last_layer(int(facts["clip_layer"]))
+    return model, clip, vae
