@@ -247,3 +247,78 @@ def checkpoint_loader(config_name: Annotated[str, Combo(config_names)],
         clip = clip.clone()
         clip.set_last_layer(int(facts["clip_layer"]))
     return model, clip, vae
+
+
+# ---- text encoders as separate files ---------------------------------------------------------------
+
+def _clip_from_files(node_name: str, files: dict[str, str], arch: str, expected: dict[str, str]) -> ClipHandle:
+    """`files`: {input name: file name}; `expected`: {input name: kind} (each kind once)."""
+    from .models.text_encoder_file import CLIP_LAYER_DEFAULTS, build_text_encoders, read_text_encoder
+    from .models.tokenizer import load_tokenizer
+
+    rt = runtime()
+    parts = {}
+    names = {"l": "CLIP-L", "h": "OpenCLIP-H", "g": "OpenCLIP-G"}
+    for param, name in files.items():
+        path = rt.folders.require("text_encoders", name)
+        try:
+            kind, sd = read_text_encoder(path, pair=len(files) > 1)
+        except ModelFileError as e:
+            raise ModelFileError(path, f"{node_name} input {param} {name!r}: {e.reason}; expected a "
+                                       "CLIP text encoder file") from None
+        if len(files) > 1 and kind not in expected.values():
+            raise ValueError(f"{node_name}: {param} {name!r} is an {names[kind]} text encoder; {arch} uses "
+                             f"{' and '.join(names[k] for k in expected.values())}")
+        if kind in parts:
+            raise ValueError(f"{node_name}: {param} {name!r} is a second {names[kind]} text encoder; {arch} needs "
+                             f"{' and '.join(names[k] for k in expected.values())}")
+        parts[kind] = (path, sd)
+    try:
+        encoders = build_text_encoders(parts, arch, _dtypes()["dtype"])
+    except ModelFileError as e:
+        raise ModelFileError(e.path, f"{node_name}: {e.reason}") from None
+    return ClipHandle(encoders, {k: load_tokenizer(k) for k in encoders}, arch,
+                      embedding_dirs=rt.folders.paths("embeddings"), layer_defaults=CLIP_LAYER_DEFAULTS[arch])
+
+
+@node("CLIPLoader", category="advanced/loaders", display_name="Load CLIP",
+      validate=model_file_exists("text_encoders", "clip_name", "text encoder"),
+      fingerprint=model_file_fingerprint("text_encoders", "clip_name"))
+def clip_loader(clip_name: Annotated[str, Combo(model_files("text_encoders"))],
+                type: Annotated[str, Combo(["stable_diffusion"])],
+                device: Annotated[str, Combo(["default", "cpu"], advanced=True)] | None = None) -> Clip:
+    """Loads one text encoder file: CLIP-L makes an SD1 CLIP, OpenCLIP-H an SD2 CLIP."""
+    from .models.text_encoder_file import read_text_encoder
+
+    path = runtime().folders.require("text_encoders", clip_name)
+    try:
+        kind, _ = read_text_encoder(path)
+    except ModelFileError as e:
+        raise ModelFileError(path, f"CLIPLoader input clip_name {clip_name!r}: {e.reason}; expected a CLIP "
+                                   "text encoder file") from None
+    arch = {"l": "sd1", "h": "sd2"}.get(kind)
+    if arch is None:
+        raise ValueError(f"CLIPLoader: clip_name {clip_name!r} is an OpenCLIP-G text encoder, which SDXL pairs "
+                         "with CLIP-L: load both with DualCLIPLoader (type sdxl)")
+    clip = _clip_from_files("CLIPLoader", {"clip_name": clip_name}, arch, {"clip_name": kind})
+    if device == "cpu":
+        clip.load_device = "cpu"
+    return clip
+
+
+@node("DualCLIPLoader", category="advanced/loaders",
+      validate=model_file_exists("text_encoders", "clip_name1", "text encoder"),
+      fingerprint=model_file_fingerprint("text_encoders", "clip_name1"))
+def dual_clip_loader(clip_name1: Annotated[str, Combo(model_files("text_encoders"))],
+                     clip_name2: Annotated[str, Combo(model_files("text_encoders"))],
+                     type: Annotated[str, Combo(["sdxl"])],
+                     device: Annotated[str, Combo(["default", "cpu"], advanced=True)] | None = None) -> Clip:
+    """Loads SDXL's two text encoders (CLIP-L and OpenCLIP-G, in either order) from separate files."""
+    for name in (clip_name1, clip_name2):
+        if runtime().folders.full_path("text_encoders", name) is None:
+            raise ValueError(f"DualCLIPLoader: text encoder not found: {name!r} (looked in text_encoders)")
+    clip = _clip_from_files("DualCLIPLoader", {"clip_name1": clip_name1, "clip_name2": clip_name2}, "sdxl",
+                            {"clip_name1": "l", "clip_name2": "g"})
+    if device == "cpu":
+        clip.load_device = "cpu"
+    return clip
