@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -286,3 +287,34 @@ def write_tiny_clip_vision(path: str | Path, *, layout: str = "openclip", projec
     else:
         save_file(sd, str(path), metadata={"sdflow.random_weights": "true"})
     return path
+
+
+def _hn_layers(width: int, gen: torch.Generator, layer_norm: bool) -> dict:
+    """One MLP as A1111's Sequential names it for layer_structure [1, 2, 1], relu, layer norm and dropout:
+    0 Linear(w, 2w), 1 ReLU, 2 LayerNorm(2w), 3 Dropout, 4 Linear(2w, w), 5 LayerNorm(w)."""
+    def ln(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return 1 + 0.1 * torch.randn(n, generator=gen), 0.1 * torch.randn(n, generator=gen)
+
+    sd = {"linear.0.weight": 0.2 * torch.randn(2 * width, width, generator=gen),
+          "linear.0.bias": 0.1 * torch.randn(2 * width, generator=gen)}
+    if layer_norm:
+        sd["linear.2.weight"], sd["linear.2.bias"] = ln(2 * width)
+    sd["linear.4.weight"] = 0.2 * torch.randn(width, 2 * width, generator=gen)
+    sd["linear.4.bias"] = 0.1 * torch.randn(width, generator=gen)
+    if layer_norm:
+        sd["linear.5.weight"], sd["linear.5.bias"] = ln(width)
+    return sd
+
+
+def write_tiny_hypernetwork(path: str | Path, widths: tuple[int, ...] = (CLIP_HIDDEN, 64), *, layer_norm: bool = True,
+                            activation: str = "relu", seed: int = 0) -> dict:
+    """An A1111 hypernetwork .pt for the tiny SD1 UNet (attention widths 32 and 64), layer_structure
+    [1, 2, 1], in the file layout A1111 saves (per-width [key, value] layer dicts plus its settings)."""
+    path = Path(path)
+    gen = torch.Generator().manual_seed(seed)
+    obj: dict[Any, Any] = {w: [_hn_layers(w, gen, layer_norm), _hn_layers(w, gen, layer_norm)] for w in widths}
+    obj.update({"layer_structure": [1, 2, 1], "activation_func": activation, "is_layer_norm": layer_norm,
+                "use_dropout": True, "activate_output": False, "last_layer_dropout": False,
+                "name": path.stem, "step": 1000, "sd_checkpoint": "abcd1234", "sd_checkpoint_name": "tiny"})
+    torch.save(obj, path)
+    return obj

@@ -1,7 +1,8 @@
-"""Real-shaped community workflows for the CLIP-vision nodes, in the API and the UI format
+"""Real-shaped community workflows for the model-side nodes, in the API and the UI format
 (tests/compat/data/model_nodes): SD2.1 unCLIP image variation (unCLIPCheckpointLoader, a pickled .ckpt as
-released) and SDXL "revision" with two images (CLIPVisionLoader with clip_vision_g, zeroed text,
-chained unCLIPConditioning).
+released), SDXL "revision" with two images (CLIPVisionLoader with clip_vision_g, zeroed text, chained
+unCLIPConditioning), a 3-way SD1.5 merge saved as a checkpoint (then loaded back and run), and an A1111
+hypernetwork.
 
 Every model the workflows name is installed under that name as a tiny random-weight model built with
 the real diffusers/transformers classes and saved in the real file layout; the graphs run unchanged
@@ -22,12 +23,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 DATA = Path(__file__).parent / "data" / "model_nodes"
-WORKFLOWS = ["sd21_unclip_image_variation", "sdxl_revision_two_images"]
+WORKFLOWS = ["sd21_unclip_image_variation", "sdxl_revision_two_images", "sd15_three_way_merge_save",
+             "sd15_hypernetwork"]
+UNCLIP_WORKFLOWS = WORKFLOWS[:2]
 
 
 def _install(models: Path, inputs: Path) -> None:
     from nodes.models.checkpoint import checkpoint_to_ldm_state_dict
-    from nodes.models.tiny import tiny_checkpoint_models, write_tiny_checkpoint, write_tiny_clip_vision
+    from nodes.models.tiny import (
+        tiny_checkpoint_models,
+        write_tiny_checkpoint,
+        write_tiny_clip_vision,
+        write_tiny_hypernetwork,
+    )
 
     # the SD2.1 unCLIP release is a pickled Lightning checkpoint
     sd = checkpoint_to_ldm_state_dict(tiny_checkpoint_models("sd2", seed=21, unclip=True))
@@ -35,6 +43,11 @@ def _install(models: Path, inputs: Path) -> None:
     write_tiny_checkpoint(models / "checkpoints" / "sd_xl_base_1.0.safetensors", "sdxl", seed=22)
     # ComfyUI's clip_vision_g.safetensors is the transformers layout
     write_tiny_clip_vision(models / "clip_vision" / "clip_vision_g.safetensors", layout="hf", seed=23)
+    for seed, name in enumerate(("v1-5-pruned-emaonly.safetensors", "dreamshaper_8.safetensors",
+                                 "realisticVisionV51_v51VAE.safetensors"), start=24):
+        write_tiny_checkpoint(models / "checkpoints" / name, "sd1", seed=seed)
+    (models / "hypernetworks").mkdir(parents=True, exist_ok=True)
+    write_tiny_hypernetwork(models / "hypernetworks" / "mjv4_hypernetwork_v1.pt", seed=27)
     rng = np.random.default_rng(3)
     for name, size in (("mountains.png", (48, 80)), ("sunset.png", (72, 56))):
         Image.fromarray(rng.uniform(0, 255, (*size, 3)).astype(np.uint8)).save(inputs / name)
@@ -111,7 +124,7 @@ def test_workflow_runs_unchanged_and_png_keeps_both_formats(compat_env, name):
             assert np.asarray(im.convert("RGB"), dtype=np.float32).std() > 0
 
 
-@pytest.mark.parametrize("name", WORKFLOWS)
+@pytest.mark.parametrize("name", UNCLIP_WORKFLOWS)
 def test_the_image_steers_the_result(compat_env, name, monkeypatch):
     """Strength 0 on every unCLIPConditioning gives a different image than the saved strengths: the image
     embedding reaches the model (class labels for unCLIP, the pooled input for SDXL)."""
@@ -151,3 +164,32 @@ def test_the_image_steers_the_result(compat_env, name, monkeypatch):
     if name == "sd21_unclip_image_variation":
         assert all(t.abs().sum() == 0 for t in without)   # no image: zero class labels
         assert all(t.abs().sum() > 0 for t in with_image[:1])
+
+
+def test_the_saved_merge_loads_back_as_a_checkpoint(compat_env):
+    """The 3-way merge's CheckpointSave output, put in the checkpoints folder, runs in a plain txt2img
+    graph and denoises exactly like the merged model did."""
+    from engine.executor import Executor
+
+    registry, config = compat_env
+    api, ui = _load("sd15_three_way_merge_save")
+    prompt = _shrink(copy.deepcopy(api))
+    result = Executor(registry).execute(prompt, "merge-save", extra_data={"extra_pnginfo": {"workflow": ui}})
+    assert result.status == "success", result.error
+    saved = sorted((config.output_dir / "checkpoints").glob("threeway_merge_*_.safetensors"))[-1]
+    (config.models_dir / "checkpoints" / "threeway_merge.safetensors").write_bytes(saved.read_bytes())
+    reloaded = copy.deepcopy(prompt)
+    for key in ("2", "3", "4", "5", "6", "7"):
+        reloaded.pop(key)
+    reloaded["1"]["inputs"]["ckpt_name"] = "threeway_merge.safetensors"
+    reloaded["8"]["inputs"]["clip"] = reloaded["9"]["inputs"]["clip"] = ["1", 1]
+    reloaded["11"]["inputs"]["model"] = ["1", 0]
+    reloaded["12"]["inputs"]["vae"] = ["1", 2]
+    again = Executor(registry).execute(reloaded, "merge-reload")
+    assert again.status == "success", again.error
+
+    def pixels(res):
+        img = next(i for out in res.outputs.values() for i in out.get("images", []))
+        with Image.open(config.output_dir / img["subfolder"] / img["filename"]) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.int16)
+    assert np.abs(pixels(result) - pixels(again)).max() <= 1   # same weights, same image (8-bit rounding)

@@ -12,35 +12,9 @@ from engine.executor import Executor
 from nodes.loaders import checkpoint_loader_simple
 from nodes.lora import hypernetwork_loader
 from nodes.models.hypernetwork import load_hypernetwork
+from nodes.models.tiny import write_tiny_hypernetwork
 
 from .conftest import TINY_SD1, activate
-
-
-def _layers(width: int, gen: torch.Generator, layer_norm: bool) -> dict:
-    """One MLP as A1111's Sequential names it for layer_structure [1, 2, 1], relu, layer norm and dropout:
-    0 Linear(w, 2w), 1 ReLU, 2 LayerNorm(2w), 3 Dropout, 4 Linear(2w, w), 5 LayerNorm(w)."""
-    def ln(n):
-        return 1 + 0.1 * torch.randn(n, generator=gen), 0.1 * torch.randn(n, generator=gen)
-
-    sd = {"linear.0.weight": 0.2 * torch.randn(2 * width, width, generator=gen),
-          "linear.0.bias": 0.1 * torch.randn(2 * width, generator=gen)}
-    if layer_norm:
-        sd["linear.2.weight"], sd["linear.2.bias"] = ln(2 * width)
-    sd["linear.4.weight"] = 0.2 * torch.randn(width, 2 * width, generator=gen)
-    sd["linear.4.bias"] = 0.1 * torch.randn(width, generator=gen)
-    if layer_norm:
-        sd["linear.5.weight"], sd["linear.5.bias"] = ln(width)
-    return sd
-
-
-def write_hypernetwork(path, widths=(32, 64), *, layer_norm=True, activation="relu", seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    obj = {w: [_layers(w, gen, layer_norm), _layers(w, gen, layer_norm)] for w in widths}
-    obj.update({"layer_structure": [1, 2, 1], "activation_func": activation, "is_layer_norm": layer_norm,
-                "use_dropout": True, "activate_output": False, "last_layer_dropout": False,
-                "name": path.stem, "step": 1000, "sd_checkpoint": "abcd1234", "sd_checkpoint_name": "tiny"})
-    torch.save(obj, path)
-    return obj
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +23,7 @@ def hn_files(sd_env):
     _, config = sd_env
     root = config.models_dir / "hypernetworks"
     root.mkdir(parents=True, exist_ok=True)
-    obj = write_hypernetwork(root / "tiny-hn.pt")
+    obj = write_tiny_hypernetwork(root / "tiny-hn.pt")
     return root, obj
 
 
