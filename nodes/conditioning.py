@@ -1,12 +1,12 @@
 """Conditioning nodes: prompt encoding and the ways conditionings are combined or restricted."""
 from __future__ import annotations
 
-from typing import Annotated, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from engine.inputs import Boolean, Combo, Float, Int, String
+from engine.inputs import Boolean, Combo, Float, Int, Socket, String
 from engine.node import node
 
 from .models.prompt_weights import check_nesting
@@ -287,3 +287,27 @@ def unclip_conditioning(conditioning: Conditioning, clip_vision_output: ClipVisi
              "noise_augmentation": noise_augmentation}
     return [[cond, {**opts, "unclip_conditioning": [*opts.get("unclip_conditioning", []), entry]}]
             for cond, opts in conditioning]
+
+
+@node("StyleModelApply", category="conditioning/style_model")
+def style_model_apply(conditioning: Conditioning, style_model: Annotated[Any, Socket("STYLE_MODEL")],
+                      clip_vision_output: ClipVisionOutput,
+                      strength: Annotated[float, Float(1.0, min=0.0, max=10.0, step=0.001)],
+                      strength_type: Annotated[str, Combo(["multiply", "attn_bias"])]) -> Conditioning:
+    """Appends a style model's tokens (from an image's CLIP vision encoding) to every conditioning entry."""
+    if strength_type not in ("multiply", "attn_bias"):
+        raise ValueError(f"strength_type must be 'multiply' or 'attn_bias', got {strength_type!r}")
+    if strength_type == "attn_bias" and strength != 1.0:
+        raise NotImplementedError("StyleModelApply: strength_type 'attn_bias' with a strength other than 1 is not "
+                                  "supported by sdflow yet (use 'multiply')")
+    tokens = style_model.get_cond(clip_vision_output)
+    tokens = tokens.flatten(0, 1).unsqueeze(0)
+    if strength_type == "multiply":
+        tokens = tokens * strength
+    out = []
+    for cond, opts in conditioning:
+        if cond.shape[-1] != tokens.shape[-1]:
+            raise ValueError(f"StyleModelApply: the style model makes {tokens.shape[-1]}-wide tokens, the "
+                             f"conditioning is {cond.shape[-1]} wide (an SD1.x style model needs an SD1.x CLIP)")
+        out.append([torch.cat([cond, tokens.to(cond).expand(cond.shape[0], -1, -1)], dim=1), dict(opts)])
+    return out

@@ -129,10 +129,18 @@ def _not_supported(what: str) -> str:
 
 
 @node("StyleModelLoader", category="loaders", display_name="Load Style Model",
+      fingerprint=model_file_fingerprint("style_models", "style_model_name"),
       validate=model_file_exists("style_models", "style_model_name", "style model"))
 def style_model_loader(style_model_name: Annotated[str, Combo(model_files("style_models"))]) -> StyleModel:
-    """Loads a style model (T2I style adapter / Flux Redux): not supported yet."""
-    raise NotImplementedError(f"StyleModelLoader: {_not_supported('style')} ({style_model_name!r})")
+    """Loads a T2I-Adapter style model (image prompts as extra conditioning tokens)."""
+    from .models.style_model import load_style_model
+
+    path = runtime().folders.require("style_models", style_model_name)
+    try:
+        return load_style_model(path)
+    except ModelFileError as e:
+        raise ModelFileError(path, f"StyleModelLoader input style_model_name {style_model_name!r}: {e.reason}; "
+                                   "expected a T2I-Adapter style model (t2iadapter_style)") from None
 
 
 @node("GLIGENLoader", category="loaders", display_name="Load GLIGEN",

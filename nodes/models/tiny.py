@@ -318,3 +318,22 @@ def write_tiny_hypernetwork(path: str | Path, widths: tuple[int, ...] = (CLIP_HI
                 "name": path.stem, "step": 1000, "sd_checkpoint": "abcd1234", "sd_checkpoint_name": "tiny"})
     torch.save(obj, path)
     return obj
+
+
+def write_tiny_style_model(path: str | Path, *, width: int = CLIP_HIDDEN, context_dim: int = CLIP_HIDDEN,
+                           layers: int = 2, tokens: int = 8, seed: int = 0) -> Path:
+    """A T2I-Adapter style model sized for the tiny CLIP vision tower and SD1 UNet, saved as TencentARC
+    released theirs (a .pth state dict with the original key names)."""
+    from .style_model import StyleAdapter
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = StyleAdapter(width, context_dim, layers, tokens)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
