@@ -23,14 +23,14 @@ DATA = ROOT / "tests" / "engine" / "data"
 
 
 def default_graph_with_extras() -> dict:
-    """ComfyUI's default graph plus a node class sdflow lacks and a second loader (CLIPLoader, also
-    a class sdflow lacks) whose file is missing too."""
+    """ComfyUI's default graph plus a node class sdflow lacks and a second loader (TripleCLIPLoader,
+    SD3's, also a class sdflow lacks) whose file is missing too."""
     ui = json.loads((DATA / "default_ui.json").read_text())
     ui["nodes"] += [
         {"id": 20, "type": "ImpactWildcardProcessor", "mode": 0, "inputs": [], "outputs": [],
          "widgets_values": {"wildcard_text": "a __color__ cat"}},
-        {"id": 21, "type": "CLIPLoader", "mode": 0, "inputs": [], "outputs": [],
-         "widgets_values": {"clip_name": "t5xxl_fp16.safetensors", "type": "sd3"}},
+        {"id": 21, "type": "TripleCLIPLoader", "mode": 0, "inputs": [], "outputs": [],
+         "widgets_values": {"clip_name1": "t5xxl_fp16.safetensors"}},
         {"id": 22, "type": "ImpactWildcardProcessor", "mode": 0, "inputs": [], "outputs": [],
          "widgets_values": {"wildcard_text": "x"}},
     ]
@@ -51,18 +51,18 @@ def test_cli_check_lists_missing_classes_and_models_with_their_folders(tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     out = r.stderr
     assert "missing node classes (2):" in out
-    assert "ImpactWildcardProcessor  (node 20, 22)" in out and "CLIPLoader  (node 21)" in out
+    assert "ImpactWildcardProcessor  (node 20, 22)" in out and "TripleCLIPLoader  (node 21)" in out
     assert "missing model files (2):" in out
     ckpt_dir = (data / "models" / "checkpoints").resolve()
     assert (f"checkpoints/v1-5-pruned-emaonly.safetensors  (node 4 CheckpointLoaderSimple.ckpt_name); "
             f"put it in {ckpt_dir}") in out
-    assert "text_encoders/t5xxl_fp16.safetensors  (node 21 CLIPLoader.clip_name)" in out
+    assert "text_encoders/t5xxl_fp16.safetensors  (node 21 TripleCLIPLoader.clip_name1)" in out
 
     r = sdflow(data, "check", str(wf), "--json")
     report = json.loads(r.stdout)
     assert report["ok"] is False and report["node_count"] == 10
     assert {m["class_type"]: m["node_ids"] for m in report["missing_nodes"]} == {
-        "ImpactWildcardProcessor": ["20", "22"], "CLIPLoader": ["21"]}
+        "ImpactWildcardProcessor": ["20", "22"], "TripleCLIPLoader": ["21"]}
     ckpt = next(m for m in report["missing_models"] if m["folder"] == "checkpoints")
     assert ckpt["paths"][0] == str(ckpt_dir)
 
@@ -110,7 +110,7 @@ async def test_post_check_reports_ui_and_api_workflows(sd_server):
         assert r.status == 200
         report = await r.json()
     assert report["ok"] is False
-    assert sorted(m["class_type"] for m in report["missing_nodes"]) == ["CLIPLoader", "ImpactWildcardProcessor"]
+    assert sorted(m["class_type"] for m in report["missing_nodes"]) == ["ImpactWildcardProcessor", "TripleCLIPLoader"]
     assert {(m["folder"], m["name"]) for m in report["missing_models"]} == {
         ("checkpoints", "v1-5-pruned-emaonly.safetensors"), ("text_encoders", "t5xxl_fp16.safetensors")}
     assert report["missing_models"][0]["nodes"] == [
