@@ -125,7 +125,7 @@ def triple_clip_loader(clip_name1: Annotated[str, Combo(model_files("text_encode
 def dual_clip_loader(clip_name1: Annotated[str, Combo(model_files("text_encoders"))],
                      clip_name2: Annotated[str, Combo(model_files("text_encoders"))],
                      type: Annotated[str, Combo(DUAL_CLIP_TYPES)],
-                     device: Annotated[str, Combo(["default", "cpu"], advanced=True)] = "default") -> Clip:
+                     device: Annotated[str, Combo(["default", "cpu"], advanced=True)] | None = None) -> Clip:
     """[Recipes]
 
     sdxl: clip-l, clip-g
@@ -141,7 +141,7 @@ def dual_clip_loader(clip_name1: Annotated[str, Combo(model_files("text_encoders
       fingerprint=model_file_fingerprint("text_encoders", "clip_name"))
 def clip_loader(clip_name: Annotated[str, Combo(model_files("text_encoders"))],
                 type: Annotated[str, Combo(CLIP_TYPES)],
-                device: Annotated[str, Combo(["default", "cpu"], advanced=True)] = "default") -> Clip:
+                device: Annotated[str, Combo(["default", "cpu"], advanced=True)] | None = None) -> Clip:
     """[Recipes]
 
     stable_diffusion: clip-l (SD1) / OpenCLIP-H (SD2)
