@@ -32,6 +32,7 @@ import { Minimap } from "./minimap";
 import { Settings } from "./settings";
 import { SettingsDialog } from "./ui/settings";
 import { copyImage, GalleryPanel, openImage, saveImage } from "./ui/gallery";
+import { MaskEditor } from "./ui/maskeditor";
 import { TemplatesBrowser } from "./ui/templates";
 import { TopBar } from "./ui/topbar";
 import { WorkflowsPanel } from "./ui/workflows";
@@ -84,6 +85,7 @@ export class App {
   queuePanel!: QueuePanel;
   historyPanel!: HistoryPanel;
   gallery!: GalleryPanel;
+  readonly maskEditor = new MaskEditor(this.api);
   workflowsPanel!: WorkflowsPanel;
   topbar!: TopBar;
   undo!: UndoHistory;
@@ -521,6 +523,10 @@ export class App {
     const nodeMenu = canvas.getNodeMenuOptions.bind(canvas);
     canvas.getNodeMenuOptions = (node: LGraphNode) => {
       const opts = nodeMenu(node).filter(keep);
+      const combo = node.widgets?.some((w) => w.name === "upload") ? node.widgets.find((w) => w.type === "combo") : undefined;
+      if (combo && typeof combo.value === "string" && combo.value) {
+        return [{ content: "Open in MaskEditor", callback: () => void this.editMask(node, combo) }, null, ...opts];
+      }
       const ref: ImageRef | undefined = (node as any).sdflowOutputs?.[0];
       if (!ref) return opts;
       const run = (label: string, fn: () => unknown) => ({
@@ -918,6 +924,22 @@ export class App {
       await this.openWorkflow(JSON.parse(new TextDecoder().decode(buf)), base);
     } catch (e) {
       toast(`Cannot load ${file.name}: ${errText(e)}`, "error");
+    }
+  }
+
+  /** Opens the mask editor on a LoadImage node's image; a saved mask switches the node to the masked copy. */
+  async editMask(node: LGraphNode, combo: IBaseWidget): Promise<void> {
+    try {
+      await this.maskEditor.open(inputImageRef(String(combo.value)), ({ value }) => {
+        const values = (combo.options as any).values as unknown[];
+        if (Array.isArray(values) && !values.includes(value)) values.push(value);
+        combo.value = value;
+        this.onNodeValueChanged(node, combo.name);
+        this.graph._version++;
+        this.canvas.setDirty(true, true);
+      });
+    } catch (e) {
+      toast(`Cannot open the mask editor: ${errText(e)}`, "error");
     }
   }
 
