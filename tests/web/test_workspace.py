@@ -491,3 +491,20 @@ def test_mask_painted_in_the_editor_reaches_the_sampler(editor: EditorPage, serv
     assert mean_abs_diff(out["plain_seed1"], out["plain_encoded"], whole) < 0.01
     assert mean_abs_diff(out["masked_encoded"], out["plain_encoded"], whole) == 0
     assert ed.errors == []
+
+
+def test_model_dragged_from_the_library_becomes_its_loader(editor: EditorPage) -> None:
+    ed = editor
+    ed.js("sdflow.graph.clear(); sdflow.canvas.ds.scale = 1; sdflow.canvas.ds.offset = [0, 0]; sdflow.canvas.setDirty(true, true)")
+    ed.page.click(".tab[data-tab=models]")
+    item = ed.page.locator(".model-item[data-folder=checkpoints][data-name='tiny.safetensors']")
+    item.wait_for()
+    box = ed.page.locator("#graph-canvas").bounding_box()
+    item.drag_to(ed.page.locator("#graph-canvas"), target_position={"x": 300, "y": 250})
+    ed.page.wait_for_function("sdflow.graph.nodes.length === 1")
+    node = ed.js("(() => { const n = sdflow.graph.nodes[0]; return {type: n.type, pos: [...n.pos], ckpt: n.widgets[0].value}; })()")
+    assert node["type"] == "CheckpointLoaderSimple" and node["ckpt"] == "tiny.safetensors"
+    gx, gy = ed.js(f"sdflow.app.clientToGraph({box['x'] + 300}, {box['y'] + 250})")
+    assert abs(node["pos"][0] - gx) < 2 and abs(node["pos"][1] - gy) < 2
+    ed.screenshot("workspace_model_library.png")
+    assert ed.errors == []

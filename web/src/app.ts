@@ -33,6 +33,7 @@ import { Settings } from "./settings";
 import { SettingsDialog } from "./ui/settings";
 import { copyImage, GalleryPanel, openImage, saveImage } from "./ui/gallery";
 import { MaskEditor } from "./ui/maskeditor";
+import { loaderFor, MODEL_MIME, ModelLibrary } from "./ui/models";
 import { TemplatesBrowser } from "./ui/templates";
 import { TopBar } from "./ui/topbar";
 import { WorkflowsPanel } from "./ui/workflows";
@@ -85,6 +86,7 @@ export class App {
   queuePanel!: QueuePanel;
   historyPanel!: HistoryPanel;
   gallery!: GalleryPanel;
+  models!: ModelLibrary;
   readonly maskEditor = new MaskEditor(this.api);
   workflowsPanel!: WorkflowsPanel;
   topbar!: TopBar;
@@ -167,6 +169,7 @@ export class App {
     };
     this.queuePanel = new QueuePanel(this.api, actions);
     this.historyPanel = new HistoryPanel(this.api, actions);
+    this.models = new ModelLibrary(this.api, () => this.objectInfo, (folder, file) => void this.addModelNode(folder, file, this.viewCenter()));
     this.gallery = new GalleryPanel(this.api, {
       loadWorkflow: (data, name) => void this.openWorkflow(data, name),
       sendToLoadImage: (ref) => void this.sendToLoadImage(ref),
@@ -177,6 +180,7 @@ export class App {
       { id: "history", label: "History", el: this.historyPanel.el, onShow: () => this.historyPanel.refresh() },
       { id: "gallery", label: "Gallery", el: this.gallery.el, onShow: () => this.gallery.refresh() },
       { id: "nodes", label: "Nodes", el: this.library.el, onShow: () => this.library.render() },
+      { id: "models", label: "Models", el: this.models.el, onShow: () => void this.models.refresh() },
       { id: "workflows", label: "Workflows", el: this.workflowsPanel.el, onShow: () => this.workflowsPanel.refresh() },
     ]);
     this.settingsDialog = new SettingsDialog(this.settings, this.keymap);
@@ -341,6 +345,12 @@ export class App {
       const type = e.dataTransfer?.getData(DRAG_MIME);
       if (type) {
         this.addNodeAt(type, pos);
+        return;
+      }
+      const model = e.dataTransfer?.getData(MODEL_MIME);
+      if (model) {
+        const { folder, name } = JSON.parse(model);
+        this.addModelNode(folder, name, pos);
         return;
       }
       const file = e.dataTransfer?.files?.[0];
@@ -925,6 +935,25 @@ export class App {
     } catch (e) {
       toast(`Cannot load ${file.name}: ${errText(e)}`, "error");
     }
+  }
+
+  /** A model from the library: its loader node, with the file chosen. */
+  addModelNode(folder: string, file: string, pos: [number, number]): LGraphNode | null {
+    const loader = loaderFor(this.objectInfo, folder, file);
+    if (!loader) {
+      toast(`No loader node for ${folder}`, "warning");
+      return null;
+    }
+    const node = this.addNodeAt(loader.type, pos);
+    const w = node?.widgets?.find((x) => x.name === loader.input);
+    if (!node || !w) return node;
+    const values = (w.options as any)?.values;
+    if (Array.isArray(values) && !values.includes(file)) values.push(file);
+    w.value = file;
+    node.onWidgetChanged?.(w.name, file, undefined, w);
+    this.graph._version++;
+    this.canvas.setDirty(true, true);
+    return node;
   }
 
   /** Opens the mask editor on a LoadImage node's image; a saved mask switches the node to the masked copy. */
