@@ -508,3 +508,28 @@ def test_model_dragged_from_the_library_becomes_its_loader(editor: EditorPage) -
     assert abs(node["pos"][0] - gx) < 2 and abs(node["pos"][1] - gy) < 2
     ed.screenshot("workspace_model_library.png")
     assert ed.errors == []
+
+
+@pytest.mark.parametrize("name", ["txt2img", "img2img", "inpainting", "hires_fix", "area_composition"])
+def test_example_layouts_do_not_overlap_and_use_display_names(editor: EditorPage, server: Server, name: str) -> None:
+    ed = editor
+    wf = json.loads((EXAMPLES / f"{name}.json").read_text())
+    for n in wf["nodes"]:
+        if n["type"] == "LoadImage":  # the example's input image, so the node shows it as a user sees it
+            buf = io.BytesIO()
+            Image.new("RGB", (64, 64), (90, 120, 200)).save(buf, "PNG")
+            upload_input(server, n["widgets_values"][0], buf.getvalue())
+    ed.js("(wf) => sdflow.load(wf, 'example')", arg=wf)
+    ed.page.wait_for_function(f"sdflow.graph.nodes.length === {len(wf['nodes'])}")
+    nodes = ed.js("""(() => { sdflow.canvas.draw(true, true);
+        return sdflow.graph.nodes.map(n => ({id: n.id, type: n.type, title: n.title, rect: [...n.boundingRect]})); })()""")
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            ax, ay, aw, ah = a["rect"]
+            bx, by, bw, bh = b["rect"]
+            overlap = ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah
+            assert not overlap, f"{name}: #{a['id']} {a['title']} overlaps #{b['id']} {b['title']}"
+    # Titles are display names, never a class name run together ("EmptyLatentImage").
+    run_together = [n["title"] for n in nodes if n["title"] == n["type"] and re.search("[a-z][A-Z]", n["type"])]
+    assert run_together == []
+    assert ed.errors == []
