@@ -222,6 +222,23 @@ def test_group_moves_its_nodes(editor: EditorPage) -> None:
     ed.page.keyboard.press("Control+z")
     ed.page.wait_for_function(f"sdflow.graph.groups[0].pos[0] === {group['pos'][0]}")
     assert ed.js(f"[...sdflow.graph.getNodeById({ckpt}).pos]") == before[ckpt]
+
+    # Title and colour from the group's menu (right-click on its title bar).
+    def group_menu(*path: str) -> None:
+        forget_last_click(ed)
+        ed.page.mouse.click(*client(ed, group["pos"][0] + 30, group["pos"][1] + 12), button="right")
+        for entry in path:
+            ed.page.locator(".litecontextmenu .litemenu-entry", has_text=re.compile(f"^\\s*{entry}\\s*$")).last.click()
+
+    group_menu("Edit Group", "Color", "red")
+    ed.page.wait_for_function("sdflow.graph.groups[0].color === sdflow.LiteGraph.LGraphCanvas.node_colors.red.groupcolor")
+    group_menu("Edit Group", "Title")
+    box = ed.page.locator(".graphdialog input").first
+    box.fill("Loaders")
+    box.press("Enter")
+    ed.page.wait_for_function("sdflow.graph.groups[0].title === 'Loaders'")
+    saved = ed.js("sdflow.serialize()")["groups"][0]
+    assert saved["title"] == "Loaders" and saved["color"] == ed.js("sdflow.LiteGraph.LGraphCanvas.node_colors.red.groupcolor")
     ed.screenshot("workspace_group.png")
     assert ed.errors == []
 

@@ -443,6 +443,13 @@ export class App {
       x += 30;
       y += 30;
     }
+    // A node added near the right or bottom edge is pulled in so all of it shows (not under the panel).
+    const r = this.canvasEl.getBoundingClientRect();
+    const [vx, vy] = this.clientToGraph(r.right, r.bottom);
+    const [ux, uy] = this.clientToGraph(r.left, r.top);
+    const size = node.size;
+    x = Math.max(ux + 8, Math.min(x, vx - size[0] - 16));
+    y = Math.max(uy + LiteGraph.NODE_TITLE_HEIGHT + 8, Math.min(y, vy - size[1] - 16));
     node.pos = [x, y];
     this.graph.add(node);
     this.graph.afterChange();
