@@ -171,7 +171,8 @@ export function registerNodeDefs(defs: ObjectInfo): void {
 function clearIssue(node: LGraphNode, inputName: string): void {
   const v = visual(node);
   if (!v.issues?.length) return;
-  const rest = v.issues.filter((i) => i.input !== inputName);
+  // Editing the node is the fix for a run-time failure too, so its outline goes with the edit.
+  const rest = v.issues.filter((i) => i.input !== inputName && !i.message.startsWith("Execution failed"));
   if (rest.length !== v.issues.length) setIssues(node, rest);
 }
 
