@@ -185,7 +185,7 @@ class _Run:
                     self._current_node = nid
                     self.send("executing", {"node": nid, "display_node": nid, "prompt_id": self.prompt_id})
             token = _current.set(NodeContext(nid, self.prompt_id, self.ex._check_interrupt,
-                                             self._progress_sink(nid), nd.name))
+                                             self._progress_sink(nid), nd.name, self.emit))
             try:
                 outputs, ui = _call_mapped(nd, inputs)
             finally:

@@ -19,6 +19,7 @@ class NodeContext:
     check_interrupt: Callable[[], None]
     on_progress: Callable[[float, float, Any], None]
     node_type: str = ""
+    emit: Callable[[Any], None] | None = None    # the run's event sink, for nodes that stream data to clients
 
 
 _current: contextvars.ContextVar[NodeContext | None] = contextvars.ContextVar("sdflow_node", default=None)
@@ -51,3 +52,13 @@ def wants_preview() -> bool:
         return False
     flag = getattr(ctx.on_progress, "wants_preview", True)
     return bool(flag()) if callable(flag) else bool(flag)
+
+
+def emit_event(event: Any) -> bool:
+    """Hand an `engine.events.Event` from the running node to the run's receiver (e.g. the websocket
+    hub); False outside an execution."""
+    ctx = _current.get()
+    if ctx is None or ctx.emit is None:
+        return False
+    ctx.emit(event)
+    return True

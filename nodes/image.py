@@ -223,3 +223,24 @@ def empty_image(width: Annotated[int, Int(512, min=1, max=MAX_RESOLUTION, step=1
                 batch_size: Annotated[int, Int(1, min=1, max=4096)], color: Annotated[int, Int(0, min=0, max=0xFFFFFF, step=1, display="color")]) -> Image:
     r, g, b = ((color >> 16) & 0xFF) / 255.0, ((color >> 8) & 0xFF) / 255.0, (color & 0xFF) / 255.0
     return torch.tensor([r, g, b]).expand(batch_size, height, width, 3).clone()
+
+
+# ---- streaming to the client ------------------------------------------------------------------------
+
+@node("SaveImageWebsocket", category="api node/image", display_name="Save Image (Websocket)", output_node=True,
+      deterministic=False)
+def save_image_websocket(images: Image) -> NodeOutput:
+    """Sends each image as a PNG in a binary websocket frame (type 2, as ComfyUI's websocket image example
+    expects) to the client that queued the prompt; nothing is written to disk."""
+    import io
+    import struct
+
+    from engine.events import Event
+    from engine.progress import emit_event
+
+    for i, frame in enumerate(images):
+        buf = io.BytesIO()
+        tensor_to_pil(frame).save(buf, format="PNG", compress_level=1)
+        # frame layout: event type (2 = unencoded preview image), image format (2 = PNG), PNG bytes
+        emit_event(Event("image_frame", {"frame": struct.pack(">II", 2, 2) + buf.getvalue(), "index": i}))
+    return NodeOutput((), None)

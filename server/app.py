@@ -17,7 +17,7 @@ from engine.config import RuntimeConfig
 from engine.registry import Registry
 from engine.store import Store
 
-from . import files, routes_info, routes_prompt, routes_userdata, routes_workflows
+from . import files, routes_comfy_extras, routes_info, routes_prompt, routes_userdata, routes_workflows
 from .openapi import build_openapi
 from .routing import API_PREFIX, RouteDoc, Routes, json_response
 from .security import OriginPolicy, auth_middleware, error_middleware, host_origin_middleware, is_loopback_bind
@@ -30,7 +30,7 @@ log = logging.getLogger("sdflow.server")
 
 LOCK = web.AppKey("sdflow_data_dir_lock", object)
 ROUTE_TABLES: tuple[Routes, ...] = (routes_prompt.routes, routes_info.routes, files.routes, routes_workflows.routes,
-                                    routes_userdata.routes)
+                                    routes_userdata.routes, routes_comfy_extras.routes)
 
 
 def create_app(config: RuntimeConfig, registry: Registry, catalog: Any = None, *,
@@ -50,9 +50,10 @@ def create_app(config: RuntimeConfig, registry: Registry, catalog: Any = None, *
 
     state_box: dict[str, AppState] = {}
     hub = Hub(server_features(options),
-              status=lambda: state_box["state"].exec_info())
+              status=lambda: state_box["state"].exec_info(), previews_for_all=options.preview_method != "none")
     worker = Worker(store, executor, hub, preview_size=options.preview_size,
-                    on_queue_change=lambda: hub.post_threadsafe(hub.broadcast_status))
+                    on_queue_change=lambda: hub.post_threadsafe(hub.broadcast_status,
+                                                                state_box["state"].exec_info()))
     state = AppState(config=config, registry=registry, catalog=catalog, options=options, store=store,
                      hub=hub, worker=worker, executor=executor, started_at=time.time())
     state_box["state"] = state

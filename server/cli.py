@@ -97,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit("--max-upload-size must be positive")
     options = ServerOptions(host=args.host, port=args.port, auth_token=token, allowed_origins=args.allow_origin,
                             max_upload_bytes=int(args.max_upload_size * MB),
-                            web_root=Path(args.web_root) if args.web_root else None)
+                            web_root=_web_root(args), preview_method=args.preview_method)
     if not is_loopback_bind(args.host) and not token:
         log.warning("listening on %s without --auth-token: anyone who can reach this port can run workflows",
                     args.host)
@@ -108,6 +108,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     web.run_app(app, host=args.host, port=args.port, print=None,
                 access_log=logging.getLogger("aiohttp.access") if args.verbose else None)
     return 0
+
+
+def _web_root(args: argparse.Namespace) -> Path | None:
+    if args.frontend == "comfyui":
+        if args.web_root:
+            raise SystemExit("--frontend comfyui and --web-root exclude each other")
+        from .comfy_frontend import FrontendMissing, comfyui_web_root
+        try:
+            return comfyui_web_root()
+        except FrontendMissing as e:
+            raise SystemExit(str(e)) from None
+    return Path(args.web_root) if args.web_root else None
 
 
 # ---- workflows from files ----------------------------------------------------------------------------
@@ -328,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="also accept browser requests from this origin, e.g. a reverse proxy (repeatable)")
     p.add_argument("--web-root", help="the built editor (default web/dist)")
+    p.add_argument("--frontend", choices=("sdflow", "comfyui"), default="sdflow",
+                   help="the web page served at /: sdflow's editor (default) or ComfyUI's official front end "
+                        "from the installed comfyui-frontend-package (extra sdflow[comfyui-frontend])")
+    p.add_argument("--preview-method", choices=("none", "auto", "latent2rgb"), default="none",
+                   help="step previews for every client, as ComfyUI's option (default none); sdflow's editor and "
+                        "clients that announce preview support in their feature_flags get them anyway")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 from aiohttp import web
@@ -88,6 +89,7 @@ async def enqueue(state: AppState, prompt, extra_data: dict, *, targets: list[st
     """Convert (UI format), apply input overrides, validate and queue: /prompt's answer, shared by the
     routes that queue work."""
     prompt_id = prompt_id or str(uuid.uuid4())
+    extra_data.setdefault("create_time", int(time.time() * 1000))   # as ComfyUI: the jobs view sorts by it
     if is_ui_workflow(prompt):
         # A UI-format workflow: convert with the live node schemas; keep the original for PNG metadata.
         try:

@@ -33,6 +33,7 @@ DEFAULT_USER = "default"
 SETTINGS_FILE = "comfy.settings.json"
 MAX_USERDATA_BYTES = 50 * 1024 * 1024     # one stored file (a big workflow with embedded images fits)
 MAX_SETTINGS_BYTES = 2 * 1024 * 1024      # the whole settings document
+STANDARD_DIRS = ("workflows", "subgraphs")   # folders ComfyUI's front end keeps its files in
 MAX_LISTING = 20000                       # entries one listing returns
 _SETTINGS_LOCK = threading.Lock()         # read-modify-write of the settings file from the thread pool
 
@@ -216,6 +217,8 @@ async def list_userdata(request: web.Request) -> web.Response:
         path = contained_path(_root(request), unquote(directory))
     except UnsafePathError as e:
         raise ApiError(403, f"path refused: {e}", type_="forbidden") from None
+    if not path.is_dir() and directory.strip("/") in STANDARD_DIRS:
+        path.mkdir(parents=True, exist_ok=True)   # the front end lists these on every start
     if not path.is_dir():
         raise ApiError(404, f"directory {directory[:120]!r} not found", type_="not_found")
     result = await asyncio.to_thread(_listing, path, _flag(request, "recurse", False),

@@ -28,6 +28,8 @@ class ServerOptions:
     web_root: Path | None = None            # the built editor; default <repo>/web/dist
     preview_size: int = 512
     db_path: Path | None = None             # default <data_dir>/sdflow.db
+    # ComfyUI's --preview-method: "none" sends step previews only to clients that announce support for them
+    preview_method: str = "none"
 
 
 @dataclass

@@ -22,60 +22,64 @@ log = logging.getLogger("sdflow.server")
 
 
 class ProgressStates:
-    """Builds ComfyUI's `progress_state` frames from the executor's event stream: every node that left
-    'pending' with its state ("running", "finished", "error"), value and max. One per prompt.
-
-    Each frame holds every started node, so a frame per event would cost O(n^2) for big graphs: updates
-    only mark the state dirty, one send is scheduled at a time, and it carries the latest state."""
+    """Builds ComfyUI's `progress_state` frames from the executor's event stream, in ComfyUI's order
+    (recorded in shared/data/comfyui-ws-sequences.json): a node's "running" state goes out before its
+    `executing`, each step's state before its `progress`, and a node is "finished" when the next one
+    starts, when its `executed` arrives (output nodes), or at `execution_success`. A cached output
+    node re-sending its result is listed as finished 1/1. Every frame holds all nodes seen so far."""
 
     def __init__(self, prompt_id: str) -> None:
         self.prompt_id = prompt_id
         self.nodes: dict[str, dict] = {}
         self.current: str | None = None
-        self.lock = threading.Lock()
-        self.scheduled = False
 
-    def update(self, event: Event) -> bool:
-        """Apply one event; True when it changed the state."""
+    def before(self, event: Event) -> list[dict]:
+        """The frames to send ahead of `event`."""
         kind, data = event.type, event.data
-        with self.lock:
-            if kind == "executing":
-                self._finish_current()
-                node = data.get("node")
-                if node is None:
-                    return False
+        if kind == "executing":
+            node = data.get("node")
+            frames = self._finish_current()
+            if node is not None:
                 self.current = node
-                self._set(node, "running", 0, 1)
-            elif kind == "progress" and data.get("node"):
-                self._set(data["node"], "running", data.get("value", 0), data.get("max", 1))
-            elif kind == "execution_success":
-                self._finish_current()
-            elif kind in ("execution_error", "execution_interrupted") and data.get("node_id") in self.nodes:
-                if kind == "execution_error":
-                    self.nodes[data["node_id"]]["state"] = "error"
+                self._set(node, "running", 0.0, 1.0)
+                frames.append(self.frame())
+            return frames
+        if kind == "progress" and data.get("node"):
+            self._set(data["node"], "running", data.get("value", 0), data.get("max", 1))
+            return [self.frame()]
+        if kind == "execution_success":
+            return self._finish_current()
+        if kind in ("execution_error", "execution_interrupted"):
+            node = data.get("node_id")
+            if kind == "execution_error" and node in self.nodes:
+                self.nodes[node]["state"] = "error"
                 self.current = None
-            else:
-                return False
-            return True
+                return [self.frame()]
+            self.current = None
+        return []
 
-    def take_schedule(self) -> bool:
-        """True if the caller should schedule a send (none is pending yet)."""
-        with self.lock:
-            if self.scheduled:
-                return False
-            self.scheduled = True
-            return True
+    def after(self, event: Event) -> list[dict]:
+        """The frames to send right after `event`."""
+        if event.type != "executed":
+            return []
+        node = event.data.get("node")
+        if node == self.current:
+            return self._finish_current()
+        if node is not None and node not in self.nodes:   # a cached output node showing its result again
+            self._set(node, "finished", 1, 1)
+            return [self.frame()]
+        return []
 
     def frame(self) -> dict:
-        with self.lock:
-            self.scheduled = False
-            return {"prompt_id": self.prompt_id, "nodes": {k: dict(v) for k, v in self.nodes.items()}}
+        return {"prompt_id": self.prompt_id, "nodes": {k: dict(v) for k, v in self.nodes.items()}}
 
-    def _finish_current(self) -> None:
-        if self.current is not None and self.current in self.nodes:
-            entry = self.nodes[self.current]
-            entry.update(state="finished", value=entry["max"])
-        self.current = None
+    def _finish_current(self) -> list[dict]:
+        node, self.current = self.current, None
+        if node is None or node not in self.nodes:
+            return []
+        entry = self.nodes[node]
+        entry.update(state="finished", value=entry["max"])
+        return [self.frame()]
 
     def _set(self, node: str, state: str, value: float, maximum: float) -> None:
         self.nodes[node] = {"value": value, "max": maximum, "state": state, "node_id": node,
@@ -98,6 +102,7 @@ class Worker:
         self.paused = store.paused
         self.running: QueueItem | None = None
         self.completed = 0
+        self._status_sent = False
 
     # ---- control (any thread) -------------------------------------------------------------------
 
@@ -161,6 +166,7 @@ class Worker:
                 continue
             self.running = item
             self._changed()
+            self._status_sent = False
             try:
                 self._run(item)
             except BaseException:   # the worker thread must outlive any prompt, or the queue stops for good
@@ -168,7 +174,8 @@ class Worker:
             finally:
                 self.running = None
                 self.completed += 1
-                self._changed()
+                if not self._status_sent:
+                    self._changed()
 
     def _changed(self) -> None:
         try:
@@ -191,25 +198,29 @@ class Worker:
         size = self.preview_size
         states = ProgressStates(item.prompt_id)
 
-        def send_progress_state() -> None:   # on the event loop: the latest state, once per schedule
-            hub.dispatch("progress_state", states.frame(), client_id)
+        def post_states(frames: list[dict]) -> None:
+            for frame in frames:
+                hub.post_threadsafe(hub.dispatch, "progress_state", frame, client_id)
 
         def emit(event: Event) -> None:
             try:
-                if states.update(event) and states.take_schedule():
-                    hub.post_threadsafe(send_progress_state)
                 if event.type == "preview":
-                    if event.image is not None and hub.has_listener(client_id):
+                    if event.image is not None and hub.has_preview_listener(client_id):
                         preview = encode_preview(event.image, event.data, size)
                         hub.post_threadsafe(hub.dispatch, "preview", event.data, client_id, preview)
                     return
+                if event.type == "image_frame":   # SaveImageWebsocket: an unencoded preview frame (type 2)
+                    hub.post_threadsafe(hub.send_binary, event.data["frame"], client_id)
+                    return
+                post_states(states.before(event))
                 if event.type == "executing" and event.data.get("node") is None:
                     return  # sent below, after the history entry is committed
                 hub.post_threadsafe(hub.dispatch, event.type, event.data, client_id)
+                post_states(states.after(event))
             except Exception:  # an event that cannot be sent must not fail the prompt
                 log.exception("could not forward event %s", event.type)
 
-        emit.wants_preview = lambda: hub.has_listener(client_id)
+        emit.wants_preview = lambda: hub.has_preview_listener(client_id)
         try:
             result = self.executor.execute(item.prompt, item.prompt_id, outputs=list(item.outputs),
                                            extra_data=dict(item.extra_data), emit=emit)
@@ -230,6 +241,10 @@ class Worker:
             except Exception:  # e.g. a locked database; retry rather than lose the result
                 log.exception("could not record history for %s (attempt %d)", item.prompt_id, attempt + 1)
                 time.sleep(0.2 * (attempt + 1))
+        # ComfyUI's end order: execution_success, status (queue without this prompt), executing {node: null}
+        self.running = None
+        self._changed()
+        self._status_sent = True
         hub.post_threadsafe(hub.dispatch, "executing", {"node": None, "prompt_id": item.prompt_id}, client_id)
 
     @property

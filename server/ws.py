@@ -25,6 +25,7 @@ log = logging.getLogger("sdflow.server")
 
 # binary frame types (protocol.BinaryEventTypes)
 PREVIEW_IMAGE = 1
+UNENCODED_PREVIEW_IMAGE = 2      # SaveImageWebsocket's frames
 TEXT = 3
 PREVIEW_IMAGE_WITH_METADATA = 4
 IMAGE_FORMAT_JPEG = 1
@@ -79,6 +80,7 @@ class Client:
     features: dict = field(default_factory=dict)
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     negotiated: bool = False
+    extras: bool = False          # asked for sdflow's extra status fields (?extras=sdflow)
 
     @property
     def wants_metadata(self) -> bool:
@@ -86,9 +88,12 @@ class Client:
 
 
 class Hub:
-    def __init__(self, server_features: dict, status: Callable[[], dict]) -> None:
+    def __init__(self, server_features: dict, status: Callable[[], dict], *, previews_for_all: bool = True) -> None:
         self.server_features = server_features
         self.status = status                     # () -> {"exec_info": {...}}
+        # ComfyUI's --preview-method: with "none" only clients that announce preview support get step
+        # previews (sdflow's editor and ComfyUI's front end do, in their feature_flags)
+        self.previews_for_all = previews_for_all
         self.clients: dict[str, Client] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         # (prompt_id, client_id, node, display_node) of the running prompt, for reconnects
@@ -114,6 +119,20 @@ class Hub:
         a dict lookup is atomic, and a stale answer only costs or skips one preview."""
         return bool(self.clients) if sid is None else sid in self.clients
 
+    def wants_previews(self, client: Client) -> bool:
+        return self.previews_for_all or client.wants_metadata
+
+    def has_preview_listener(self, sid: str | None) -> bool:
+        """Whether a step preview for `sid` (None = broadcast) would reach anyone (read from the worker)."""
+        return any(self.wants_previews(c) for c in self._targets(sid))
+
+    def status_frame(self, client: Client, snapshot: dict | None = None, **extra: Any) -> str:
+        """ComfyUI's status message; sdflow's fields (paused) only for clients that opted in."""
+        status = snapshot if snapshot is not None else self.status()
+        if not client.extras:
+            status = {**status, "exec_info": {"queue_remaining": status.get("exec_info", {}).get("queue_remaining", 0)}}
+        return json.dumps({"type": "status", "data": {"status": status, **extra}})
+
     def send(self, event: str, data: dict, sid: str | None = None) -> None:
         text = json.dumps({"type": event, "data": data}, default=str)
         for client in self._targets(sid):
@@ -122,6 +141,8 @@ class Hub:
     def send_preview(self, preview: EncodedPreview, sid: str | None) -> None:
         plain = meta = None
         for client in self._targets(sid):
+            if not self.wants_previews(client):
+                continue
             if client.wants_metadata:
                 meta = meta or preview.frame(True)
                 self._put(client, meta)
@@ -135,8 +156,14 @@ class Hub:
         for client in self._targets(sid):
             self._put(client, frame)
 
-    def broadcast_status(self) -> None:
-        self.send("status", {"status": self.status()})
+    def broadcast_status(self, snapshot: dict | None = None) -> None:
+        """`snapshot`: the status taken when the queue changed (the worker may be further along by now)."""
+        for client in list(self.clients.values()):
+            self._put(client, self.status_frame(client, snapshot))
+
+    def send_binary(self, frame: bytes, sid: str | None) -> None:
+        for client in self._targets(sid):
+            self._put(client, frame)
 
     def dispatch(self, event: str, data: dict, client_id: str | None, preview: EncodedPreview | None = None) -> None:
         """Route one engine event of a prompt whose owner is `client_id`."""
@@ -181,11 +208,11 @@ class Hub:
         old = self.clients.pop(sid, None)
         if old is not None:   # a reconnect with the same id replaces the old socket
             await old.ws.close(code=1000, message=b"replaced by a new connection")
-        client = Client(sid, ws)
+        client = Client(sid, ws, extras=request.query.get("extras") == "sdflow")
         self.clients[sid] = client
         writer = asyncio.create_task(self._writer(client))
         try:
-            self._put(client, json.dumps({"type": "status", "data": {"status": self.status(), "sid": sid}}))
+            self._put(client, self.status_frame(client, sid=sid))
             cur = self.current
             if cur is not None and cur["client_id"] == sid and cur["node"] is not None:
                 self._put(client, json.dumps({"type": "executing", "data": {

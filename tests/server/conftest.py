@@ -137,7 +137,8 @@ class Server:
 
 
 async def start_server(tmp_path: Path, *, token: str | None = None, allowed_origins: list[str] | None = None,
-                       max_upload_mb: int = 100, web_root: Path | None = None) -> tuple[Server, web.AppRunner]:
+                       max_upload_mb: int = 100, web_root: Path | None = None,
+                       preview_method: str = "latent2rgb") -> tuple[Server, web.AppRunner]:
     config = RuntimeConfig(data_dir=tmp_path / "data")
     config.ensure_dirs()
     os.environ["SDFLOW_TEST_INPUT_DIR"] = str(config.input_dir)
@@ -147,7 +148,7 @@ async def start_server(tmp_path: Path, *, token: str | None = None, allowed_orig
     port = free_port()
     options = ServerOptions(host="127.0.0.1", port=port, auth_token=token, allowed_origins=allowed_origins or [],
                             max_upload_bytes=max_upload_mb * 1024 * 1024,
-                            web_root=web_root or tmp_path / "no-web-dist")
+                            web_root=web_root or tmp_path / "no-web-dist", preview_method=preview_method)
     app = create_app(config, registry, catalog, options=options)
     runner = web.AppRunner(app)
     await runner.setup()

@@ -297,8 +297,12 @@ async def test_status_broadcast_and_routing_without_client_id(server):
 async def test_feature_flags_and_reconnect(server):
     ws = await server.session.ws_connect(server.url + "/api/ws?clientId=abc")
     status = json.loads((await ws.receive(timeout=5)).data)
-    assert status == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0, "paused": False}},
-                                                 "sid": "abc"}}
+    # ComfyUI's greeting carries only queue_remaining; sdflow's editor opts in to its extras
+    assert status == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "abc"}}
+    extras = await server.session.ws_connect(server.url + "/api/ws?clientId=ed&extras=sdflow")
+    greeting = json.loads((await extras.receive(timeout=5)).data)
+    assert greeting["data"]["status"] == {"exec_info": {"queue_remaining": 0, "paused": False}}
+    await extras.close()
     await ws.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
     reply = json.loads((await ws.receive(timeout=5)).data)
     assert reply == {"type": "feature_flags", "data": {"supports_preview_metadata": True,

@@ -281,7 +281,8 @@ export class Api {
   connect(): void {
     this.closedByUs = false;
     const proto = window.location.protocol === "https:" ? "wss:" : "ws:";
-    const q = new URLSearchParams({ clientId: this.clientId });
+    // extras=sdflow: status messages also carry sdflow's fields (paused); other clients get ComfyUI's only
+    const q = new URLSearchParams({ clientId: this.clientId, extras: "sdflow" });
     const token = getToken();
     if (token) q.set("token", token);
     const ws = new WebSocket(`${proto}//${window.location.host}${this.url("/ws")}?${q.toString()}`);
