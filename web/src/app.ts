@@ -181,7 +181,7 @@ export class App {
       { id: "gallery", label: "Gallery", el: this.gallery.el, onShow: () => this.gallery.refresh() },
       { id: "nodes", label: "Nodes", el: this.library.el, onShow: () => this.library.render() },
       { id: "models", label: "Models", el: this.models.el, onShow: () => void this.models.refresh() },
-      { id: "workflows", label: "Workflows", el: this.workflowsPanel.el, onShow: () => this.workflowsPanel.refresh() },
+      { id: "workflows", label: "Saved", el: this.workflowsPanel.el, onShow: () => this.workflowsPanel.refresh() },
     ]);
     this.settingsDialog = new SettingsDialog(this.settings, this.keymap);
     this.templates = new TemplatesBrowser(this.api, (wf, name) => this.openWorkflow(wf, name));
