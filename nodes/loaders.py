@@ -6,19 +6,22 @@ files. A changed file (size or modification time) is loaded again.
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, NamedTuple, TypeAlias
 
-from engine.inputs import Combo
+from engine.inputs import Combo, Socket
 from engine.node import node
 
 from .models.checkpoint import load_checkpoint, load_diffusers_folder, load_vae_file
+from .models.clip_vision import ClipVisionHandle, clip_vision_from_state_dict, load_clip_vision_file
 from .models.diffusion_model import DiffusionModelHandle
 from .models.memory import compute_dtype, default_device
 from .models.sd3 import is_sd3_file
+from .models.state_dict import ModelFileError
 from .models.text_encoder import ClipHandle
+from .models.unet_file import WEIGHT_DTYPES, load_unet_file
 from .models.vae import VaeHandle
 from .runtime import model_file_exists, model_file_fingerprint, model_files, runtime
-from .types import Clip, Model, Vae
+from .types import Clip, ClipVision as ClipVisionT, Model, Vae
 
 
 def _dtypes() -> dict:
@@ -69,15 +72,6 @@ def vae_loader(vae_name: Annotated[str, Combo(model_files("vae"))]) -> Vae:
 
 
 # ---- loaders ComfyUI's front end looks up in /object_info (its model-to-node registry) -------------
-
-from typing import Any, NamedTuple, TypeAlias
-
-from engine.inputs import Socket
-
-from .models.clip_vision import ClipVisionHandle, clip_vision_from_state_dict, load_clip_vision_file
-from .models.state_dict import ModelFileError
-from .models.unet_file import WEIGHT_DTYPES, load_unet_file
-from .types import ClipVision as ClipVisionT
 
 ClipVision: TypeAlias = Annotated[Any, Socket("CLIP_VISION")]
 StyleModel: TypeAlias = Annotated[Any, Socket("STYLE_MODEL")]
@@ -130,6 +124,7 @@ def image_only_checkpoint_loader(ckpt_name: Annotated[str, Combo(model_files("ch
     """Loads the diffusion model and VAE of a checkpoint; its CLIP-vision tower is not loaded yet (the
     CLIP_VISION output refuses use with a clear error)."""
     ckpt = load_checkpoint(runtime().folders.require("checkpoints", ckpt_name), load_clip=False, **_dtypes())
+    assert ckpt.vae is not None  # a full checkpoint always carries its VAE
     return ImageOnlyCheckpoint(DiffusionModelHandle.from_checkpoint(ckpt), UnsupportedModel("CLIP vision", ckpt_name),
                                VaeHandle(ckpt.vae))
 

@@ -162,7 +162,7 @@ def tiled_upscale(image: torch.Tensor, model: Callable[[torch.Tensor], torch.Ten
         total = image.shape[0] * tile_count(image.shape[2], image.shape[3], tile, overlap)
         done = [0]
 
-        def step() -> None:
+        def step(done: list[int] = done, total: int = total) -> None:
             progress.check_interrupt()   # after every tile, whoever called (the node reports progress too)
             done[0] += 1
             if on_progress is not None:
