@@ -120,6 +120,11 @@ class OutputCache:
         # dict() copies in one step under the GIL, so a reader never sees the dict change mid-iteration.
         return {kind: n for kind, n in dict(self._used).items() if n}
 
+    def room(self, kind: str) -> int | None:
+        """What the `kind` budget has left (None: no budget for that kind)."""
+        budget = self._budget(kind)
+        return None if budget is None else max(0, budget - self.usage().get(kind, 0))
+
     def _budget(self, kind: str) -> int | None:
         return self.budgets.get(kind)
 
