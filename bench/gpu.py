@@ -40,8 +40,12 @@ def build_checkpoint(path: Path, arch: str, *, tiny: bool, device: str) -> Path:
     from safetensors.torch import save_file
 
     from nodes.models import detect
-    from nodes.models.checkpoint import CLIP_LAYER_DEFAULTS, LoadedCheckpoint, checkpoint_to_ldm_state_dict
-    from nodes.models.checkpoint import scheduler_config
+    from nodes.models.checkpoint import (
+        CLIP_LAYER_DEFAULTS,
+        LoadedCheckpoint,
+        checkpoint_to_ldm_state_dict,
+        scheduler_config,
+    )
     from nodes.models.tiny import MODELSPEC_ARCH, _clip_model
     from nodes.models.tokenizer import load_tokenizer
 
