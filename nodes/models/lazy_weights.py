@@ -1,5 +1,5 @@
-"""A safetensors file as a lazy mapping: each tensor is read from the file when asked for, in the dtype
-its model will hold, and nothing is kept.
+"""A safetensors file as a lazy mapping: each tensor is read from the file when first asked for, in the
+dtype its model will hold.
 
 Loading a single-file checkpoint through safetensors' memory map touches every page of the file while the
 models are built, so the peak RSS was file + models. Read this way, a tensor is read straight into a
@@ -36,6 +36,7 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
             self._data_start = 8 + int.from_bytes(f.read(8), "little")
         self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
         self._cast = cast
+        self._read: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -47,6 +48,15 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
         return key in self._entries
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        # Kept once read: the loaders walk the mapping several times (detection, one pass per model),
+        # and the tensors kept are the ones the models take over (`assign=True`), so keeping them costs
+        # no memory beyond what the models hold; it all goes with the mapping when loading ends.
+        tensor = self._read.get(key)
+        if tensor is None:
+            tensor = self._read[key] = self._load(key)
+        return tensor
+
+    def _load(self, key: str) -> torch.Tensor:
         info = self._entries[key]
         dtype = _DTYPES.get(info.get("dtype"))
         if dtype is None:
