@@ -22,7 +22,8 @@ sdflow runs the same graph with EmptySD3LatentImage and KSampler euler/simple on
 3), diffusers runs StableDiffusion3Pipeline with FlowMatchEulerDiscreteScheduler given the same
 (unshifted) sigmas, T5 at 77 tokens as sdflow encodes it.
 
-Run: .venv/bin/python bench/pipeline.py [--arch sd1|sd2|sdxl|sd3|sd35] [--size 256] [--steps 20] [--repeats 7]
+Run: .venv/bin/python bench/pipeline.py [--arch sd1|sd2|sdxl|sd3|sd35] [--size 256] [--batch 1] [--steps 20] [--repeats 7]
+     .venv/bin/python bench/pipeline.py --sweep --quick   # the issue's matrix, with ratios against 0.8x
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ class SdflowSide:
     def prompt(self, run: int) -> dict:
         wf = json.loads(json.dumps(self.workflow))
         wf["4"]["inputs"]["ckpt_name"] = CKPT_NAME
-        wf["5"]["inputs"].update(width=self.args.size, height=self.args.size)
+        wf["5"]["inputs"].update(width=self.args.size, height=self.args.size, batch_size=self.args.batch)
         ks = wf["3"]["inputs"]
         ks.update(seed=BASE_SEED + run, steps=self.args.steps, cfg=self.args.cfg, sampler_name="euler",
                   scheduler="simple" if self.args.arch in SD3_ARCHES else "normal")
@@ -180,7 +181,7 @@ class DiffusersSide:
         # multiplies `latents` by init_noise_sigma (= sigma_max for "linspace"), so divide that out.
         gen = torch.Generator().manual_seed(seed)
         latent_hw = self.args.size // 8
-        noise = torch.randn((1, 4, latent_hw, latent_hw), generator=gen)
+        noise = torch.randn((self.args.batch, 4, latent_hw, latent_hw), generator=gen)
         sched = self.pipe.scheduler
         sched.set_timesteps(self.args.steps)
         sigma_max = float(sched.sigmas.max())
@@ -189,6 +190,7 @@ class DiffusersSide:
             image = self.pipe(prompt_for(self.base_prompt, run), negative_prompt=NEGATIVE,
                               num_inference_steps=self.args.steps, guidance_scale=self.args.cfg,
                               height=self.args.size, width=self.args.size, latents=latents,
+                              num_images_per_prompt=self.args.batch,
                               generator=torch.Generator().manual_seed(seed), output_type="pil",
                               callback_on_step_end=on_step).images[0]
         png = self.out_dir / f"bench_{run}.png"
@@ -275,7 +277,7 @@ def png_diff(a: str, b: str) -> int:
     return int(np.abs(x - y).max())
 
 
-def parent_main(args: argparse.Namespace) -> None:
+def parent_main(args: argparse.Namespace) -> dict:
     from nodes.models.tiny import write_tiny_checkpoint
     from nodes.models.tiny_sd3 import write_tiny_sd3_checkpoint
 
@@ -286,8 +288,8 @@ def parent_main(args: argparse.Namespace) -> None:
         else:
             write_tiny_checkpoint(data_dir / "models" / "checkpoints" / CKPT_NAME, args.arch)
         argv = ["--arch", args.arch, "--size", str(args.size), "--steps", str(args.steps), "--cfg", str(args.cfg),
-                "--data-dir", str(data_dir)]
-        print(f"tiny {args.arch} checkpoint (random weights), {args.size}x{args.size}, "
+                "--batch", str(args.batch), "--data-dir", str(data_dir)]
+        print(f"tiny {args.arch} checkpoint (random weights), {args.size}x{args.size} batch {args.batch}, "
               f"{args.steps} steps euler/{'simple (flow)' if args.arch in SD3_ARCHES else 'normal'}, "
               f"cfg {args.cfg}, {args.repeats} timed runs per side (alternating), model load excluded")
         sides = {name: Child(name, argv) for name in ("sdflow", "diffusers")}
@@ -315,6 +317,30 @@ def parent_main(args: argparse.Namespace) -> None:
         diffs = [png_diff(a["png"], b["png"]) for a, b in zip(results["sdflow"], results["diffusers"])]
         print(f"max 8-bit pixel difference between the two sides' PNGs: {max(diffs)} "
               "(ComfyUI truncates to 8 bits, diffusers rounds: up to 1 is expected)")
+        first = {name: sides[name].ready["setup_s"] for name in sides}
+        peak = {name: finals[name]["peak_rss_mib"] for name in sides}
+        return {"arch": args.arch, "size": args.size, "batch": args.batch,
+                "step": step["sdflow"] / step["diffusers"], "first": first["sdflow"] / first["diffusers"],
+                "rss": peak["sdflow"] / peak["diffusers"]}
+
+
+# The issue's matrix: SD1 at 256² and 512², batch 1 and 4, and an SDXL-shaped model.
+SWEEP = [("sd1", 256, 1), ("sd1", 256, 4), ("sd1", 512, 1), ("sd1", 512, 4), ("sdxl", 256, 1)]
+TARGET = 0.8
+
+
+def sweep_main(args: argparse.Namespace) -> None:
+    rows = []
+    for arch, size, batch in SWEEP:
+        run_args = argparse.Namespace(**{**vars(args), "arch": arch, "size": size, "batch": batch})
+        rows.append(parent_main(run_args))
+        print()
+    print(f"sdflow/diffusers ratios (target <= {TARGET} for step time and peak RSS)")
+    print(f"{'model':<6} {'size':>5} {'batch':>5} {'step':>7} {'first run':>10} {'peak RSS':>9}  held")
+    for r in rows:
+        held = [name for name in ("step", "rss") if r[name] <= TARGET]
+        print(f"{r['arch']:<6} {r['size']:>4}² {r['batch']:>5} {r['step']:7.3f} {r['first']:10.3f} {r['rss']:9.3f}  "
+              f"{', '.join(held) or 'neither'}")
 
 
 def main() -> None:
@@ -324,11 +350,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=8.0)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="4 steps, 2 timed runs per side (this 2-core machine)")
+    ap.add_argument("--sweep", action="store_true", help="the whole matrix: SD1 256²/512² x batch 1/4, SDXL")
     ap.add_argument("--child", choices=["sdflow", "diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.repeats = min(args.steps, 4), min(args.repeats, 2)
     if args.child:
         child_main(args.child, args)
+    elif args.sweep:
+        sweep_main(args)
     else:
         parent_main(args)
 

@@ -117,7 +117,13 @@ class OutputCache:
 
     # ---- accounting ---------------------------------------------------------------------------------
     def usage(self) -> dict[str, int]:
-        return {kind: n for kind, n in self._used.items() if n}
+        # dict() copies in one step under the GIL, so a reader never sees the dict change mid-iteration.
+        return {kind: n for kind, n in dict(self._used).items() if n}
+
+    def room(self, kind: str) -> int | None:
+        """What the `kind` budget has left (None: no budget for that kind)."""
+        budget = self._budget(kind)
+        return None if budget is None else max(0, budget - self.usage().get(kind, 0))
 
     def _budget(self, kind: str) -> int | None:
         return self.budgets.get(kind)
@@ -171,8 +177,18 @@ class OutputCache:
             if not self._entries:
                 return
             self._remeasure()
+            self._touch_holders(value)
             if self._over_budget():
                 self.evict_to_budget()
+
+    def _touch_holders(self, value: Any) -> None:
+        """A value loaded onto an accelerator is in use now: its entries become the most recently used,
+        so the next offload takes a model that has waited longer."""
+        loaded = {key for key, (device, _) in parts(value).items() if device_kind(device) != "cpu"}
+        if not loaded:
+            return
+        for key in [k for k, e in self._entries.items() if loaded & e.parts.keys()]:
+            self._entries.move_to_end(key)
 
     def _remeasure(self) -> None:
         self._refs.clear()
@@ -209,10 +225,11 @@ class OutputCache:
             return [k for k, e in self._entries.items() if _holds_model(e.outputs)]
 
     def stats(self) -> dict:
-        with self._lock:
-            return {"entries": len(self._entries), "bytes": self.usage(), "budget_bytes": dict(self.budgets),
-                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
-                    "offloads": self.offloads, "pinned": len(self._pinned)}
+        """Read without the lock: `/system_stats` must answer while an eviction or a long model move holds
+        it. Each figure is read atomically; together they may be a moment apart, which a report can bear."""
+        return {"entries": len(self._entries), "bytes": self.usage(), "budget_bytes": dict(self.budgets),
+                "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                "offloads": self.offloads, "pinned": len(self._pinned)}
 
 
 def _holds_model(value: Any) -> bool:

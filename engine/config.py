@@ -5,6 +5,8 @@ import contextvars
 from dataclasses import dataclass, field
 from pathlib import Path
 
+VRAM_MODES = ("gpu-only", "highvram", "normal", "lowvram", "novram", "cpu")
+
 
 @dataclass
 class RuntimeConfig:
@@ -19,6 +21,9 @@ class RuntimeConfig:
     preview_method: str = "latent2rgb"      # "none" | "latent2rgb"
     max_image_pixels: int | None = 64 * 1024 * 1024   # per image file (uploads, LoadImage); None = no limit
     work_budget_bytes: int | None = None    # memory one node may need (cost estimate); None = 80% of the device
+    # Where models load and how much of them stays on the accelerator, with ComfyUI's switch names
+    # (--gpu-only, --highvram, --normalvram, --lowvram, --novram, --cpu); see VRAM_MODES.
+    vram_mode: str = "normal"
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -27,6 +32,8 @@ class RuntimeConfig:
             value = getattr(self, attr)
             setattr(self, attr, Path(value) if value is not None else self.data_dir / name)
         self.extra_model_paths = [Path(p) for p in self.extra_model_paths]
+        if self.vram_mode not in VRAM_MODES:
+            raise ValueError(f"vram_mode must be one of {', '.join(VRAM_MODES)}, not {self.vram_mode!r}")
 
     def ensure_dirs(self) -> None:
         for path in (self.data_dir, self.models_dir, self.input_dir, self.output_dir, self.temp_dir, self.user_dir):

@@ -143,6 +143,13 @@ def request_room(device: str, nbytes: int) -> None:
         accountant.make_room(kind, nbytes)
 
 
+def room(device: str) -> int | None:
+    """Bytes that may still go onto `device` under the tightest accountant's budget (None: no budget)."""
+    kind = device_kind(device)
+    rooms = [r for r in (getattr(a, "room", lambda _k: None)(kind) for a in _each_accountant()) if r is not None]
+    return min(rooms) if rooms else None
+
+
 def notify_moved(value: Any) -> None:
     """`value` (a model handle, its weights) has moved: accountants re-measure what holds it."""
     for accountant in _each_accountant():

@@ -45,6 +45,15 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-budget", type=float, metavar="MB",
                    help="refuse prompts whose estimated memory for one node exceeds this (default: 80%% of "
                         "the GPU's memory, or of system RAM without one)")
+    vram = g.add_mutually_exclusive_group()   # ComfyUI's switches, with its meanings
+    for flag, mode, text in (
+            ("--gpu-only", "gpu-only", "load and keep every model whole on the GPU"),
+            ("--highvram", "highvram", "load models whole on the GPU, never split them"),
+            ("--normalvram", "normal", "the default: whole models where they fit, split the others"),
+            ("--lowvram", "lowvram", "split models that do not fit the GPU's free memory; stream the rest"),
+            ("--novram", "novram", "keep no weights resident on the GPU; stream every block per step"),
+            ("--cpu", "cpu", "compute on the CPU even where a GPU exists")):
+        vram.add_argument(flag, dest="vram_mode", action="store_const", const=mode, help=text)
     g.add_argument("--nodes-module", action="append", default=[], metavar="MODULE",
                    help="import MODULE and register every node declared in it (repeatable)")
     g.add_argument("--no-builtin-nodes", action="store_true",
@@ -67,6 +76,7 @@ def make_config(args: argparse.Namespace) -> RuntimeConfig:
                            temp_dir=_opt_path(args.temp_dir), user_dir=_opt_path(args.user_dir),
                            extra_model_paths=[Path(p) for p in args.extra_model_paths_config],
                            cache_budget_bytes=budget)
+    config.vram_mode = getattr(args, "vram_mode", None) or "normal"
     if getattr(args, "memory_budget", None) is not None:
         if args.memory_budget <= 0:
             raise SystemExit("--memory-budget must be positive")

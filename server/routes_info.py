@@ -97,7 +97,10 @@ async def system_stats(request: web.Request) -> web.Response:
     vm = psutil.virtual_memory()
     version = sdflow_version()
     cache = getattr(state.executor, "cache", None)
-    counts, history = await asyncio.to_thread(lambda: (state.store.counts(), state.store.history_count()))
+    # The cache's figures are read off the event loop too: a cache (or a remote backend's) may be busy.
+    counts, history, cache_stats = await asyncio.to_thread(lambda: (
+        state.store.counts(), state.store.history_count(),
+        cache.stats() if cache is not None and hasattr(cache, "stats") else {}))
     data = {
         "system": {
             "os": os.name, "platform": platform.platform(), "ram_total": vm.total, "ram_free": vm.available,
@@ -108,7 +111,7 @@ async def system_stats(request: web.Request) -> web.Response:
             "embedded_python": False, "argv": sys.argv,
         },
         "devices": _devices(),
-        "cache": cache.stats() if cache is not None and hasattr(cache, "stats") else {},
+        "cache": cache_stats,
         "queue": {**counts, "paused": state.worker.paused, "history": history,
                   "completed_since_start": state.worker.completed},
     }

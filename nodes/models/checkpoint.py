@@ -18,6 +18,7 @@ import torch
 
 from . import detect, ldm_keys
 from .detect import CLIP_COMPONENTS, CLIP_LOCATIONS, VAE_PREFIX
+from .lazy_weights import open_weights
 from .state_dict import ModelFileError, read_metadata, read_state_dict
 from .tokenizer import load_tokenizer
 
@@ -211,7 +212,9 @@ def load_checkpoint(
 
     Floating tensors are cast to `dtype`, the VAE's to `vae_dtype` (default: `dtype`)."""
     path = Path(path)
-    sd = read_state_dict(path)
+    # Read tensor by tensor in the dtype each model holds (lazy_weights.py): the peak is the models, not
+    # the file plus the models.
+    sd = open_weights(path, cast=lambda key: (vae_dtype or dtype) if key.startswith(VAE_PREFIX) else dtype)
     metadata = read_metadata(path)
     arch = detect.detect_arch(sd)
     if arch is None:

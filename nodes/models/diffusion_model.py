@@ -194,7 +194,7 @@ class DiffusionModelHandle(ResidentMixin):
         that is wider), so samplers keep full precision whatever the weights are stored in.
         """
         self.ensure_loaded()
-        device = next(self.unet.parameters()).device
+        device = self.compute_device or next(self.unet.parameters()).device   # a split UNet: its load device
         dtype = self.dtype
         batch = x_in.shape[0]
 

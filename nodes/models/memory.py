@@ -21,12 +21,42 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from engine.memory import notify_moved, request_room, tensor_part
+from engine.config import current_config
+from engine.memory import accelerator_budgets, device_kind, notify_moved, request_room, room, tensor_part
+
+from .streaming import PartialLoad, load_partial
+
+
+def vram_mode() -> str:
+    """The running configuration's --gpu-only/--highvram/--normalvram/--lowvram/--novram/--cpu choice."""
+    config = current_config()
+    return config.vram_mode if config is not None else "normal"
 
 
 def default_device() -> str:
-    """Where models compute unless told otherwise."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """Where models compute unless told otherwise (--cpu: the CPU even where CUDA exists)."""
+    return "cuda" if torch.cuda.is_available() and vram_mode() != "cpu" else "cpu"
+
+
+def resident_limit(mode: str, nbytes: int, free: int | None) -> int | None:
+    """How many of a model's `nbytes` may stay on an accelerator with `free` bytes of room (None: no
+    limit known), as ComfyUI decides it: --gpu-only and --highvram load whole models; the normal and
+    --lowvram modes load whole models that fit and split the others (the blocks that fit stay, the rest
+    stream per forward); --novram keeps nothing resident. None = load it whole."""
+    if mode in ("gpu-only", "highvram", "cpu"):
+        return None
+    if mode == "novram":
+        return 0
+    if free is None or nbytes <= free:
+        return None
+    return free
+
+
+def _room_on(device: str) -> int | None:
+    free = room(device)
+    if free is None and vram_mode() in ("lowvram", "novram"):
+        free = accelerator_budgets().get(device_kind(device))
+    return free
 
 
 def compute_dtype(device: torch.device | str, *, vae: bool = False) -> torch.dtype:
@@ -96,6 +126,7 @@ class WeightsHolder:
     def __init__(self, modules: dict[str, nn.Module | None]) -> None:
         self.modules = modules
         self.lock = threading.RLock()
+        self.partial: PartialLoad | None = None    # set while the modules are split (see streaming.py)
 
     def present(self) -> list[nn.Module]:
         return [m for m in self.modules.values() if m is not None]
@@ -118,17 +149,52 @@ class WeightsHolder:
         recently used entries to make room) and after (so it re-measures where these weights live). The
         notifications happen outside `self.lock`: the cache may move other handles while making room."""
         target = torch.device(device)
-        pending = [m for m in self.present() if not _on_device(m, target)]
+        partial = self.partial
+        if partial is not None and _same_device(partial.device, target):
+            return   # split onto this device already: that is as loaded as it gets
+        self.load(target, None if target.type == "cpu" else "auto")
+
+    def load(self, device: str | torch.device, limit: int | None | str = "auto") -> None:
+        """Put the modules on `device`, whole (`limit` None) or split so at most `limit` bytes stay
+        resident and the rest stream from the CPU per forward; "auto" asks the budget and the VRAM mode
+        (`resident_limit`)."""
+        target = torch.device(device)
+        with self.lock:
+            partial = self.partial
+            if partial is not None and _same_device(partial.device, target) and limit == "auto":
+                return   # already loaded as far as it goes
+        split = isinstance(limit, int) or partial is not None    # a (re)split touches every module
+        pending = [m for m in self.present() if split or not _on_device(m, target)]
         if not pending:
             return
-        request_room(device_key(target), sum(module_footprint(pending).values()))
+        key = device_key(target)
+        needed = sum(module_footprint(pending).values())
+        request_room(key, needed)
+        if limit == "auto":
+            limit = resident_limit(vram_mode(), needed, _room_on(key)) if target.type != "cpu" else None
         with self.lock:
-            for module in pending:
-                if not _on_device(module, target):
-                    module.to(target)
+            if self.partial is not None:
+                self.partial.release()
+                self.partial = None
+            if isinstance(limit, int):
+                for module in self.present():
+                    module.to("cpu")
+                # A split onto the CPU is a simulation (the CPU is home): copying per visit stands
+                # for the transfer a real accelerator makes.
+                self.partial = load_partial(self.present(), target, limit, copy_always=target.type == "cpu")
+            else:
+                for module in pending:
+                    if not _on_device(module, target):
+                        module.to(target)
             if target.type == "cpu" and torch.cuda.is_available():
                 torch.cuda.empty_cache()
         notify_moved(self)
+
+    @property
+    def compute_device(self) -> torch.device | None:
+        """Where the modules compute: the load device of a split model, else where their weights are."""
+        partial = self.partial
+        return partial.device if partial is not None else modules_device(self.present())
 
     def ensure_on(self, device: str | torch.device) -> None:
         self.move(device)
@@ -172,6 +238,10 @@ class ResidentMixin:
     @property
     def current_device(self) -> torch.device | None:
         return modules_device(self._weights.present())
+
+    @property
+    def compute_device(self) -> torch.device | None:
+        return self._weights.compute_device
 
 
 def is_out_of_memory(error: BaseException) -> bool:

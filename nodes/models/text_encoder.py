@@ -362,7 +362,7 @@ class ClipHandle(ResidentMixin):
     def _run_encoder(self, model: nn.Module, spec: EncoderSpec,
                      batch: list[TokenChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         inner = _text_model(model)
-        device = next(model.parameters()).device
+        device = self.compute_device or next(model.parameters()).device   # a split encoder: its load device
         ids = torch.tensor([c.ids for c in batch], dtype=torch.long, device=device)
         injections = [(b, pos, vec) for b, c in enumerate(batch) for pos, vec in c.vectors.items()]
 

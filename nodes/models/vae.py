@@ -140,7 +140,7 @@ class VaeHandle(ResidentMixin):
                     return _chunks(x, 1, tiled)
 
     def _device(self) -> torch.device:
-        return next(self.vae.parameters()).device
+        return self.compute_device or next(self.vae.parameters()).device
 
     def _encode_batch(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.to(self._device(), self.dtype).movedim(-1, 1) * 2.0 - 1.0

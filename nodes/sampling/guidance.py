@@ -379,7 +379,7 @@ class CFGDenoiser:
         results: list[list[tuple[_Job, torch.Tensor]]] = [[] for _ in sides]
         for group in groups.values():
             for chunk in _token_chunks(group):
-                outs = self._run(chunk, sigma)
+                outs = self._run_fitting(chunk, sigma)
                 for job, den in zip(chunk, outs):
                     results[job.which].append((job, den))
         return [self._combine(r, x) for r in results]
@@ -406,6 +406,27 @@ class CFGDenoiser:
             hit["concat"] = torch.cat([_crop(j.entry.concat, j.entry.area).to(device) for j in chunk])
         self._chunk_cache[key] = hit
         return hit
+
+    # The most entries one model call held without running out of memory (None: no limit seen yet).
+    max_batch: int | None = None
+
+    def _run_fitting(self, chunk: list[_Job], sigma: torch.Tensor) -> list[torch.Tensor]:
+        """cond and uncond in one call while memory allows; a call that runs out of memory is split in
+        halves, and later steps start from the size that fit, as ComfyUI batches by free memory."""
+        limit = self.max_batch
+        if limit is not None and len(chunk) > limit:
+            return [d for i in range(0, len(chunk), limit) for d in self._run_fitting(chunk[i:i + limit], sigma)]
+        try:
+            return self._run(chunk, sigma)
+        except Exception as error:
+            from ..models.memory import is_out_of_memory
+            if len(chunk) < 2 or not is_out_of_memory(error):
+                raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(chunk) // 2
+        self.max_batch = half
+        return self._run_fitting(chunk[:half], sigma) + self._run_fitting(chunk[half:], sigma)
 
     def _run(self, chunk: list[_Job], sigma: torch.Tensor) -> list[torch.Tensor]:
         n = len(chunk)

@@ -311,3 +311,68 @@ def test_accelerator_budget_comes_from_measured_free_memory():
     assert budgets["cuda"] == 30 * gib - 8 * gib         # free minus a tenth of the total
     assert budgets["xpu"] == 0                           # less free than the reserve
     assert accelerator_budgets(lambda: {}) == {"cuda": 0} and MIN_RESERVE > 0
+
+
+def test_offload_order_follows_use_and_accounting_holds_after_every_move():
+    log: list = []
+    cache = OutputCache({"sim": 2500, "cpu": 100_000})
+    a, b, c = SimHandle(1000, log), SimHandle(1000, log), SimHandle(1000, log)
+    for key, handle in (("a", a), ("b", b), ("c", c)):
+        cache.put(key, [[handle]])
+
+    def measured() -> dict[str, int]:
+        total: dict[str, int] = {}
+        for handle in (a, b, c):
+            total[handle.device.split(":")[0]] = total.get(handle.device.split(":")[0], 0) + handle.nbytes
+        return total
+
+    a.ensure_loaded()
+    assert cache.usage() == measured() == {"sim": 1000, "cpu": 2000}
+    b.ensure_loaded()
+    assert cache.usage() == measured() == {"sim": 2000, "cpu": 1000}
+    cache.get("a")                      # a is now the most recently used: b is the one to go
+    c.ensure_loaded()
+    assert (a.device, b.device, c.device) == ("sim:0", "cpu", "sim:0")
+    assert cache.usage() == measured() == {"sim": 2000, "cpu": 1000}
+    b.ensure_loaded()                   # then a, the least recently used of the two on the accelerator
+    assert (a.device, b.device, c.device) == ("cpu", "sim:0", "sim:0")
+    assert cache.usage() == measured() and cache.offloads == 2 and cache.evictions == 0
+
+
+def test_unmovable_entries_on_an_accelerator_are_dropped_not_retried():
+    class Stuck:
+        """Reports accelerator memory but cannot move (a foreign object holding device buffers)."""
+
+        def footprint(self) -> dict[str, int]:
+            return {"sim:0": 1000}
+
+    cache = OutputCache({"sim": 1500, "cpu": 100_000})
+    cache.put("stuck", [[Stuck()]])
+    cache.put("also", [[Stuck()]])      # over budget: the older one goes, in one step
+    assert "stuck" not in cache and "also" in cache
+    assert cache.usage() == {"sim": 1000} and cache.evictions == 1
+
+
+def test_stats_answer_while_another_thread_holds_the_cache_lock():
+    import threading
+    cache = OutputCache({"cpu": 100_000})
+    cache.put("x", [[tensor_kib(1)]])
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with cache._lock:
+            holding.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(10)
+        result: list = []
+        reader = threading.Thread(target=lambda: result.append(cache.stats()))
+        reader.start()
+        reader.join(30)                 # a deadline, not a timing: a blocked reader never finishes
+        assert result and result[0]["entries"] == 1 and result[0]["bytes"] == {"cpu": KiB}
+    finally:
+        release.set()
+        holder.join()

@@ -620,3 +620,27 @@ async def test_second_server_on_same_data_dir_is_refused(server):
     finally:
         await runner.cleanup()
     assert (await server.get_json("/prompt"))["exec_info"]["queue_remaining"] == 0
+
+
+async def test_system_stats_answers_while_the_cache_lock_is_held(server):
+    import asyncio
+    import threading
+
+    from server.state import STATE
+    cache = server.app[STATE].executor.cache
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with cache._lock:
+            holding.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert await asyncio.to_thread(holding.wait, 10)
+        stats = await asyncio.wait_for(server.get_json("/system_stats"), 30)
+        assert {"entries", "bytes", "hits"} <= set(stats["cache"])
+    finally:
+        release.set()
+        holder.join()
