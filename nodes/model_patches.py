@@ -32,7 +32,8 @@ def model_sampling_discrete(model: Model, sampling: Annotated[str, Combo(["eps",
     elif sampling in _DISCRETE:
         schedule = DiscreteSchedule(prediction_type=_DISCRETE[sampling], zsnr=zsnr)
     else:
-        raise ValueError(f"ModelSamplingDiscrete: input 'sampling' must be one of eps, v_prediction, lcm, x0, got {sampling!r}")
+        raise ValueError("ModelSamplingDiscrete: input 'sampling' must be one of eps, v_prediction, lcm, x0, "
+                         f"got {sampling!r}")
     return model.with_model_sampling(schedule)
 
 

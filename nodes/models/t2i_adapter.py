@@ -75,7 +75,8 @@ def original_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             if m:
                 i, j = divmod(int(m.group(1)), per)
                 leaf = m.group(2)
-                new = f"adapter.body.{i}.{leaf}" if leaf.startswith("in_conv.") else f"adapter.body.{i}.resnets.{j}.{leaf}"
+                new = (f"adapter.body.{i}.{leaf}" if leaf.startswith("in_conv.")
+                       else f"adapter.body.{i}.resnets.{j}.{leaf}")
             else:
                 new = "adapter." + key
         out[new] = value

@@ -338,7 +338,8 @@ class CFGDenoiser:
         preds = self.predict_sides(x, sigma, sides)
         return preds[0], (None if skip_uncond else preds[1])
 
-    def predict_sides(self, x: torch.Tensor, sigma: torch.Tensor, sides: Sequence[list[CondEntry]]) -> list[torch.Tensor]:
+    def predict_sides(self, x: torch.Tensor, sigma: torch.Tensor,
+                      sides: Sequence[list[CondEntry]]) -> list[torch.Tensor]:
         """One denoised prediction per list of entries, batched into as few model calls as possible."""
         # reading sigma back to the host syncs a GPU, so only do it when an entry has a timestep range
         s = float(sigma.max()) if self._has_ranges else 0.0
@@ -440,6 +441,7 @@ class CFGDenoiser:
 # gets c_in-scaled input; ``cond`` holds ``context``, ``pooled`` + ``size_cond`` (SDXL, only when the entry
 # has pooled_output), ``control`` (passthrough), ``cond_or_uncond`` (0/1 per stacked chunk of the batch) and
 # ``sigma``, and ``concat`` (the [B, 9, h, w] extra input of inpainting and InstructPix2Pix models, when
-# the entry or the sampler has a mask or a concat image; a model takes the channels it needs, if any). With ``noise_mask`` (1 = regenerate) the unmasked region is held at ``latent_image`` re-noised
+# the entry or the sampler has a mask or a concat image; a model takes the channels it needs, if any). With
+# ``noise_mask`` (1 = regenerate) the unmasked region is held at ``latent_image`` re-noised
 # with ``noise`` (drawn from ``seed`` when not given).
 make_denoiser = CFGDenoiser
