@@ -140,7 +140,8 @@ def _load_image_cost(image: str, **_: Any) -> costs.Estimate | None:
 def load_image(image: Annotated[str, Combo(input_images, image_upload=True)]) -> tuple[Image, Mask]:
     """Loads an image from the input folder; its alpha channel becomes the mask (1 = transparent)."""
     img = _open(annotated_path(image))
-    images, masks = [], []
+    images: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
     budget, pixels = _budget(), 0
     for frame in _frames(img):
         pixels += frame.width * frame.height   # many frames are a bomb too

@@ -114,6 +114,7 @@ def _need(ok: bool, message: str) -> None:
 def _samples(latent: Latent, name: str) -> torch.Tensor:
     s = latent.get("samples") if isinstance(latent, dict) else None
     _need(isinstance(s, torch.Tensor) and s.dim() in (4, 5), f"{name}: not a latent (no 'samples' tensor)")
+    assert isinstance(s, torch.Tensor)  # _need raised otherwise
     return s
 
 

@@ -27,6 +27,7 @@ _DISCRETE = {"eps": "epsilon", "v_prediction": "v_prediction", "x0": "x0"}
 def model_sampling_discrete(model: Model, sampling: Annotated[str, Combo(["eps", "v_prediction", "lcm", "x0"])],
                             zsnr: Annotated[bool, Boolean(False)]) -> Model:
     """Sample the model as an eps / v / x0 / LCM model, optionally with a zero-terminal-SNR schedule."""
+    schedule: DiscreteSchedule
     if sampling == "lcm":
         schedule = LCMSchedule(zsnr=zsnr)
     elif sampling in _DISCRETE:

@@ -29,7 +29,7 @@ from .memory import ResidentMixin, WeightsHolder, default_device
 from .state_dict import ModelFileError, read_state_dict
 
 if TYPE_CHECKING:
-    from diffusers import T2IAdapter
+    from diffusers.models.adapter import T2IAdapter  # not diffusers' no-torch placeholder
 
 _WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
             "diffusion_pytorch_model.fp16.safetensors")
@@ -147,7 +147,7 @@ def is_t2i_adapter_folder(path: Path) -> bool:
 def load_t2i_adapter(path: str | Path, *, dtype: torch.dtype = torch.float32,
                      sd: Mapping[str, torch.Tensor] | None = None) -> T2IAdapter:
     """A diffusers T2IAdapter from a folder, a diffusers-layout file or an original-layout file."""
-    from diffusers import T2IAdapter
+    from diffusers.models.adapter import T2IAdapter
 
     path = Path(path)
     if path.is_dir():

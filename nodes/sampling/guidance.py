@@ -396,7 +396,9 @@ class CFGDenoiser:
             hit["pooled"] = torch.cat(cast("list[torch.Tensor]", [p for _, p, _ in parts]))
             hit["size_cond"] = torch.cat(cast("list[torch.Tensor]", [sc for _, _, sc in parts]))
         if chunk[0].entry.concat is not None:
-            hit["concat"] = torch.cat([_crop(j.entry.concat, j.entry.area).to(device) for j in chunk])
+            # entries batch together only with the same composition, so each of the chunk has a concat too
+            hit["concat"] = torch.cat([_crop(cast(torch.Tensor, j.entry.concat), j.entry.area).to(device)
+                                       for j in chunk])
         self._chunk_cache[key] = hit
         return hit
 
