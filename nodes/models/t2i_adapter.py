@@ -188,7 +188,7 @@ class T2IAdapterHandle(ResidentMixin):
 
     @property
     def in_channels(self) -> int:
-        return int(self.model.config.in_channels)
+        return int(self.model.config["in_channels"])
 
     def apply_hint(self, image: torch.Tensor, strength: float, percent_range: tuple[float, float] = (0.0, 1.0),
                    previous: Any = None):
