@@ -11,9 +11,11 @@ from . import (
     image,
     instructpix2pix,
     latent,
+    latent_files,
     loaders,
     lora,
     mask,
+    model_merging,
     model_patches,
     primitives,
     sampler_nodes,
@@ -24,7 +26,8 @@ from . import (
 from .runtime import configure
 
 MODULES = (loaders, conditioning, latent, sampler_nodes, image, lora, controlnet, upscale,
-           custom_sampling, model_patches, instructpix2pix, mask, primitives, strings, sd3_nodes)
+           custom_sampling, model_patches, instructpix2pix, mask, primitives, strings, model_merging, latent_files,
+           sd3_nodes)
 
 
 class ModelCatalog:

@@ -1,16 +1,16 @@
 """Conditioning nodes: prompt encoding and the ways conditionings are combined or restricted."""
 from __future__ import annotations
 
-from typing import Annotated, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from engine.inputs import Boolean, Combo, Float, Int, String
+from engine.inputs import Boolean, Combo, Float, Int, Socket, String
 from engine.node import node
 
 from .models.prompt_weights import check_nesting
-from .types import MAX_RESOLUTION, Clip, Conditioning, Image, Latent, Mask, Vae
+from .types import MAX_RESOLUTION, Clip, ClipVision, ClipVisionOutput, Conditioning, Image, Latent, Mask, Vae
 
 
 def _check_text(text) -> bool | str:
@@ -264,3 +264,56 @@ def _batch_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if t.shape[0] == like.shape[0] or t.shape[0] != 1:
         return t
     return t.expand(like.shape[0], -1, -1)
+
+
+# ---- CLIP vision: image prompts ---------------------------------------------------------------------
+
+@node("CLIPVisionEncode", category="conditioning")
+def clip_vision_encode(clip_vision: ClipVision, image: Image,
+                       crop: Annotated[str, Combo(["center", "none"])]) -> ClipVisionOutput:
+    """Encodes an image with a CLIP vision model: resized so its shortest side fits the model and
+    center-cropped ("center") or squashed to a square ("none")."""
+    if crop not in ("center", "none"):
+        raise ValueError(f"crop must be 'center' or 'none', got {crop!r}")
+    if image.ndim != 4 or image.shape[-1] < 3:
+        raise ValueError(f"image must be an IMAGE batch [B,H,W,3], got shape {tuple(image.shape)}")
+    return clip_vision.encode_image(image, crop=crop == "center")
+
+
+@node("unCLIPConditioning", category="conditioning")
+def unclip_conditioning(conditioning: Conditioning, clip_vision_output: ClipVisionOutput,
+                        strength: Annotated[float, Float(1.0, min=-10.0, max=10.0, step=0.01)],
+                        noise_augmentation: Annotated[float, Float(0.0, min=0.0, max=1.0, step=0.01)],
+                        ) -> Conditioning:
+    """Adds an image's CLIP embedding to a conditioning, for unCLIP models (SD2.1 unCLIP) and SDXL
+    ("revision", with the ViT-bigG vision model); noise_augmentation blurs how closely it is followed."""
+    if strength == 0:
+        return conditioning
+    entry = {"clip_vision_output": clip_vision_output, "strength": strength,
+             "noise_augmentation": noise_augmentation}
+    return [[cond, {**opts, "unclip_conditioning": [*opts.get("unclip_conditioning", []), entry]}]
+            for cond, opts in conditioning]
+
+
+@node("StyleModelApply", category="conditioning/style_model")
+def style_model_apply(conditioning: Conditioning, style_model: Annotated[Any, Socket("STYLE_MODEL")],
+                      clip_vision_output: ClipVisionOutput,
+                      strength: Annotated[float, Float(1.0, min=0.0, max=10.0, step=0.001)],
+                      strength_type: Annotated[str, Combo(["multiply", "attn_bias"])]) -> Conditioning:
+    """Appends a style model's tokens (from an image's CLIP vision encoding) to every conditioning entry."""
+    if strength_type not in ("multiply", "attn_bias"):
+        raise ValueError(f"strength_type must be 'multiply' or 'attn_bias', got {strength_type!r}")
+    if strength_type == "attn_bias" and strength != 1.0:
+        raise NotImplementedError("StyleModelApply: strength_type 'attn_bias' with a strength other than 1 is not "
+                                  "supported by sdflow yet (use 'multiply')")
+    tokens = style_model.get_cond(clip_vision_output)
+    tokens = tokens.flatten(0, 1).unsqueeze(0)
+    if strength_type == "multiply":
+        tokens = tokens * strength
+    out = []
+    for cond, opts in conditioning:
+        if cond.shape[-1] != tokens.shape[-1]:
+            raise ValueError(f"StyleModelApply: the style model makes {tokens.shape[-1]}-wide tokens, the "
+                             f"conditioning is {cond.shape[-1]} wide (an SD1.x style model needs an SD1.x CLIP)")
+        out.append([torch.cat([cond, tokens.to(cond).expand(cond.shape[0], -1, -1)], dim=1), dict(opts)])
+    return out

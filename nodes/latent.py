@@ -337,3 +337,45 @@ def latent_rotate(samples: Latent,
     s = _samples(samples, "samples")
     turns = {"none": 0, "90 degrees": 1, "180 degrees": 2, "270 degrees": 3}[rotation]
     return {**samples, "samples": torch.rot90(s, k=turns, dims=[-1, -2])}
+
+
+# ---- tiled VAE (big images on small memory) -----------------------------------------------------------
+
+def _tile_overlap(tile_size: int, overlap: int) -> int:
+    # ComfyUI's rule: an overlap above a quarter of the tile is cut to a quarter.
+    return tile_size // 4 if tile_size < overlap * 4 else overlap
+
+
+@node("VAEDecodeTiled", category="_for_testing", display_name="VAE Decode (Tiled)")
+def vae_decode_tiled(samples: Latent, vae: Vae,
+                     tile_size: Annotated[int, Int(512, min=64, max=4096, step=32)],
+                     overlap: Annotated[int, Int(64, min=0, max=4096, step=32)],
+                     temporal_size: Annotated[int, Int(64, min=8, max=4096, step=4,
+                                                       tooltip="Only used for video VAEs: Amount of frames "
+                                                               "to decode at a time.")],
+                     temporal_overlap: Annotated[int, Int(8, min=4, max=4096, step=4,
+                                                          tooltip="Only used for video VAEs: Amount of frames "
+                                                                  "to overlap.")]) -> Image:
+    """Decodes latents tile by tile (tile_size and overlap in pixels), for images too big to decode at
+    once; the temporal inputs only matter for video VAEs, which sdflow does not have."""
+    r = vae.downscale_ratio
+    overlap = _tile_overlap(tile_size, overlap)
+    x = samples["samples"]
+    if x.ndim == 5:  # video-shaped latents: frames become batch entries, as in VAEDecode
+        b, c, f, h, w = x.shape
+        x = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+    return vae.decode_tiled(x, tile=max(1, tile_size // r), overlap=overlap // r)
+
+
+@node("VAEEncodeTiled", category="_for_testing", display_name="VAE Encode (Tiled)")
+def vae_encode_tiled(pixels: Image, vae: Vae,
+                     tile_size: Annotated[int, Int(512, min=64, max=4096, step=64)],
+                     overlap: Annotated[int, Int(64, min=0, max=4096, step=32)],
+                     temporal_size: Annotated[int, Int(64, min=8, max=4096, step=4,
+                                                       tooltip="Only used for video VAEs: Amount of frames "
+                                                               "to encode at a time.")],
+                     temporal_overlap: Annotated[int, Int(8, min=4, max=4096, step=4,
+                                                          tooltip="Only used for video VAEs: Amount of frames "
+                                                                  "to overlap.")]) -> Latent:
+    """Encodes images tile by tile (tile_size and overlap in pixels)."""
+    return {"samples": vae.encode_tiled(pixels, tile=tile_size, overlap=_tile_overlap(tile_size, overlap))}

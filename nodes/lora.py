@@ -63,3 +63,23 @@ def lora_loader_model_only(model: Model, lora_name: Annotated[str, Combo(model_f
     out_model = load_lora(model, None, lora_name, strength_model, 0.0)[0]
     assert out_model is not None  # given a model, a model comes back
     return out_model
+
+
+@node("HypernetworkLoader", category="loaders",
+      fingerprint=model_file_fingerprint("hypernetworks", "hypernetwork_name"),
+      validate=model_file_exists("hypernetworks", "hypernetwork_name", "hypernetwork"))
+def hypernetwork_loader(model: Model, hypernetwork_name: Annotated[str, Combo(model_files("hypernetworks"))],
+                        strength: Annotated[float, Float(1.0, min=-10.0, max=10.0, step=0.01)]) -> Model:
+    """Applies an A1111 hypernetwork (.pt) to the model's attention layers."""
+    from .models.hypernetwork import HypernetworkPatch, load_hypernetwork
+    from .models.state_dict import ModelFileError
+
+    path = runtime().folders.require("hypernetworks", hypernetwork_name)
+    try:
+        layers = load_hypernetwork(path)
+    except ModelFileError as e:
+        raise ModelFileError(path, f"HypernetworkLoader input hypernetwork_name {hypernetwork_name!r}: {e.reason}; "
+                                   "expected an A1111 hypernetwork .pt file") from None
+    if strength == 0:
+        return model
+    return model.with_patches(hypernetworks=(HypernetworkPatch(layers, strength),))

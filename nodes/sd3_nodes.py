@@ -21,7 +21,7 @@ from .models.sd3 import ENCODER_NAMES, load_sd3_checkpoint, load_text_encoder_fi
 from .models.sd3_handles import SD3ClipHandle, SD3ModelHandle, SkipLayerGuidance, t5_tokenizer_for
 from .models.tokenizer import load_tokenizer
 from .models.vae import VaeHandle
-from .runtime import model_file_exists, model_files, runtime
+from .runtime import model_file_exists, model_file_fingerprint, model_files, runtime
 from .types import Clip, Conditioning, Latent, Model
 
 MAX_RESOLUTION = 16384
@@ -120,25 +120,35 @@ def triple_clip_loader(clip_name1: Annotated[str, Combo(model_files("text_encode
 
 
 @node("DualCLIPLoader", category="advanced/loaders", display_name="DualCLIPLoader",
-      validate=_encoders_exist("clip_name1", "clip_name2"))
+      validate=_encoders_exist("clip_name1", "clip_name2"),
+      fingerprint=model_file_fingerprint("text_encoders", "clip_name1"))
 def dual_clip_loader(clip_name1: Annotated[str, Combo(model_files("text_encoders"))],
                      clip_name2: Annotated[str, Combo(model_files("text_encoders"))],
                      type: Annotated[str, Combo(DUAL_CLIP_TYPES)],
-                     device: Annotated[str, Combo(["default", "cpu"], advanced=True)] = "default") -> Clip:
+                     device: Annotated[str, Combo(["default", "cpu"], advanced=True)] | None = None) -> Clip:
     """[Recipes]
 
+    sdxl: clip-l, clip-g
     sd3: clip-l, clip-g / clip-l, t5 / clip-g, t5 (sdflow: clip-l + clip-g)"""
+    if type == "sdxl":
+        from . import loaders
+        return loaders.dual_clip_loader(clip_name1, clip_name2, type, device)
     return _encoders_clip("DualCLIPLoader", [clip_name1, clip_name2], type)
 
 
 @node("CLIPLoader", category="advanced/loaders", display_name="Load CLIP",
-      validate=model_file_exists("text_encoders", "clip_name", "text encoder"))
+      validate=model_file_exists("text_encoders", "clip_name", "text encoder"),
+      fingerprint=model_file_fingerprint("text_encoders", "clip_name"))
 def clip_loader(clip_name: Annotated[str, Combo(model_files("text_encoders"))],
                 type: Annotated[str, Combo(CLIP_TYPES)],
-                device: Annotated[str, Combo(["default", "cpu"], advanced=True)] = "default") -> Clip:
+                device: Annotated[str, Combo(["default", "cpu"], advanced=True)] | None = None) -> Clip:
     """[Recipes]
 
+    stable_diffusion: clip-l (SD1) / OpenCLIP-H (SD2)
     sd3: t5 xxl/ clip-g / clip-l (sdflow runs SD3 with at least clip-l and clip-g: use TripleCLIPLoader)"""
+    if type == "stable_diffusion":
+        from . import loaders
+        return loaders.clip_loader(clip_name, type, device)
     return _encoders_clip("CLIPLoader", [clip_name], type)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from engine.inputs import Socket
 
+from .models.clip_vision import ClipVisionHandle, ClipVisionOutput as ClipVisionOutputValue
 from .models.diffusion_model import DiffusionModelHandle
 from .models.text_encoder import ClipHandle
 from .models.vae import VaeHandle
@@ -25,6 +26,8 @@ Latent: TypeAlias = Annotated[dict, Socket("LATENT")]
 Image: TypeAlias = Annotated[torch.Tensor, Socket("IMAGE")]
 Mask: TypeAlias = Annotated[torch.Tensor, Socket("MASK")]
 ControlNet: TypeAlias = Annotated[Any, Socket("CONTROL_NET")]
+ClipVision: TypeAlias = Annotated[ClipVisionHandle, Socket("CLIP_VISION")]
+ClipVisionOutput: TypeAlias = Annotated[ClipVisionOutputValue, Socket("CLIP_VISION_OUTPUT")]
 UpscaleModel: TypeAlias = Annotated[Any, Socket("UPSCALE_MODEL")]
 # custom sampling: SIGMAS is a 1-D float tensor of descending noise levels (usually ending in 0)
 Sigmas: TypeAlias = Annotated[torch.Tensor, Socket("SIGMAS")]

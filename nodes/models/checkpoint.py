@@ -80,6 +80,9 @@ class LoadedCheckpoint:
     scheduler_config: dict = field(default_factory=dict)  # diffusers scheduler config, prediction_type set
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__
     clip_layers: dict[str, ClipLayer] = field(default_factory=dict)  # see ClipLayer
+    # SD2.1 unCLIP parts: "noise_augmentor" (data_mean, data_std), each [1, D]; "clip_vision", the image
+    # embedder's tower as a transformers-layout state dict (loaded only when asked for)
+    extras: dict = field(default_factory=dict)
 
     @property
     def random_weights(self) -> bool:
@@ -190,6 +193,10 @@ def scheduler_config(arch: str, prediction_type: str) -> dict:
 
 # --------------------------------------------------------------------------- single-file load
 
+UNCLIP_STATS = ("noise_augmentor.data_mean", "noise_augmentor.data_std")
+UNCLIP_VISION_PREFIX = "embedder.model.visual."
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -198,6 +205,7 @@ def load_checkpoint(
     load_unet: bool = True,
     load_vae: bool = True,
     load_clip: bool = True,
+    load_clip_vision: bool = False,
 ) -> LoadedCheckpoint:
     """Load an SD1/SD2/SDXL (base or refiner) single-file checkpoint in the original LDM key layout.
 
@@ -244,6 +252,15 @@ def load_checkpoint(
             raise
         raise ModelFileError(path, f"unrecognised {arch} checkpoint layout: {type(e).__name__}: {e}") from None
 
+    extras: dict = {}
+    if UNCLIP_STATS[0] in sd and UNCLIP_STATS[1] in sd:
+        extras["noise_augmentor"] = (sd[UNCLIP_STATS[0]].float(), sd[UNCLIP_STATS[1]].float())
+    if load_clip_vision:
+        from .clip_vision import to_hf_layout
+
+        vision = to_hf_layout(sd)
+        if vision is not None:
+            extras["clip_vision"] = vision
     return LoadedCheckpoint(
         arch=arch,
         prediction_type=prediction_type,
@@ -255,6 +272,7 @@ def load_checkpoint(
         scheduler_config=scheduler_config(arch, prediction_type),
         metadata=metadata,
         clip_layers=dict(CLIP_LAYER_DEFAULTS[arch]),
+        extras=extras,
     )
 
 
@@ -417,4 +435,10 @@ def checkpoint_to_ldm_state_dict(ckpt: LoadedCheckpoint) -> dict[str, torch.Tens
         prefix, layout = CLIP_LOCATIONS[ckpt.arch][kind]
         sd = clip_file_state_dict(model)
         out.update(ldm_keys.hf_clip_to_ldm(sd, prefix) if layout == "hf" else ldm_keys.hf_to_openclip(sd, prefix))
+    if "noise_augmentor" in ckpt.extras:
+        out[UNCLIP_STATS[0]], out[UNCLIP_STATS[1]] = ckpt.extras["noise_augmentor"]
+    if "clip_vision" in ckpt.extras:
+        from .clip_vision import hf_vision_to_openclip
+
+        out.update(hf_vision_to_openclip(ckpt.extras["clip_vision"], UNCLIP_VISION_PREFIX))
     return {k: v.detach().contiguous() for k, v in out.items()}

@@ -86,6 +86,8 @@ def detect_arch(sd: Mapping[str, torch.Tensor]) -> str | None:
     """"sd1", "sd2", "sdxl" or "sdxl_refiner" for a single-file LDM checkpoint, None if it is none of them."""
     if not has_unet(sd):
         return None
+    if is_unclip(sd):
+        return "sd2"
     if UNET_PREFIX + "label_emb.0.0.weight" in sd or any(k.startswith("conditioner.embedders.") for k in sd):
         return "sdxl_refiner" if is_refiner(sd) else "sdxl"
     if any(k.startswith("cond_stage_model.model.") for k in sd):
@@ -97,6 +99,14 @@ def detect_arch(sd: Mapping[str, torch.Tensor]) -> str | None:
     if proj is not None and proj.ndim == 2:
         return "sd2"
     return "sd1"
+
+
+def is_unclip(sd: Mapping[str, torch.Tensor]) -> bool:
+    """An SD2.1 unCLIP checkpoint: an SD2 text encoder (or the unCLIP image embedder / noise augmentor) next
+    to a UNet with a class-embedding input (LDM's label_emb, which SDXL uses for its added conditioning)."""
+    if UNET_PREFIX + "label_emb.0.0.weight" not in sd:
+        return False
+    return any(k.startswith(("cond_stage_model.model.", "embedder.model.visual.", "noise_augmentor.")) for k in sd)
 
 
 def is_refiner(sd: Mapping[str, torch.Tensor], prefix: str = UNET_PREFIX) -> bool:
@@ -120,7 +130,7 @@ def detect_prediction_type(sd: Mapping[str, torch.Tensor], metadata: Mapping[str
     declared = str(metadata.get("modelspec.prediction_type", "")).lower()
     if declared:
         return "v_prediction" if "v" in declared else "epsilon"
-    if "v_pred" in sd:
+    if "v_pred" in sd or (arch == "sd2" and is_unclip(sd)):  # the SD2.1 unCLIP releases are v-prediction
         return "v_prediction"
     probe = sd.get(_SD2_VPRED_PROBE)
     if arch == "sd2" and probe is not None and float(torch.std(probe.float(), unbiased=False)) > 0.09:
@@ -187,7 +197,13 @@ def infer_unet_config(ldm: Mapping[str, torch.Tensor], arch: str, *, pooled_dim:
     time_dim = int(ldm["time_embed.0.weight"].shape[0])
     if time_dim != 4 * channels[0]:
         cfg["time_embedding_dim"] = time_dim
-    if "label_emb.0.0.weight" in ldm:
+    if "label_emb.0.0.weight" in ldm and arch == "sd2":
+        # SD2.1 unCLIP: noise-augmented image embedding + its noise-level embedding as class labels
+        for name in ("addition_embed_type", "addition_time_embed_dim", "addition_embed_type_num_heads"):
+            cfg.pop(name, None)
+        cfg["class_embed_type"] = "projection"
+        cfg["projection_class_embeddings_input_dim"] = int(ldm["label_emb.0.0.weight"].shape[1])
+    elif "label_emb.0.0.weight" in ldm:
         adm_in = int(ldm["label_emb.0.0.weight"].shape[1])
         cfg["addition_embed_type"] = "text_time"
         cfg["projection_class_embeddings_input_dim"] = adm_in

@@ -36,15 +36,18 @@ class DiffusionModelHandle(ResidentMixin):
     # Sampling patches set by model-patch nodes on a clone (see with_patches): "cfg_function",
     # "denoise_mask_function" (read by nodes.sampling.sample), "guider" (a (kind, ...) tuple for
     # guiders other than CFG) and "output_block_patches" (functions (h, skip) -> (h, skip) applied to
-    # every UNet up-block input before it is concatenated with its skip connection).
+    # every UNet up-block input before it is concatenated with its skip connection); "hypernetworks"
+    # (HypernetworkPatch objects, accumulated) rewrite the attention key/value inputs.
     sampling_patches: Mapping[str, Any] = MappingProxyType({})
+    # SD2.1 unCLIP: the checkpoint's noise-augmentor statistics (mean, std), each [1, D]; see models/unclip.py.
+    unclip_stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def with_patches(self, **patches: Any) -> DiffusionModelHandle:
         """A clone with these sampling patches added; output_block_patches accumulate, others replace."""
         twin = self.clone()
         merged = dict(self.sampling_patches)
         for key, value in patches.items():
-            if key == "output_block_patches":
+            if key in ("output_block_patches", "hypernetworks"):
                 value = tuple(merged.get(key, ())) + tuple(value)
             merged[key] = value
         twin.sampling_patches = merged
@@ -100,13 +103,45 @@ class DiffusionModelHandle(ResidentMixin):
         """From a `nodes.models.checkpoint.LoadedCheckpoint` (duck-typed)."""
         if checkpoint.unet is None:
             raise ValueError(f"{getattr(checkpoint, 'source', 'checkpoint')} has no diffusion model")
-        return cls(checkpoint.unet, checkpoint.arch, checkpoint.prediction_type, device=device)
+        handle = cls(checkpoint.unet, checkpoint.arch, checkpoint.prediction_type, device=device)
+        stats = getattr(checkpoint, "extras", {}).get("noise_augmentor")
+        if stats is not None:
+            handle.unclip_stats = stats
+        return handle
+
+    # Model merges recorded on this handle (models/merge.py); applied when the UNet is first used.
+    weight_patches: tuple = ()
 
     @property
-    def unet(self) -> nn.Module:
+    def base_unet(self) -> nn.Module:
+        """The loaded UNet, without this handle's merge patches."""
         unet = self._weights.modules["unet"]
         assert unet is not None  # a diffusion model handle always holds its UNet
         return unet
+
+    @property
+    def unet(self) -> nn.Module:
+        """The UNet with this handle's merge patches applied (built on first use, one per base weights)."""
+        if not self.weight_patches:
+            return self.base_unet
+        from .merge import merged_state, module_with_state, patch_key
+
+        key = patch_key(self)
+        holder = self._weights
+        with holder.lock:
+            if getattr(holder, "merged_key", None) != key or holder.modules.get("merged") is None:
+                holder.modules["merged"] = None  # free the previous merge before building the next
+                holder.modules["merged"] = module_with_state(self.base_unet, merged_state(self))
+                holder.merged_key = key  # type: ignore[attr-defined]
+            merged = holder.modules["merged"]
+        assert merged is not None
+        return merged
+
+    def with_merge(self, patch: Any) -> DiffusionModelHandle:
+        """A clone with one more merge patch (nothing is computed until the model is used)."""
+        twin = self.clone()
+        twin.weight_patches = tuple(self.weight_patches) + (patch,)
+        return twin
 
     def clone(self) -> DiffusionModelHandle:
         """Shares the weights; attributes set on the clone leave the original alone."""
@@ -118,6 +153,7 @@ class DiffusionModelHandle(ResidentMixin):
         """A clone holding different weights (e.g. a LoRA-merged copy); settings carried over."""
         twin = self.clone()
         twin._weights = WeightsHolder({"unet": unet})
+        twin.weight_patches = ()  # the given weights already include them
         return twin
 
     @property
@@ -183,7 +219,11 @@ class DiffusionModelHandle(ResidentMixin):
             if pooled is None or size_cond is None:
                 raise ValueError("SDXL models need 'pooled' and 'size_cond' in cond")
             size_cond = self._fit_time_ids(size_cond, pooled.shape[-1], cond.get("cond_or_uncond"))
+            if cond.get("unclip") is not None:
+                pooled = self._revision_pooled(cond["unclip"], prep(pooled), int(cond.get("seed", 0)))
             kwargs["added_cond_kwargs"] = {"text_embeds": prep(pooled), "time_ids": prep(size_cond)}
+        if self.class_input_dim:
+            kwargs["class_labels"] = prep(self._unclip_labels(cond.get("unclip"), batch, int(cond.get("seed", 0))))
         control = cond.get("control")
         if control is not None and not isinstance(control, dict) and hasattr(control, "get_control"):
             # A ControlNet application (nodes/models/controlnet.py) computes residuals for this input.
@@ -198,8 +238,23 @@ class DiffusionModelHandle(ResidentMixin):
             kwargs["down_intrablock_additional_residuals"] = [prep(r) for r in control["intrablock"]]
         if x.shape[1] < self.in_channels:
             x = torch.cat([x, prep(extra_input(cond.get("concat"), x_in, self.in_channels - x.shape[1]))], dim=1)
-        out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
+        with self._hypernetwork_hooks():
+            out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
         return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))
+
+    @contextlib.contextmanager
+    def _hypernetwork_hooks(self):
+        """Hypernetworks (models/hypernetwork.py) on the attention projections, for one call (the weights
+        are shared with other handles)."""
+        patches = self.sampling_patches.get("hypernetworks") or ()
+        handles = []
+        try:
+            for patch in patches:
+                handles.extend(patch.hooks(self.unet))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _fit_time_ids(self, size_cond: torch.Tensor, pooled_dim: int, cond_or_uncond: Any) -> torch.Tensor:
         cfg = self.unet.config
@@ -221,6 +276,41 @@ class DiffusionModelHandle(ResidentMixin):
         if want == 6 and have == 5:  # base given refiner conditioning: the target size is the size
             return torch.cat([size_cond[:, :4], size_cond[:, :2]], dim=1)
         raise ValueError(f"the model's added conditioning takes {want} size numbers, got {have}")
+
+    @property
+    def class_input_dim(self) -> int:
+        """Width of the class-label input of an unCLIP model (image embedding + noise-level embedding); 0 if none."""
+        cfg: Any = self.unet.config
+        if getattr(cfg, "class_embed_type", None) != "projection":
+            return 0
+        return int(cfg.projection_class_embeddings_input_dim)
+
+    def _unclip_rows(self, unclip: list, batch: int, make) -> torch.Tensor:
+        per_job = max(1, batch // len(unclip))
+        return torch.cat([make(entries).expand(per_job, -1) for entries in unclip])
+
+    def _unclip_labels(self, unclip: list | None, batch: int, seed: int) -> torch.Tensor:
+        from .unclip import NoiseAugmentor, unclip_adm
+
+        dim = self.class_input_dim
+        if unclip is None:  # no image: zeros, as ComfyUI feeds an unCLIP model without unCLIP conditioning
+            return torch.zeros(batch, dim)
+        mean, std = self.unclip_stats if self.unclip_stats is not None else (None, None)
+        augmentor = NoiseAugmentor(mean, std)
+
+        def make(entries: list) -> torch.Tensor:
+            adm = unclip_adm(entries, augmentor, merge=0.05, seed=seed)
+            if adm.shape[1] != dim:
+                raise ValueError(f"unCLIPConditioning: the image embeddings give {adm.shape[1]} class inputs, "
+                                 f"this unCLIP model takes {dim} (use the CLIP vision model it was trained with)")
+            return adm
+        return self._unclip_rows(unclip, batch, make)
+
+    def _revision_pooled(self, unclip: list, pooled: torch.Tensor, seed: int) -> torch.Tensor:
+        from .unclip import revision_pooled
+
+        rows = self._unclip_rows(unclip, pooled.shape[0], lambda e: revision_pooled(e, pooled.shape[-1], seed))
+        return rows.to(pooled)
 
     def _needs_added_cond(self) -> bool:
         return getattr(self.unet.config, "addition_embed_type", None) == "text_time"

@@ -36,6 +36,9 @@ _UNET_TOP_TO_LDM = {
     "time_embedding.linear_2": "time_embed.2",
     "add_embedding.linear_1": "label_emb.0.0",
     "add_embedding.linear_2": "label_emb.0.2",
+    # unCLIP models feed the image embedding through the same LDM slot as a class embedding
+    "class_embedding.linear_1": "label_emb.0.0",
+    "class_embedding.linear_2": "label_emb.0.2",
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -40,10 +41,11 @@ MODELSPEC_ARCH = {
 }
 
 
-def tiny_configs(arch: str = "sd1", *, inpaint: bool = False) -> dict[str, dict]:
+def tiny_configs(arch: str = "sd1", *, inpaint: bool = False, unclip: bool = False) -> dict[str, dict]:
     """diffusers/transformers configs of the tiny models: keys unet, vae, l/h/g.
 
-    `inpaint`: a 9-channel inpainting UNet (latent + mask + masked-image latent)."""
+    `inpaint`: a 9-channel inpainting UNet (latent + mask + masked-image latent). `unclip` (SD2): the
+    SD2.1 unCLIP UNet, taking a noise-augmented image embedding + noise-level embedding as class labels."""
     clips: dict[str, dict] = {}
     for kind, component in CLIP_COMPONENTS[arch].items():
         cfg = detect.shipped_config(arch, component)
@@ -92,6 +94,10 @@ def tiny_configs(arch: str = "sd1", *, inpaint: bool = False) -> dict[str, dict]
                                 else [unet_heads(arch, c) for c in channels]),
         )
 
+    if unclip:
+        if arch != "sd2":
+            raise ValueError("unCLIP models are SD2")
+        unet.update(class_embed_type="projection", projection_class_embeddings_input_dim=2 * CLIP_HIDDEN)
     vae = detect.shipped_config(arch, "vae")
     vae.update(block_out_channels=[32, 32, 32, 32], layers_per_block=1)
     return {"unet": unet, "vae": vae, **clips}
@@ -111,11 +117,12 @@ def _clip_model(cfg: dict) -> CLIPTextModel | CLIPTextModelWithProjection:
 
 
 def tiny_checkpoint_models(arch: str = "sd1", *, prediction_type: str = "epsilon", seed: int = 0,
-                           inpaint: bool = False) -> LoadedCheckpoint:
-    """In-memory tiny models of `arch`, deterministic for a seed (the global RNG is left alone)."""
+                           inpaint: bool = False, unclip: bool = False) -> LoadedCheckpoint:
+    """In-memory tiny models of `arch`, deterministic for a seed (the global RNG is left alone).
+    `unclip`: an SD2.1 unCLIP checkpoint, with its OpenCLIP image tower and noise-augmentor statistics."""
     if arch not in detect.ARCHES:
         raise ValueError(f"unknown architecture {arch!r}")
-    cfgs = tiny_configs(arch, inpaint=inpaint)
+    cfgs = tiny_configs(arch, inpaint=inpaint, unclip=unclip)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -136,22 +143,32 @@ def tiny_checkpoint_models(arch: str = "sd1", *, prediction_type: str = "epsilon
         scheduler_config=scheduler_config(arch, prediction_type),
         metadata={"sdflow.random_weights": "true", "modelspec.prediction_type": prediction_type},
         clip_layers=dict(CLIP_LAYER_DEFAULTS[arch]),
+        extras=_unclip_extras(seed) if unclip else {},
     )
+
+
+def _unclip_extras(seed: int) -> dict:
+    vision = tiny_clip_vision(seed=seed + 1000)
+    gen = torch.Generator().manual_seed(seed + 1001)
+    stats = (torch.randn(1, CLIP_HIDDEN, generator=gen), 0.5 + torch.rand(1, CLIP_HIDDEN, generator=gen))
+    return {"noise_augmentor": stats,
+            "clip_vision": {k: v for k, v in vision.state_dict().items() if not k.endswith("position_ids")}}
 
 
 def write_tiny_checkpoint(
     path: str | Path, arch: str = "sd1", *, prediction_type: str = "epsilon", seed: int = 0,
-    inpaint: bool = False,
+    inpaint: bool = False, unclip: bool = False,
 ) -> Path:
     """Write a tiny single-file `.safetensors` checkpoint in the original LDM layout."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    ckpt = tiny_checkpoint_models(arch, prediction_type=prediction_type, seed=seed, inpaint=inpaint)
+    ckpt = tiny_checkpoint_models(arch, prediction_type=prediction_type, seed=seed, inpaint=inpaint, unclip=unclip)
     metadata = {
         "sdflow.random_weights": "true",
         "modelspec.prediction_type": prediction_type,
-        "modelspec.architecture": MODELSPEC_ARCH[arch] + ("-inpainting" if inpaint else ""),
+        "modelspec.architecture": MODELSPEC_ARCH[arch] + ("-inpainting" if inpaint else "")
+        + ("-unclip" if unclip else ""),
         "modelspec.title": f"sdflow tiny {arch} (random weights)",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,4 +245,95 @@ def write_tiny_t2i_adapter(path: str | Path, arch: str = "sd1", *, layout: str =
         raise ValueError(f"unknown layout {layout!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path))
+    return path
+
+
+def tiny_clip_vision(*, projection_dim: int = CLIP_HIDDEN, seed: int = 0, image_size: int = 28, patch_size: int = 14):
+    """A tiny CLIPVisionModelWithProjection shaped like the OpenCLIP towers (GELU, 64-wide heads rule)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from .clip_vision import shipped_config
+
+    cfg = {k: v for k, v in shipped_config("vit_h").items() if k not in ("architectures", "model_type")}
+    cfg.update(hidden_size=CLIP_HIDDEN, intermediate_size=2 * CLIP_HIDDEN, num_hidden_layers=3,
+               num_attention_heads=clip_heads(CLIP_HIDDEN), projection_dim=projection_dim,
+               image_size=image_size, patch_size=patch_size)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg))
+    _jitter(model, gen)
+    return model.eval().requires_grad_(False)
+
+
+def write_tiny_clip_vision(path: str | Path, *, layout: str = "openclip", projection_dim: int = CLIP_HIDDEN,
+                           seed: int = 0) -> Path:
+    """Write a tiny CLIP vision tower: `layout` "openclip" (`visual.*`, as open_clip exports) or "hf"
+    (`vision_model.*`, as ComfyUI's clip_vision folder files and transformers' model.safetensors)."""
+    from safetensors.torch import save_file
+
+    from .clip_vision import hf_vision_to_openclip
+
+    model = tiny_clip_vision(projection_dim=projection_dim, seed=seed)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    if layout == "openclip":
+        sd = hf_vision_to_openclip(sd)
+    elif layout != "hf":
+        raise ValueError(f"unknown layout {layout!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".pt", ".pth", ".bin"):
+        torch.save(sd, path)
+    else:
+        save_file(sd, str(path), metadata={"sdflow.random_weights": "true"})
+    return path
+
+
+def _hn_layers(width: int, gen: torch.Generator, layer_norm: bool) -> dict:
+    """One MLP as A1111's Sequential names it for layer_structure [1, 2, 1], relu, layer norm and dropout:
+    0 Linear(w, 2w), 1 ReLU, 2 LayerNorm(2w), 3 Dropout, 4 Linear(2w, w), 5 LayerNorm(w)."""
+    def ln(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return 1 + 0.1 * torch.randn(n, generator=gen), 0.1 * torch.randn(n, generator=gen)
+
+    sd = {"linear.0.weight": 0.2 * torch.randn(2 * width, width, generator=gen),
+          "linear.0.bias": 0.1 * torch.randn(2 * width, generator=gen)}
+    if layer_norm:
+        sd["linear.2.weight"], sd["linear.2.bias"] = ln(2 * width)
+    sd["linear.4.weight"] = 0.2 * torch.randn(width, 2 * width, generator=gen)
+    sd["linear.4.bias"] = 0.1 * torch.randn(width, generator=gen)
+    if layer_norm:
+        sd["linear.5.weight"], sd["linear.5.bias"] = ln(width)
+    return sd
+
+
+def write_tiny_hypernetwork(path: str | Path, widths: tuple[int, ...] = (CLIP_HIDDEN, 64), *, layer_norm: bool = True,
+                            activation: str = "relu", seed: int = 0) -> dict:
+    """An A1111 hypernetwork .pt for the tiny SD1 UNet (attention widths 32 and 64), layer_structure
+    [1, 2, 1], in the file layout A1111 saves (per-width [key, value] layer dicts plus its settings)."""
+    path = Path(path)
+    gen = torch.Generator().manual_seed(seed)
+    obj: dict[Any, Any] = {w: [_hn_layers(w, gen, layer_norm), _hn_layers(w, gen, layer_norm)] for w in widths}
+    obj.update({"layer_structure": [1, 2, 1], "activation_func": activation, "is_layer_norm": layer_norm,
+                "use_dropout": True, "activate_output": False, "last_layer_dropout": False,
+                "name": path.stem, "step": 1000, "sd_checkpoint": "abcd1234", "sd_checkpoint_name": "tiny"})
+    torch.save(obj, path)
+    return obj
+
+
+def write_tiny_style_model(path: str | Path, *, width: int = CLIP_HIDDEN, context_dim: int = CLIP_HIDDEN,
+                           layers: int = 2, tokens: int = 8, seed: int = 0) -> Path:
+    """A T2I-Adapter style model sized for the tiny CLIP vision tower and SD1 UNet, saved as TencentARC
+    released theirs (a .pth state dict with the original key names)."""
+    from .style_model import StyleAdapter
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = StyleAdapter(width, context_dim, layers, tokens)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     return path

@@ -110,6 +110,16 @@ class VaeHandle(ResidentMixin):
             self.ensure_loaded()
             return self._decode_tiled(samples, tile, overlap).to(self.output_device)
 
+    @torch.no_grad()
+    def encode_tiled(self, pixels: torch.Tensor, tile: int = 512, overlap: int = 64) -> torch.Tensor:
+        """Encode in pixel tiles of `tile` with `overlap`, blended linearly (VAEEncodeTiled)."""
+        if pixels.ndim == 3:
+            pixels = pixels.unsqueeze(0)
+        pixels = self.crop_pixels(pixels[..., :3])
+        with self._run_lock:
+            self.ensure_loaded()
+            return self._encode_tiled(pixels, tile, overlap).to(self.output_device)
+
     # ------------------------------------------------------------------ internals
     def _batched(self, x: torch.Tensor, run, tiled, pixels_per_item: int = 1) -> torch.Tensor:
         with self._run_lock:

@@ -42,6 +42,9 @@ class CondEntry:
     options: dict[str, Any] = field(default_factory=dict)
     # [B, 9, h, w] extra input of inpainting / InstructPix2Pix models; see models/inpaint.py
     concat: torch.Tensor | None = None
+    # unCLIPConditioning entries ({"clip_vision_output", "strength", "noise_augmentation"}); the model turns
+    # them into its class / pooled input (models/unclip.py), as only it knows its noise augmentor.
+    unclip: list | None = None
     # Per-device copies and per-shape weights, built on first use: the sampler calls the denoiser with the
     # same entries every step, so nothing here is rebuilt or re-uploaded after the first step.
     cache: dict[tuple, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -147,6 +150,7 @@ def resolve_conditioning(
                 sigma_end=schedule.percent_to_sigma(end) if end is not None and end < 1 else None,
                 options=opts,
                 concat=model_concat(opts, latent_image, noise_mask, latent_shape),
+                unclip=list(opts["unclip_conditioning"]) if opts.get("unclip_conditioning") else None,
             )
         )
     return entries
@@ -246,6 +250,7 @@ class CFGDenoiser:
         self.schedule = schedule
         self.cfg = float(cfg)
         self.latent_shape = tuple(latent_shape)
+        self.seed = int(seed)
         concat_src = {"latent_image": latent_image, "noise_mask": noise_mask}
         self.positive = resolve_conditioning(positive, schedule, latent_shape, **concat_src)
         self.negative = resolve_conditioning(negative, schedule, latent_shape, **concat_src)
@@ -369,6 +374,7 @@ class CFGDenoiser:
                 None if e.size_cond is None else e.size_cond.shape[1],
                 e.concat is None,
                 id(e.control),
+                e.unclip is None,
             )
             groups.setdefault(key, []).append(job)
         results: list[list[tuple[_Job, torch.Tensor]]] = [[] for _ in sides]
@@ -395,6 +401,8 @@ class CFGDenoiser:
         if chunk[0].entry.pooled is not None:
             hit["pooled"] = torch.cat(cast("list[torch.Tensor]", [p for _, p, _ in parts]))
             hit["size_cond"] = torch.cat(cast("list[torch.Tensor]", [sc for _, _, sc in parts]))
+        if chunk[0].entry.unclip is not None:
+            hit["unclip"] = [j.entry.unclip for j in chunk]  # type: ignore[assignment]  # one list per job
         if chunk[0].entry.concat is not None:
             # entries batch together only with the same composition, so each of the chunk has a concat too
             hit["concat"] = torch.cat([_crop(cast(torch.Tensor, j.entry.concat), j.entry.area).to(device)
@@ -409,6 +417,8 @@ class CFGDenoiser:
         cond: dict[str, Any] = dict(self._chunk_conds(chunk, x_in.device))
         cond["cond_or_uncond"] = [j.which for j in chunk]
         cond["sigma"] = sig_in
+        if "unclip" in cond:
+            cond["seed"] = self.seed
         first = chunk[0].entry
         if first.control is not None:
             cond["control"] = first.control
@@ -442,7 +452,8 @@ class CFGDenoiser:
 # The sampler-facing denoiser ``(x, sigma[B]) -> denoised``. ``apply_model(x_in, timestep[B], cond) -> eps|v``
 # gets c_in-scaled input; ``cond`` holds ``context``, ``pooled`` + ``size_cond`` (SDXL, only when the entry
 # has pooled_output), ``control`` (passthrough), ``cond_or_uncond`` (0/1 per stacked chunk of the batch) and
-# ``sigma``, and ``concat`` (the [B, 9, h, w] extra input of inpainting and InstructPix2Pix models, when
+# ``sigma``, ``unclip`` + ``seed`` (one unCLIPConditioning list per stacked chunk, when the entries have them),
+# and ``concat`` (the [B, 9, h, w] extra input of inpainting and InstructPix2Pix models, when
 # the entry or the sampler has a mask or a concat image; a model takes the channels it needs, if any). With
 # ``noise_mask`` (1 = regenerate) the unmasked region is held at ``latent_image`` re-noised
 # with ``noise`` (drawn from ``seed`` when not given).

@@ -1,5 +1,5 @@
 """The loaders ComfyUI's front end needs in /object_info: UNETLoader (bare UNet files in LDM and diffusers
-layout, fp8 weight dtypes), ImageOnlyCheckpointLoader, and the honest refusals of StyleModelLoader and
+layout, fp8 weight dtypes), ImageOnlyCheckpointLoader, and the honest refusal of
 GLIGENLoader. Real tiny models written in the real file layouts."""
 from __future__ import annotations
 
@@ -112,8 +112,7 @@ def test_image_only_checkpoint_loader(sd_env):
         clip_vision.encode_image(torch.zeros(1, 8, 8, 3))
 
 
-@pytest.mark.parametrize("class_type,param,folder", [("StyleModelLoader", "style_model_name", "style_models"),
-                                                     ("GLIGENLoader", "gligen_name", "gligen")])
+@pytest.mark.parametrize("class_type,param,folder", [("GLIGENLoader", "gligen_name", "gligen")])
 def test_style_and_gligen_loaders_fail_honestly(sd_env, class_type, param, folder):
     registry, config = sd_env
     (config.models_dir / folder).mkdir(parents=True, exist_ok=True)

@@ -630,6 +630,9 @@ def test_execution_error_shown_on_node(editor: EditorPage, server: Server) -> No
     assert not state(ed, preview)["hasErrors"]
     ed.page.wait_for_selector(".toast-error:has-text('LoadImage')")
     ed.screenshot("editor_execution_error.png")
+    # Choosing another image is the fix: the failure's outline goes with the edit, not at the next run.
+    ed.js(f"sdflow.setWidget({load}, 'image', 'another.png')")
+    assert not state(ed, load)["hasErrors"]
 
 
 def click_title(ed: EditorPage, node_id: int) -> None:

@@ -239,6 +239,10 @@ export class Api {
     return URL.createObjectURL(await res.blob());
   }
 
+  listModelFolders(): Promise<string[]> {
+    return this.json("/models");
+  }
+
   listModels(folder: string): Promise<string[]> {
     return this.json(`/models/${encodeURIComponent(folder)}`);
   }

@@ -32,6 +32,8 @@ import { Minimap } from "./minimap";
 import { Settings } from "./settings";
 import { SettingsDialog } from "./ui/settings";
 import { copyImage, GalleryPanel, openImage, saveImage } from "./ui/gallery";
+import { MaskEditor } from "./ui/maskeditor";
+import { loaderFor, MODEL_MIME, ModelLibrary } from "./ui/models";
 import { TemplatesBrowser } from "./ui/templates";
 import { TopBar } from "./ui/topbar";
 import { WorkflowsPanel } from "./ui/workflows";
@@ -84,6 +86,8 @@ export class App {
   queuePanel!: QueuePanel;
   historyPanel!: HistoryPanel;
   gallery!: GalleryPanel;
+  models!: ModelLibrary;
+  readonly maskEditor = new MaskEditor(this.api);
   workflowsPanel!: WorkflowsPanel;
   topbar!: TopBar;
   undo!: UndoHistory;
@@ -165,6 +169,7 @@ export class App {
     };
     this.queuePanel = new QueuePanel(this.api, actions);
     this.historyPanel = new HistoryPanel(this.api, actions);
+    this.models = new ModelLibrary(this.api, () => this.objectInfo, (folder, file) => void this.addModelNode(folder, file, this.viewCenter()));
     this.gallery = new GalleryPanel(this.api, {
       loadWorkflow: (data, name) => void this.openWorkflow(data, name),
       sendToLoadImage: (ref) => void this.sendToLoadImage(ref),
@@ -175,7 +180,8 @@ export class App {
       { id: "history", label: "History", el: this.historyPanel.el, onShow: () => this.historyPanel.refresh() },
       { id: "gallery", label: "Gallery", el: this.gallery.el, onShow: () => this.gallery.refresh() },
       { id: "nodes", label: "Nodes", el: this.library.el, onShow: () => this.library.render() },
-      { id: "workflows", label: "Workflows", el: this.workflowsPanel.el, onShow: () => this.workflowsPanel.refresh() },
+      { id: "models", label: "Models", el: this.models.el, onShow: () => void this.models.refresh() },
+      { id: "workflows", label: "Saved", el: this.workflowsPanel.el, onShow: () => this.workflowsPanel.refresh() },
     ]);
     this.settingsDialog = new SettingsDialog(this.settings, this.keymap);
     this.templates = new TemplatesBrowser(this.api, (wf, name) => this.openWorkflow(wf, name));
@@ -341,6 +347,12 @@ export class App {
         this.addNodeAt(type, pos);
         return;
       }
+      const model = e.dataTransfer?.getData(MODEL_MIME);
+      if (model) {
+        const { folder, name } = JSON.parse(model);
+        this.addModelNode(folder, name, pos);
+        return;
+      }
       const file = e.dataTransfer?.files?.[0];
       if (!file) return;
       // An image dropped on an image-loading node is uploaded into it, not read as a workflow.
@@ -431,6 +443,13 @@ export class App {
       x += 30;
       y += 30;
     }
+    // A node added near the right or bottom edge is pulled in so all of it shows (not under the panel).
+    const r = this.canvasEl.getBoundingClientRect();
+    const [vx, vy] = this.clientToGraph(r.right, r.bottom);
+    const [ux, uy] = this.clientToGraph(r.left, r.top);
+    const size = node.size;
+    x = Math.max(ux + 8, Math.min(x, vx - size[0] - 16));
+    y = Math.max(uy + LiteGraph.NODE_TITLE_HEIGHT + 8, Math.min(y, vy - size[1] - 16));
     node.pos = [x, y];
     this.graph.add(node);
     this.graph.afterChange();
@@ -521,6 +540,10 @@ export class App {
     const nodeMenu = canvas.getNodeMenuOptions.bind(canvas);
     canvas.getNodeMenuOptions = (node: LGraphNode) => {
       const opts = nodeMenu(node).filter(keep);
+      const combo = node.widgets?.some((w) => w.name === "upload") ? node.widgets.find((w) => w.type === "combo") : undefined;
+      if (combo && typeof combo.value === "string" && combo.value) {
+        return [{ content: "Open in MaskEditor", callback: () => void this.editMask(node, combo) }, null, ...opts];
+      }
       const ref: ImageRef | undefined = (node as any).sdflowOutputs?.[0];
       if (!ref) return opts;
       const run = (label: string, fn: () => unknown) => ({
@@ -918,6 +941,41 @@ export class App {
       await this.openWorkflow(JSON.parse(new TextDecoder().decode(buf)), base);
     } catch (e) {
       toast(`Cannot load ${file.name}: ${errText(e)}`, "error");
+    }
+  }
+
+  /** A model from the library: its loader node, with the file chosen. */
+  addModelNode(folder: string, file: string, pos: [number, number]): LGraphNode | null {
+    const loader = loaderFor(this.objectInfo, folder, file);
+    if (!loader) {
+      toast(`No loader node for ${folder}`, "warning");
+      return null;
+    }
+    const node = this.addNodeAt(loader.type, pos);
+    const w = node?.widgets?.find((x) => x.name === loader.input);
+    if (!node || !w) return node;
+    const values = (w.options as any)?.values;
+    if (Array.isArray(values) && !values.includes(file)) values.push(file);
+    w.value = file;
+    node.onWidgetChanged?.(w.name, file, undefined, w);
+    this.graph._version++;
+    this.canvas.setDirty(true, true);
+    return node;
+  }
+
+  /** Opens the mask editor on a LoadImage node's image; a saved mask switches the node to the masked copy. */
+  async editMask(node: LGraphNode, combo: IBaseWidget): Promise<void> {
+    try {
+      await this.maskEditor.open(inputImageRef(String(combo.value)), ({ value }) => {
+        const values = (combo.options as any).values as unknown[];
+        if (Array.isArray(values) && !values.includes(value)) values.push(value);
+        combo.value = value;
+        this.onNodeValueChanged(node, combo.name);
+        this.graph._version++;
+        this.canvas.setDirty(true, true);
+      });
+    } catch (e) {
+      toast(`Cannot open the mask editor: ${errText(e)}`, "error");
     }
   }
 

@@ -107,7 +107,9 @@ export function registerNodeDefs(defs: ObjectInfo): void {
         installStrokeStyles(this);
         addIdBadge(this);
         const size = this.computeSize();
-        size[0] = Math.max(size[0], this.widgets?.length ? 280 : 210, def.output_node && !def.output.length ? 260 : 0);
+        // ComfyUI's width for nodes whose widget labels are long ("control after generate"), so they do not truncate.
+        const longLabel = this.widgets?.some((w) => (w.label ?? w.name).length >= 16);
+        size[0] = Math.max(size[0], longLabel ? 315 : this.widgets?.length ? 280 : 210, def.output_node && !def.output.length ? 260 : 0);
         if (def.output_node && /image/i.test(def.name + (def.category ?? ""))) size[1] = Math.max(size[1], 260);
         if (this.widgets?.some(isTextAreaWidget)) {
           size[0] = Math.max(size[0], 400);
@@ -169,7 +171,8 @@ export function registerNodeDefs(defs: ObjectInfo): void {
 function clearIssue(node: LGraphNode, inputName: string): void {
   const v = visual(node);
   if (!v.issues?.length) return;
-  const rest = v.issues.filter((i) => i.input !== inputName);
+  // Editing the node is the fix for a run-time failure too, so its outline goes with the edit.
+  const rest = v.issues.filter((i) => i.input !== inputName && !i.message.startsWith("Execution failed"));
   if (rest.length !== v.issues.length) setIssues(node, rest);
 }
 

@@ -87,8 +87,21 @@ export function hasControlAfterGenerate(input: ParsedInput): boolean {
   return input.widget === "INT" && SEED_NAMES.has(input.name);
 }
 
+/**
+ * The title a node is shown with everywhere (canvas, search, library): the server's display name, or,
+ * where the server gives only the class name, that name in words ("EmptyLatentImage" → "Empty Latent
+ * Image", "VAEDecode" → "VAE Decode"); a single capital prefix stays joined ("KSampler").
+ */
 export function displayName(def: NodeDef): string {
-  return def.display_name || def.name;
+  if (def.display_name && def.display_name !== def.name) return def.display_name;
+  return humanize(def.name);
+}
+
+export function humanize(name: string): string {
+  if (!/^[A-Za-z0-9]+$/.test(name)) return name;
+  return name
+    .replace(/([a-z0-9])([A-Z])/g, "$1 $2")
+    .replace(/([A-Z]{2,})([A-Z][a-z])/g, "$1 $2");
 }
 
 export interface OutputSlotDef {

@@ -118,6 +118,9 @@ export class NodeSearch {
     this.root.addEventListener("pointerdown", (e) => e.stopPropagation());
     setTimeout(() => document.addEventListener("pointerdown", this.outside, true), 0);
     this.refresh();
+    // Near the bottom of the window the box opens upwards, so its list is never cut off.
+    const height = this.root.getBoundingClientRect().height;
+    if (y + height > window.innerHeight - 8) this.root.style.top = `${Math.max(8, window.innerHeight - height - 8)}px`;
     this.input.focus();
     requestAnimationFrame(() => this.input.focus());
   }

@@ -1,7 +1,7 @@
 // The templates browser: the server's workflow templates in the two shapes ComfyUI's front end reads
 // (`/templates/index.json` categories, with `/templates/<name>.json` and a `<name>-1.<ext>` thumbnail;
 // `/api/workflow_templates` {module: [names]}, with `/api/workflow_templates/<module>/<name>.json`), and
-// the workflows saved on the server. A template without a thumbnail image gets a drawing of its graph.
+// the workflows saved on the server. Index templates show their picture; the others a drawing of the graph.
 import type { Api } from "../api";
 import { clear, h, icon } from "./dom";
 import { toast } from "./toast";
@@ -69,7 +69,7 @@ export async function gatherTemplates(api: Api): Promise<TemplateEntry[]> {
           key: `${module}/${name}`,
           title: name.replace(/[_-]+/g, " "),
           section: module,
-          thumbnail: `${base}.jpg`,
+          // Drawn from the graph: sdflow's server offers only a title card for its examples.
           load: () => api.fetchRoot(`${base}.json`).then(jsonOf),
         });
       }
