@@ -68,8 +68,8 @@ class CheckReport:
         lines: list[str] = []
         if self.missing_nodes:
             lines.append(f"missing node classes ({len(self.missing_nodes)}):")
-            for m in self.missing_nodes:
-                lines.append(f"  {m.class_type}  (node {', '.join(m.node_ids)})")
+            for node in self.missing_nodes:
+                lines.append(f"  {node.class_type}  (node {', '.join(node.node_ids)})")
         if self.missing_models:
             lines.append(f"missing model files ({len(self.missing_models)}):")
             for m in self.missing_models:
@@ -104,7 +104,7 @@ def check_prompt(prompt: dict, registry: Registry, locator: ModelLocator | None 
             missing_nodes.setdefault(class_type, []).append(str(nid))
         if locator is None:
             continue
-        inputs = node.get("inputs") if isinstance(node.get("inputs"), dict) else {}
+        inputs: dict = node["inputs"] if isinstance(node.get("inputs"), dict) else {}
         for input_name, folder in locator.model_inputs(class_type).items():
             value = inputs.get(input_name)
             if not isinstance(value, str) or not value or _is_link(value):

@@ -60,7 +60,8 @@ def _fmt(nbytes: int) -> str:
     return f"{nbytes / GB:.1f} GiB" if nbytes >= GB / 10 else f"{nbytes / (1 << 20):.0f} MiB"
 
 
-def check_costs(nodes: dict, order: Sequence[str], budget: int, skip: set[str] | frozenset[str] = frozenset()) -> dict[str, dict]:
+def check_costs(nodes: dict, order: Sequence[str], budget: int,
+                skip: set[str] | frozenset[str] = frozenset()) -> dict[str, dict]:
     """node id -> a `cost_over_budget` error, for the nodes (ResolvedNode by id, in topological `order`)
     whose estimate exceeds `budget`. Nodes in `skip` (already invalid) pass on no sizes."""
     sizes: dict[str, Sequence[Any]] = {}

@@ -115,9 +115,11 @@ def _build(instance: dict, definition: dict, info: dict, name: str, *, widget_ki
                                                   for n in raw_nodes):
         raise GroupNodeError(f"group node {name!r}: 'nodes' must be a list of nodes with a 'type'")
     for n in raw_nodes:
-        for key in ("inputs", "outputs"):
-            if not isinstance(n.get(key) or [], list) or not all(isinstance(x, dict) for x in n.get(key) or []):
-                raise GroupNodeError(f"group node {name!r}: inner node {n['type']!r}: '{key}' must be a list of slots")
+        for slot_list in ("inputs", "outputs"):
+            if not isinstance(n.get(slot_list) or [], list) or not all(isinstance(x, dict)
+                                                                       for x in n.get(slot_list) or []):
+                raise GroupNodeError(f"group node {name!r}: inner node {n['type']!r}: '{slot_list}' "
+                                     "must be a list of slots")
     nodes = [copy.deepcopy(n) for n in raw_nodes]
     node_at = lambda i: nodes[i] if isinstance(i, int) and 0 <= i < len(nodes) else None  # noqa: E731
 
@@ -139,7 +141,7 @@ def _build(instance: dict, definition: dict, info: dict, name: str, *, widget_ki
     for ext in definition.get("external") or []:
         if isinstance(ext, list) and len(ext) >= 3:
             external.setdefault(int(ext[0]), {})[int(ext[1])] = ext[2]
-    config = definition.get("config") if isinstance(definition.get("config"), dict) else {}
+    config: dict = definition["config"] if isinstance(definition.get("config"), dict) else {}
 
     derived = _Derived()
     seen: dict[str, int] = {}
@@ -165,24 +167,24 @@ def _build(instance: dict, definition: dict, info: dict, name: str, *, widget_ki
             continue
         inputs, outputs = found
         to_me = links_to.get(index, {})
-        slots: list[tuple[str, Any, dict]] = []
-        converted: dict[int, str] = {}
+        socket_slots: list[tuple[str, Any, dict]] = []
+        converted_at: dict[int, str] = {}
         widget_names: dict[str, str] = {}
         for iname, itype, opts in inputs:
             if is_widget_type(itype) and not opts.get("forceInput"):
                 pos = next((k for k, s in enumerate(node.get("inputs") or [])
                             if s.get("name") == iname and (s.get("widget") or {}).get("name") == iname), -1)
                 if pos > -1:
-                    converted[pos] = iname
+                    converted_at[pos] = iname
                 else:
                     shown, _ = input_name(node, index, iname)
                     widget_names[iname] = shown
             else:
-                slots.append((iname, itype, opts))
+                socket_slots.append((iname, itype, opts))
         for kind_name, kind in widget_kinds(node, index, info, inputs, links_from):
             if kind_name in widget_names:
                 derived.widgets.append((widget_names[kind_name], index, kind_name, kind))
-        for i, (iname, _, _) in enumerate(slots):
+        for i, (iname, _, _) in enumerate(socket_slots):
             if i in to_me:
                 continue
             shown, custom = input_name(node, index, iname)
@@ -190,7 +192,7 @@ def _build(instance: dict, definition: dict, info: dict, name: str, *, widget_ki
                 continue
             derived.socket_inputs.append((shown, index, i))
 
-        def later(node=node, index=index, slots=slots, converted=converted, to_me=to_me):
+        def later(node=node, index=index, slots=socket_slots, converted=converted_at, to_me=to_me):
             for j, iname in enumerate(converted[k] for k in sorted(converted, key=str)):
                 if len(slots) + j in to_me:
                     continue

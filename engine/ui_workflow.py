@@ -418,7 +418,7 @@ class _UiToApi:
         extra = workflow.get("extra")
         if not isinstance(extra, dict):
             extra = {}
-        self.group_nodes = extra.get("groupNodes") if isinstance(extra.get("groupNodes"), dict) else {}
+        self.group_nodes: dict = extra["groupNodes"] if isinstance(extra.get("groupNodes"), dict) else {}
         self.root = _Scope("", _parse_nodes(workflow["nodes"], "workflow"),
                            _parse_links(workflow.get("links"), "workflow"))
         self.output: dict[str, dict] = {}
@@ -437,8 +437,10 @@ class _UiToApi:
 
     def _group_as_subgraph(self, node: dict) -> dict:
         from .ui_group_nodes import GroupNodeError, build_definition
+        definition = self._legacy_group(node["type"])
+        assert definition is not None  # only called for the types is_container found a group definition for
         try:
-            return build_definition(node, self._legacy_group(node["type"]), self.info,
+            return build_definition(node, definition, self.info,
                                     widget_kinds=_group_widget_kinds, schema_inputs=schema_inputs,
                                     widget_values=self._widget_values,
                                     is_widget_type=lambda t: isinstance(t, list) or t in WIDGET_TYPES)

@@ -218,7 +218,8 @@ def _tokens_to(t: torch.Tensor, length: int) -> torch.Tensor:
 
 @node("ConditioningAverage", category="conditioning")
 def conditioning_average(conditioning_to: Conditioning, conditioning_from: Conditioning,
-                         conditioning_to_strength: Annotated[float, Float(1.0, min=0.0, max=1.0, step=0.01)]) -> Conditioning:
+                         conditioning_to_strength: Annotated[float, Float(1.0, min=0.0, max=1.0, step=0.01)],
+                         ) -> Conditioning:
     """Each entry of conditioning_to mixed with the first entry of conditioning_from (tokens padded or cut
     to conditioning_to's length); the pooled outputs are mixed the same way."""
     _cond_need(len(conditioning_from) > 0, "conditioning_from: empty conditioning")
@@ -231,8 +232,8 @@ def conditioning_average(conditioning_to: Conditioning, conditioning_from: Condi
     out = []
     for cond, opts in conditioning_to:
         _cond_need(cond.shape[-1] == src.shape[-1],
-                   f"conditioning_from: embedding width {src.shape[-1]} differs from conditioning_to's {cond.shape[-1]} "
-                   "(different text encoders)")
+                   f"conditioning_from: embedding width {src.shape[-1]} differs from "
+                   f"conditioning_to's {cond.shape[-1]} (different text encoders)")
         w = conditioning_to_strength
         mixed = cond * w + _tokens_to(src, cond.shape[1]).to(cond) * (1.0 - w)
         new_opts = dict(opts)
@@ -253,7 +254,8 @@ def conditioning_concat(conditioning_to: Conditioning, conditioning_from: Condit
     out = []
     for cond, opts in conditioning_to:
         _cond_need(cond.shape[-1] == src.shape[-1],
-                   f"conditioning_from: embedding width {src.shape[-1]} differs from conditioning_to's {cond.shape[-1]}")
+                   f"conditioning_from: embedding width {src.shape[-1]} differs from "
+                   f"conditioning_to's {cond.shape[-1]}")
         out.append([torch.cat([cond, _batch_like(src, cond).to(cond)], dim=1), dict(opts)])
     return out
 

@@ -35,7 +35,8 @@ def controlnet_loader(control_net_name: Annotated[str, Combo(model_files("contro
 @node("DiffControlNetLoader", category="loaders", display_name="Load ControlNet Model (diff)",
       fingerprint=model_file_fingerprint("controlnet", "control_net_name"),
       validate=model_file_exists("controlnet", "control_net_name", "ControlNet"))
-def diff_controlnet_loader(model: Model, control_net_name: Annotated[str, Combo(model_files("controlnet"))]) -> ControlNet:
+def diff_controlnet_loader(model: Model,
+                           control_net_name: Annotated[str, Combo(model_files("controlnet"))]) -> ControlNet:
     """Loads a ControlNet stored as differences to a diffusion model's weights (the given model's are
     added back); plain ControlNets and T2I-Adapters load as with Load ControlNet Model."""
     path = runtime().folders.require("controlnet", control_net_name)

@@ -44,7 +44,8 @@ def _check_sigmas(node_name: str, sigmas: torch.Tensor, input_name: str = "sigma
     if sigmas.ndim != 1:
         raise ValueError(f"{node_name}: input '{input_name}' must be 1-D, got shape {tuple(sigmas.shape)}")
     if sigmas.numel() and (not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any())):
-        raise ValueError(f"{node_name}: input '{input_name}' holds a negative or non-finite noise level: {sigmas.tolist()}")
+        raise ValueError(f"{node_name}: input '{input_name}' holds a negative or non-finite noise level: "
+                         f"{sigmas.tolist()}")
     return sigmas
 
 
@@ -92,7 +93,8 @@ def sampler_dpmpp_sde(eta: Annotated[float, _ETA], s_noise: Annotated[float, _S_
                       r: Annotated[float, Float(0.5, min=0.0, max=100.0, step=0.01, round=False)],
                       noise_device: Annotated[str, _NOISE_DEVICE]) -> Sampler:
     """dpmpp_sde with its eta, noise scale, midpoint ratio r and Brownian-tree device."""
-    return SamplerChoice("dpmpp_sde" if noise_device == "cpu" else "dpmpp_sde_gpu", {"eta": eta, "s_noise": s_noise, "r": r})
+    return SamplerChoice("dpmpp_sde" if noise_device == "cpu" else "dpmpp_sde_gpu",
+                         {"eta": eta, "s_noise": s_noise, "r": r})
 
 
 @node("SamplerDPMPP_2M_SDE", category="sampling/custom_sampling/samplers")
@@ -107,7 +109,8 @@ def sampler_dpmpp_2m_sde(solver_type: Annotated[str, Combo(["midpoint", "heun"])
 def sampler_dpmpp_3m_sde(eta: Annotated[float, _ETA], s_noise: Annotated[float, _S_NOISE],
                          noise_device: Annotated[str, _NOISE_DEVICE]) -> Sampler:
     """dpmpp_3m_sde with its eta, noise scale and Brownian-tree device."""
-    return SamplerChoice("dpmpp_3m_sde" if noise_device == "cpu" else "dpmpp_3m_sde_gpu", {"eta": eta, "s_noise": s_noise})
+    return SamplerChoice("dpmpp_3m_sde" if noise_device == "cpu" else "dpmpp_3m_sde_gpu",
+                         {"eta": eta, "s_noise": s_noise})
 
 
 @node("SamplerLMS", category="sampling/custom_sampling/samplers")
@@ -202,7 +205,8 @@ def split_sigmas(sigmas: Sigmas, step: Annotated[int, Int(0, min=0, max=10000)])
 
 
 @node("SplitSigmasDenoise", category="sampling/custom_sampling/sigmas")
-def split_sigmas_denoise(sigmas: Sigmas, denoise: Annotated[float, Float(1.0, min=0.0, max=1.0, step=0.01)]) -> SigmasPair:
+def split_sigmas_denoise(sigmas: Sigmas,
+                         denoise: Annotated[float, Float(1.0, min=0.0, max=1.0, step=0.01)]) -> SigmasPair:
     """Split so the low part holds the last `denoise` fraction of the steps."""
     _check_sigmas("SplitSigmasDenoise", sigmas)
     steps = max(sigmas.shape[-1] - 1, 0)
@@ -287,7 +291,8 @@ def add_noise(model: Model, noise: Noise, sigmas: Sigmas, latent_image: Latent) 
         return latent_image
     samples = latent_image["samples"]
     scale = (sigmas[0] - sigmas[-1]).abs() if sigmas.numel() > 1 else sigmas[0]
-    noisy = model.sampling_schedule().noise_scaling(scale.float(), noise.generate(latent_image).float(), samples.float())
+    noisy = model.sampling_schedule().noise_scaling(scale.float(), noise.generate(latent_image).float(),
+                                                    samples.float())
     noisy = torch.nan_to_num(noisy, nan=0.0, posinf=0.0, neginf=0.0).to(samples.dtype)
     return {**latent_image, "samples": noisy}
 

@@ -140,7 +140,8 @@ def _load_image_cost(image: str, **_: Any) -> costs.Estimate | None:
 def load_image(image: Annotated[str, Combo(input_images, image_upload=True)]) -> tuple[Image, Mask]:
     """Loads an image from the input folder; its alpha channel becomes the mask (1 = transparent)."""
     img = _open(annotated_path(image))
-    images, masks = [], []
+    images: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
     budget, pixels = _budget(), 0
     for frame in _frames(img):
         pixels += frame.width * frame.height   # many frames are a bomb too
@@ -258,8 +259,10 @@ def image_invert(image: Image) -> Image:
 
 
 @node("EmptyImage", category="image", cost=costs.empty_image)
-def empty_image(width: Annotated[int, Int(512, min=1, max=MAX_RESOLUTION, step=1)], height: Annotated[int, Int(512, min=1, max=MAX_RESOLUTION, step=1)],
-                batch_size: Annotated[int, Int(1, min=1, max=4096)], color: Annotated[int, Int(0, min=0, max=0xFFFFFF, step=1, display="color")]) -> Image:
+def empty_image(width: Annotated[int, Int(512, min=1, max=MAX_RESOLUTION, step=1)],
+                height: Annotated[int, Int(512, min=1, max=MAX_RESOLUTION, step=1)],
+                batch_size: Annotated[int, Int(1, min=1, max=4096)],
+                color: Annotated[int, Int(0, min=0, max=0xFFFFFF, step=1, display="color")]) -> Image:
     r, g, b = ((color >> 16) & 0xFF) / 255.0, ((color >> 8) & 0xFF) / 255.0, (color & 0xFF) / 255.0
     return torch.tensor([r, g, b]).expand(batch_size, height, width, 3).clone()
 
@@ -334,7 +337,8 @@ def image_pad_for_outpaint(image: Image, left: Annotated[int, Int(0, min=0, max=
                            top: Annotated[int, Int(0, min=0, max=MAX_RESOLUTION, step=8)],
                            right: Annotated[int, Int(0, min=0, max=MAX_RESOLUTION, step=8)],
                            bottom: Annotated[int, Int(0, min=0, max=MAX_RESOLUTION, step=8)],
-                           feathering: Annotated[int, Int(40, min=0, max=MAX_RESOLUTION, step=1)]) -> tuple[Image, Mask]:
+                           feathering: Annotated[int, Int(40, min=0, max=MAX_RESOLUTION, step=1)],
+                           ) -> tuple[Image, Mask]:
     """Adds grey borders and a mask that is 1 on them; `feathering` pixels of the original along each
     padded side fade into the mask (quadratically), so the outpaint blends in."""
     image = _image(image)
@@ -598,7 +602,8 @@ def _as_output_name(image: str) -> str:
 @node("LoadImageOutput", category="image", display_name="Load Image (from Outputs)",
       validate=lambda image: _validate_image(_as_output_name(image)),
       fingerprint=lambda image: _file_sha256(_as_output_name(image)))
-def load_image_output(image: Annotated[str, Combo(output_images, image_upload=True, image_folder="output")]) -> tuple[Image, Mask]:
+def load_image_output(image: Annotated[str, Combo(output_images, image_upload=True, image_folder="output")],
+                      ) -> tuple[Image, Mask]:
     """Loads an image from the output folder (an earlier result), like LoadImage."""
     return load_image(_as_output_name(image))
 

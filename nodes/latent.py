@@ -17,9 +17,12 @@ from .types import MAX_RESOLUTION, Image, Latent, Mask, Vae
 
 
 @node("EmptyLatentImage", category="latent", cost=costs.empty_latent)
-def empty_latent_image(width: Annotated[int, Int(512, min=16, max=MAX_RESOLUTION, step=8, tooltip="The width of the latent images in pixels.")],
-                       height: Annotated[int, Int(512, min=16, max=MAX_RESOLUTION, step=8, tooltip="The height of the latent images in pixels.")],
-                       batch_size: Annotated[int, Int(1, min=1, max=4096, tooltip="The number of latent images in the batch.")]) -> Latent:
+def empty_latent_image(width: Annotated[int, Int(512, min=16, max=MAX_RESOLUTION, step=8,
+                                                 tooltip="The width of the latent images in pixels.")],
+                       height: Annotated[int, Int(512, min=16, max=MAX_RESOLUTION, step=8,
+                                                  tooltip="The height of the latent images in pixels.")],
+                       batch_size: Annotated[int, Int(1, min=1, max=4096,
+                                                      tooltip="The number of latent images in the batch.")]) -> Latent:
     """Creates a batch of empty latent images to be denoised via sampling."""
     samples = torch.zeros([batch_size, 4, height // 8, width // 8], device=default_device())
     return {"samples": samples}
@@ -111,6 +114,7 @@ def _need(ok: bool, message: str) -> None:
 def _samples(latent: Latent, name: str) -> torch.Tensor:
     s = latent.get("samples") if isinstance(latent, dict) else None
     _need(isinstance(s, torch.Tensor) and s.dim() in (4, 5), f"{name}: not a latent (no 'samples' tensor)")
+    assert isinstance(s, torch.Tensor)  # _need raised otherwise
     return s
 
 
@@ -286,7 +290,8 @@ def latent_subtract(samples1: Latent, samples2: Latent) -> Latent:
 
 
 @node("LatentMultiply", category="latent/advanced")
-def latent_multiply(samples: Latent, multiplier: Annotated[float, Float(1.0, min=-10.0, max=10.0, step=0.01)]) -> Latent:
+def latent_multiply(samples: Latent,
+                    multiplier: Annotated[float, Float(1.0, min=-10.0, max=10.0, step=0.01)]) -> Latent:
     return {**samples, "samples": _samples(samples, "samples") * multiplier}
 
 
@@ -318,14 +323,16 @@ def latent_crop(samples: Latent, width: Annotated[int, Int(512, min=64, max=MAX_
 
 
 @node("LatentFlip", category="latent/transform", display_name="Flip Latent")
-def latent_flip(samples: Latent, flip_method: Annotated[str, Combo(["x-axis: vertically", "y-axis: horizontally"])]) -> Latent:
+def latent_flip(samples: Latent,
+                flip_method: Annotated[str, Combo(["x-axis: vertically", "y-axis: horizontally"])]) -> Latent:
     s = _samples(samples, "samples")
     dim = -2 if flip_method.startswith("x") else -1
     return {**samples, "samples": torch.flip(s, dims=[dim])}
 
 
 @node("LatentRotate", category="latent/transform", display_name="Rotate Latent")
-def latent_rotate(samples: Latent, rotation: Annotated[str, Combo(["none", "90 degrees", "180 degrees", "270 degrees"])]) -> Latent:
+def latent_rotate(samples: Latent,
+                  rotation: Annotated[str, Combo(["none", "90 degrees", "180 degrees", "270 degrees"])]) -> Latent:
     """Rotates clockwise."""
     s = _samples(samples, "samples")
     turns = {"none": 0, "90 degrees": 1, "180 degrees": 2, "270 degrees": 3}[rotation]

@@ -53,7 +53,8 @@ def mask_to_image(mask: Mask) -> Image:
 
 
 @node("ImageColorToMask", category="mask", display_name="Convert Image Color to Mask")
-def image_color_to_mask(image: Image, color: Annotated[int, Int(0, min=0, max=0xFFFFFF, step=1, display="color")]) -> Mask:
+def image_color_to_mask(image: Image,
+                        color: Annotated[int, Int(0, min=0, max=0xFFFFFF, step=1, display="color")]) -> Mask:
     """1 where the pixel's 8-bit RGB equals `color` (0xRRGGBB)."""
     image = as_image(image)
     need(image.shape[-1] >= 3, "image: needs RGB channels")

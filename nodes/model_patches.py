@@ -27,12 +27,14 @@ _DISCRETE = {"eps": "epsilon", "v_prediction": "v_prediction", "x0": "x0"}
 def model_sampling_discrete(model: Model, sampling: Annotated[str, Combo(["eps", "v_prediction", "lcm", "x0"])],
                             zsnr: Annotated[bool, Boolean(False)]) -> Model:
     """Sample the model as an eps / v / x0 / LCM model, optionally with a zero-terminal-SNR schedule."""
+    schedule: DiscreteSchedule
     if sampling == "lcm":
         schedule = LCMSchedule(zsnr=zsnr)
     elif sampling in _DISCRETE:
         schedule = DiscreteSchedule(prediction_type=_DISCRETE[sampling], zsnr=zsnr)
     else:
-        raise ValueError(f"ModelSamplingDiscrete: input 'sampling' must be one of eps, v_prediction, lcm, x0, got {sampling!r}")
+        raise ValueError("ModelSamplingDiscrete: input 'sampling' must be one of eps, v_prediction, lcm, x0, "
+                         f"got {sampling!r}")
     return model.with_model_sampling(schedule)
 
 

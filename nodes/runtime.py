@@ -78,7 +78,8 @@ def model_files(key: str):
     def choices() -> list[str]:
         return runtime().folders.list_files(key)
     choices.__name__ = f"{key}_files"
-    choices.model_folder = key   # lets `sdflow check` tell which folder a missing file belongs in
+    # lets `sdflow check` tell which folder a missing file belongs in (a function attribute mypy cannot see)
+    choices.model_folder = key  # type: ignore[attr-defined]
     return choices
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from engine.inputs import Boolean, Combo, Int, String
+from engine.inputs import Boolean, Combo, Int, String, StringSpec
 from engine.node import node
 
 CATEGORY = "utils/string"
 
 
-def _text(multiline: bool = True, default: str = "") -> String:
+def _text(multiline: bool = True, default: str = "") -> StringSpec:
     return String(default, multiline=multiline)
 
 

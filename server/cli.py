@@ -99,6 +99,7 @@ def build_registry(args: argparse.Namespace, config: RuntimeConfig) -> tuple[Reg
     else:
         from nodes import build_registry as build_sd_registry  # the SD domain, loaded only here
         registry, catalog = build_sd_registry(config)
+        assert config.input_dir is not None  # RuntimeConfig.__post_init__ fills every directory
         install_example_inputs(config.input_dir)
         if not getattr(args, "disable_all_custom_nodes", False):
             load_custom_node_packs(registry, catalog, getattr(args, "custom_nodes", []))

@@ -141,7 +141,7 @@ def _reencode(path: Path, preview: str | None, channel: str, budget: int | None)
     try:
         with warnings.catch_warnings():   # the budget decides, not PIL's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img: Image.Image = Image.open(path)
         with img:
             if budget and img.width * img.height > budget:
                 raise ApiError(413, "the image is over the pixel budget; download it without preview or channel",

@@ -616,7 +616,6 @@ class RayBackend:
         process goes away."""
         ray = _ray()
         from ray.exceptions import RayTaskError
-        hub = self.hub
         states = ProgressStates(item.prompt_id)
 
         result: dict | None = None

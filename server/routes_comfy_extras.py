@@ -304,7 +304,8 @@ def _thumbnail(stem: str) -> bytes:
     return buf.getvalue()
 
 
-@routes.get("/templates/index.json", "The template browser's index (from an installed comfyui-workflow-templates, else empty)")
+@routes.get("/templates/index.json",
+            "The template browser's index (from an installed comfyui-workflow-templates, else empty)")
 async def templates_index(request: web.Request) -> web.StreamResponse:
     package = await asyncio.to_thread(_templates_package_dir)
     if package is not None:

@@ -40,6 +40,7 @@ _SETTINGS_LOCK = threading.Lock()         # read-modify-write of the settings fi
 
 def user_root(config: RuntimeConfig) -> Path:
     """The single user's folder; sdflow's own editor stores its workflows in `<this>/workflows` too."""
+    assert config.user_dir is not None  # RuntimeConfig.__post_init__ fills every directory
     return Path(config.user_dir) / DEFAULT_USER
 
 

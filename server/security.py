@@ -68,12 +68,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.info("refused %s %s: text that is not valid UTF-8", request.method, request.path, exc_info=True)
         return json_error(400, "the request contains text that is not valid UTF-8 (e.g. a lone surrogate)")
     except OSError as e:   # a file name the file system refuses; the reply never names the server's paths
-        status = _OS_STATUS.get(e.errno or 0)
-        if status is None:
+        os_status = _OS_STATUS.get(e.errno or 0)
+        if os_status is None:
             log.exception("file system error on %s %s", request.method, request.path)
             return json_error(500, f"internal error: {e.strerror or type(e).__name__}", type_="internal_error")
         log.info("refused %s %s: %s", request.method, request.path, e)
-        return json_error(status, f"the path is not usable here: {e.strerror}", type_=_http_type(status))
+        return json_error(os_status, f"the path is not usable here: {e.strerror}", type_=_http_type(os_status))
     except RecursionError:
         return json_error(400, "the request is nested too deeply")
     except Exception as e:  # the one place an unexpected bug is turned into a reply

@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,8 @@ from .state_dict import ModelFileError, read_state_dict
 
 if TYPE_CHECKING:  # diffusers is imported when a ControlNet is built: importing it costs seconds
     from diffusers.models.controlnets.controlnet import ControlNetModel  # not diffusers' no-torch placeholder
+
+    from .t2i_adapter import T2IAdapterHandle
 
 LDM_PREFIX = "control_model."
 
@@ -198,7 +200,7 @@ def load_controlnet_model(path: str | Path, *, dtype: torch.dtype = torch.float3
 
 def _add_base_weights(sd: Mapping[str, torch.Tensor], unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Diff ControlNet tensors plus the UNet's matching ones (original layout, both)."""
-    base = ldm_keys.unet_diffusers_to_ldm(unet.state_dict(), unet.config)
+    base = ldm_keys.unet_diffusers_to_ldm(unet.state_dict(), cast("Mapping[str, Any]", unet.config))
     out = dict(sd)
     for key, value in sd.items():
         name = key[len(LDM_PREFIX):] if key.startswith(LDM_PREFIX) else key
@@ -380,16 +382,22 @@ class AdapterApplication(ControlApplication):
     """A T2I-Adapter applied to a conditioning. Its features depend on the hint alone, so they are
     computed once per hint size and batch and scaled by the strength."""
 
-    _features: tuple[tuple, list[torch.Tensor]] | None = None
+    _features: tuple[tuple | None, list[torch.Tensor]] | None = None
+
+    def __init__(self, adapter: T2IAdapterHandle, image: torch.Tensor, strength: float,
+                 percent_range: tuple[float, float] = (0.0, 1.0), previous: Any = None) -> None:
+        # the base class uses its handle only in residuals_for, which this class replaces
+        super().__init__(cast("ControlNetHandle", adapter), image, strength, percent_range, previous)
+        self.adapter = adapter
 
     def residuals_for(self, x: torch.Tensor, timestep: torch.Tensor | float, cond: Mapping[str, Any],
                       groups: int) -> dict[str, Any]:
         hint = self.hint_for(x, groups)
         key = self._hint_cache[0] if self._hint_cache is not None else None
         if self._features is None or self._features[0] != key:
-            factor = int(self.controlnet.model.config.downscale_factor)
+            factor = int(self.adapter.model.config["downscale_factor"])
             if hint.shape[-1] % factor or hint.shape[-2] % factor:
                 raise ValueError(f"this T2I-Adapter needs image sides that are multiples of {factor} pixels, "
                                  f"got {hint.shape[-1]}x{hint.shape[-2]}")
-            self._features = (key, self.controlnet.features(hint))
+            self._features = (key, self.adapter.features(hint))
         return {"intrablock": [f.to(x.device, x.dtype) * self.strength for f in self._features[1]]}

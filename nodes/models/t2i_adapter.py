@@ -29,7 +29,7 @@ from .memory import ResidentMixin, WeightsHolder, default_device
 from .state_dict import ModelFileError, read_state_dict
 
 if TYPE_CHECKING:
-    from diffusers import T2IAdapter
+    from diffusers.models.adapter import T2IAdapter  # not diffusers' no-torch placeholder
 
 _WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
             "diffusion_pytorch_model.fp16.safetensors")
@@ -75,7 +75,8 @@ def original_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             if m:
                 i, j = divmod(int(m.group(1)), per)
                 leaf = m.group(2)
-                new = f"adapter.body.{i}.{leaf}" if leaf.startswith("in_conv.") else f"adapter.body.{i}.resnets.{j}.{leaf}"
+                new = (f"adapter.body.{i}.{leaf}" if leaf.startswith("in_conv.")
+                       else f"adapter.body.{i}.resnets.{j}.{leaf}")
             else:
                 new = "adapter." + key
         out[new] = value
@@ -146,7 +147,7 @@ def is_t2i_adapter_folder(path: Path) -> bool:
 def load_t2i_adapter(path: str | Path, *, dtype: torch.dtype = torch.float32,
                      sd: Mapping[str, torch.Tensor] | None = None) -> T2IAdapter:
     """A diffusers T2IAdapter from a folder, a diffusers-layout file or an original-layout file."""
-    from diffusers import T2IAdapter
+    from diffusers.models.adapter import T2IAdapter
 
     path = Path(path)
     if path.is_dir():
@@ -187,7 +188,7 @@ class T2IAdapterHandle(ResidentMixin):
 
     @property
     def in_channels(self) -> int:
-        return int(self.model.config.in_channels)
+        return int(self.model.config["in_channels"])
 
     def apply_hint(self, image: torch.Tensor, strength: float, percent_range: tuple[float, float] = (0.0, 1.0),
                    previous: Any = None):

@@ -210,7 +210,7 @@ def write_demo_checkpoint(models_dir: str | Path) -> Path:
 def tiny_t2i_adapter(arch: str = "sd1", *, light: bool = False, in_channels: int = 3, seed: int = 0):
     """A tiny random-weight diffusers T2IAdapter whose features fit the tiny UNet of `arch`: the
     full adapter (SD1/SD2), the SDXL full adapter (unshuffle by 16) or, with `light`, the light one."""
-    from diffusers import T2IAdapter
+    from diffusers.models.adapter import T2IAdapter
 
     if light:
         kwargs = {"channels": [32, 64], "num_res_blocks": 2, "downscale_factor": 8, "adapter_type": "light_adapter"}

@@ -343,7 +343,8 @@ class CFGDenoiser:
         preds = self.predict_sides(x, sigma, sides)
         return preds[0], (None if skip_uncond else preds[1])
 
-    def predict_sides(self, x: torch.Tensor, sigma: torch.Tensor, sides: Sequence[list[CondEntry]]) -> list[torch.Tensor]:
+    def predict_sides(self, x: torch.Tensor, sigma: torch.Tensor,
+                      sides: Sequence[list[CondEntry]]) -> list[torch.Tensor]:
         """One denoised prediction per list of entries, batched into as few model calls as possible."""
         # reading sigma back to the host syncs a GPU, so only do it when an entry has a timestep range
         s = float(sigma.max()) if self._has_ranges else 0.0
@@ -403,7 +404,9 @@ class CFGDenoiser:
         if chunk[0].entry.unclip is not None:
             hit["unclip"] = [j.entry.unclip for j in chunk]  # type: ignore[assignment]  # one list per job
         if chunk[0].entry.concat is not None:
-            hit["concat"] = torch.cat([_crop(j.entry.concat, j.entry.area).to(device) for j in chunk])
+            # entries batch together only with the same composition, so each of the chunk has a concat too
+            hit["concat"] = torch.cat([_crop(cast(torch.Tensor, j.entry.concat), j.entry.area).to(device)
+                                       for j in chunk])
         self._chunk_cache[key] = hit
         return hit
 
@@ -472,6 +475,7 @@ class CFGDenoiser:
 # has pooled_output), ``control`` (passthrough), ``cond_or_uncond`` (0/1 per stacked chunk of the batch) and
 # ``sigma``, ``unclip`` + ``seed`` (one unCLIPConditioning list per stacked chunk, when the entries have them),
 # and ``concat`` (the [B, 9, h, w] extra input of inpainting and InstructPix2Pix models, when
-# the entry or the sampler has a mask or a concat image; a model takes the channels it needs, if any). With ``noise_mask`` (1 = regenerate) the unmasked region is held at ``latent_image`` re-noised
+# the entry or the sampler has a mask or a concat image; a model takes the channels it needs, if any). With
+# ``noise_mask`` (1 = regenerate) the unmasked region is held at ``latent_image`` re-noised
 # with ``noise`` (drawn from ``seed`` when not given).
 make_denoiser = CFGDenoiser

@@ -49,9 +49,9 @@ class DualCFGDenoiser(_ExtraEntries):
         preds = self.predict_sides(x, sigma, sides)
         pos = preds[0]
         mid = pos if skip_mid else preds[1]
-        neg = None if skip_neg else preds[-1]
-        self.last_uncond = neg
-        base = mid if neg is None else neg + (mid - neg) * cfg2
+        uncond = None if skip_neg else preds[-1]
+        self.last_uncond = uncond
+        base = mid if uncond is None else uncond + (mid - uncond) * cfg2
         return base + (pos - mid) * cfg1
 
 

@@ -237,7 +237,8 @@ class LCMSchedule(DiscreteSchedule):
 
     def calculate_denoised(self, sigma, model_output, x):
         s = _bcast(sigma, model_output)
-        t = _bcast(self.timestep(torch.as_tensor(sigma, device=model_output.device)), model_output).to(model_output.dtype)
+        t = _bcast(self.timestep(torch.as_tensor(sigma, device=model_output.device)), model_output)
+        t = t.to(model_output.dtype)
         x0 = x - model_output * s
         sd = 0.5
         scaled = t * 10.0

@@ -44,7 +44,8 @@ def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.
 
 
 def polyexponential_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
-    """Polynomial in log-sigma (k-diffusion): log sigma_i = log sigma_min + (1 - i/(n-1))^rho (log sigma_max - log sigma_min)."""
+    """Polynomial in log-sigma (k-diffusion):
+    log sigma_i = log sigma_min + (1 - i/(n-1))^rho (log sigma_max - log sigma_min)."""
     ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** rho
     return _with_zero((ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp())
 

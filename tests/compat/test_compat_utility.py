@@ -12,7 +12,12 @@ from engine.executor import Executor
 from engine.png_metadata import load_workflow_file, read_png_text
 from engine.ui_workflow import ui_to_api
 from engine.validation import validate_prompt
-from tests.nodes.conftest import _sd_runtime_for_test, sd_env, shrink  # noqa: F401  (fixtures)
+from tests.nodes import conftest as nodes_conftest
+from tests.nodes.conftest import shrink
+
+# The SD fixtures, bound as module attributes so pytest collects them here.
+_sd_runtime_for_test = nodes_conftest._sd_runtime_for_test
+sd_env = nodes_conftest.sd_env
 
 DATA = Path(__file__).parent / "data" / "utility"
 

@@ -17,7 +17,8 @@ def test_default_graph_runs_and_shows_the_image(frontend):
     frontend.open()
     page = frontend.page
     graph = page.evaluate("""() => app.graph.nodes.map(n => ({type: n.type,
-        widgets: (n.widgets || []).map(w => ({name: w.name, value: w.value, values: w.options && w.options.values}))}))""")
+        widgets: (n.widgets || []).map(w => ({name: w.name, value: w.value,
+                                              values: w.options && w.options.values}))}))""")
     types = sorted(n["type"] for n in graph)
     assert types == ["CLIPTextEncode", "CLIPTextEncode", "CheckpointLoaderSimple", "EmptyLatentImage", "KSampler",
                      "SaveImage", "VAEDecode"]

@@ -50,7 +50,8 @@ def test_object_info_matches_comfyui_schema(sd_env):
     adv = info["SamplerCustomAdvanced"]
     assert list(adv["input"]["required"]) == ["noise", "guider", "sampler", "sigmas", "latent_image"]
     assert info["KSamplerSelect"]["output"] == ["SAMPLER"]
-    assert info["KSamplerSelect"]["input"]["required"]["sampler_name"][0] == info["KSampler"]["input"]["required"]["sampler_name"][0]
+    assert (info["KSamplerSelect"]["input"]["required"]["sampler_name"][0]
+            == info["KSampler"]["input"]["required"]["sampler_name"][0])
     bs = info["BasicScheduler"]["input"]["required"]
     assert list(bs) == ["model", "scheduler", "steps", "denoise"]
     assert bs["steps"][1] == {"default": 20, "min": 1, "max": 10000}
@@ -60,7 +61,8 @@ def test_object_info_matches_comfyui_schema(sd_env):
     assert info["KarrasScheduler"]["input"]["required"]["sigma_max"][1]["default"] == 14.614642
     assert info["SetFirstSigma"]["input"]["required"]["sigma"][1]["default"] == 136.0
     for name in ("SplitSigmas", "SplitSigmasDenoise"):
-        assert info[name]["output"] == ["SIGMAS", "SIGMAS"] and info[name]["output_name"] == ["high_sigmas", "low_sigmas"]
+        assert info[name]["output"] == ["SIGMAS", "SIGMAS"]
+        assert info[name]["output_name"] == ["high_sigmas", "low_sigmas"]
     assert list(info["DualCFGGuider"]["input"]["required"]) == ["model", "cond1", "cond2", "negative", "cfg_conds",
                                                                  "cfg_cond2_negative", "style"]
     assert info["RandomNoise"]["input"]["required"]["noise_seed"][1]["control_after_generate"] is True

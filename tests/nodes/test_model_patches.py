@@ -60,7 +60,8 @@ def test_zsnr_matches_diffusers_rescale(loaded):
     ref = ((1 - abar) / abar) ** 0.5
     # diffusers' last alpha_bar is exactly 0 (infinite sigma); the ComfyUI form keeps 4.897e-8 there
     torch.testing.assert_close(zsnr.sigmas[:-1].double(), ref[:-1], rtol=1e-4, atol=0)
-    assert float(zsnr.sigmas[-1]) == pytest.approx(math.sqrt((1 - 4.8973451890853435e-08) / 4.8973451890853435e-08), rel=1e-5)
+    last_alpha_bar = 4.8973451890853435e-08
+    assert float(zsnr.sigmas[-1]) == pytest.approx(math.sqrt((1 - last_alpha_bar) / last_alpha_bar), rel=1e-5)
     assert float(zsnr.sigmas[0]) == pytest.approx(float(DiscreteSchedule().sigmas[0]), rel=1e-5)
 
 
@@ -132,7 +133,9 @@ def test_rescale_cfg_against_the_paper_in_v_space():
 
     v_pos, v_neg = to_v(cond), to_v(uncond)
     v_cfg = v_neg + scale * (v_pos - v_neg)
-    std = lambda t: t.flatten(1).std(dim=1).reshape(-1, 1, 1, 1)
+    def std(t):
+        return t.flatten(1).std(dim=1).reshape(-1, 1, 1, 1)
+
     v = phi * v_cfg * std(v_pos) / std(v_cfg) + (1 - phi) * v_cfg   # Lin et al. 2023, Alg. 2
     expected = alpha * x_vp - sig_vp * v
     torch.testing.assert_close(mp.rescale_cfg(cond, uncond, scale, x, sigma, phi), expected)
@@ -201,8 +204,8 @@ def test_freeu_hooks_split_the_skip_concat_and_leave_no_trace(loaded):
 def test_freeu_changes_ksampler_output(loaded):
     model, pos, neg, _, latent = loaded
     plain = ksampler(model, SEED, 3, 4.0, "euler", "normal", pos, neg, latent, 1.0)
-    assert _diff(ksampler(mp.freeu_v2(model, 1.3, 1.4, 0.9, 0.2), SEED, 3, 4.0, "euler", "normal", pos, neg, latent, 1.0),
-                 plain) > 1e-4
+    assert _diff(ksampler(mp.freeu_v2(model, 1.3, 1.4, 0.9, 0.2), SEED, 3, 4.0, "euler", "normal", pos, neg, latent,
+                          1.0), plain) > 1e-4
     assert _diff(ksampler(mp.freeu(model, 1.0, 1.0, 1.0, 1.0), SEED, 3, 4.0, "euler", "normal", pos, neg, latent, 1.0),
                  plain) < 1e-4
     assert all(not r._forward_pre_hooks for b in model.unet.up_blocks for r in b.resnets)

@@ -88,7 +88,8 @@ def test_clip_text_encode_sdxl_separate_prompts_and_size_numbers(xl_files):
     [[cond, opts]] = clip_text_encode_sdxl(896, 1152, 16, 32, 1024, 960, long_g, clip, "dog")
     assert cond.shape == (1, 154, 64)
     l_only = clip_text_encode_sdxl(896, 1152, 16, 32, 1024, 960, "x", clip, "dog")[0][0]
-    assert not torch.allclose(cond[:, :77, :32], torch.zeros(1)) and torch.allclose(cond[:, :77, :32], l_only[:, :, :32])
+    assert not torch.allclose(cond[:, :77, :32], torch.zeros(1))
+    assert torch.allclose(cond[:, :77, :32], l_only[:, :, :32])
     rows = torch.cat(_time_ids_seen(model, [[cond, opts]], clip_text_encode("", clip)))
     assert [1152.0, 896.0, 32.0, 16.0, 960.0, 1024.0] in rows.tolist()
     # the base model given refiner conditioning takes its size as the target size

@@ -156,7 +156,8 @@ def comfy_default_noise_sampler(x: torch.Tensor, seed: int) -> Callable[[Any, An
     """ComfyUI's per-step noise (k_diffusion/sampling.py ``default_noise_sampler``, since PR #11528)."""
     gen = torch.Generator(device=x.device)
     gen.manual_seed(seed + 1 if x.device.type == "cpu" else seed)
-    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device, generator=gen)
+    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device,
+                                                 generator=gen)
 
 
 def comfy_brownian_noise_sampler(kd: types.ModuleType, x: torch.Tensor, sigmas: torch.Tensor, seed: int):
@@ -224,7 +225,8 @@ def test_every_sampler_is_classified() -> None:
     assert DEFAULT_NOISE | BROWNIAN_NOISE | DETERMINISTIC == names
     covered = set(KD_REFERENCE) | PAPER_REFERENCE | DIFFUSERS_REFERENCE | NO_INDEPENDENT_REFERENCE
     assert covered == names, f"unclassified: {sorted(names - covered)}, stale: {sorted(covered - names)}"
-    assert not (set(KD_REFERENCE) & PAPER_REFERENCE) and not (covered - NO_INDEPENDENT_REFERENCE) & NO_INDEPENDENT_REFERENCE
+    assert not (set(KD_REFERENCE) & PAPER_REFERENCE)
+    assert not (covered - NO_INDEPENDENT_REFERENCE) & NO_INDEPENDENT_REFERENCE
 
 
 # ----------------------------------------------------------------------------- layer 1: noise source
@@ -452,8 +454,8 @@ def _ref_res_multistep(sigmas: torch.Tensor) -> torch.Tensor:
         else:
             lam_prev, den_prev = prev
             lam_t = -math.log(float(sn))
-            i0 = integrate.quad(lambda l: math.exp(l), lam, lam_t)[0]
-            i1 = integrate.quad(lambda l, at=lam: math.exp(l) * (l - at), lam, lam_t)[0]
+            i0 = integrate.quad(lambda u: math.exp(u), lam, lam_t)[0]
+            i1 = integrate.quad(lambda u, at=lam: math.exp(u) * (u - at), lam, lam_t)[0]
             slope = (den - den_prev) / (lam - lam_prev)
             x = (sn / s) * x + float(sn) * (i0 * den + i1 * slope)
         prev = (lam, den)

@@ -53,7 +53,8 @@ async def start_ray_server(tmp_path: Path, registry: Registry, config: RuntimeCo
     spec = WorkerSpec.from_config(config, builtin_nodes=builtin_nodes, node_modules=node_modules)
     cluster = await asyncio.to_thread(RayCluster, spec, workers=workers, start_timeout=120)
     port = free_port()
-    app = create_app(config, registry, catalog, options=ServerOptions(port=port, web_root=tmp_path / "no-web", preview_method="latent2rgb"),
+    options = ServerOptions(port=port, web_root=tmp_path / "no-web", preview_method="latent2rgb")
+    app = create_app(config, registry, catalog, options=options,
                      worker_factory=RayBackend.factory(cluster, config, registry))
     runner = web.AppRunner(app)
     await runner.setup()

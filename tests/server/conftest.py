@@ -116,7 +116,8 @@ class Server:
                       extras: bool = False) -> WS:
         """A websocket client; `extras` opts in to sdflow's status fields (paused), as sdflow's editor does."""
         client_id = client_id or uuid.uuid4().hex
-        q = f"?clientId={client_id}" + (f"&token={self.token}" if self.token else "") + ("&extras=sdflow" if extras else "")
+        q = (f"?clientId={client_id}" + (f"&token={self.token}" if self.token else "")
+             + ("&extras=sdflow" if extras else ""))
         ws = await self.session.ws_connect(self.url + "/ws" + q)
         first = json.loads((await ws.receive(timeout=10)).data)
         assert first["type"] == "status" and first["data"]["sid"] == client_id, first

@@ -193,7 +193,8 @@ async def test_experiment_models_and_view_metadata(tmp_path):
         assert files[0]["pathIndex"] == 0 and files[0]["size"] == (ckpts / "m.safetensors").stat().st_size
         async with await srv.get("/api/experiment/models/nope") as r:
             assert r.status == 404
-        assert await srv.get_json("/api/view_metadata/checkpoints?filename=m.safetensors") == {"modelspec.title": "My model"}
+        meta = await srv.get_json("/api/view_metadata/checkpoints?filename=m.safetensors")
+        assert meta == {"modelspec.title": "My model"}
         for bad in ("..%2F..%2Fsdflow.db", "missing.safetensors"):
             async with srv.session.get(enc(f"{srv.url}/api/view_metadata/checkpoints?filename={bad}")) as r:
                 assert r.status in (403, 404), bad

@@ -320,7 +320,8 @@ async def test_workflow_run_refuses_an_input_the_node_lacks(server):
     async with await server.post("/workflows/wf/run", json={"inputs": {"3.bb": 5}}) as r:
         body = await r.json()
         assert r.status == 400, body
-    assert "node 3 (TestAdd) has no input 'bb'" in body["error"]["details"] and "did you mean b" in body["error"]["details"]
+    assert "node 3 (TestAdd) has no input 'bb'" in body["error"]["details"]
+    assert "did you mean b" in body["error"]["details"]
     async with await server.post("/workflows/wf/run", json={"inputs": {"3.b": 5}}) as r:
         assert r.status == 200
         pid = (await r.json())["prompt_id"]
