@@ -22,7 +22,8 @@ sdflow runs the same graph with EmptySD3LatentImage and KSampler euler/simple on
 3), diffusers runs StableDiffusion3Pipeline with FlowMatchEulerDiscreteScheduler given the same
 (unshifted) sigmas, T5 at 77 tokens as sdflow encodes it.
 
-Run: .venv/bin/python bench/pipeline.py [--arch sd1|sd2|sdxl|sd3|sd35] [--size 256] [--batch 1] [--steps 20] [--repeats 7]
+Run: .venv/bin/python bench/pipeline.py [--arch sd1|sd2|sdxl|sd3|sd35] [--size 256] [--batch 1] [--steps 20]
+                                         [--repeats 7]
      .venv/bin/python bench/pipeline.py --sweep --quick   # the issue's matrix, with ratios against 0.8x
 """
 from __future__ import annotations
