@@ -44,7 +44,7 @@ from engine.store import QueueItem, Store, failed_entry, history_entry
 from engine.validation import validate_prompt
 
 from .ray_worker import FILE_KINDS, ExecutorWorker, ui_files
-from .worker import ProgressStates
+from .worker import ProgressStates, QueueDriver
 from .ws import Hub
 
 log = logging.getLogger("sdflow.ray")
@@ -315,8 +315,10 @@ def _reason(exc: BaseException) -> str:
 
 # ---- the dispatcher ----------------------------------------------------------------------------------
 
-class RayBackend:
+class RayBackend(QueueDriver):
     """Worker-compatible: `create_app(..., worker_factory=RayBackend.factory(cluster, config, registry))`."""
+
+    thread_name = "sdflow-ray-dispatch"
 
     def __init__(self, store: Store, executor: Any, hub: Hub, *, preview_size: int = 512,
                  on_queue_change: Callable[[], None] | None = None, cluster: RayCluster,
@@ -353,22 +355,6 @@ class RayBackend:
     def running(self) -> QueueItem | None:
         return next((item for item, _ in list(self._running.values())), None)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="sdflow-ray-dispatch", daemon=True)
-        self._thread.start()
-
-    def notify(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-    def set_paused(self, paused: bool) -> None:
-        self.store.set_paused(paused)
-        self.paused = paused
-        self.notify()
 
     def request_free(self, unload_models: bool, free_memory: bool) -> None:
         with self._cond:

@@ -98,7 +98,38 @@ class ProgressStates:
                             "real_node_id": node}
 
 
-class Worker:
+class QueueDriver:
+    """The control surface the routes use, shared by the embedded Worker and the Ray backend: one thread
+    runs `_loop`, woken through `_cond`; pausing is stored, so it survives a restart."""
+
+    thread_name = "sdflow-worker"
+    store: Store
+    paused: bool
+    _cond: threading.Condition
+    _thread: threading.Thread | None
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def set_paused(self, paused: bool) -> None:
+        self.store.set_paused(paused)
+        self.paused = paused
+        self.notify()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+
+class Worker(QueueDriver):
     def __init__(self, store: Store, executor: Any, hub: Hub, *, preview_size: int = 512,
                  on_queue_change: Callable[[], None] | None = None) -> None:
         self.store = store
@@ -119,19 +150,6 @@ class Worker:
         self._status_sent = False
 
     # ---- control (any thread) -------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="sdflow-worker", daemon=True)
-        self._thread.start()
-
-    def notify(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-    def set_paused(self, paused: bool) -> None:
-        self.store.set_paused(paused)
-        self.paused = paused
-        self.notify()
 
     def request_free(self, unload_models: bool, free_memory: bool) -> None:
         with self._cond:
@@ -267,7 +285,3 @@ class Worker:
         self._changed()
         self._status_sent = True
         hub.post_threadsafe(hub.dispatch, "executing", {"node": None, "prompt_id": item.prompt_id}, client_id)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()

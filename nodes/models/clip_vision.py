@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .detect import CONFIG_DIR, clip_heads
-from .ldm_keys import _OPENCLIP_LAYER_TO_HF
+from .ldm_keys import _OPENCLIP_LAYER_TO_HF, hf_layer_to_openclip
 from .memory import ResidentMixin, WeightsHolder, default_device
 from .state_dict import ModelFileError, read_state_dict
 
@@ -112,15 +112,7 @@ def hf_vision_to_openclip(sd: Mapping[str, torch.Tensor], prefix: str = "visual.
         m = re.match(r"vision_model\.encoder\.layers\.(\d+)\.(.+)", key)
         if m is None:
             continue  # position_ids buffers
-        base, sub = f"{prefix}transformer.resblocks.{m.group(1)}.", m.group(2)
-        mq = re.match(r"self_attn\.([qkv])_proj\.(weight|bias)", sub)
-        if mq:
-            qkv.setdefault(f"{base}attn.in_proj_{mq.group(2)}", {})[mq.group(1)] = value
-            continue
-        for o_name, h_name in _OPENCLIP_LAYER_TO_HF.items():
-            if sub.startswith(h_name + "."):
-                out[base + o_name + sub[len(h_name):]] = value
-                break
+        hf_layer_to_openclip(f"{prefix}transformer.resblocks.{m.group(1)}.", m.group(2), value, out, qkv)
     for name, parts in qkv.items():
         out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out

@@ -239,6 +239,22 @@ def openclip_to_hf(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, tor
     return out
 
 
+def hf_layer_to_openclip(base: str, sub: str, value: torch.Tensor, out: dict[str, torch.Tensor],
+                         pending: dict[str, dict[str, torch.Tensor]]) -> bool:
+    """One key `sub` of an HF CLIP encoder layer (text or vision tower) under the OpenCLIP resblock `base`:
+    q/k/v projections are collected in `pending` (OpenCLIP fuses them into in_proj, see fuse_qkv), the rest
+    renamed into `out`. False when the key has no OpenCLIP name."""
+    qkv = re.match(r"self_attn\.([qkv])_proj\.(weight|bias)", sub)
+    if qkv:
+        pending.setdefault(f"{base}attn.in_proj_{qkv.group(2)}", {})[qkv.group(1)] = value
+        return True
+    for o_name, h_name in _OPENCLIP_LAYER_TO_HF.items():
+        if sub.startswith(h_name + "."):
+            out[base + o_name + sub[len(h_name):]] = value
+            return True
+    return False
+
+
 def hf_to_openclip(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """CLIPTextModelWithProjection keys -> OpenCLIP text tower keys under `prefix`."""
     top = {v: k for k, v in _OPENCLIP_TOP_TO_HF.items()}
@@ -256,17 +272,7 @@ def hf_to_openclip(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, tor
         m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.+)", key)
         if not m:
             raise KeyError(f"no OpenCLIP name for CLIP key {key!r}")
-        i, sub = m.group(1), m.group(2)
-        base = f"{prefix}transformer.resblocks.{i}."
-        qkv = re.match(r"self_attn\.([qkv])_proj\.(weight|bias)", sub)
-        if qkv:
-            pending.setdefault(f"{base}attn.in_proj_{qkv.group(2)}", {})[qkv.group(1)] = value
-            continue
-        for o_name, h_name in _OPENCLIP_LAYER_TO_HF.items():
-            if sub.startswith(h_name + "."):
-                out[base + o_name + sub[len(h_name):]] = value
-                break
-        else:
+        if not hf_layer_to_openclip(f"{prefix}transformer.resblocks.{m.group(1)}.", m.group(2), value, out, pending):
             raise KeyError(f"no OpenCLIP name for CLIP key {key!r}")
     for name, parts in pending.items():
         if set(parts) != {"q", "k", "v"}:
