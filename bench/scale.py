@@ -4,6 +4,9 @@
    two checkpoints, queued at once, on the Ray backend with 1 and then 2 CPU workers; each run starts
    after a warm-up that loads the checkpoints, as a long-running server would be. Prints prompts/s and
    the 2-worker/1-worker ratio (target >= 1.8x on a machine with the cores: each worker needs its own).
+   The same prompts are also run on 1 and 2 plain processes (one Executor each, one thread each, as a Ray
+   CPU worker gets, each process given one checkpoint as affinity routing does), without Ray or the
+   queue: that ratio is what this machine allows two workers, so the Ray ratio is printed against it too.
 2. Dispatch overhead: a trivial prompt (constant -> add -> show), run one at a time, through the embedded
    worker thread and through the Ray backend; the difference per prompt is what Ray dispatch costs
    (claim, key computation, actor call, event stream, files).
@@ -101,6 +104,43 @@ def wait_done(store: Store, ids: list[str], timeout: float = 1800.0) -> None:
         time.sleep(0.002)   # polling the store: the bench's own latency floor, the same for both sides
 
 
+def _plain_worker(data_dir: str, prompts: list[dict], go, results) -> None:
+    """One plain process: its own Executor, one thread, warmed on its checkpoints, timed from `go`."""
+    import torch
+
+    import nodes
+    torch.set_num_threads(1)
+    config = RuntimeConfig(data_dir=Path(data_dir))
+    registry, _ = nodes.build_registry(config, plugins=False)
+    executor = Executor(registry, config=config)
+    for ckpt in sorted({p["4"]["inputs"]["ckpt_name"] for p in prompts}):
+        executor.execute(txt2img(ckpt, 20_000, 1), str(uuid.uuid4()))
+    results.put("ready")
+    go.wait()
+    start = time.perf_counter()
+    for prompt in prompts:
+        executor.execute(prompt, str(uuid.uuid4()))
+    results.put(time.perf_counter() - start)
+
+
+def plain_processes(data_dir: Path, shares: list[list[dict]]) -> float:
+    """Seconds for len(shares) plain processes to run their shares at once (the slowest one's time)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    go, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_plain_worker, args=(str(data_dir), share, go, results)) for share in shares]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        if results.get(timeout=1800) != "ready":
+            raise SystemExit("a plain worker failed to warm up")
+    go.set()
+    took = max(float(results.get(timeout=1800)) for _ in procs)
+    for proc in procs:
+        proc.join()
+    return took
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=20)
@@ -125,11 +165,19 @@ def main() -> int:
         for seed, name in enumerate(CKPTS):
             write_tiny_checkpoint(config.models_dir / "checkpoints" / name, "sd1", seed=seed)
         registry, _ = nodes.build_registry(config, plugins=False)
+        # the machine's own ceiling: the same prompts on 1 and 2 plain processes, no Ray, no queue
+        batch = [txt2img(CKPTS[i % 2], i, args.steps) for i in range(args.prompts)]
+        one = plain_processes(config.data_dir, [batch])
+        two = plain_processes(config.data_dir, [[p for p in batch if p["4"]["inputs"]["ckpt_name"] == c]
+                                                for c in CKPTS])
+        ceiling = one / two
+        print(f"machine: {cores} cores ({usable} usable); plain processes (no Ray): 1 in {one:.2f}s, 2 in "
+              f"{two:.2f}s = {ceiling:.2f}x, what this machine allows two workers")
         start_local_ray(num_cpus=max(2, usable), temp_dir=str(tmp / "ray"), object_store_memory=200 * MB,
                         data_dir=tmp)
         spec = WorkerSpec.from_config(config, builtin_nodes=True)
 
-        print(f"machine: {cores} cores ({usable} usable); Ray {ray.__version__}")
+        print(f"Ray {ray.__version__}")
         rates = {}
         for workers in (1, 2):
             store = Store(tmp / f"scale-{workers}.db")
@@ -143,8 +191,9 @@ def main() -> int:
             print(f"{workers} worker(s): {args.prompts} prompts in {took:.2f}s = {rates[workers]:.2f} prompts/s")
             backend.stop()
             store.close()
-        print(f"throughput ratio 2/1 workers: {rates[2] / rates[1]:.2f}x (target >= 1.8x with >= 2 free cores; "
-              f"this machine has {usable} usable core(s))")
+        ray_ratio = rates[2] / rates[1]
+        print(f"throughput ratio 2/1 workers: {ray_ratio:.2f}x (target >= 1.8x with >= 2 free cores; "
+              f"this machine has {usable} usable core(s)); {ray_ratio / ceiling:.0%} of the plain-process ceiling")
 
         # dispatch overhead: trivial prompts one at a time, embedded vs Ray (1 worker)
         test_registry = Registry.from_nodes(plugin_nodes)
