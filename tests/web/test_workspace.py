@@ -10,6 +10,8 @@ import urllib.parse
 import urllib.request
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from PIL import Image, ImageChops, ImageStat, PngImagePlugin
 
 from .conftest import ROOT, EditorPage, Server
@@ -451,6 +453,8 @@ def test_mask_painted_in_the_editor_reaches_the_sampler(editor: EditorPage, serv
           ckpt.connect(0, ks, 0); pos.connect(0, ks, 1); neg.connect(0, ks, 2); setm.connect(0, ks, 3);
           ks.connect(0, dec, 0); ckpt.connect(2, dec, 1); dec.connect(0, save, 0);
           out['ks' + seed] = ks.id; out['save' + seed] = save.id; save.widgets[0].value = `${name}_seed${seed}`;
+          const keep = add('SaveLatent', 1000 + 330 * i, y + 560);
+          ks.connect(0, keep, 0); keep.widgets[0].value = `latents/${name}_seed${seed}`;
         });
         const dec0 = add('VAEDecode', 1700, y), base = add('SaveImage', 1700, y + 100);
         enc.connect(0, dec0, 0); ckpt.connect(2, dec0, 1); dec0.connect(0, base, 0);
@@ -520,6 +524,14 @@ def test_mask_painted_in_the_editor_reaches_the_sampler(editor: EditorPage, serv
     assert mean_abs_diff(out["plain_seed1"], out["plain_seed2"], whole) == 0
     assert mean_abs_diff(out["plain_seed1"], out["plain_encoded"], whole) < 0.01
     assert mean_abs_diff(out["masked_encoded"], out["plain_encoded"], whole) == 0
+    # The sampler's output differs only inside the mask. Compared on the sampled latents, because the
+    # decoder (its mid-block attention) spreads any change over every pixel. Latent column c covers
+    # pixels 8c..8c+7: columns 0-2 are painted, 5-7 (pixels 40-63) are unmasked, 3-4 hold the brush edge.
+    lat = {seed: load_file(str(server.data_dir / "output" / "latents" / f"masked_seed{seed}_00001_.latent"))
+           ["latent_tensor"] for seed in (1, 2)}
+    assert lat[1].shape[-1] == 8
+    assert not torch.allclose(lat[1][..., :3], lat[2][..., :3])
+    assert torch.equal(lat[1][..., 5:], lat[2][..., 5:])
     assert ed.errors == []
 
 
