@@ -575,3 +575,31 @@ def test_example_layouts_do_not_overlap_and_use_display_names(editor: EditorPage
     run_together = [n["title"] for n in nodes if n["title"] == n["type"] and re.search("[a-z][A-Z]", n["type"])]
     assert run_together == []
     assert ed.errors == []
+
+
+def test_zoomed_far_out_nodes_are_boxes_that_keep_their_state(editor: EditorPage) -> None:
+    """Below BOX_ZOOM nodes are drawn as boxes (bench/editor_frames.py: what keeps 500 nodes at 60 fps);
+    the box still shows the node's colour, and an error outline."""
+    ed = editor
+    ed.js("sdflow.graph.clear()")
+    ids = ed.js("""(() => { const L = sdflow.LiteGraph, G = sdflow.graph, out = [];
+      for (let i = 0; i < 2; i++) { const n = L.createNode('EmptyLatentImage'); n.pos = [i * 900, 0];
+        n.color = '#0000ff'; n.bgcolor = '#00ff00'; G.add(n); out.push(n.id); }
+      return out; })()""")
+    ed.js(f"""(() => {{ const c = sdflow.canvas; c.ds.scale = 0.15; c.ds.offset = [200, 400];
+      sdflow.setIssues({ids[1]}, [{{message: 'bad'}}]); c.setDirty(true, true); c.draw(true, true); }})()""")
+
+    def pixel(node_id: int, dy: float) -> tuple[int, ...]:
+        x, y = ed.js(f"""(() => {{ const n = sdflow.graph.getNodeById({node_id});
+          return sdflow.app.graphToClient(n.pos[0] + n.size[0] / 2, n.pos[1] + {dy}); }})()""")
+        shot = Image.open(io.BytesIO(ed.page.screenshot(clip={"x": x, "y": y, "width": 1, "height": 1})))
+        return shot.convert("RGB").getpixel((0, 0))
+
+    widget_y = ed.js(f"(() => {{ const w = sdflow.graph.getNodeById({ids[0]}).widgets[0]; return (w.last_y ?? w.y) + 10; }})()")
+    assert pixel(ids[0], widget_y) == (0, 255, 0)    # the body is one box: no widget drawn over it
+    assert pixel(ids[0], -15) == (0, 0, 255)         # title bar
+    x0, y0 = ed.js(f"(() => {{ const n = sdflow.graph.getNodeById({ids[1]}); return sdflow.app.graphToClient(n.pos[0] - 2, n.pos[1] + 40); }})()")
+    edge = Image.open(io.BytesIO(ed.page.screenshot(clip={"x": x0 - 1, "y": y0, "width": 2, "height": 1}))).convert("RGB")
+    assert any(edge.getpixel((i, 0))[0] > 200 and edge.getpixel((i, 0))[1] < 120 for i in range(2))  # error outline
+    ed.screenshot("workspace_box_zoom.png")
+    assert ed.errors == []

@@ -14,7 +14,7 @@ import { graphToApi, isApiPrompt, serialiseWorkflow, type ApiPrompt } from "./co
 import { initDomWidgets, isTextAreaWidget, syncDomWidgets } from "./domwidgets";
 import { ExecutionTracker, nodeById, showOutputs } from "./execution";
 import { buildDefaultGraph, loadApiPrompt } from "./loader";
-import { ensureImageRoom, setIssues, visual, type NodeIssue } from "./nodevisuals";
+import { BOX_ZOOM, drawNodeBox, ensureImageRoom, setIssues, visual, type NodeIssue } from "./nodevisuals";
 import { comfyClassOf, registerNodeDefs, registerVirtualNodes, registry, setNodeHooks } from "./nodetypes";
 import { isPng, readPngText } from "./png";
 import { nodeInputs, nodeOutputs, type ObjectInfo } from "./schema";
@@ -241,6 +241,7 @@ export class App {
     // Muted nodes are drawn faded, as ComfyUI shows them: they stay in the workflow but do not run.
     const drawNode = canvas.drawNode.bind(canvas);
     canvas.drawNode = (node: LGraphNode, ctx: CanvasRenderingContext2D) => {
+      if (canvas.ds.scale < BOX_ZOOM) return drawNodeBox(canvas, node, ctx);
       if (node.mode !== 2) return drawNode(node, ctx);
       const alpha = canvas.editor_alpha;
       canvas.editor_alpha = alpha * MUTED_ALPHA;
@@ -1261,6 +1262,11 @@ export class App {
           inputErrors: node.inputs.filter((i) => i.hasErrors).map((i) => i.name),
           widgets: Object.fromEntries((node.widgets ?? []).map((w) => [w.name, w.value])),
         };
+      },
+      setIssues(nodeId: number, issues: NodeIssue[] | undefined): void {
+        const node = app.graph.getNodeById(nodeId);
+        if (!node) throw new Error(`no node ${nodeId}`);
+        setIssues(node, issues);
       },
       setWidget(nodeId: number, name: string, value: unknown): void {
         const node = app.graph.getNodeById(nodeId);
