@@ -603,3 +603,29 @@ def test_zoomed_far_out_nodes_are_boxes_that_keep_their_state(editor: EditorPage
     assert any(edge.getpixel((i, 0))[0] > 200 and edge.getpixel((i, 0))[1] < 120 for i in range(2))  # error outline
     ed.screenshot("workspace_box_zoom.png")
     assert ed.errors == []
+
+
+def test_fitted_default_graph_shows_its_prompts_and_dims_muted_nodes(editor: EditorPage) -> None:
+    ed = editor
+    ed.js("sdflow.app.loadDefault(); sdflow.app.fitView(); sdflow.canvas.draw(true, true)")
+    ed.page.wait_for_function("sdflow.graph.nodes.length === 7")
+    prompts = ed.js("""[...document.querySelectorAll('textarea')].filter(t => t.style.display !== 'none'
+                       && t.getBoundingClientRect().width > 0).map(t => t.value)""")
+    assert any("beautiful" in p for p in prompts), (prompts, ed.js("sdflow.canvas.ds.scale"))
+    # A muted node is drawn faded: its title bar's pixel is darker than the same node's unmuted.
+    ks = node_of(ed, "KSampler")
+
+    def title_pixel() -> tuple[int, ...]:
+        ed.js("sdflow.canvas.setDirty(true, true); sdflow.canvas.draw(true, true)")
+        x, y = ed.js(f"""(() => {{ const n = sdflow.graph.getNodeById({ks});
+          return sdflow.app.graphToClient(n.pos[0] + n.size[0] - 12, n.pos[1] - 6); }})()""")
+        shot = Image.open(io.BytesIO(ed.page.screenshot(clip={"x": x, "y": y, "width": 1, "height": 1})))
+        return shot.convert("RGB").getpixel((0, 0))
+
+    ed.js(f"sdflow.graph.getNodeById({ks}).color = '#e0e0e0'")
+    lit = title_pixel()
+    ed.js(f"sdflow.graph.getNodeById({ks}).mode = 2")
+    faded = title_pixel()
+    assert sum(faded) < sum(lit) - 150, (lit, faded)
+    ed.screenshot("workspace_fitted_default_muted.png")
+    assert ed.errors == []
