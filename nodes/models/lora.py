@@ -34,7 +34,7 @@ import copy
 import logging
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -378,19 +378,29 @@ def patched_weight(pair: LoraPair, weight: torch.Tensor, strength: float) -> tor
 def merged_weights(model: nn.Module, patches: Iterable[ResolvedPatch], strength: float) -> dict[str, torch.Tensor]:
     """New tensors `{param name: W + strength * delta}` for the patched layers of one model.
     Patches that cannot apply are logged and skipped."""
-    modules = dict(model.named_modules())
-    out: dict[str, torch.Tensor] = {}
-    for patch in patches:
-        module = modules[patch.module]
-        pname = f"{patch.module}.weight"
-        weight = out.get(pname, module.weight.detach())
-        try:
-            new = patched_weight(patch.pair, weight, strength)
-        except ValueError as exc:
-            log.warning("lora key not loaded: %s (%s)", patch.pair.keys[0] if patch.pair.keys else patch.module, exc)
-            continue
-        out[pname] = new.to(weight.dtype)
-    return out
+    return lora_patch_fn(patches, strength)({name: p.detach() for name, p in model.named_parameters()})
+
+
+def lora_patch_fn(patches: Iterable[ResolvedPatch], strength: float
+                  ) -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The same merge as `merged_weights`, as a patch for `weight_patch.InPlacePatcher`: it reads the
+    weights it is given (the module's originals, or what earlier patches in a chain left)."""
+    patches = list(patches)
+
+    def apply(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for patch in patches:
+            pname = f"{patch.module}.weight"
+            weight = out.get(pname, weights[pname])
+            try:
+                new = patched_weight(patch.pair, weight, strength)
+            except ValueError as exc:
+                log.warning("lora key not loaded: %s (%s)", patch.pair.keys[0] if patch.pair.keys else patch.module,
+                            exc)
+                continue
+            out[pname] = new.to(weight.dtype)
+        return out
+    return apply
 
 
 def copy_with_weights(model: nn.Module, new_weights: Mapping[str, torch.Tensor]) -> nn.Module:
