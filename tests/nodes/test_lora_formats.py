@@ -263,3 +263,17 @@ def test_ui_workflow_with_a_loha_lora_runs_end_to_end(sd_env, base, caplog):
     without[lora_id]["inputs"]["strength_model"] = 0.0
     without[lora_id]["inputs"]["strength_clip"] = 0.0
     assert images(without, "loha-e2e-off") != with_lora
+
+
+def test_diffusers_sd3_transformer_prefix_resolves_and_merges():
+    from nodes.models.tiny_sd3 import tiny_sd3_models
+
+    transformer = tiny_sd3_models(seed=1)["transformer"]
+    name = "transformer_blocks.0.attn.to_q"
+    layer = transformer.get_submodule(name)
+    parts, delta = _peft_layer(layer, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["target"]), seed=9)
+    lora = lora_models.parse_lora({f"transformer.{name}.lora_A.weight": parts["lora_A"],
+                                   f"transformer.{name}.lora_B.weight": parts["lora_B"]})
+    new, _, unknown = lora_models.apply_lora(lora, transformer, None, 1.0, 0.0)
+    assert not unknown and new is not None
+    torch.testing.assert_close(new.get_submodule(name).weight - layer.weight, delta, atol=1e-6, rtol=1e-4)
