@@ -12,6 +12,7 @@ from engine.node import node
 
 from .models.diffusion_model import DiffusionModelHandle
 from .models.lora import apply_lora, load_lora_file
+from .models.state_dict import ModelFileError
 from .models.text_encoder import ClipHandle
 from .runtime import model_file_exists, model_file_fingerprint, model_files, runtime
 from .types import Clip, Model
@@ -20,9 +21,15 @@ _STRENGTH = dict(min=-100.0, max=100.0, step=0.01)
 
 
 def load_lora(model: DiffusionModelHandle | None, clip: ClipHandle | None, lora_name: str,
-              strength_model: float, strength_clip: float) -> tuple[DiffusionModelHandle | None, ClipHandle | None]:
+              strength_model: float, strength_clip: float, node_name: str = "LoraLoader"
+              ) -> tuple[DiffusionModelHandle | None, ClipHandle | None]:
     """What both loader nodes do: read (cached), merge into copies, wrap in new handles."""
-    lora = load_lora_file(runtime().folders.require("loras", lora_name))
+    path = runtime().folders.require("loras", lora_name)
+    try:
+        lora = load_lora_file(path)
+    except ModelFileError as e:
+        raise ModelFileError(path, f"{node_name} input lora_name {lora_name!r}: {e.reason}; expected a LoRA "
+                                   "(kohya/LoCon, LoHa, LoKr, DoRA or diffusers/PEFT) .safetensors file") from None
     # Both sides take part in matching keys even at strength 0, so only truly unknown keys are reported.
     unet = model.unet if model is not None else None
     encoders = clip.text_encoders if clip is not None else None
@@ -60,7 +67,7 @@ def lora_loader_model_only(model: Model, lora_name: Annotated[str, Combo(model_f
     """Applies a LoRA to the diffusion model only (its text encoder part is ignored)."""
     if strength_model == 0:
         return model
-    out_model = load_lora(model, None, lora_name, strength_model, 0.0)[0]
+    out_model = load_lora(model, None, lora_name, strength_model, 0.0, "LoraLoaderModelOnly")[0]
     assert out_model is not None  # given a model, a model comes back
     return out_model
 
@@ -72,7 +79,6 @@ def hypernetwork_loader(model: Model, hypernetwork_name: Annotated[str, Combo(mo
                         strength: Annotated[float, Float(1.0, min=-10.0, max=10.0, step=0.01)]) -> Model:
     """Applies an A1111 hypernetwork (.pt) to the model's attention layers."""
     from .models.hypernetwork import HypernetworkPatch, load_hypernetwork
-    from .models.state_dict import ModelFileError
 
     path = runtime().folders.require("hypernetworks", hypernetwork_name)
     try:

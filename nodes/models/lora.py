@@ -6,15 +6,27 @@ Layouts read (every one is a flat state dict of low-rank pairs, one pair per ada
   optional `.alpha`. `<module>` is a module path with dots written as underscores, either in diffusers
   naming (`down_blocks_0_attentions_0_...`) or in the original LDM naming (`input_blocks_1_1_...`,
   used by most SDXL LoRAs); both resolve here.
-- diffusers / PEFT: `unet.<module>` / `text_encoder.<module>` / `text_encoder_2.<module>` with
+- diffusers / PEFT: `unet.<module>` / `transformer.<module>` (SD3) / `text_encoder[_2].<module>` with
   `.lora_A.weight` + `.lora_B.weight` (PEFT), `.lora.down.weight` + `.lora.up.weight`,
   `.lora_linear_layer.down/up.weight`, or attention-processor names (`attn1.processor.to_q_lora.down`).
 - ComfyUI's own prefixes `diffusion_model.` / `model.diffusion_model.` with LDM module names.
 
-Merging computes `W + strength * (alpha / rank) * (up @ down)` for each adapted weight (conv LoRAs
-are flattened to a matrix product and reshaped back). The result is a *copy* of the model whose
-untouched parameters share storage with the original; only the adapted tensors are new. Base
-weights are never modified: other handles (and the cache) share them.
+Layer formats (per base name, as ComfyUI's LoraLoader reads them):
+- LoRA / LoCon: `up @ down` (convs flattened), with LoCon's Tucker core `lora_mid` folded into `down`.
+- LoHa: `(hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b)`, or with Tucker cores `hada_t1/t2`.
+- LoKr: `kron(w1, w2)`, each factor whole (`lokr_w1`) or low-rank (`lokr_w1_a @ lokr_w1_b`), `lokr_t2`
+  a Tucker core for w2. With both factors whole alpha does not apply (LyCORIS' convention).
+- alpha scales by `alpha / rank`; DoRA's `dora_scale` renormalises the adapted weight (see
+  `patched_weight` for the axis rule).
+
+The deltas are computed here rather than through peft: peft's layers want to wrap a module and own
+its forward, and its LoKr scales a whole-factor layer by alpha/r where ComfyUI/LyCORIS use 1, and its
+DoRA norms the adapted weight's rows where ComfyUI's loader uses the base weight's rows. peft stays the
+independent reference in the tests (its LoHa / LoKr / LoRA `get_delta_weight` on the same tensors).
+
+Merging computes `W + strength * delta` for each adapted weight. The result is a *copy* of the
+model whose untouched parameters share storage with the original; only the adapted tensors are new.
+Base weights are never modified: other handles (and the cache) share them.
 """
 from __future__ import annotations
 
@@ -22,7 +34,7 @@ import copy
 import logging
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +63,16 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_B.weight", "up"),
     (".alpha", "alpha"),
     (".dora_scale", "dora"),
+    # LyCORIS LoHa (Hadamard product of two low-rank products, optionally Tucker-factored convs)
+    (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"),
+    (".hada_w2_a", "hada_w2_a"), (".hada_w2_b", "hada_w2_b"),
+    (".hada_t1", "hada_t1"), (".hada_t2", "hada_t2"),
+    # LyCORIS LoKr (Kronecker product; each factor full or low-rank)
+    (".lokr_w1_a", "lokr_w1_a"), (".lokr_w1_b", "lokr_w1_b"), (".lokr_w1", "lokr_w1"),
+    (".lokr_w2_a", "lokr_w2_a"), (".lokr_w2_b", "lokr_w2_b"), (".lokr_w2", "lokr_w2"),
+    (".lokr_t2", "lokr_t2"),
 )
+_LYCORIS_PARTS = {part for _, part in _SUFFIXES if part.startswith(("hada_", "lokr_"))}
 
 UNET = "unet"
 _KOHYA_TE = {"lora_te_": None, "lora_te1_": "l", "lora_te2_": "g"}   # None = the first encoder
@@ -69,6 +90,15 @@ class LoraPair:
     mid: torch.Tensor | None = None
     dora: torch.Tensor | None = None
     keys: list[str] = field(default_factory=list)
+    lycoris: dict[str, torch.Tensor] = field(default_factory=dict)   # hada_* / lokr_* tensors by part
+
+    @property
+    def kind(self) -> str:
+        if any(k.startswith("hada_") for k in self.lycoris):
+            return "loha"
+        if any(k.startswith("lokr_") for k in self.lycoris):
+            return "lokr"
+        return "lora"
 
 
 @dataclass
@@ -90,6 +120,8 @@ def parse_lora(sd: Mapping[str, torch.Tensor], path: str | Path = "<memory>") ->
                 pair.keys.append(key)
                 if part == "alpha":
                     pair.alpha = float(value.float().reshape(-1)[0])
+                elif part in _LYCORIS_PARTS:
+                    pair.lycoris[part] = value
                 else:
                     setattr(pair, part, value)
                 break
@@ -119,7 +151,8 @@ def load_lora_file(path: str | Path) -> LoraFile:
             return _LAST[1]
     lora = parse_lora(read_state_dict(path), path)
     if not lora.pairs:
-        raise ModelFileError(path, "not a LoRA file: no lora_down/lora_up (or lora_A/lora_B) tensors")
+        raise ModelFileError(path, "not a LoRA file: no lora_down/lora_up, lora_A/lora_B, hada_* (LoHa) "
+                                   "or lokr_* (LoKr) tensors")
     with _CACHE_LOCK:
         _LAST = (key, lora)
     return lora
@@ -220,9 +253,10 @@ def _resolve_one(base: str, unet_map: dict[str, str], enc_maps: dict[str, dict[s
         if name.startswith(prefix):
             hit = unet_map.get(name[len(prefix):])
             return (UNET, hit) if hit else None
-    if name.startswith("unet."):
-        hit = unet_map.get(_clean_diffusers_name(name[len("unet."):]))
-        return (UNET, hit) if hit else None
+    for prefix in ("unet.", "transformer."):    # diffusers: UNet pipelines / SD3-style transformers
+        if name.startswith(prefix):
+            hit = unet_map.get(_clean_diffusers_name(name[len(prefix):]))
+            return (UNET, hit) if hit else None
     for prefix, which in _DIFFUSERS_TE.items():
         if name.startswith(prefix):
             key = which or first_encoder
@@ -241,40 +275,132 @@ def _resolve_one(base: str, unet_map: dict[str, str], enc_maps: dict[str, dict[s
 
 # ------------------------------------------------------------------------------------- merging
 
-def lora_delta(pair: LoraPair, weight: torch.Tensor) -> torch.Tensor:
-    """`(alpha / rank) * up @ down` shaped like `weight`, in float32 on the weight's device."""
+def _f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.to(device, torch.float32)
+
+
+def _tucker(core: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Rebuild a Tucker-factored conv kernel: core (r, r, k, k), b (r, in), a (r, out) -> (out, in, k, k)."""
+    return torch.einsum("i j k l, j r, i p -> p r k l", core, b, a)
+
+
+def _scale(alpha: float | None, rank: int | None) -> float:
+    return alpha / rank if alpha is not None and rank else 1.0
+
+
+def _lora_matrix(pair: LoraPair, device: torch.device) -> torch.Tensor:
     if pair.down is None or pair.up is None:
         raise ValueError("incomplete pair (needs both down and up)")
-    if pair.mid is not None:
-        raise ValueError("LoCon tucker decomposition (lora_mid) is not supported")
-    if pair.dora is not None:
-        raise ValueError("DoRA (dora_scale) is not supported")
-    down = pair.down.to(weight.device, torch.float32)
-    up = pair.up.to(weight.device, torch.float32)
+    down, up = _f32(pair.down, device), _f32(pair.up, device)
     rank = down.shape[0]
-    scale = (pair.alpha / rank) if pair.alpha is not None else 1.0
-    delta = up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)
+    if pair.mid is not None:
+        # LoCon Tucker: down (r, in, 1, 1) and mid (r, r, k, k) -> an equivalent (r, in, k, k) down conv
+        mid = _f32(pair.mid, device)
+        shape = [down.shape[1], down.shape[0], mid.shape[2], mid.shape[3]]
+        down = (down.transpose(0, 1).flatten(1) @ mid.transpose(0, 1).flatten(1)).reshape(shape).transpose(0, 1)
+    return (up.flatten(1) @ down.flatten(1)) * _scale(pair.alpha, rank)
+
+
+def _loha_matrix(pair: LoraPair, device: torch.device) -> torch.Tensor:
+    p = {k: _f32(v, device) for k, v in pair.lycoris.items()}
+    try:
+        w1a, w1b, w2a, w2b = p["hada_w1_a"], p["hada_w1_b"], p["hada_w2_a"], p["hada_w2_b"]
+    except KeyError as exc:
+        raise ValueError(f"incomplete LoHa layer (missing {exc.args[0]})") from None
+    if "hada_t1" in p and "hada_t2" in p:
+        m1, m2 = _tucker(p["hada_t1"], w1b, w1a), _tucker(p["hada_t2"], w2b, w2a)
+    else:
+        m1, m2 = w1a @ w1b, w2a @ w2b
+    return m1 * m2 * _scale(pair.alpha, w1b.shape[0])
+
+
+def _lokr_matrix(pair: LoraPair, device: torch.device) -> torch.Tensor:
+    p = {k: _f32(v, device) for k, v in pair.lycoris.items()}
+    rank = None
+    if "lokr_w1" in p:
+        w1 = p["lokr_w1"]
+    elif "lokr_w1_a" in p and "lokr_w1_b" in p:
+        w1, rank = p["lokr_w1_a"] @ p["lokr_w1_b"], p["lokr_w1_b"].shape[0]
+    else:
+        raise ValueError("incomplete LoKr layer (needs lokr_w1 or lokr_w1_a/lokr_w1_b)")
+    if "lokr_w2" in p:
+        w2 = p["lokr_w2"]
+    elif "lokr_w2_a" in p and "lokr_w2_b" in p:
+        a, b = p["lokr_w2_a"], p["lokr_w2_b"]
+        rank = b.shape[0]
+        w2 = _tucker(p["lokr_t2"], b, a) if "lokr_t2" in p else a @ b.flatten(1)
+    else:
+        raise ValueError("incomplete LoKr layer (needs lokr_w2 or lokr_w2_a/lokr_w2_b)")
+    if w2.ndim == 4 and w1.ndim == 2:
+        w1 = w1[:, :, None, None]
+    # With both factors stored whole there is no rank, and alpha does not apply (LyCORIS' convention).
+    return torch.kron(w1.contiguous(), w2.contiguous()) * _scale(pair.alpha, rank)
+
+
+def lora_delta(pair: LoraPair, weight: torch.Tensor) -> torch.Tensor:
+    """The low-rank update of one layer, shaped like `weight`, in float32 on the weight's device
+    (alpha/rank applied; strength and DoRA not)."""
+    kind = pair.kind
+    builder = {"lora": _lora_matrix, "loha": _loha_matrix, "lokr": _lokr_matrix}[kind]
+    delta = builder(pair, weight.device)
     if delta.numel() != weight.numel():
-        raise ValueError(f"shape {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
-    return (delta * scale).reshape(weight.shape)
+        raise ValueError(f"{kind} shape {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
+    return delta.reshape(weight.shape)
+
+
+def patched_weight(pair: LoraPair, weight: torch.Tensor, strength: float) -> torch.Tensor:
+    """`weight` with this layer's update at `strength`, in float32.
+
+    DoRA (`dora_scale`): the adapted weight `W' = W + delta` is renormalised so that its norm along
+    one axis equals the stored magnitude. The axis follows the magnitude's shape, as ComfyUI does:
+    one value per output channel (PEFT's `lora_magnitude_vector`, shape (out,)) normalises each output
+    row; kohya/LyCORIS files store (1, in, ...) and normalise each input column. Strength then
+    interpolates between W and the renormalised W'.
+    """
+    w = weight.float()
+    delta = lora_delta(pair, weight)
+    if pair.dora is None:
+        return w + strength * delta
+    magnitude = _f32(pair.dora, weight.device)
+    adapted = w + delta
+    if magnitude.shape[0] == adapted.shape[0] and magnitude.numel() == adapted.shape[0]:
+        # per output channel; ComfyUI takes this norm from the base weight, not the adapted one
+        norm = w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.ndim - 1))
+        magnitude = magnitude.reshape(norm.shape)
+    else:
+        norm = adapted.transpose(0, 1).flatten(1).norm(dim=1)
+        norm = norm.reshape(1, -1, *[1] * (w.ndim - 2))
+        magnitude = magnitude.reshape(norm.shape)
+    renormed = adapted * (magnitude / (norm + torch.finfo(weight.dtype).eps))
+    return w + strength * (renormed - w)
 
 
 def merged_weights(model: nn.Module, patches: Iterable[ResolvedPatch], strength: float) -> dict[str, torch.Tensor]:
     """New tensors `{param name: W + strength * delta}` for the patched layers of one model.
     Patches that cannot apply are logged and skipped."""
-    modules = dict(model.named_modules())
-    out: dict[str, torch.Tensor] = {}
-    for patch in patches:
-        module = modules[patch.module]
-        pname = f"{patch.module}.weight"
-        weight = out.get(pname, module.weight.detach())
-        try:
-            delta = lora_delta(patch.pair, weight)
-        except ValueError as exc:
-            log.warning("lora key not loaded: %s (%s)", patch.pair.keys[0] if patch.pair.keys else patch.module, exc)
-            continue
-        out[pname] = (weight.float() + strength * delta).to(weight.dtype)
-    return out
+    return lora_patch_fn(patches, strength)({name: p.detach() for name, p in model.named_parameters()})
+
+
+def lora_patch_fn(patches: Iterable[ResolvedPatch], strength: float
+                  ) -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The same merge as `merged_weights`, as a patch for `weight_patch.InPlacePatcher`: it reads the
+    weights it is given (the module's originals, or what earlier patches in a chain left)."""
+    patches = list(patches)
+
+    def apply(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for patch in patches:
+            pname = f"{patch.module}.weight"
+            weight = out.get(pname, weights[pname])
+            try:
+                new = patched_weight(patch.pair, weight, strength)
+            except ValueError as exc:
+                log.warning("lora key not loaded: %s (%s)", patch.pair.keys[0] if patch.pair.keys else patch.module,
+                            exc)
+                continue
+            out[pname] = new.to(weight.dtype)
+        return out
+    return apply
 
 
 def copy_with_weights(model: nn.Module, new_weights: Mapping[str, torch.Tensor]) -> nn.Module:
