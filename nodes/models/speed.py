@@ -91,7 +91,8 @@ def choose_attention(device_type: str, *, batch: int, heads: int, tokens: int, e
     A requested backend wins. Automatic rule: on CUDA, SDPA (its flash / memory-efficient kernels never
     hold the score matrix, so size does not matter). Elsewhere SDPA too, unless the full score matrix
     would take more than a quarter of the free memory: then sliced attention, with slices of batch*heads
-    rows small enough that one slice's scores fit in that quarter."""
+    rows small enough that one slice's scores fit in that quarter. (Recent torch's CPU SDPA kernel is
+    blocked too, so on the CPU this is a safety margin; on MPS SDPA holds the whole matrix.)"""
     rows = batch * heads
     if requested == "sliced":
         return "sliced", _slice_size(rows, tokens, element_size, free_bytes)
@@ -127,11 +128,18 @@ def set_attention(unet: nn.Module, backend: str, slice_size: int | None = None) 
     unet.set_attn_processor(processor)  # type: ignore[operator]
 
 
-def attention_heads(unet: nn.Module) -> int:
-    heads = getattr(unet.config, "attention_head_dim", 8)
+def attention_shape(config: Any, height: int, width: int) -> tuple[int, int]:
+    """(heads, query tokens) of the UNet's highest-resolution attention layer for a latent of
+    height x width: the largest score matrix of a call. SDXL's first block has no attention, so its
+    first attention runs at half the latent size. (diffusers' `attention_head_dim` of the SD UNets holds
+    the head count, a historical misnomer.)"""
+    blocks = list(getattr(config, "down_block_types", None) or ["CrossAttnDownBlock2D"])
+    level = next((i for i, kind in enumerate(blocks) if "Attn" in kind), len(blocks) - 1)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "attention_head_dim", 8)
     if isinstance(heads, (list, tuple)):
-        heads = max(heads)
-    return int(heads or 8)
+        heads = heads[min(level, len(heads) - 1)]
+    tokens = -(-height // 2 ** level) * -(-width // 2 ** level)
+    return int(heads or 8), tokens
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -149,8 +157,9 @@ def configure_unet(unet: nn.Module, x: torch.Tensor, settings: SpeedSettings | N
     when nothing changed (the choice is remembered on the module). Returns the backend in use."""
     settings = settings or speed_settings()
     dtype = next(unet.parameters()).dtype
+    heads, tokens = attention_shape(unet.config, x.shape[-2], x.shape[-1])
     backend, slices = choose_attention(
-        x.device.type, batch=x.shape[0], heads=attention_heads(unet), tokens=x.shape[-2] * x.shape[-1],
+        x.device.type, batch=x.shape[0], heads=heads, tokens=tokens,
         element_size=torch.finfo(dtype).bits // 8, requested=settings.attention,
         free_bytes=free_memory(x.device) if settings.attention == "auto" or settings.attention == "sliced"
         else None)

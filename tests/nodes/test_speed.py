@@ -14,7 +14,7 @@ from engine.config import RuntimeConfig, reset_current_config, set_current_confi
 from nodes.model_patches import torch_compile_model
 from nodes.models.diffusion_model import DiffusionModelHandle
 from nodes.models.memory import compute_dtype
-from nodes.models.speed import SpeedSettings, choose_attention, compile_unet, unet_dtype
+from nodes.models.speed import SpeedSettings, attention_shape, choose_attention, compile_unet, unet_dtype
 from nodes.models.tiny import tiny_checkpoint_models
 from nodes.models.vae import VaeHandle
 from server.cli import build_parser, speed_options
@@ -75,6 +75,17 @@ def test_automatic_attention_choice_follows_the_rule() -> None:
     assert choose_attention("cuda", free_bytes=None, requested="basic", **big) == ("basic", None)
     assert choose_attention("cpu", free_bytes=scores * 4, requested="sliced", **big)[0] == "sliced"
     assert choose_attention("cpu", free_bytes=1, requested="sdpa", **big) == ("sdpa", None)
+
+
+def test_attention_shape_is_the_highest_resolution_attention_layer(sd1) -> None:
+    from types import SimpleNamespace
+
+    from nodes.models import detect
+    assert attention_shape(sd1.unet.config, 16, 16) == (sd1.unet.config.attention_head_dim, 256)
+    sdxl = SimpleNamespace(**detect.shipped_config("sdxl", "unet"))   # no attention in its first block
+    assert attention_shape(sdxl, 128, 128) == (10, 64 * 64)
+    sd15 = SimpleNamespace(**detect.shipped_config("sd1", "unet"))
+    assert attention_shape(sd15, 64, 64) == (8, 64 * 64)
 
 
 def test_unet_dtype_per_device_and_flag() -> None:
