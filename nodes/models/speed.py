@@ -164,9 +164,13 @@ def configure_unet(unet: nn.Module, x: torch.Tensor, settings: SpeedSettings | N
         free_bytes=free_memory(x.device) if settings.attention == "auto" or settings.attention == "sliced"
         else None)
     key = (backend, slices, settings.channels_last)
-    if getattr(unet, "_sdflow_speed", None) != key:
+    previous = getattr(unet, "_sdflow_speed", None)
+    if previous != key:
         set_attention(unet, backend, slices)
-        unet.to(memory_format=torch.channels_last if settings.channels_last else torch.contiguous_format)  # type: ignore[call-overload]
+        # Weights are only touched when channels_last is, or was, asked for (split/streamed UNets alike).
+        if settings.channels_last or (previous is not None and previous[2]):
+            memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+            unet.to(memory_format=memory_format)  # type: ignore[call-overload]
         unet._sdflow_speed = key  # type: ignore[assignment]
     return backend
 
