@@ -29,9 +29,11 @@ Run: .venv/bin/python bench/pipeline.py [--arch sd1|sd2|sdxl|sd3|sd35] [--size 2
 
 --switches: per-step time of each speed switch (nodes/models/speed.py) against the diffusers loop, all
 children alternating in one run. Measured on the 2-core dev box (tiny SD1, 256², batch 1, 4 steps, 3 runs,
-OMP_NUM_THREADS=1), per step vs diffusers: default 1.01x, sdpa 1.00x, sliced 3.2x, basic 3.2x,
-bf16 UNet 0.86x, channels_last 1.03x. So: SDPA stays the default (sliced/basic only to save memory);
-channels_last loses on this CPU and stays off; bf16 wins here but changes results, so only when asked.
+OMP_NUM_THREADS=1), per step vs diffusers over two runs: default 1.01-1.04x, sdpa 1.00-1.02x, sliced 3.2-3.3x,
+basic 3.2-3.3x, bf16 UNet 0.86-0.89x, channels_last 1.03x, TorchCompileModel inductor 0.95x (its compile,
+tens of seconds, falls in the untimed warm-up). So: SDPA stays the default (sliced/basic only to save
+memory); channels_last loses on this CPU and stays off; bf16 and compile win a little here but bf16 changes
+results and compile costs a compile per image size, so both only when asked.
 """
 from __future__ import annotations
 
