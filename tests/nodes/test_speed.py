@@ -184,3 +184,14 @@ def test_torch_compile_model_node(sd1) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="TorchCompileModel: input 'backend' cudagraphs needs a CUDA GPU"):
             torch_compile_model(model, "cudagraphs")
+
+
+def test_torch_compile_model_schema_matches_comfyui(tmp_path) -> None:
+    import nodes
+
+    registry, _ = nodes.build_registry(RuntimeConfig(data_dir=tmp_path), plugins=False)
+    info = registry.object_info()["TorchCompileModel"]
+    assert info["category"] == "_for_testing" and info.get("experimental") is True
+    assert list(info["input"]["required"]) == ["model", "backend"]
+    assert info["input"]["required"]["backend"][0] == ["inductor", "cudagraphs"]
+    assert info["output"] == ["MODEL"]
