@@ -6,7 +6,12 @@ RSS), and for sdflow the cache hits when switching SD1.5 -> SDXL -> SD1.5 (the r
 Meant for a CUDA machine, under 5 minutes; CI never runs it at full size. `--device cpu --tiny` runs the
 same code path with the tiny test models (a test exercises it).
 
-Run: .venv/bin/python bench/gpu.py [--device cuda] [--steps 20] [--tiny]
+Also prints the speed choices each model ran with (nodes/models/speed.py): attention backend (and whether
+SDPA's flash kernel is available), UNet and VAE dtype; --attention / --unet-dtype / --vae-dtype set them as
+the server's flags would, and --dry-run prints only those choices (works without CUDA).
+
+Run: .venv/bin/python bench/gpu.py [--device cuda] [--steps 20] [--tiny] [--attention sliced] [--unet-dtype bf16]
+     .venv/bin/python bench/gpu.py --device cpu --dry-run
 """
 from __future__ import annotations
 
@@ -85,13 +90,33 @@ def its(stamps: list[float]) -> float:
     return 1.0 / statistics.median(steps) if steps else float("nan")
 
 
+def speed_plan(device: str, arch: str, size: int, speed: dict[str, Any]) -> str:
+    """The attention backend and dtypes sdflow's rule picks for `arch` at `size` (cond+uncond batch 2)."""
+    from nodes.models import detect
+    from nodes.models.speed import SpeedSettings, attention_shape, choose_attention, free_memory, unet_dtype, vae_dtype
+
+    settings = SpeedSettings(**speed)
+    dtype = unet_dtype(device, settings)
+    heads, tokens = attention_shape(argparse.Namespace(**detect.shipped_config(arch, "unet")), size // 8, size // 8)
+    backend, slices = choose_attention(device, batch=2, heads=heads, tokens=tokens,
+                                       element_size=torch.finfo(dtype).bits // 8,
+                                       free_bytes=free_memory(torch.device(device)), requested=settings.attention)
+    flash = ""
+    if device == "cuda" and backend == "sdpa":
+        flash = f", SDPA flash kernel {'on' if torch.backends.cuda.flash_sdp_enabled() else 'off'}"
+    slice_text = f" (slice {slices})" if slices else ""
+    return (f"attention {backend}{slice_text}{flash}, UNet {str(dtype).removeprefix('torch.')}, "
+            f"VAE {str(vae_dtype(settings)).removeprefix('torch.')}")
+
+
 class Sdflow:
-    def __init__(self, data_dir: Path, device: str) -> None:
+    def __init__(self, data_dir: Path, device: str, speed: dict[str, Any] | None = None) -> None:
         import nodes
         from engine.config import RuntimeConfig
         from engine.executor import Executor
 
-        self.cfg = RuntimeConfig(data_dir=data_dir, vram_mode="cpu" if device == "cpu" else "normal")
+        self.cfg = RuntimeConfig(data_dir=data_dir, vram_mode="cpu" if device == "cpu" else "normal",
+                                 speed=dict(speed or {}))
         registry, _ = nodes.build_registry(self.cfg, plugins=False)
         self.executor = Executor(registry, config=self.cfg)
         self.workflow = json.loads((ROOT / "workflows" / "txt2img_api.json").read_text())
@@ -169,11 +194,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--tiny", action="store_true", help="the tiny test models (for CPU runs and tests)")
     ap.add_argument("--skip-diffusers", action="store_true")
+    ap.add_argument("--attention", choices=["auto", "sdpa", "sliced", "basic"], default="auto")
+    ap.add_argument("--unet-dtype", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--vae-dtype", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--dry-run", action="store_true", help="print the speed choices only, run nothing")
     args = ap.parse_args(argv)
+    speed: dict[str, Any] = {"attention": args.attention}
+    speed.update({k: v for k, v in (("unet_dtype", args.unet_dtype), ("vae_dtype", args.vae_dtype)) if v})
+    sizes = {"sd1": 64, "sdxl": 128} if args.tiny else {"sd1": 512, "sdxl": 1024}
+    if args.dry_run:
+        for arch in ("sd1", "sdxl"):
+            print(f"speed {arch} {sizes[arch]}²: {speed_plan(args.device, arch, sizes[arch], speed)}")
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here: run with --device cpu --tiny for the code path only")
         return 2
-    sizes = {"sd1": 64, "sdxl": 128} if args.tiny else {"sd1": 512, "sdxl": 1024}
     names = {"sd1": "bench-sd15.safetensors", "sdxl": "bench-sdxl.safetensors"}
     with tempfile.TemporaryDirectory(prefix="sdflow-gpu-bench-") as tmp:
         data_dir = Path(tmp)
@@ -182,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                                         device=args.device) for arch, name in names.items()}
         print(f"built {'tiny' if args.tiny else 'full-size'} random-weight SD1.5 and SDXL checkpoints "
               f"in {time.perf_counter() - t0:.1f}s; device {args.device}, {args.steps} steps euler, cfg 7")
-        side = Sdflow(data_dir, args.device)
+        for arch in ("sd1", "sdxl"):
+            print(f"speed {arch} {sizes[arch]}²: {speed_plan(args.device, arch, sizes[arch], speed)}")
+        side = Sdflow(data_dir, args.device, speed)
         rows = []
         reset_peak(args.device)
         first = side.run(names["sd1"], sizes["sd1"], args.steps)

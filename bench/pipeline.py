@@ -25,6 +25,15 @@ sdflow runs the same graph with EmptySD3LatentImage and KSampler euler/simple on
 Run: .venv/bin/python bench/pipeline.py [--arch sd1|sd2|sdxl|sd3|sd35] [--size 256] [--batch 1] [--steps 20]
                                          [--repeats 7]
      .venv/bin/python bench/pipeline.py --sweep --quick   # the issue's matrix, with ratios against 0.8x
+     .venv/bin/python bench/pipeline.py --switches [--with-compile] --size 256 --steps 4 --repeats 3
+
+--switches: per-step time of each speed switch (nodes/models/speed.py) against the diffusers loop, all
+children alternating in one run. Measured on the 2-core dev box (tiny SD1, 256², batch 1, 4 steps, 3 runs,
+OMP_NUM_THREADS=1), per step vs diffusers over two runs: default 1.01-1.04x, sdpa 1.00-1.02x, sliced 3.2-3.3x,
+basic 3.2-3.3x, bf16 UNet 0.86-0.89x, channels_last 1.03x, TorchCompileModel inductor 0.95x (its compile,
+tens of seconds, falls in the untimed warm-up). So: SDPA stays the default (sliced/basic only to save
+memory); channels_last loses on this CPU and stays off; bf16 and compile win a little here but bf16 changes
+results and compile costs a compile per image size, so both only when asked.
 """
 from __future__ import annotations
 
@@ -84,10 +93,16 @@ class SdflowSide:
         from engine.config import RuntimeConfig
         from engine.executor import Executor
 
-        self.cfg = RuntimeConfig(data_dir=data_dir)
+        speed = json.loads(getattr(args, "speed", None) or "{}")
+        compile_backend = speed.pop("compile", None)
+        self.cfg = RuntimeConfig(data_dir=data_dir, speed=speed)
         registry, _ = nodes.build_registry(self.cfg, plugins=False)
         self.executor = Executor(registry)
         self.workflow = load_workflow(args.arch)
+        if compile_backend:  # KSampler's model through TorchCompileModel
+            self.workflow["40"] = {"class_type": "TorchCompileModel",
+                                   "inputs": {"model": ["4", 0], "backend": compile_backend}}
+            self.workflow["3"]["inputs"]["model"] = ["40", 0]
         self.args = args
 
     def prompt(self, run: int) -> dict:
@@ -244,6 +259,7 @@ def child_main(side: str, args: argparse.Namespace) -> None:
 class Child:
     def __init__(self, side: str, argv: list[str]) -> None:
         self.side = side
+        side = side.split(":")[0]   # "sdflow:<switch>" children are sdflow children given --speed
         self.proc = subprocess.Popen([sys.executable, __file__, "--child", side, *argv], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, cwd=ROOT)
         self.ready = self._read()
@@ -344,6 +360,49 @@ def sweep_main(args: argparse.Namespace) -> None:
               f"{', '.join(held) or 'neither'}")
 
 
+# The speed switches of nodes/models/speed.py (RuntimeConfig.speed; "compile": a TorchCompileModel node).
+SWITCHES: dict[str, dict] = {
+    "default": {},
+    "sdpa": {"attention": "sdpa"},
+    "sliced": {"attention": "sliced"},
+    "basic": {"attention": "basic"},
+    "bf16-unet": {"unet_dtype": "bf16"},
+    "channels-last": {"channels_last": True},
+}
+
+
+def switches_main(args: argparse.Namespace) -> None:
+    """Per-step time of each speed switch against the hand-written diffusers loop, in one run (children
+    alternate, so machine load hits all alike)."""
+    from nodes.models.tiny import write_tiny_checkpoint
+
+    switches = dict(SWITCHES)
+    if args.with_compile:
+        switches["compile-inductor"] = {"compile": "inductor"}
+    with tempfile.TemporaryDirectory(prefix="sdflow-bench-") as tmp:
+        data_dir = Path(tmp)
+        write_tiny_checkpoint(data_dir / "models" / "checkpoints" / CKPT_NAME, args.arch)
+        argv = ["--arch", args.arch, "--size", str(args.size), "--steps", str(args.steps), "--cfg", str(args.cfg),
+                "--batch", str(args.batch), "--data-dir", str(data_dir)]
+        print(f"speed switches: tiny {args.arch}, {args.size}x{args.size} batch {args.batch}, {args.steps} steps, "
+              f"{args.repeats} timed runs per side (alternating), model load and warm-up excluded")
+        sides = {"diffusers": Child("diffusers", argv)}
+        for name, speed in switches.items():
+            sides[f"sdflow:{name}"] = Child(f"sdflow:{name}", [*argv, "--speed", json.dumps(speed)])
+        steps: dict[str, list[float]] = {name: [] for name in sides}
+        names = list(sides)
+        for i in range(args.repeats):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                steps[name].extend(sides[name].run(i)["step_s"])
+        for child in sides.values():
+            child.finish()
+        ref = statistics.median(steps["diffusers"])
+        print(f"{'side':<24} {'per step':>10} {'vs diffusers':>13}")
+        for name in names:
+            med = statistics.median(steps[name])
+            print(f"{name:<24} {med * 1e3:8.2f}ms {med / ref:12.3f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", choices=["sd1", "sd2", "sdxl", *SD3_ARCHES], default="sd1")
@@ -354,6 +413,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="4 steps, 2 timed runs per side (this 2-core machine)")
     ap.add_argument("--sweep", action="store_true", help="the whole matrix: SD1 256²/512² x batch 1/4, SDXL")
+    ap.add_argument("--switches", action="store_true",
+                    help="per-step time of each speed switch (attention, bf16, channels_last) vs diffusers")
+    ap.add_argument("--with-compile", action="store_true", help="with --switches: also TorchCompileModel inductor")
+    ap.add_argument("--speed", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["sdflow", "diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -363,6 +426,8 @@ def main() -> None:
         child_main(args.child, args)
     elif args.sweep:
         sweep_main(args)
+    elif args.switches:
+        switches_main(args)
     else:
         parent_main(args)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextvars
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 VRAM_MODES = ("gpu-only", "highvram", "normal", "lowvram", "novram", "cpu")
 
@@ -24,6 +25,9 @@ class RuntimeConfig:
     # Where models load and how much of them stays on the accelerator, with ComfyUI's switch names
     # (--gpu-only, --highvram, --normalvram, --lowvram, --novram, --cpu); see VRAM_MODES.
     vram_mode: str = "normal"
+    # Speed switches of the model code (attention backend, weight dtypes), passed through unread by the
+    # engine; see nodes/models/speed.py. Empty = automatic.
+    speed: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

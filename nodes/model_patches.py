@@ -191,3 +191,16 @@ def differential_diffusion(model: Model,
 
 
 __all__ = ["fourier_filter", "perp_neg", "rescale_cfg"]
+
+
+@node("TorchCompileModel", category="_for_testing", experimental=True)
+def torch_compile_model(model: Model, backend: Annotated[str, Combo(["inductor", "cudagraphs"])]) -> Model:
+    """The model with its UNet wrapped in torch.compile (compiled on first use; each new image size
+    compiles again). inductor needs a C++ compiler on the CPU and Triton on CUDA."""
+    from .models.speed import compile_unet
+
+    if backend == "cudagraphs" and not torch.cuda.is_available():
+        raise ValueError("TorchCompileModel: input 'backend' cudagraphs needs a CUDA GPU; use inductor")
+    if not hasattr(model, "with_unet"):
+        raise ValueError(f"TorchCompileModel: input 'model' ({type(model).__name__}) has no UNet to compile")
+    return model.with_unet(compile_unet(model.unet, backend))

@@ -54,6 +54,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
             ("--novram", "novram", "keep no weights resident on the GPU; stream every block per step"),
             ("--cpu", "cpu", "compute on the CPU even where a GPU exists")):
         vram.add_argument(flag, dest="vram_mode", action="store_const", const=mode, help=text)
+    _add_speed_args(p)
     g.add_argument("--nodes-module", action="append", default=[], metavar="MODULE",
                    help="import MODULE and register every node declared in it (repeatable)")
     g.add_argument("--no-builtin-nodes", action="store_true",
@@ -62,6 +63,49 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="load ComfyUI custom-node packs from DIR (repeatable; default <data-dir>/custom_nodes, "
                         "plus custom_nodes entries of extra_model_paths.yaml). Packs are arbitrary code")
     g.add_argument("--disable-all-custom-nodes", action="store_true", help="load no custom-node packs")
+
+
+def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    """ComfyUI's attention and precision switches (see nodes/models/speed.py); none given = automatic."""
+    g = p.add_argument_group("speed")
+    attn = g.add_mutually_exclusive_group()
+    attn.add_argument("--use-pytorch-cross-attention", dest="attention", action="store_const", const="sdpa",
+                      help="PyTorch scaled_dot_product_attention everywhere (flash/memory-efficient kernels on CUDA)")
+    attn.add_argument("--use-split-cross-attention", dest="attention", action="store_const", const="sliced",
+                      help="sliced attention: a few heads at a time, for large images where memory is short")
+    attn.add_argument("--use-quad-cross-attention", dest="attention", action="store_const", const="sliced",
+                      help="same as --use-split-cross-attention here (the memory-saving attention we have)")
+    fp = g.add_mutually_exclusive_group()
+    fp.add_argument("--force-fp32", dest="force_dtype", action="store_const", const="fp32",
+                    help="every model in float32")
+    fp.add_argument("--force-fp16", dest="force_dtype", action="store_const", const="fp16",
+                    help="the UNet and text encoders in float16")
+    unet = g.add_mutually_exclusive_group()
+    for name in ("fp32", "fp16", "bf16"):
+        unet.add_argument(f"--{name}-unet", dest="unet_dtype", action="store_const", const=name,
+                          help=f"the UNet in {name} (bf16 needs CUDA capability 8+, or the CPU)")
+    vae = g.add_mutually_exclusive_group()
+    for name in ("fp32", "fp16", "bf16"):
+        vae.add_argument(f"--{name}-vae", dest="vae_dtype", action="store_const", const=name,
+                         help=f"the VAE in {name}" + ("" if name == "fp32" else
+                                                       " (a decode that overflows is redone in fp32)"))
+    g.add_argument("--channels-last", action="store_true", help="UNet in channels_last memory format")
+
+
+def speed_options(args: argparse.Namespace) -> dict[str, Any]:
+    speed: dict[str, Any] = {}
+    if getattr(args, "attention", None):
+        speed["attention"] = args.attention
+    forced = getattr(args, "force_dtype", None)
+    unet = getattr(args, "unet_dtype", None) or forced
+    if unet:
+        speed["unet_dtype"] = unet
+    vae = getattr(args, "vae_dtype", None) or ("fp32" if forced == "fp32" else None)
+    if vae:
+        speed["vae_dtype"] = vae
+    if getattr(args, "channels_last", False):
+        speed["channels_last"] = True
+    return speed
 
 
 def make_config(args: argparse.Namespace) -> RuntimeConfig:
@@ -77,6 +121,7 @@ def make_config(args: argparse.Namespace) -> RuntimeConfig:
                            extra_model_paths=[Path(p) for p in args.extra_model_paths_config],
                            cache_budget_bytes=budget)
     config.vram_mode = getattr(args, "vram_mode", None) or "normal"
+    config.speed = speed_options(args)
     if getattr(args, "memory_budget", None) is not None:
         if args.memory_budget <= 0:
             raise SystemExit("--memory-budget must be positive")

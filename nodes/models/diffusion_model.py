@@ -11,6 +11,7 @@ from torch import nn
 
 from .inpaint import extra_input
 from .memory import ResidentMixin, WeightsHolder, default_device
+from .speed import configure_unet
 
 ARCHES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 # The SDXL refiner's aesthetic score when a conditioning does not give one (ComfyUI's defaults).
@@ -238,6 +239,9 @@ class DiffusionModelHandle(ResidentMixin):
             kwargs["down_intrablock_additional_residuals"] = [prep(r) for r in control["intrablock"]]
         if x.shape[1] < self.in_channels:
             x = torch.cat([x, prep(extra_input(cond.get("concat"), x_in, self.in_channels - x.shape[1]))], dim=1)
+        configure_unet(self.unet, x)
+        if x.is_contiguous(memory_format=torch.contiguous_format) and _channels_last(self.unet):
+            x = x.contiguous(memory_format=torch.channels_last)
         with self._hypernetwork_hooks():
             out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
         return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))
@@ -314,3 +318,7 @@ class DiffusionModelHandle(ResidentMixin):
 
     def _needs_added_cond(self) -> bool:
         return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+
+
+def _channels_last(unet: nn.Module) -> bool:
+    return bool(getattr(unet, "_sdflow_speed", (None, None, False))[2])

@@ -69,9 +69,9 @@ def compute_dtype(device: torch.device | str, *, vae: bool = False) -> torch.dty
     The VAE stays float32 everywhere: the SD VAE decoders overflow to inf/NaN in fp16.
     On the CPU (and other devices) everything is float32, where half precision is slow or missing.
     """
-    if vae:
-        return torch.float32
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    from .speed import unet_dtype, vae_dtype  # the --fp16-unet/--bf16-vae/... switches override this
+
+    return vae_dtype() if vae else unet_dtype(device)
 
 
 def device_key(device: torch.device | str) -> str:

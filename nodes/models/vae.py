@@ -151,6 +151,13 @@ class VaeHandle(ResidentMixin):
     def _decode_batch(self, samples: torch.Tensor) -> torch.Tensor:
         z = samples.to(self._device(), torch.float32) / self.scaling_factor + self.shift_factor
         image = self.vae.decode(z.to(self.dtype)).sample
+        if self.dtype != torch.float32 and not bool(torch.isfinite(image).all()):
+            # Half-precision SD VAEs overflow on some latents; like ComfyUI, redo in float32 and keep the
+            # VAE in float32 from then on (the weights are shared with every handle of this VAE).
+            log.warning("VAE decode in %s gave NaN/inf; redoing in float32 and keeping this VAE in float32",
+                        self.dtype)
+            cast(nn.Module, self.vae).to(torch.float32)
+            image = self.vae.decode(z).sample
         return ((image.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1).to(self.output_device)
 
     def _decode_tiled(self, samples: torch.Tensor, tile: int = 64, overlap: int = 8) -> torch.Tensor:

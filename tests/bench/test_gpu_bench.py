@@ -39,3 +39,14 @@ def test_full_size_configs_build_the_real_shapes():
     assert 850e6 < sum(p.numel() for p in sd1.parameters()) < 870e6
     assert 2.5e9 < sum(p.numel() for p in xl.parameters()) < 2.6e9
     assert 690e6 < sum(p.numel() for p in g.parameters()) < 700e6
+
+
+def test_gpu_bench_dry_run_reports_the_speed_choices():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--dry-run",
+                           "--attention", "sliced", "--unet-dtype", "bf16"],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("speed ")]
+    assert len(lines) == 2 and all("attention sliced" in line and "UNet bfloat16, VAE float32" in line
+                                   for line in lines), proc.stdout
