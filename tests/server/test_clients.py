@@ -109,3 +109,90 @@ async def test_comfyui_websocket_images_example_flow(sd_server):  # noqa: F811
             images.append(msg.data[8:])
     await ws.close()
     assert len(images) == 1 and _png_size(images[0]) == (64, 64)
+
+
+def _post_like_urllib(url: str, body: dict) -> dict:
+    """ComfyUI's script examples post the JSON with plain urllib: no Content-Type header of their own, so urllib
+    sends application/x-www-form-urlencoded and the server must read the body as JSON all the same."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url + "/prompt", data=json.dumps(body).encode("utf-8"))
+    with urllib.request.urlopen(req, timeout=30) as response:
+        return json.loads(response.read())
+
+
+async def test_comfyui_basic_api_example_sequence(sd_server):  # noqa: F811
+    """basic_api_example.py: load an API prompt, change the text and the seed, POST {"prompt": ...} and nothing
+    else (no client_id, no websocket). The queued prompt must run to a saved image."""
+    url, session = sd_server
+    prompt = txt2img(21)
+    prompt["6"]["inputs"]["text"] = "masterpiece best quality man"
+    prompt["3"]["inputs"]["seed"] = 5
+    answer = await asyncio.to_thread(_post_like_urllib, url, {"prompt": prompt})
+    prompt_id = answer["prompt_id"]
+    assert answer.get("node_errors") == {}, answer
+
+    async def history() -> dict:
+        async with session.get(f"{url}/history/{prompt_id}") as r:
+            assert r.status == 200
+            return await r.json()
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 120
+    entry = (await history()).get(prompt_id)
+    while entry is None or not entry.get("status", {}).get("completed"):
+        assert loop.time() < deadline, f"prompt {prompt_id} did not finish: {entry}"
+        await asyncio.sleep(0.05)   # polling the state the example's user would look at, with a deadline
+        entry = (await history()).get(prompt_id)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    image = entry["outputs"]["9"]["images"][0]
+    async with session.get(f"{url}/view", params=image) as r:
+        assert r.status == 200
+        assert _png_size(await r.read()) == (64, 64)
+
+
+async def test_comfyui_websockets_api_example_sequence(sd_server):  # noqa: F811
+    """websockets_api_example.py, message by message: open /ws?clientId=<uuid>, POST prompt + client_id + a
+    client-chosen prompt_id (urllib, no Content-Type), read frames until `executing` with node None for that
+    prompt_id (binary frames are skipped), then GET /history/<prompt_id> and fetch every image of every output
+    node through /view?filename&subfolder&type."""
+    import json
+    import urllib.parse
+    import uuid
+
+    url, session = sd_server
+    client_id, prompt_id = str(uuid.uuid4()), str(uuid.uuid4())
+    prompt = txt2img(22)
+    prompt["6"]["inputs"]["text"] = "masterpiece best quality man"
+    ws = await session.ws_connect(f"{url.replace('http', 'ws', 1)}/ws?clientId={client_id}")
+    answer = await asyncio.to_thread(
+        _post_like_urllib, url, {"prompt": prompt, "client_id": client_id, "prompt_id": prompt_id})
+    assert answer["prompt_id"] == prompt_id, "the server must keep the prompt_id the client chose"
+    seen: list[str] = []
+    while True:
+        msg = await ws.receive(timeout=120)
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            continue                      # previews: the example ignores them
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+        message = json.loads(msg.data)
+        seen.append(message["type"])
+        assert message["type"] != "execution_error", message
+        if message["type"] == "executing":
+            data = message["data"]
+            if data["node"] is None and data["prompt_id"] == prompt_id:
+                break
+    await ws.close()
+    assert "execution_start" in seen and "executed" in seen, seen
+    async with session.get(f"{url}/history/{prompt_id}") as r:
+        history = (await r.json())[prompt_id]
+    output_images: dict[str, list[bytes]] = {}
+    for node_id, node_output in history["outputs"].items():
+        for image in node_output.get("images", []):
+            query = urllib.parse.urlencode(
+                {"filename": image["filename"], "subfolder": image["subfolder"], "type": image["type"]})
+            async with session.get(f"{url}/view?{query}") as r:
+                assert r.status == 200
+                output_images.setdefault(node_id, []).append(await r.read())
+    assert list(output_images) == ["9"] and len(output_images["9"]) == 1
+    assert _png_size(output_images["9"][0]) == (64, 64)
