@@ -196,3 +196,52 @@ async def test_comfyui_websockets_api_example_sequence(sd_server):  # noqa: F811
                 output_images.setdefault(node_id, []).append(await r.read())
     assert list(output_images) == ["9"] and len(output_images["9"]) == 1
     assert _png_size(output_images["9"][0]) == (64, 64)
+
+
+async def test_comfyapi_manager_basic_example(sd_server, tmp_path):  # noqa: F811
+    """comfyapi's README flow: set_base_url, load_workflow, edit_workflow, submit_workflow, wait_for_finish
+    (it polls /history until a SaveImage output appears), download_output from the /view URL it builds."""
+    import json
+
+    comfyapi = pytest.importorskip("comfyapi")
+    url, _ = sd_server
+    workflow = tmp_path / "workflow_api.json"
+    workflow.write_text(json.dumps(txt2img(31)))
+
+    def run() -> tuple[str, str]:
+        manager = comfyapi.ComfyAPIManager()
+        manager.set_base_url(url)
+        manager.load_workflow(str(workflow))
+        manager.edit_workflow(["6", "inputs", "text"], "a cat in a hat")
+        manager.edit_workflow(["3", "inputs", "seed"], 7)
+        prompt_id = manager.submit_workflow()
+        filename, output_url = manager.wait_for_finish(prompt_id, poll_interval=0.2, max_wait_time=120)
+        return filename, manager.download_output(output_url, save_path=str(tmp_path / "out"))
+
+    filename, saved = await asyncio.to_thread(run)
+    assert filename.startswith("ComfyUI_") and filename.endswith(".png")
+    assert _png_size((tmp_path / "out" / filename).read_bytes()) == (64, 64), saved
+
+
+async def test_comfyui_workflow_client_generate(sd_server, tmp_path):  # noqa: F811
+    """comfyui-workflow-client (module comfyuiclient): ComfyUIClient(server, workflow file), set_data by node
+    title or class, generate([output node]) -> PIL images read back through /history and /view."""
+    import json
+
+    client_mod = pytest.importorskip("comfyuiclient")
+    url, _ = sd_server
+    workflow = tmp_path / "workflow_api.json"
+    workflow.write_text(json.dumps(txt2img(32)))
+
+    def run() -> dict:
+        client = client_mod.ComfyUIClient(url.removeprefix("http://"), str(workflow))
+        client.connect()
+        try:
+            client.set_data(key="KSampler", seed=12345)
+            return client.generate(["SaveImage"])
+        finally:
+            client.close()
+
+    results = await asyncio.to_thread(run)
+    assert list(results) == ["SaveImage"], results
+    assert results["SaveImage"].format == "PNG" and results["SaveImage"].size == (64, 64)
