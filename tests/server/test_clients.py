@@ -245,3 +245,43 @@ async def test_comfyui_workflow_client_generate(sd_server, tmp_path):  # noqa: F
     results = await asyncio.to_thread(run)
     assert list(results) == ["SaveImage"], results
     assert results["SaveImage"].format == "PNG" and results["SaveImage"].size == (64, 64)
+
+
+COMFY_SCRIPT_REMOTE = """
+import io, sys
+from comfy_script.runtime import load, Workflow
+load(sys.argv[1])
+from comfy_script.runtime.nodes import (CheckpointLoaderSimple, CLIPTextEncode, EmptyLatentImage, KSampler,
+                                        VAEDecode, SaveImage)
+with Workflow(wait=True):
+    model, clip, vae = CheckpointLoaderSimple('tiny.safetensors')
+    positive = CLIPTextEncode('beautiful scenery nature glass bottle landscape', clip)
+    negative = CLIPTextEncode('text, watermark', clip)
+    latent = EmptyLatentImage(64, 64, 1)
+    latent = KSampler(model, 41, 4, 8, 'euler', 'normal', positive, negative, latent, 1)
+    saved = SaveImage(VAEDecode(latent, vae), 'ComfyUI')
+images = saved.wait()
+buf = io.BytesIO()
+images[0].save(buf, format='PNG')
+open(sys.argv[2], 'wb').write(buf.getvalue())
+"""
+
+
+async def test_comfy_script_remote_mode(sd_server, tmp_path):  # noqa: F811
+    """ComfyScript's remote runtime: load(<server url>) builds typed node functions from /object_info, the
+    `with Workflow()` block queues the graph, `.wait()` on SaveImage's result fetches the images via /view.
+    Run in its own interpreter: load() keeps module-global state and runs its own event loops."""
+    import sys
+
+    pytest.importorskip("comfy_script.runtime")
+    url, _ = sd_server
+    script, out = tmp_path / "remote.py", tmp_path / "out.png"
+    script.write_text(COMFY_SCRIPT_REMOTE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), url + "/", str(out), cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    log, _ = await asyncio.wait_for(proc.communicate(), 180)
+    text = log.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "Failed" not in text and "Error" not in text, text
+    assert _png_size(out.read_bytes()) == (64, 64)
