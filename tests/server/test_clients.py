@@ -285,3 +285,36 @@ async def test_comfy_script_remote_mode(sd_server, tmp_path):  # noqa: F811
     assert proc.returncode == 0, text
     assert "Failed" not in text and "Error" not in text, text
     assert _png_size(out.read_bytes()) == (64, 64)
+
+
+async def test_comfy_cli_run_workflow(sd_server, tmp_path):  # noqa: F811
+    """comfy-cli's `comfy run --workflow <api json> --host --port --wait`: it reads /object_info for its
+    preflight, posts the prompt, follows the websocket to the end and reports the /view URLs of the outputs
+    (as one JSON envelope when stdout is not a terminal)."""
+    import json
+    import os
+    import sys
+    from urllib.parse import urlsplit
+
+    pytest.importorskip("comfy_cli")
+    url, session = sd_server
+    port = urlsplit(url).port
+    workflow = tmp_path / "workflow_api.json"
+    workflow.write_text(json.dumps(txt2img(51)))
+    home = tmp_path / "home"
+    home.mkdir()
+    # its config and job journal go under $HOME; DO_NOT_TRACK keeps its telemetry off (there is no network)
+    env = {**os.environ, "HOME": str(home), "DO_NOT_TRACK": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "comfy_cli", "--skip-prompt", "run", "--workflow", str(workflow),
+        "--host", "127.0.0.1", "--port", str(port), "--wait", cwd=tmp_path, env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 180)
+    assert proc.returncode == 0, (out.decode(errors="replace"), err.decode(errors="replace"))
+    envelope = json.loads(out.decode().strip().splitlines()[-1])
+    assert envelope["ok"] is True and envelope["error"] is None, envelope
+    assert envelope["data"]["status"] == "completed", envelope
+    [view_url] = envelope["data"]["outputs_by_node"]["9"]
+    async with session.get(view_url) as r:
+        assert r.status == 200
+        assert _png_size(await r.read()) == (64, 64)
