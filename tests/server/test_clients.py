@@ -109,3 +109,212 @@ async def test_comfyui_websocket_images_example_flow(sd_server):  # noqa: F811
             images.append(msg.data[8:])
     await ws.close()
     assert len(images) == 1 and _png_size(images[0]) == (64, 64)
+
+
+def _post_like_urllib(url: str, body: dict) -> dict:
+    """ComfyUI's script examples post the JSON with plain urllib: no Content-Type header of their own, so urllib
+    sends application/x-www-form-urlencoded and the server must read the body as JSON all the same."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url + "/prompt", data=json.dumps(body).encode("utf-8"))
+    with urllib.request.urlopen(req, timeout=30) as response:
+        return json.loads(response.read())
+
+
+async def test_comfyui_basic_api_example_sequence(sd_server):  # noqa: F811
+    """basic_api_example.py: load an API prompt, change the text and the seed, POST {"prompt": ...} and nothing
+    else (no client_id, no websocket). The queued prompt must run to a saved image."""
+    url, session = sd_server
+    prompt = txt2img(21)
+    prompt["6"]["inputs"]["text"] = "masterpiece best quality man"
+    prompt["3"]["inputs"]["seed"] = 5
+    answer = await asyncio.to_thread(_post_like_urllib, url, {"prompt": prompt})
+    prompt_id = answer["prompt_id"]
+    assert answer.get("node_errors") == {}, answer
+
+    async def history() -> dict:
+        async with session.get(f"{url}/history/{prompt_id}") as r:
+            assert r.status == 200
+            return await r.json()
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 120
+    entry = (await history()).get(prompt_id)
+    while entry is None or not entry.get("status", {}).get("completed"):
+        assert loop.time() < deadline, f"prompt {prompt_id} did not finish: {entry}"
+        await asyncio.sleep(0.05)   # polling the state the example's user would look at, with a deadline
+        entry = (await history()).get(prompt_id)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    image = entry["outputs"]["9"]["images"][0]
+    async with session.get(f"{url}/view", params=image) as r:
+        assert r.status == 200
+        assert _png_size(await r.read()) == (64, 64)
+
+
+async def test_comfyui_websockets_api_example_sequence(sd_server):  # noqa: F811
+    """websockets_api_example.py, message by message: open /ws?clientId=<uuid>, POST prompt + client_id + a
+    client-chosen prompt_id (urllib, no Content-Type), read frames until `executing` with node None for that
+    prompt_id (binary frames are skipped), then GET /history/<prompt_id> and fetch every image of every output
+    node through /view?filename&subfolder&type."""
+    import json
+    import urllib.parse
+    import uuid
+
+    url, session = sd_server
+    client_id, prompt_id = str(uuid.uuid4()), str(uuid.uuid4())
+    prompt = txt2img(22)
+    prompt["6"]["inputs"]["text"] = "masterpiece best quality man"
+    ws = await session.ws_connect(f"{url.replace('http', 'ws', 1)}/ws?clientId={client_id}")
+    answer = await asyncio.to_thread(
+        _post_like_urllib, url, {"prompt": prompt, "client_id": client_id, "prompt_id": prompt_id})
+    assert answer["prompt_id"] == prompt_id, "the server must keep the prompt_id the client chose"
+    seen: list[str] = []
+    while True:
+        msg = await ws.receive(timeout=120)
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            continue                      # previews: the example ignores them
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+        message = json.loads(msg.data)
+        seen.append(message["type"])
+        assert message["type"] != "execution_error", message
+        if message["type"] == "executing":
+            data = message["data"]
+            if data["node"] is None and data["prompt_id"] == prompt_id:
+                break
+    await ws.close()
+    assert "execution_start" in seen and "executed" in seen, seen
+    async with session.get(f"{url}/history/{prompt_id}") as r:
+        history = (await r.json())[prompt_id]
+    output_images: dict[str, list[bytes]] = {}
+    for node_id, node_output in history["outputs"].items():
+        for image in node_output.get("images", []):
+            query = urllib.parse.urlencode(
+                {"filename": image["filename"], "subfolder": image["subfolder"], "type": image["type"]})
+            async with session.get(f"{url}/view?{query}") as r:
+                assert r.status == 200
+                output_images.setdefault(node_id, []).append(await r.read())
+    assert list(output_images) == ["9"] and len(output_images["9"]) == 1
+    assert _png_size(output_images["9"][0]) == (64, 64)
+
+
+async def test_comfyapi_manager_basic_example(sd_server, tmp_path):  # noqa: F811
+    """comfyapi's README flow: set_base_url, load_workflow, edit_workflow, submit_workflow, wait_for_finish
+    (it polls /history until a SaveImage output appears), download_output from the /view URL it builds."""
+    import json
+
+    comfyapi = pytest.importorskip("comfyapi")
+    url, _ = sd_server
+    workflow = tmp_path / "workflow_api.json"
+    workflow.write_text(json.dumps(txt2img(31)))
+
+    def run() -> tuple[str, str]:
+        manager = comfyapi.ComfyAPIManager()
+        manager.set_base_url(url)
+        manager.load_workflow(str(workflow))
+        manager.edit_workflow(["6", "inputs", "text"], "a cat in a hat")
+        manager.edit_workflow(["3", "inputs", "seed"], 7)
+        prompt_id = manager.submit_workflow()
+        filename, output_url = manager.wait_for_finish(prompt_id, poll_interval=0.2, max_wait_time=120)
+        return filename, manager.download_output(output_url, save_path=str(tmp_path / "out"))
+
+    filename, saved = await asyncio.to_thread(run)
+    assert filename.startswith("ComfyUI_") and filename.endswith(".png")
+    assert _png_size((tmp_path / "out" / filename).read_bytes()) == (64, 64), saved
+
+
+async def test_comfyui_workflow_client_generate(sd_server, tmp_path):  # noqa: F811
+    """comfyui-workflow-client (module comfyuiclient): ComfyUIClient(server, workflow file), set_data by node
+    title or class, generate([output node]) -> PIL images read back through /history and /view."""
+    import json
+
+    client_mod = pytest.importorskip("comfyuiclient")
+    url, _ = sd_server
+    workflow = tmp_path / "workflow_api.json"
+    workflow.write_text(json.dumps(txt2img(32)))
+
+    def run() -> dict:
+        client = client_mod.ComfyUIClient(url.removeprefix("http://"), str(workflow))
+        client.connect()
+        try:
+            client.set_data(key="KSampler", seed=12345)
+            return client.generate(["SaveImage"])
+        finally:
+            client.close()
+
+    results = await asyncio.to_thread(run)
+    assert list(results) == ["SaveImage"], results
+    assert results["SaveImage"].format == "PNG" and results["SaveImage"].size == (64, 64)
+
+
+COMFY_SCRIPT_REMOTE = """
+import io, sys
+from comfy_script.runtime import load, Workflow
+load(sys.argv[1])
+from comfy_script.runtime.nodes import (CheckpointLoaderSimple, CLIPTextEncode, EmptyLatentImage, KSampler,
+                                        VAEDecode, SaveImage)
+with Workflow(wait=True):
+    model, clip, vae = CheckpointLoaderSimple('tiny.safetensors')
+    positive = CLIPTextEncode('beautiful scenery nature glass bottle landscape', clip)
+    negative = CLIPTextEncode('text, watermark', clip)
+    latent = EmptyLatentImage(64, 64, 1)
+    latent = KSampler(model, 41, 4, 8, 'euler', 'normal', positive, negative, latent, 1)
+    saved = SaveImage(VAEDecode(latent, vae), 'ComfyUI')
+images = saved.wait()
+buf = io.BytesIO()
+images[0].save(buf, format='PNG')
+open(sys.argv[2], 'wb').write(buf.getvalue())
+"""
+
+
+async def test_comfy_script_remote_mode(sd_server, tmp_path):  # noqa: F811
+    """ComfyScript's remote runtime: load(<server url>) builds typed node functions from /object_info, the
+    `with Workflow()` block queues the graph, `.wait()` on SaveImage's result fetches the images via /view.
+    Run in its own interpreter: load() keeps module-global state and runs its own event loops."""
+    import sys
+
+    pytest.importorskip("comfy_script.runtime")
+    url, _ = sd_server
+    script, out = tmp_path / "remote.py", tmp_path / "out.png"
+    script.write_text(COMFY_SCRIPT_REMOTE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), url + "/", str(out), cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    log, _ = await asyncio.wait_for(proc.communicate(), 180)
+    text = log.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "Failed" not in text and "Error" not in text, text
+    assert _png_size(out.read_bytes()) == (64, 64)
+
+
+async def test_comfy_cli_run_workflow(sd_server, tmp_path):  # noqa: F811
+    """comfy-cli's `comfy run --workflow <api json> --host --port --wait`: it reads /object_info for its
+    preflight, posts the prompt, follows the websocket to the end and reports the /view URLs of the outputs
+    (as one JSON envelope when stdout is not a terminal)."""
+    import json
+    import os
+    import sys
+    from urllib.parse import urlsplit
+
+    pytest.importorskip("comfy_cli")
+    url, session = sd_server
+    port = urlsplit(url).port
+    workflow = tmp_path / "workflow_api.json"
+    workflow.write_text(json.dumps(txt2img(51)))
+    home = tmp_path / "home"
+    home.mkdir()
+    # its config and job journal go under $HOME; DO_NOT_TRACK keeps its telemetry off (there is no network)
+    env = {**os.environ, "HOME": str(home), "DO_NOT_TRACK": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "comfy_cli", "--skip-prompt", "run", "--workflow", str(workflow),
+        "--host", "127.0.0.1", "--port", str(port), "--wait", cwd=tmp_path, env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 180)
+    assert proc.returncode == 0, (out.decode(errors="replace"), err.decode(errors="replace"))
+    envelope = json.loads(out.decode().strip().splitlines()[-1])
+    assert envelope["ok"] is True and envelope["error"] is None, envelope
+    assert envelope["data"]["status"] == "completed", envelope
+    [view_url] = envelope["data"]["outputs_by_node"]["9"]
+    async with session.get(view_url) as r:
+        assert r.status == 200
+        assert _png_size(await r.read()) == (64, 64)
