@@ -1,0 +1,59 @@
+"""The shipped T5 tokenizer (nodes/models/tokenizer/t5) is the standard T5 v1.1 / T5-XXL one and is
+the one a real-sized T5-XXL encoder gets, offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import T5Config, T5EncoderModel
+
+from nodes.models.sd3_handles import T5_TOKENIZER_DIR, T5_TOKENS, t5_tokenizer_for
+
+
+@pytest.fixture(scope="module")
+def t5xxl_tokenizer():
+    # T5-XXL's shapes (google/t5-v1_1-xxl); built on the meta device, so no memory is spent on weights.
+    cfg = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                   feed_forward_proj="gated-gelu")
+    with torch.device("meta"):
+        model = T5EncoderModel(cfg)
+    return t5_tokenizer_for(model)
+
+
+def test_shipped_file_is_the_t5_unigram_vocabulary():
+    data = json.loads((T5_TOKENIZER_DIR / "tokenizer.json").read_text(encoding="utf-8"))
+    assert data["model"]["type"] == "Unigram"
+    assert len(data["model"]["vocab"]) == 32100  # 32000 SentencePiece pieces + 100 <extra_id_*>
+
+
+def test_real_sized_encoder_gets_the_shipped_tokenizer(t5xxl_tokenizer):
+    tok = t5xxl_tokenizer
+    assert len(tok) == 32100
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    assert tok.convert_ids_to_tokens([32099, 32000]) == ["<extra_id_0>", "<extra_id_99>"]
+
+
+@pytest.mark.parametrize(("text", "ids"), [
+    # Ids published with T5 (transformers' T5 documentation and model card examples).
+    ("translate English to German: The house is wonderful.", [13959, 1566, 12, 2968, 10, 37, 629, 19, 1627, 5, 1]),
+    ("Hello world", [8774, 296, 1]),
+    ("", [1]),
+])
+def test_known_token_ids(t5xxl_tokenizer, text, ids):
+    assert t5xxl_tokenizer(text).input_ids == ids
+
+
+def test_sd3_padding_and_truncation(t5xxl_tokenizer):
+    tok = t5xxl_tokenizer
+    short = tok("a photo of a cat", padding="max_length", max_length=T5_TOKENS, truncation=True).input_ids
+    assert len(short) == T5_TOKENS
+    assert short[:8] == [3, 9, 1202, 13, 3, 9, 1712, 1]
+    assert set(short[8:]) == {0}
+    long_prompt = ", ".join(["a highly detailed painting of a lighthouse on a cliff at sunset"] * 20)
+    long = tok(long_prompt, padding="max_length", max_length=T5_TOKENS, truncation=True).input_ids
+    assert len(long) == T5_TOKENS
+    assert long[-1] == 1 and 0 not in long  # truncated to 76 tokens, EOS kept last
+    full = tok(long_prompt).input_ids
+    assert long[:-1] == full[:T5_TOKENS - 1]
