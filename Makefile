@@ -22,6 +22,12 @@ PIP_VERSION := 26.3
 # needs only torch, scipy, torchsde and torchdiffeq, which the lock pins).
 NO_DEPS := "k-diffusion==0.1.1.post1"
 UV_VERSION  := 0.13.9
+# spandrel (upscale models) and the torchvision it imports go to a folder of their own, which the product puts on
+# sys.path only when an upscaler is loaded (nodes/models/upscale.py): where torchvision's wheel does not match
+# the torch build (PyPI's CUDA torchvision beside a CPU torch, as on a CPU-only machine), an importable
+# torchvision breaks `import diffusers`. Their other dependencies (numpy, safetensors, pillow) are in the lock.
+UPSCALE_DIR := $(VENV)/extras/upscale
+UPSCALE     := "spandrel==0.4.2" "einops==0.8.2" "torchvision==0.28.0"
 
 # `make lock` resolves against torch's CPU build so that no CUDA package (nvidia-*, triton) enters the lock.
 # uv reads neither pip's configuration nor its local wheel folder: it is handed pip's find-links where the
@@ -61,6 +67,7 @@ $(STAMP): $(LOCK) pyproject.toml
 	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),-c $(LOCK)) "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -r $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps $(NO_DEPS)
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(UPSCALE_DIR) $(UPSCALE)
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	$(BIN)/python requirements/check_lock.py pyproject.toml $(LOCK) test
 	touch $@

@@ -12,6 +12,8 @@ neighbouring pixels), so no seams show.
 """
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,12 +34,30 @@ class UpscaleDependencyError(RuntimeError):
     """spandrel (or the torchvision it needs) cannot be imported."""
 
 
+# `make setup` installs spandrel and its torchvision here, outside site-packages: where the torchvision wheel
+# does not match the torch build (PyPI's CUDA torchvision beside a CPU torch), an importable torchvision breaks
+# `import diffusers` and `import transformers`, so it is put on sys.path only when an upscaler is loaded.
+EXTRAS_DIR = Path(sys.prefix) / "extras" / "upscale"
+
+
 def import_spandrel(node_name: str = "UpscaleModelLoader") -> Any:
     try:
-        import spandrel
-    except Exception as exc:   # ImportError, or whatever a broken torchvision raises while importing
+        return importlib.import_module("spandrel")
+    except ImportError as exc:
+        if not EXTRAS_DIR.is_dir() or str(EXTRAS_DIR) in sys.path:
+            raise UpscaleDependencyError(f"{node_name}: {INSTALL_HINT}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:   # whatever a broken torchvision raises while importing
         raise UpscaleDependencyError(f"{node_name}: {INSTALL_HINT}: {type(exc).__name__}: {exc}") from exc
-    return spandrel
+    sys.path.append(str(EXTRAS_DIR))
+    try:
+        return importlib.import_module("spandrel")
+    except Exception as exc:
+        # leave nothing half-imported behind: a later find_spec("torchvision") must not find a broken one
+        sys.path.remove(str(EXTRAS_DIR))
+        for name in [m for m in sys.modules if m.split(".")[0] in ("spandrel", "torchvision", "einops")]:
+            del sys.modules[name]
+        raise UpscaleDependencyError(f"{node_name}: {INSTALL_HINT} (tried {EXTRAS_DIR}): "
+                                     f"{type(exc).__name__}: {exc}") from exc
 
 
 class UpscaleModelHandle(ResidentMixin):

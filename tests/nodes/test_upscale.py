@@ -144,7 +144,7 @@ def test_loader_without_spandrel_gives_a_clear_error(sd_env, monkeypatch):
         upscale_model_loader(name)
     msg = str(info.value)
     assert msg.startswith("UpscaleModelLoader: upscale models need the optional 'spandrel' package "
-                          "(pip install 'sdflow[upscale]'), which needs a working torchvision: ")
+                          "(pip install 'sdflow[upscale]'), which needs a working torchvision")
     assert "ImportError" in msg or "ModuleNotFoundError" in msg
 
 
