@@ -143,7 +143,7 @@ def image_only_checkpoint_loader(ckpt_name: Annotated[str, Combo(model_files("ch
     ckpt = load_checkpoint(path, load_clip=False, load_clip_vision=True, **_dtypes())
     assert ckpt.vae is not None  # a full checkpoint always carries its VAE
     vision_sd = ckpt.extras.pop("clip_vision", None)
-    vision: ClipVisionT
+    vision: Any  # a ClipVisionHandle, or the stand-in that gives the reason there is none
     if vision_sd is None:
         vision = MissingModel(f"ImageOnlyCheckpointLoader input ckpt_name {ckpt_name!r}: the checkpoint holds "
                               "no CLIP vision tower (no conditioner.embedders.0.open_clip.model.visual.* or "
