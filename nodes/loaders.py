@@ -99,6 +99,19 @@ class UnsupportedModel:
         return f"<unsupported {self._what} from {self._source}>"
 
 
+class MissingModel(UnsupportedModel):
+    """Stands on a socket whose model the loaded file does not hold; a consumer gets `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("missing model", reason)
+        self._reason = reason
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise UnsupportedModelError(self._reason)
+
+
 @node("UNETLoader", category="advanced/loaders", display_name="Load Diffusion Model",
       fingerprint=model_file_fingerprint("diffusion_models", "unet_name"),
       validate=model_file_exists("diffusion_models", "unet_name", "diffusion model"))
@@ -121,12 +134,27 @@ class ImageOnlyCheckpoint(NamedTuple):
       fingerprint=model_file_fingerprint("checkpoints", "ckpt_name"),
       validate=model_file_exists("checkpoints", "ckpt_name", "checkpoint"))
 def image_only_checkpoint_loader(ckpt_name: Annotated[str, Combo(model_files("checkpoints"))]) -> ImageOnlyCheckpoint:
-    """Loads the diffusion model and VAE of a checkpoint; its CLIP-vision tower is not loaded yet (the
-    CLIP_VISION output refuses use with a clear error)."""
-    ckpt = load_checkpoint(runtime().folders.require("checkpoints", ckpt_name), load_clip=False, **_dtypes())
+    """Loads the diffusion model, the CLIP vision image encoder and the VAE of an image-conditioned
+    checkpoint (SVD-style `conditioner.embedders.0.open_clip.model.visual.*`, unCLIP-style
+    `embedder.model.visual.*`). A checkpoint without a vision tower still gives MODEL and VAE; its
+    CLIP_VISION output fails with the reason when used, as ComfyUI's loader then gives none."""
+    rt = runtime()
+    path = rt.folders.require("checkpoints", ckpt_name)
+    ckpt = load_checkpoint(path, load_clip=False, load_clip_vision=True, **_dtypes())
     assert ckpt.vae is not None  # a full checkpoint always carries its VAE
-    return ImageOnlyCheckpoint(DiffusionModelHandle.from_checkpoint(ckpt), UnsupportedModel("CLIP vision", ckpt_name),
-                               VaeHandle(ckpt.vae))
+    vision_sd = ckpt.extras.pop("clip_vision", None)
+    vision: Any  # a ClipVisionHandle, or the stand-in that gives the reason there is none
+    if vision_sd is None:
+        vision = MissingModel(f"ImageOnlyCheckpointLoader input ckpt_name {ckpt_name!r}: the checkpoint holds "
+                              "no CLIP vision tower (no conditioner.embedders.0.open_clip.model.visual.* or "
+                              "embedder.model.visual.* keys), so its CLIP_VISION output is empty; load one "
+                              "with CLIPVisionLoader")
+    else:
+        try:
+            vision = ClipVisionHandle(clip_vision_from_state_dict(vision_sd, path, _dtypes()["dtype"]), name=ckpt_name)
+        except ModelFileError as e:
+            raise ModelFileError(path, f"ImageOnlyCheckpointLoader input ckpt_name {ckpt_name!r}: {e.reason}") from None
+    return ImageOnlyCheckpoint(DiffusionModelHandle.from_checkpoint(ckpt), vision, VaeHandle(ckpt.vae))
 
 
 def _not_supported(what: str) -> str:
