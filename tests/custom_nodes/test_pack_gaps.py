@@ -1,0 +1,37 @@
+"""Helper-surface gaps found by measuring real packs (bench/custom_node_packs.py), each with a pack
+written for the test in the shape that hit it, loaded and run by a real `sdflow run`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.custom_nodes.test_packs import sdflow, ui_lines
+
+GAP_PACKS = Path(__file__).resolve().parent / "gap_packs"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from nodes.models.tiny import write_demo_checkpoint
+
+    data = tmp_path_factory.mktemp("gaps") / "data"
+    write_demo_checkpoint(data / "models")
+    return data
+
+
+def test_comfy_api_latest_extras_import_and_fail_only_when_used(data_dir: Path, tmp_path: Path) -> None:
+    wf = tmp_path / "ok.json"
+    wf.write_text(json.dumps({"1": {"class_type": "GapShout", "inputs": {"text": "abc"}}}))
+    done = sdflow("run", str(wf), "--data-dir", str(data_dir), "--custom-nodes", str(GAP_PACKS))
+    assert "latest_extras_pack: 2 node(s)" in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr
+    assert ui_lines(done.stderr)["1"]["text"] == ["ABC"]
+
+    wf.write_text(json.dumps({"1": {"class_type": "GapPreview", "inputs": {"text": "abc"}}}))
+    done = sdflow("run", str(wf), "--data-dir", str(data_dir), "--custom-nodes", str(GAP_PACKS))
+    assert done.returncode == 2, done.stderr
+    assert "comfy_api.latest.ui.PreviewText is not supported by sdflow" in done.stderr, done.stderr
+    assert "GapPreview" in done.stderr
+    assert "Traceback" not in done.stderr
