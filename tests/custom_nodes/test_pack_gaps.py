@@ -35,3 +35,14 @@ def test_comfy_api_latest_extras_import_and_fail_only_when_used(data_dir: Path, 
     assert "comfy_api.latest.ui.PreviewText is not supported by sdflow" in done.stderr, done.stderr
     assert "GapPreview" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_execution_module_imports_and_fails_only_when_used(data_dir: Path, tmp_path: Path) -> None:
+    wf = tmp_path / "exec.json"
+    wf.write_text(json.dumps({"1": {"class_type": "GapTypeName", "inputs": {"n": 1}}}))
+    done = sdflow("run", str(wf), "--data-dir", str(data_dir), "--custom-nodes", str(GAP_PACKS))
+    assert "executor_patch_pack: 1 node(s)" in done.stderr, done.stderr
+    assert done.returncode == 2, done.stderr
+    assert "execution.full_type_name is not supported by sdflow" in done.stderr, done.stderr
+    assert "GapTypeName" in done.stderr
+    assert "Traceback" not in done.stderr
