@@ -46,3 +46,11 @@ def test_execution_module_imports_and_fails_only_when_used(data_dir: Path, tmp_p
     assert "execution.full_type_name is not supported by sdflow" in done.stderr, done.stderr
     assert "GapTypeName" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_latent_preview_has_the_preview_method_enum_and_args(data_dir: Path, tmp_path: Path) -> None:
+    wf = tmp_path / "preview.json"
+    wf.write_text(json.dumps({"1": {"class_type": "GapPreviewMethod", "inputs": {"method": "taesd"}}}))
+    done = sdflow("run", str(wf), "--data-dir", str(data_dir), "--custom-nodes", str(GAP_PACKS))
+    assert done.returncode == 0, done.stderr
+    assert ui_lines(done.stderr)["1"]["text"] == ["taesd"]
