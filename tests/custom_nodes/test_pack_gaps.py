@@ -54,3 +54,31 @@ def test_latent_preview_has_the_preview_method_enum_and_args(data_dir: Path, tmp
     done = sdflow("run", str(wf), "--data-dir", str(data_dir), "--custom-nodes", str(GAP_PACKS))
     assert done.returncode == 0, done.stderr
     assert ui_lines(done.stderr)["1"]["text"] == ["taesd"]
+
+
+def test_unet_key_tables_load_with_a_pack_and_name_real_checkpoint_keys(data_dir: Path, tmp_path: Path) -> None:
+    wf = tmp_path / "unet.json"
+    wf.write_text(json.dumps({"1": {"class_type": "GapUnetMap", "inputs": {"resnet_key": "in_layers.2.weight"}}}))
+    done = sdflow("run", str(wf), "--data-dir", str(data_dir), "--custom-nodes", str(GAP_PACKS))
+    assert done.returncode == 0, done.stderr
+    assert ui_lines(done.stderr)["1"]["text"] == ["conv1.weight"]
+    assert ui_lines(done.stderr)["1"]["counts"] == [6, 21, 14]
+
+    # The LDM-side names are the real key names of an SD1 checkpoint's UNet (the tiny one, real layout).
+    import safetensors.torch
+
+    from nodes.comfy_compat import utils
+
+    ckpt = next((data_dir / "models" / "checkpoints").glob("*.safetensors"))
+    keys = {k.removeprefix("model.diffusion_model.") for k in safetensors.torch.load_file(str(ckpt))
+            if k.startswith("model.diffusion_model.")}
+    resnet = {k.removeprefix("input_blocks.1.0.") for k in keys if k.startswith("input_blocks.1.0.")}
+    assert resnet and resnet <= set(utils.UNET_MAP_RESNET)
+    attention = {k.removeprefix("input_blocks.1.1.") for k in keys
+                 if k.startswith("input_blocks.1.1.") and ".transformer_blocks." not in k}
+    assert attention == utils.UNET_MAP_ATTENTIONS
+    block = {k.removeprefix("input_blocks.1.1.transformer_blocks.0.") for k in keys
+             if k.startswith("input_blocks.1.1.transformer_blocks.0.")}
+    assert block == utils.TRANSFORMER_BLOCKS
+    top = {ldm for ldm, _ in utils.UNET_MAP_BASIC if not ldm.startswith("label_emb.")}   # SD1 has no label_emb
+    assert top <= keys
