@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -79,7 +80,15 @@ def prompt_for(name: str, info: dict, ckpt: str) -> tuple[dict | None, str | Non
     return prompt, None
 
 
-def measure_one(pack: Path, data_dir: Path) -> dict:
+class NodeTimeout(Exception):
+    """A node ran past the per-node limit (some loop forever on their default inputs)."""
+
+
+def _alarm(signum, frame):
+    raise NodeTimeout("ran past the per-node limit")
+
+
+def measure_one(pack: Path, data_dir: Path, node_timeout: float = 60) -> dict:
     """Load one pack alone and run its nodes: the row of the table (in this process)."""
     from engine.executor import Executor
     from nodes.models.tiny import write_demo_checkpoint
@@ -114,6 +123,8 @@ def measure_one(pack: Path, data_dir: Path) -> dict:
             if prompt is None:
                 row["not_run"][name] = why
                 continue
+            signal.signal(signal.SIGALRM, _alarm)
+            signal.setitimer(signal.ITIMER_REAL, node_timeout)
             try:
                 run = executor.execute(prompt, str(uuid.uuid4()), outputs=["t"])
             except BaseException as exc:   # a pack's node may raise anything; the measure goes on
@@ -121,6 +132,8 @@ def measure_one(pack: Path, data_dir: Path) -> dict:
                     raise
                 row["failed"][name] = f"{type(exc).__name__}: {exc}"[:300]
                 continue
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
             if run.status == "success":
                 row["ran"].append(name)
             else:
@@ -138,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per pack (load and runs)")
+    parser.add_argument("--node-timeout", type=float, default=60, help="seconds per node run")
     parser.add_argument("--json", type=Path, help="write the full result (every node's outcome) here")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        row = measure_one(args.folder, args.data_dir)
+        row = measure_one(args.folder, args.data_dir, args.node_timeout)
         print("ROW " + json.dumps(row, default=str))
         return 0
     entries = sorted((e for e in args.folder.iterdir() if not e.name.startswith((".", "__"))
@@ -155,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as data:
         for entry in entries:
             try:
-                proc = subprocess.run([sys.executable, __file__, str(entry), "--one", "--data-dir", data],
+                proc = subprocess.run([sys.executable, __file__, str(entry), "--one", "--data-dir", data,
+                                       "--node-timeout", str(args.node_timeout)],
                                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
                 row = json.loads(line[4:]) if line else {
