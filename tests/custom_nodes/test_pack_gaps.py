@@ -82,3 +82,16 @@ def test_unet_key_tables_load_with_a_pack_and_name_real_checkpoint_keys(data_dir
     assert block == utils.TRANSFORMER_BLOCKS
     top = {ldm for ldm, _ in utils.UNET_MAP_BASIC if not ldm.startswith("label_emb.")}   # SD1 has no label_emb
     assert top <= keys
+
+
+def test_binary_event_types_import_beside_prompt_server(data_dir: Path, tmp_path: Path) -> None:
+    from server import ws
+
+    wf = tmp_path / "frames.json"
+    wf.write_text(json.dumps({"1": {"class_type": "GapFrameType", "inputs": {"kind": "UNENCODED_PREVIEW_IMAGE"}},
+                              "2": {"class_type": "GapFrameType", "inputs": {"kind": "TEXT"}}}))
+    done = sdflow("run", str(wf), "--data-dir", str(data_dir), "--custom-nodes", str(GAP_PACKS))
+    assert done.returncode == 0, done.stderr
+    # The codes a pack sends with are the ones sdflow's websocket frames use.
+    assert ui_lines(done.stderr)["1"]["code"] == [ws.UNENCODED_PREVIEW_IMAGE]
+    assert ui_lines(done.stderr)["2"]["code"] == [ws.TEXT]
