@@ -58,7 +58,7 @@ def prompt_for(name: str, info: dict, ckpt: str) -> tuple[dict | None, str | Non
     for name_in, spec in (info.get("input", {}).get("required") or {}).items():
         kind = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
         opts = spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
-        if isinstance(kind, str) and kind in SOCKETS and not (kind in WIDGETS):
+        if isinstance(kind, str) and kind in SOCKETS:
             inputs[name_in] = list(SOCKETS[kind])
             used.add(SOCKETS[kind][0])
         elif isinstance(kind, list) or (kind in WIDGETS and not opts.get("forceInput")):
