@@ -95,3 +95,16 @@ def test_binary_event_types_import_beside_prompt_server(data_dir: Path, tmp_path
     # The codes a pack sends with are the ones sdflow's websocket frames use.
     assert ui_lines(done.stderr)["1"]["code"] == [ws.UNENCODED_PREVIEW_IMAGE]
     assert ui_lines(done.stderr)["2"]["code"] == [ws.TEXT]
+
+
+def test_conditioning_set_mask_by_its_comfyui_method_name(data_dir: Path, tmp_path: Path) -> None:
+    ckpt = next((data_dir / "models" / "checkpoints").glob("*.safetensors")).name
+    wf = tmp_path / "mask.json"
+    wf.write_text(json.dumps({
+        "c": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "p": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["c", 1]}},
+        "m": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}},
+        "1": {"class_type": "GapMaskedCond", "inputs": {"conditioning": ["p", 0], "mask": ["m", 0]}}}))
+    done = sdflow("run", str(wf), "--data-dir", str(data_dir), "--custom-nodes", str(GAP_PACKS))
+    assert done.returncode == 0, done.stderr
+    assert ui_lines(done.stderr)["1"] == {"entries": [1], "changed": [True]}
