@@ -8,4 +8,7 @@ def __getattr__(name: str) -> Any:
     if name == "PromptServer":
         from .prompt_server import PromptServer
         return PromptServer
+    if name == "BinaryEventTypes":
+        from .prompt_server import BinaryEventTypes
+        return BinaryEventTypes
     raise AttributeError(f"module 'server' has no attribute {name!r}")

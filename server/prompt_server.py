@@ -16,6 +16,14 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 
+class BinaryEventTypes:
+    """ComfyUI's `server.BinaryEventTypes`: the type codes of binary websocket frames (sdflow's own in ws.py)."""
+    PREVIEW_IMAGE = 1
+    UNENCODED_PREVIEW_IMAGE = 2
+    TEXT = 3
+    PREVIEW_IMAGE_WITH_METADATA = 4
+
+
 class PromptServer:
     instance: PromptServer
 

@@ -6,6 +6,10 @@ from typing import Any
 
 from engine import progress
 
+# ComfyUI's latent_preview has these from comfy.cli_args in its namespace, and packs reach them there
+# (efficiency-nodes sets `args.preview_method = latent_preview.LatentPreviewMethod.TAESD`).
+from .cli_args import LatentPreviewMethod, args  # noqa: F401
+
 MAX_PREVIEW_RESOLUTION = 512
 
 

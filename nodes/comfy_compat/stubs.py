@@ -13,7 +13,10 @@ import sys
 import types
 from typing import Any
 
-ROOTS = ("comfy", "comfy_extras", "comfy_execution", "comfy_api", "comfy_api_nodes", "comfy_config")
+ROOTS = ("comfy", "comfy_extras", "comfy_execution", "comfy_api", "comfy_api_nodes", "comfy_config", "execution")
+# Single modules of ComfyUI rather than packages: their lowercase members are functions, not submodules
+# (`from execution import validate_prompt`, imported at load by rgthree-comfy and tinyterraNodes).
+FLAT = ("execution",)
 
 
 class NotSupportedBySdflow(NotImplementedError):
@@ -45,7 +48,7 @@ class StubModule(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        if self.__name__ in ROOTS and name.islower():
+        if self.__name__ in ROOTS and self.__name__ not in FLAT and name.islower():
             import importlib
             return importlib.import_module(f"{self.__name__}.{name}")
         value = placeholder(self.__name__, name)

@@ -66,6 +66,34 @@ class ProgressBar:
         self.update_absolute(self.current + value)
 
 
+
+# The key-name correspondences between the original (LDM) SD UNet layout and diffusers' layout, as
+# comfy.utils exposes them: packs import these tables at load time to map ControlNet and UNet weights.
+_WB = ("weight", "bias")
+UNET_MAP_ATTENTIONS = {f"{part}.{p}" for part in ("proj_in", "proj_out", "norm") for p in _WB}
+TRANSFORMER_BLOCKS = (
+    {f"norm{i}.{p}" for i in (1, 2, 3) for p in _WB}
+    | {f"attn{a}.to_{x}.weight" for a in (1, 2) for x in "qkv"}
+    | {f"attn{a}.to_out.0.{p}" for a in (1, 2) for p in _WB}
+    | {f"ff.net.{part}.{p}" for part in ("0.proj", "2") for p in _WB}
+)
+# LDM resnet key -> diffusers resnet key.
+UNET_MAP_RESNET = {
+    f"{ldm}.{p}": f"{diffusers}.{p}"
+    for ldm, diffusers in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
+                           ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut"))
+    for p in _WB
+}
+# (LDM key, diffusers key) of the UNet's top-level layers; the label embedding has two diffusers names.
+UNET_MAP_BASIC = {
+    (f"{ldm}.{p}", f"{diffusers}.{p}")
+    for ldm, diffusers in (("label_emb.0.0", "class_embedding.linear_1"), ("label_emb.0.2", "class_embedding.linear_2"),
+                           ("label_emb.0.0", "add_embedding.linear_1"), ("label_emb.0.2", "add_embedding.linear_2"),
+                           ("input_blocks.0.0", "conv_in"), ("out.0", "conv_norm_out"), ("out.2", "conv_out"),
+                           ("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"))
+    for p in _WB
+}
+
 def _preview_image(preview: Any) -> Any:
     # ComfyUI passes ("JPEG", PIL image, max size); sdflow's previews take the image itself.
     if isinstance(preview, tuple) and len(preview) >= 2:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 from typing import Any
 
 from . import v3_io as io
@@ -39,3 +40,25 @@ def extension_classes(module: Any) -> dict[str, type]:
             adapted = io.classic_class(cls)
             found[adapted.SDFLOW_NODE_ID] = adapted   # type: ignore[attr-defined]
     return found
+
+
+def __getattr__(name: str) -> Any:
+    # The rest of `comfy_api.latest` (`ui`, `Types`, `InputImpl`, ...): packs import them next to `io` at
+    # their top, so they import as stubs (members raise "not supported by sdflow" when used) and the
+    # pack's other nodes still load.
+    if name.startswith("__"):
+        raise AttributeError(name)
+    from .stubs import StubModule, placeholder
+
+    value: Any
+    if name.islower():
+        value = sys.modules.get(f"comfy_api.latest.{name}")
+        if value is None:
+            value = StubModule(f"comfy_api.latest.{name}")
+            value.__path__ = []
+            value.__sdflow_stub__ = True
+            sys.modules[value.__name__] = value
+    else:
+        value = placeholder("comfy_api.latest", name)
+    globals()[name] = value
+    return value
