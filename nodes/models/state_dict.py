@@ -110,8 +110,12 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise ModelFileError(path, "corrupt checkpoint file: cannot be unpickled as weights") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as e:
         raise ModelFileError(path, f"corrupt checkpoint file: {type(e).__name__}: {e}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    # Lightning checkpoints nest the weights under "state_dict"; BasicSR's releases (RealESRGAN_x4plus.pth, SwinIR,
+    # ...) under "params_ema", the EMA weights they publish, or "params".
+    for key in ("state_dict", "params_ema", "params"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
     if not isinstance(obj, dict):
         raise ModelFileError(path, f"not a state dict (holds a {type(obj).__name__})")
     # Lightning checkpoints carry counters and optimizer states next to the weights; keep tensors only.
