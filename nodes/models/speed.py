@@ -45,8 +45,9 @@ def speed_settings() -> SpeedSettings:
     return SpeedSettings(**given)
 
 
-def _cuda_capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device) if torch.cuda.is_available() else (0, 0)
+def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """None where no GPU can be asked (a CUDA device named on a machine without one): no downgrade then."""
+    return torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
 
 
 def unet_dtype(device: torch.device | str, settings: SpeedSettings | None = None,
@@ -62,10 +63,10 @@ def unet_dtype(device: torch.device | str, settings: SpeedSettings | None = None
     if dev.type == "cuda":
         cap = capability if capability is not None else _cuda_capability(dev)
         wanted = settings.unet_dtype or "fp16"
-        if wanted == "bf16" and cap < (8, 0):
+        if wanted == "bf16" and cap is not None and cap < (8, 0):
             log.warning("bf16 asked for, but CUDA capability %d.%d has no bf16; using fp16", *cap)
             wanted = "fp16"
-        if wanted == "fp16" and cap < (6, 0):
+        if wanted == "fp16" and cap is not None and cap < (6, 0):
             wanted = "fp32"
         return DTYPES[wanted]
     return DTYPES[settings.unet_dtype or "fp32"]
