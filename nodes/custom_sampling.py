@@ -292,9 +292,10 @@ def add_noise(model: Model, noise: Noise, sigmas: Sigmas, latent_image: Latent) 
     samples = latent_image["samples"]
     fmt = getattr(model, "latent_format", None)
     scale = (sigmas[0] - sigmas[-1]).abs() if sigmas.numel() > 1 else sigmas[0]
-    # noise is added in model space, the result handed back raw (ComfyUI's AddNoise does the same)
-    noisy = model.sampling_schedule().noise_scaling(scale.float(), noise.generate(latent_image).float(),
-                                                    process_latent_in(samples.float(), fmt))
+    # noise is added in model space and the result handed back raw; an all-zero (empty) latent is
+    # not shifted into model space (both as ComfyUI's AddNoise)
+    base = process_latent_in(samples.float(), fmt) if torch.count_nonzero(samples) > 0 else samples.float()
+    noisy = model.sampling_schedule().noise_scaling(scale.float(), noise.generate(latent_image).float(), base)
     noisy = process_latent_out(noisy, fmt)
     noisy = torch.nan_to_num(noisy, nan=0.0, posinf=0.0, neginf=0.0).to(samples.dtype)
     return {**latent_image, "samples": noisy}
