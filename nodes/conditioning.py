@@ -179,7 +179,7 @@ def inpaint_model_conditioning(
     if keep.shape[0] != masked.shape[0] and 1 not in (keep.shape[0], masked.shape[0]):
         raise ValueError(f"mask: batch of {keep.shape[0]} does not match the image batch of {masked.shape[0]}")
     masked = (masked - 0.5) * keep + 0.5          # masked pixels become neutral grey
-    concat_latent = vae.encode(masked)            # model space, like every LATENT in sdflow
+    concat_latent = vae.encode(masked)            # raw; sampling takes it into model space
     latent: dict = {"samples": vae.encode(pixels)}
     if noise_mask:
         latent["noise_mask"] = mask

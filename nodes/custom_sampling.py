@@ -19,7 +19,7 @@ from .sampler_nodes import patched_guider
 from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES, calculate_sigmas
 from .sampling.custom import EmptyNoise, Guider as GuiderValue, RandomNoise as RandomNoiseValue, SamplerChoice
 from .sampling.preview import latent_to_rgb
-from .sampling.sample import sample
+from .sampling.sample import process_latent_in, process_latent_out, sample
 from .sampling.schedulers import (
     AYS_NOISE_LEVELS,
     align_your_steps_sigmas,
@@ -290,9 +290,13 @@ def add_noise(model: Model, noise: Noise, sigmas: Sigmas, latent_image: Latent) 
     if sigmas.numel() == 0:
         return latent_image
     samples = latent_image["samples"]
+    fmt = getattr(model, "latent_format", None)
     scale = (sigmas[0] - sigmas[-1]).abs() if sigmas.numel() > 1 else sigmas[0]
-    noisy = model.sampling_schedule().noise_scaling(scale.float(), noise.generate(latent_image).float(),
-                                                    samples.float())
+    # noise is added in model space and the result handed back raw; an all-zero (empty) latent is
+    # not shifted into model space (both as ComfyUI's AddNoise)
+    base = process_latent_in(samples.float(), fmt) if torch.count_nonzero(samples) > 0 else samples.float()
+    noisy = model.sampling_schedule().noise_scaling(scale.float(), noise.generate(latent_image).float(), base)
+    noisy = process_latent_out(noisy, fmt)
     noisy = torch.nan_to_num(noisy, nan=0.0, posinf=0.0, neginf=0.0).to(samples.dtype)
     return {**latent_image, "samples": noisy}
 
@@ -330,9 +334,13 @@ def _run(node_name: str, guider: GuiderValue, noise_tensor: torch.Tensor, seed: 
                      noise_mask=latent.get("noise_mask"), callback=on_step, sigmas=sigmas,
                      sampler_options=dict(sampler.options),
                      denoiser_factory=guider.denoiser_factory() or patched_guider(model),
-                     patches=getattr(model, "sampling_patches", None))
+                     patches=getattr(model, "sampling_patches", None),
+                     latent_format=getattr(model, "latent_format", None))
     result = {**latent, "samples": out.cpu().to(samples.dtype)}
-    denoised = {**latent, "samples": last_x0[0].cpu().to(samples.dtype)} if last_x0 else result
+    # x0 is in model space; the denoised LATENT holds raw latents like every other (ComfyUI the same)
+    denoised = {**latent, "samples": process_latent_out(last_x0[0].float().cpu(),
+                                                        getattr(model, "latent_format", None)).to(samples.dtype)
+                } if last_x0 else result
     return CustomSamplerOutput(result, denoised)
 
 

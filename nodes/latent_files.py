@@ -1,13 +1,12 @@
 """SaveLatent / LoadLatent: `.latent` files as ComfyUI writes them (safetensors holding `latent_tensor`
 and an empty `latent_format_version_0` marker, the prompt and workflow in the metadata).
 
-sdflow's LATENT holds model-space latents (scaled by the VAE's scaling factor, see models/vae.py);
-ComfyUI's holds VAE-space ones and its files store those. The conversion happens at the file
-boundary: SaveLatent divides by the scaling factor (and records it as `sdflow.latent_scaling_factor`),
-LoadLatent multiplies by the recorded factor, else by SD1/SD2's 0.18215, since a LATENT does not say
-which model made it (an SDXL latent from a ComfyUI file therefore comes in scaled by 0.18215 instead
-of 0.13025; sdflow's own files round-trip exactly). Files without the version marker are ComfyUI's
-old format, which already held scaled latents, and are read as they are.
+LATENT holds raw VAE latents (ComfyUI's convention), so the files store them as they are and
+exchange with ComfyUI unchanged both ways. Files written by older sdflow versions (marked by
+`sdflow.latent_scaling_factor`, always SD1's 0.18215) held scaled latents divided by that factor,
+i.e. raw SD1 latents, and are read as such.
+Files without the version marker are ComfyUI's old format, whose latents were scaled by SD1's
+0.18215 (ComfyUI reads them dividing by it), and are read the same way.
 """
 from __future__ import annotations
 
@@ -67,8 +66,7 @@ def save_latent(samples: Latent, filename_prefix: Annotated[str, String("latents
 
     path, _ = _output_file(filename_prefix, "SaveLatent", ".latent")
     meta = dict(png_text_chunks(prompt, extra_pnginfo))
-    meta[SCALE_KEY] = repr(SD_SCALE)
-    tensors = {"latent_tensor": (samples["samples"].float() / SD_SCALE).contiguous().cpu(),
+    tensors = {"latent_tensor": samples["samples"].float().contiguous().cpu(),
                "latent_format_version_0": torch.tensor([])}
     save_file(tensors, str(path), metadata=meta)
     subfolder = os.path.relpath(path.parent, os.path.realpath(runtime().output_dir)).replace(os.sep, "/")
@@ -91,6 +89,10 @@ def load_latent(latent: Annotated[str, Combo(latent_files)]) -> Latent:
     if "latent_tensor" not in tensors:
         raise ValueError(f"LoadLatent: latent {latent!r} holds no latent_tensor")
     samples = tensors["latent_tensor"].float()
-    if "latent_format_version_0" in tensors:
-        samples = samples * float(meta.get(SCALE_KEY, SD_SCALE))
+    if SCALE_KEY in meta:
+        # an older sdflow file: scaled latents divided by the recorded factor, i.e. raw ones when that
+        # factor is SD1's (always so); read as SD1 latents otherwise, the model not being recorded
+        samples = samples * (float(meta[SCALE_KEY]) / SD_SCALE)
+    elif "latent_format_version_0" not in tensors:
+        samples = samples / SD_SCALE
     return {"samples": samples}

@@ -60,7 +60,8 @@ def common_ksampler(model: DiffusionModelHandle, seed: int, steps: int, cfg: flo
                      scheduler=scheduler, steps=steps, seed=seed, denoise=denoise,
                      noise_mask=latent.get("noise_mask"), start_step=start_step, last_step=last_step,
                      force_full_denoise=force_full_denoise, add_noise=not disable_noise, callback=on_step,
-                     patches=getattr(model, "sampling_patches", None), denoiser_factory=patched_guider(model))
+                     patches=getattr(model, "sampling_patches", None), denoiser_factory=patched_guider(model),
+                     latent_format=getattr(model, "latent_format", None))
     return {**latent, "samples": out}
 
 

@@ -14,6 +14,12 @@ from .memory import ResidentMixin, WeightsHolder, default_device
 from .speed import configure_unet
 
 ARCHES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
+# (scale, shift) of each architecture's latent format (ComfyUI's comfy.latent_formats): LATENT values
+# hold raw VAE latents and sampling works on (x - shift) * scale.
+LATENT_FORMATS: dict[str, tuple[float, float]] = {
+    "sd1": (0.18215, 0.0), "sd2": (0.18215, 0.0), "sdxl": (0.13025, 0.0), "sdxl_refiner": (0.13025, 0.0),
+    "sd3": (1.5305, 0.0609),
+}
 # The SDXL refiner's aesthetic score when a conditioning does not give one (ComfyUI's defaults).
 REFINER_ASCORE = {0: 6.0, 1: 2.5}  # cond_or_uncond: 0 = positive, 1 = negative
 
@@ -31,6 +37,11 @@ class DiffusionModelHandle(ResidentMixin):
         self.arch = arch
         self.prediction_type = prediction_type
         self.load_device = device or default_device()
+
+    @property
+    def latent_format(self) -> tuple[float, float]:
+        """(scale, shift) between a LATENT's raw VAE latents and the model space sampling runs in."""
+        return LATENT_FORMATS[self.arch]
 
     # A ModelSampling* node's noise schedule (nodes/model_patches.py); None = the checkpoint's own.
     model_sampling: Any = None

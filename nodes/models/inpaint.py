@@ -11,8 +11,9 @@ when the entry has none).
 
 The sampler does not know which kind of model it drives, so each conditioning entry carries one
 [B, 9, h, w] tensor with both parts (mask, inpainting image, pix2pix image) and the model takes the
-channels it needs (`extra_input`). All latents here are in model space (sdflow's LATENT holds
-scaled latents), so nothing is rescaled.
+channels it needs (`extra_input`). All latents here are in model space: sampling has
+already taken the sampler's latent and every entry's `concat_latent_image` through the model's latent
+format (nodes/sampling/sample.py), so nothing is rescaled here.
 """
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
 """What the VAE socket carries: a diffusers AutoencoderKL with ComfyUI's image/latent conventions.
 
 Images are `[B, H, W, C]` float in 0..1 (channels past the third are ignored). Latents returned by
-`encode` and accepted by `decode` are *scaled* by the VAE's scaling factor (and shifted by its
-shift factor, if it has one), i.e. they are in the space the diffusion model works in, the same
-space EmptyLatentImage's zeros live in.
+`encode` and accepted by `decode` are the raw VAE latents (the encoder distribution's mode), as in
+ComfyUI's LATENT; the diffusion model's latent format (scale, shift) is applied by sampling.
 
 Images whose sides are not multiples of 8 are center-cropped to the nearest smaller multiple
 (as ComfyUI does). Out-of-memory during decode/encode falls back to smaller batches, then to tiles.
@@ -84,7 +83,7 @@ class VaeHandle(ResidentMixin):
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`[B,H,W,C]` in 0..1 -> scaled latents `[B, latent_channels, H/8, W/8]` (float32)."""
+        """`[B,H,W,C]` in 0..1 -> raw VAE latents `[B, latent_channels, H/8, W/8]` (float32)."""
         if pixels.ndim == 3:
             pixels = pixels.unsqueeze(0)
         pixels = self.crop_pixels(pixels[..., :3])
@@ -93,7 +92,7 @@ class VaeHandle(ResidentMixin):
 
     @torch.no_grad()
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        """Scaled latents `[B,C,h,w]` -> images `[B, 8h, 8w, 3]` in 0..1 (float32, clamped)."""
+        """Raw VAE latents `[B,C,h,w]` -> images `[B, 8h, 8w, 3]` in 0..1 (float32, clamped)."""
         if samples.ndim == 5:  # video-shaped latents: frames become batch entries
             b, c, f, h, w = samples.shape
             samples = samples.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
@@ -146,10 +145,11 @@ class VaeHandle(ResidentMixin):
         x = pixels.to(self._device(), self.dtype).movedim(-1, 1) * 2.0 - 1.0
         # The distribution's mode, not a sample: encoding the same image twice gives the same latent.
         latent = self.vae.encode(x).latent_dist.mode()
-        return ((latent.float() - self.shift_factor) * self.scaling_factor).to(self.output_device)
+        # Raw VAE latents, as ComfyUI's LATENT: the model's latent format scales them for sampling.
+        return latent.float().to(self.output_device)
 
     def _decode_batch(self, samples: torch.Tensor) -> torch.Tensor:
-        z = samples.to(self._device(), torch.float32) / self.scaling_factor + self.shift_factor
+        z = samples.to(self._device(), torch.float32)
         image = self.vae.decode(z.to(self.dtype)).sample
         if self.dtype != torch.float32 and not bool(torch.isfinite(image).all()):
             # Half-precision SD VAEs overflow on some latents; like ComfyUI, redo in float32 and keep the

@@ -1,8 +1,9 @@
 """Cheap latent previews: a per-pixel linear map from latent channels to RGB (no VAE).
 
 The factors are the widely used latent->RGB least-squares fits for SD1.x and SDXL latents (as in
-ComfyUI's latent2rgb previewer). They apply to latents in model space (VAE latent x scale factor),
-which is what the sampler's x0 callback provides.
+ComfyUI's latent2rgb previewer). They apply to latents in model space (the raw VAE latent a LATENT
+holds, taken through the model's latent format), which is what the sampler's x0 callback provides,
+as in ComfyUI's previewers.
 """
 
 from __future__ import annotations

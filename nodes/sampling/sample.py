@@ -54,6 +54,39 @@ def sigmas_for(
     return compute(int(steps / denoise))[-(steps + 1):]
 
 
+LatentFormat = tuple[float, float]  # (scale, shift): model space is (raw - shift) * scale
+
+
+def process_latent_in(x: torch.Tensor, latent_format: LatentFormat | None) -> torch.Tensor:
+    if latent_format is None:
+        return x
+    scale, shift = latent_format
+    return (x - shift) * scale
+
+
+def process_latent_out(x: torch.Tensor, latent_format: LatentFormat | None) -> torch.Tensor:
+    if latent_format is None:
+        return x
+    scale, shift = latent_format
+    return x / scale + shift
+
+
+def _concat_latents_in(conds: Conditioning, latent_format: LatentFormat | None) -> Conditioning:
+    """Entries' ``concat_latent_image`` (inpainting / InstructPix2Pix) in model space, as the UNet
+    takes it (ComfyUI's concat_cond applies process_latent_in to it)."""
+    if latent_format is None:
+        return conds
+    out = []
+    for entry in conds:
+        opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else None
+        if opts is not None and opts.get("concat_latent_image") is not None:
+            entry = [entry[0], {**opts, "concat_latent_image":
+                                process_latent_in(opts["concat_latent_image"].float(), latent_format)},
+                     *entry[2:]]
+        out.append(entry)
+    return out
+
+
 def sample(
     apply_model: ApplyModel,
     schedule: DiscreteSchedule,
@@ -78,14 +111,17 @@ def sample(
     sampler_options: dict[str, Any] | None = None,
     denoiser_factory: Callable[..., Any] | None = None,
     patches: dict[str, Any] | None = None,
+    latent_format: LatentFormat | None = None,
 ) -> torch.Tensor:
     """Run one KSampler call and return the sampled latent (same space and shape as ``latent_image``).
 
-    ``latent_image``/``noise`` are [B, C, h, w] in model space: sdflow's LATENT already holds scaled
-    latents (the VAE applies the scaling factor on encode/decode), so nothing is rescaled here.
+    ``latent_image`` is [B, C, h, w] raw VAE latents (ComfyUI's LATENT convention) and the result is
+    too; ``latent_format`` (the model's (scale, shift)) takes it into model space before noise is
+    added and back after sampling, as ComfyUI's process_latent_in/out (None: no rescaling). ``noise``
+    is model-space noise and is never rescaled.
     ``callback(step_index, total_steps, x0)`` runs after each step's model evaluation (0-based
     step_index, at most total_steps - 1; progress is step_index + 1); x0 is the denoised estimate
-    (what ``preview.latent_to_rgb`` expects). Samplers with their own step grid (dpm_fast,
+    in model space (what ``preview.latent_to_rgb`` expects, as ComfyUI's previewers). Samplers with their own step grid (dpm_fast,
     dpm_adaptive) report their own step indices, as in ComfyUI. An exception raised by the callback propagates
     and stops sampling (the interrupt path). ``sigmas`` overrides the scheduler (custom sampling).
     ``sampler_options`` are keyword arguments for the sampler (eta, s_noise, ...); ``denoiser_factory``
@@ -110,7 +146,9 @@ def sample(
     if sigmas.numel() <= 1:
         return latent_image
 
-    latent = latent_image.to(torch.float32)
+    latent = process_latent_in(latent_image.to(torch.float32), latent_format)
+    positive = _concat_latents_in(positive, latent_format)
+    negative = _concat_latents_in(negative, latent_format)
     if not add_noise or noise is None:
         noise = torch.zeros_like(latent)
     noise = noise.to(device=device, dtype=torch.float32)
@@ -158,4 +196,4 @@ def sample(
             # the mask of the last model call (Differential Diffusion's is binary by then), not the soft one
             mask = denoiser.mask_function(sigmas[-2:-1].expand(latent.shape[0]), mask, sigmas)
         x = x * mask + latent * (1 - mask)
-    return x.to(latent_image.dtype)
+    return process_latent_out(x, latent_format).to(latent_image.dtype)

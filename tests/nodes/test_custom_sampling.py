@@ -228,7 +228,8 @@ def test_add_noise_and_disable_noise(loaded):
     base = {"samples": torch.full((1, 4, 8, 8), 0.5)}
     sigmas = torch.tensor([3.0, 1.0, 0.0])
     noisy = cs.add_noise(model, cs.random_noise(7), sigmas, base)
-    expected = 0.5 + torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7)) * 3.0
+    # noise goes in in model space (x 0.18215 for SD1) and comes back raw, as ComfyUI's AddNoise
+    expected = 0.5 + torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7)) * 3.0 / 0.18215
     torch.testing.assert_close(noisy["samples"], expected)
     assert cs.add_noise(model, cs.disable_noise(), sigmas, base)["samples"].eq(0.5).all()
     assert cs.add_noise(model, cs.random_noise(7), torch.zeros(0), base) is base

@@ -1,4 +1,4 @@
-"""SaveLatent / LoadLatent: ComfyUI's .latent format, VAE-space in the file, model-space in sdflow."""
+"""SaveLatent / LoadLatent: ComfyUI's .latent format, raw VAE latents in the file as in sdflow's LATENT."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.executor import Executor
-from nodes.latent_files import SD_SCALE, load_latent
+from nodes.latent_files import SCALE_KEY, SD_SCALE, load_latent
 
 from .conftest import TINY_SD1
 
@@ -34,15 +34,16 @@ def test_save_latent_writes_comfyui_format_and_loads_back_exactly(sd_env):
     assert ui["subfolder"] == "latents" and ui["type"] == "output" and ui["filename"].endswith("_00001_.latent")
     path = config.output_dir / "latents" / ui["filename"]
     vae = checkpoint_loader_simple(TINY_SD1)[2]
-    model_space = vae_encode(load_image("example.png")[0], vae)["samples"]
+    raw = vae_encode(load_image("example.png")[0], vae)["samples"]
     with safe_open(str(path), framework="pt") as f:
         assert set(f.keys()) == {"latent_tensor", "latent_format_version_0"}
         meta = f.metadata()
         stored = f.get_tensor("latent_tensor")
     assert json.loads(meta["prompt"]) == prompt and json.loads(meta["workflow"]) == {"n": 1}
-    torch.testing.assert_close(stored, model_space / SD_SCALE)   # VAE space, as ComfyUI stores it
+    assert SCALE_KEY not in meta
+    torch.testing.assert_close(stored, raw)   # raw VAE latents, as ComfyUI stores them
     (config.input_dir / "roundtrip.latent").write_bytes(path.read_bytes())
-    torch.testing.assert_close(load_latent("roundtrip.latent")["samples"], model_space)
+    torch.testing.assert_close(load_latent("roundtrip.latent")["samples"], raw)
 
 
 def test_comfyui_files_new_and_old_format(sd_env):
@@ -50,9 +51,22 @@ def test_comfyui_files_new_and_old_format(sd_env):
     vae_space = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     save_file({"latent_tensor": vae_space, "latent_format_version_0": torch.tensor([])},
               str(config.input_dir / "comfy.latent"), metadata={"prompt": "{}"})
-    torch.testing.assert_close(load_latent("comfy.latent")["samples"], vae_space * SD_SCALE)
+    torch.testing.assert_close(load_latent("comfy.latent")["samples"], vae_space)   # unchanged, as ComfyUI
     save_file({"latent_tensor": vae_space}, str(config.input_dir / "old.latent"))
-    torch.testing.assert_close(load_latent("old.latent")["samples"], vae_space)   # old files held scaled latents
+    # ComfyUI's pre-marker files held SD1-scaled latents; ComfyUI divides them by 0.18215 on load
+    torch.testing.assert_close(load_latent("old.latent")["samples"], vae_space / SD_SCALE)
+
+
+def test_older_sdflow_files_are_converted(sd_env):
+    _, config = sd_env
+    raw = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    # what sdflow's SaveLatent wrote before the switch: its scaled LATENT divided by the recorded factor
+    save_file({"latent_tensor": (raw * SD_SCALE) / SD_SCALE, "latent_format_version_0": torch.tensor([])},
+              str(config.input_dir / "sdflow_old.latent"), metadata={SCALE_KEY: repr(SD_SCALE)})
+    torch.testing.assert_close(load_latent("sdflow_old.latent")["samples"], raw)
+    save_file({"latent_tensor": raw, "latent_format_version_0": torch.tensor([])},
+              str(config.input_dir / "sdflow_old2.latent"), metadata={SCALE_KEY: "0.5"})
+    torch.testing.assert_close(load_latent("sdflow_old2.latent")["samples"], raw * (0.5 / SD_SCALE))
 
 
 def test_bad_latent_files_are_refused_naming_node_and_input(sd_env):

@@ -32,7 +32,8 @@ def loaded(sd_env):
 
 
 def _diff(a, b) -> float:
-    return float((a["samples"] - b["samples"]).abs().max())
+    # measured in model space (SD1's 0.18215): LATENTs hold raw VAE latents, ~5x larger
+    return float((a["samples"] - b["samples"]).abs().max()) * 0.18215
 
 
 # ------------------------------------------------------------------------------------------ ModelSampling*
@@ -271,7 +272,8 @@ def test_differential_diffusion_inpaints_a_soft_mask(loaded):
     final = fn(steps[-2:-1], latent["noise_mask"].expand(1, 4, 8, 8), steps)
     kept = final == 0
     assert kept.any() and (~kept).any()
-    assert torch.equal(diff["samples"][kept], latent["samples"][kept])
+    # exact up to the float rounding of the latent format's scale in and out (ComfyUI's the same)
+    torch.testing.assert_close(diff["samples"][kept], latent["samples"][kept], rtol=1e-6, atol=1e-6)
     soft = latent["noise_mask"].expand(1, 4, 8, 8)
     assert not torch.allclose(diff["samples"][~kept], (diff["samples"] * soft + latent["samples"] * (1 - soft))[~kept])
 

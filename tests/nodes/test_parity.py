@@ -9,7 +9,8 @@ the shipped SD1 scheduler config (scaled_linear betas 0.00085..0.012, 1000 train
 
 Both sides get the same prompt, seed, steps, CFG scale and 64x64 size, and the same initial noise
 (ComfyUI's: ``torch.randn`` of the latent shape from a CPU generator seeded with the seed). Final
-latents (``output_type="latent"``: both are in the model's scaled latent space) and decoded images
+latents (sdflow's LATENT holds raw VAE latents, ComfyUI's convention; the pipeline's
+``output_type="latent"`` ones are divided by the VAE's scaling factor to match) and decoded images
 are compared.
 
 How the two differ, and what the test does about it
@@ -167,13 +168,14 @@ def _comfy_noise() -> torch.Tensor:
 
 @torch.no_grad()
 def _reference(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final latents (scaled, as the pipeline hands them to the VAE) and the decoded image [B,H,W,C]."""
+    """Final latents (raw: the pipeline's scaled ones over the scaling factor, as a LATENT holds them)
+    and the decoded image [B,H,W,C]."""
     lat = pipe(POSITIVE, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
                height=SIZE, width=SIZE, latents=latents, output_type="latent",
                generator=torch.Generator().manual_seed(SEED + 1)).images   # sdflow's per-step seed on CPU
     decoded = pipe.vae.decode(lat / pipe.vae.config.scaling_factor, return_dict=False)[0]
     image = pipe.image_processor.postprocess(decoded, output_type="pt")
-    return lat, image.permute(0, 2, 3, 1)
+    return lat / pipe.vae.config.scaling_factor, image.permute(0, 2, 3, 1)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

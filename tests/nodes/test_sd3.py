@@ -135,8 +135,8 @@ def test_txt2img_matches_the_diffusers_pipeline(files, sd35):
     out = sample(model.apply, model.sampling_schedule(), noise=noise, latent_image=latent,
                  positive=clip.encode_text("a photo of a cat"), negative=clip.encode_text("blurry"),
                  cfg=cfg, sampler_name="euler", scheduler="simple", steps=steps, seed=seed,
-                 sigmas=sched.sigmas.clone())
-    ours = vae.decode(out)[0].numpy()
+                 sigmas=sched.sigmas.clone(), latent_format=model.latent_format)
+    ours = vae.decode(out)[0].numpy()   # raw latents out: (x / 1.5305) + 0.0609, as the pipeline decodes
     pipe = _pipeline(tiny_sd3_models(sd35=sd35), tok)
     ref = pipe("a photo of a cat", negative_prompt="blurry", num_inference_steps=steps, guidance_scale=cfg,
                latents=noise.clone(), height=64, width=64, max_sequence_length=77, output_type="np").images[0]

@@ -32,12 +32,13 @@ def test_encode_decode_shapes_and_range(vae) -> None:
     assert image.min() >= 0.0 and image.max() <= 1.0
 
 
-def test_latents_are_scaled_by_the_scaling_factor(vae, ckpt) -> None:
+def test_latents_are_the_raw_vae_output(vae, ckpt) -> None:
+    """ComfyUI's LATENT convention: VAEEncode gives the encoder distribution's mode unscaled."""
     pixels = torch.rand(1, 64, 64, 3)
     latent = vae.encode(pixels)
     with torch.no_grad():
         raw = ckpt.vae.encode(pixels.movedim(-1, 1) * 2 - 1).latent_dist.mode()
-    torch.testing.assert_close(latent, raw * ckpt.vae.config.scaling_factor, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(latent, raw, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         ref = ckpt.vae.decode(raw).sample
     ref = ((ref + 1) / 2).clamp(0, 1).movedim(1, -1)
