@@ -77,7 +77,7 @@ def _prompt(vision_loader: dict, vision_ref: list) -> dict:
     return {
         "1": vision_loader,
         "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": UNCLIP}},
-        "3": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "image_only_example.png"}},
         "4": {"class_type": "CLIPVisionEncode", "inputs": {"clip_vision": vision_ref, "image": ["3", 0],
                                                            "crop": "center"}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["2", 1]}},
@@ -98,7 +98,7 @@ def test_in_a_prompt_it_samples_like_the_unclip_loader(sd_env, svd_style):
     registry, config = sd_env
     from PIL import Image
 
-    Image.new("RGB", (40, 32), (200, 60, 30)).save(config.input_dir / "example.png")
+    Image.new("RGB", (40, 32), (200, 60, 30)).save(config.input_dir / "image_only_example.png")
     svd = _prompt({"class_type": "ImageOnlyCheckpointLoader", "inputs": {"ckpt_name": SVD_STYLE}}, ["1", 1])
     unclip = _prompt({"class_type": "unCLIPCheckpointLoader", "inputs": {"ckpt_name": UNCLIP}}, ["1", 3])
     images = []
@@ -124,7 +124,7 @@ def test_without_a_vision_tower_the_clip_vision_output_fails_clearly(sd_env):
     assert model.arch == "sd1" and vae is not None
     with pytest.raises(NotImplementedError, match="no CLIP vision tower"):
         clip_vision_encode(vision, _image(), "center")
-    Image.new("RGB", (40, 32), (10, 60, 30)).save(config.input_dir / "example.png")
+    Image.new("RGB", (40, 32), (10, 60, 30)).save(config.input_dir / "image_only_example.png")
     prompt = _prompt({"class_type": "ImageOnlyCheckpointLoader", "inputs": {"ckpt_name": TINY_SD1}}, ["1", 1])
     prompt["2"]["inputs"]["ckpt_name"] = TINY_SD1
     result = Executor(registry).execute(prompt, "p")

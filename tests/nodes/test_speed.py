@@ -141,9 +141,10 @@ def test_fp16_vae_that_overflows_falls_back_to_fp32(sd1, caplog) -> None:
         vae.decoder.conv_in.bias.mul_(3e4)
     half = vae.half()
     reference = VaeHandle(copy.deepcopy(half).float(), device="cpu")   # the same (fp16-rounded) weights
-    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    # a raw latent of the usual size (LATENT holds raw VAE latents: model-space noise / scaling factor)
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)) / reference.scaling_factor
     with torch.no_grad():
-        raw = half.decode((latent / reference.scaling_factor).half()).sample
+        raw = half.decode(latent.half()).sample
     assert not bool(torch.isfinite(raw).all())          # the fp16 decode really overflows
     handle = VaeHandle(half, device="cpu")
     with caplog.at_level(logging.WARNING, logger="nodes.models.vae"):
