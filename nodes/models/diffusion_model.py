@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.memory import notify_moved
+
 from .inpaint import extra_input
 from .memory import ResidentMixin, WeightsHolder, default_device
 
@@ -130,7 +132,15 @@ class DiffusionModelHandle(ResidentMixin):
         from .merge import handle_patch_fn, patch_key
 
         key = patch_key(self)
-        return self._weights.patcher("unet").sync(key, handle_patch_fn(self) if key else None)
+        patcher = self._weights.patcher("unet")
+        before = patcher.key
+        module = patcher.sync(key, handle_patch_fn(self) if key else None)
+        if patcher.key != before:
+            # The kept originals changed: the cache re-measures (outside the sync, as after a move). Should
+            # that re-measure offload these weights, the move restored them: patch again.
+            notify_moved(self._weights)
+            module = patcher.sync(key, handle_patch_fn(self) if key else None)
+        return module
 
     def with_merge(self, patch: Any) -> DiffusionModelHandle:
         """A clone with one more weight patch, a merge or a LoRA (nothing is computed until the model
