@@ -12,8 +12,7 @@ from engine.inputs import Combo, Float
 from engine.node import node
 
 from .models.diffusion_model import DiffusionModelHandle
-from .models.lora import UNET, LoraPatch, load_lora_file, log, merged_weights, resolve
-from .models.lora import copy_with_weights
+from .models.lora import UNET, LoraPatch, copy_with_weights, load_lora_file, log, merged_weights, resolve
 from .models.state_dict import ModelFileError
 from .models.text_encoder import ClipHandle
 from .runtime import model_file_exists, model_file_fingerprint, model_files, runtime

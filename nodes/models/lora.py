@@ -33,8 +33,8 @@ LoRA costs the originals of the adapted tensors, not a UNet. On the CLIP side th
 from __future__ import annotations
 
 import copy
-import logging
 import itertools
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping

@@ -273,7 +273,7 @@ def test_cache_counts_memory_shared_with_the_base_model_once(base, kohya_file):
     assert cache.usage()["cpu"] == base_bytes                         # a clone adds nothing
     lora_models.clear_cache()
     patched = lora_loader(model, clip, name, 1.0, 1.0)
-    patched[0].unet   # applied: the UNet's adapted weights are written in place, their originals kept
+    assert patched[0].unet is model.base_unet   # applied: adapted weights written in place, originals kept
     cache.put("lora", [[patched[0]], [patched[1]]])
     changed = sum(d.numel() * 4 for d in expected.values())          # float32 originals / encoder copies
     assert cache.usage()["cpu"] == base_bytes + changed
@@ -281,6 +281,6 @@ def test_cache_counts_memory_shared_with_the_base_model_once(base, kohya_file):
     assert model._weights.patcher("unet").extra_bytes() == unet_changed
     # the base handle used again: originals restored, the patch costs nothing any more
     from engine.memory import parts, sum_parts
-    model.unet
+    assert model.unet is model.base_unet
     assert sum_parts(parts(patched[0]))["cpu"] == sum_parts(parts(model))["cpu"]
     assert model._weights.patcher("unet").extra_bytes() == 0

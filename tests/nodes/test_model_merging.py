@@ -181,7 +181,8 @@ def test_model_specific_merges_take_a_ratio_per_block(sd_env, three, node_name, 
     ratios = {k: 1.0 for k in blocks}
     ratios["output_blocks.1."] = 0.0   # only this block comes from model2
     (a, _, _), (b, _, _), _ = three
-    merged = {k: v.clone() for k, v in registry.get(node_name).fn(model1=a, model2=b, **ratios).unet.state_dict().items()}
+    merged_model = registry.get(node_name).fn(model1=a, model2=b, **ratios)
+    merged = {k: v.clone() for k, v in merged_model.unet.state_dict().items()}
     wa, wb = _params(a), _params(b)
     names = _ldm_names(a.unet)
     assert any(ldm.startswith("output_blocks.1.") for ldm in names.values())
