@@ -1,7 +1,8 @@
-"""LoRA loader nodes: merge a LoRA file into copies of the MODEL's UNet and the CLIP's text encoders.
+"""LoRA loader nodes: a LoRA file on the MODEL's UNet and the CLIP's text encoders.
 
-The inputs are never modified: the result holds new module objects in which only the adapted
-weights are new tensors (everything else shares storage with the input handles).
+The inputs are never modified. The MODEL comes back as a cheap handle, the same base weights plus one
+recorded `LoraPatch`, applied in place when it runs (models/weight_patch.py); the CLIP comes back
+holding new encoder objects in which only the adapted weights are new tensors.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from engine.inputs import Combo, Float
 from engine.node import node
 
 from .models.diffusion_model import DiffusionModelHandle
-from .models.lora import apply_lora, load_lora_file
+from .models.lora import UNET, LoraPatch, copy_with_weights, load_lora_file, log, merged_weights, resolve
 from .models.state_dict import ModelFileError
 from .models.text_encoder import ClipHandle
 from .runtime import model_file_exists, model_file_fingerprint, model_files, runtime
@@ -31,10 +32,22 @@ def load_lora(model: DiffusionModelHandle | None, clip: ClipHandle | None, lora_
         raise ModelFileError(path, f"{node_name} input lora_name {lora_name!r}: {e.reason}; expected a LoRA "
                                    "(kohya/LoCon, LoHa, LoKr, DoRA or diffusers/PEFT) .safetensors file") from None
     # Both sides take part in matching keys even at strength 0, so only truly unknown keys are reported.
-    unet = model.unet if model is not None else None
+    # Names only: resolving reads no weights, so the shared module need not be patched for it.
+    unet = model.base_unet if model is not None else None
     encoders = clip.text_encoders if clip is not None else None
-    new_unet, new_encoders, _ = apply_lora(lora, unet, encoders, strength_model, strength_clip)
-    out_model = model.with_unet(new_unet) if model is not None and new_unet is not None else model
+    patches, unknown = resolve(lora, unet, encoders)
+    for key in unknown:
+        log.warning("lora key not loaded: %s", key)
+    out_model = model
+    mine = tuple(p for p in patches if p.target == UNET)
+    if model is not None and strength_model != 0 and mine:
+        out_model = model.with_merge(LoraPatch(mine, float(strength_model)))
+    new_encoders = {}
+    if encoders and strength_clip != 0:
+        for key, encoder in encoders.items():
+            weights = merged_weights(encoder, [p for p in patches if p.target == key], strength_clip)
+            if weights:
+                new_encoders[key] = copy_with_weights(encoder, weights)
     out_clip = clip.with_text_encoders(new_encoders) if clip is not None and new_encoders else clip
     return out_model, out_clip
 

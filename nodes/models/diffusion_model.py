@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.memory import notify_moved
+
 from .inpaint import extra_input
 from .memory import ResidentMixin, WeightsHolder, default_device
 from .speed import configure_unet
@@ -92,7 +94,7 @@ class DiffusionModelHandle(ResidentMixin):
             return hook
 
         try:
-            for block in getattr(self.unet, "up_blocks", ()):
+            for block in getattr(self.base_unet, "up_blocks", ()):
                 resnets = list(getattr(block, "resnets", ()))
                 for i, resnet in enumerate(resnets):
                     out_ch = int(resnet.out_channels)
@@ -121,7 +123,8 @@ class DiffusionModelHandle(ResidentMixin):
             handle.unclip_stats = stats
         return handle
 
-    # Model merges recorded on this handle (models/merge.py); applied when the UNet is first used.
+    # Weight patches recorded on this handle (merge.MergePatch, lora.LoraPatch), applied in place to the
+    # shared base UNet when this handle's `unet` is used.
     weight_patches: tuple = ()
 
     @property
@@ -133,24 +136,27 @@ class DiffusionModelHandle(ResidentMixin):
 
     @property
     def unet(self) -> nn.Module:
-        """The UNet with this handle's merge patches applied (built on first use, one per base weights)."""
-        if not self.weight_patches:
+        """The UNet holding this handle's weights: the shared base module, patched in place to this
+        handle's patch list (merges, LoRAs) or restored to its originals for the base handle. The
+        module stays right for this handle until another handle on the same base asks for it."""
+        if not self.weight_patches and not self._weights.patchers:
             return self.base_unet
-        from .merge import merged_state, module_with_state, patch_key
+        from .merge import handle_patch_fn, patch_key
 
         key = patch_key(self)
-        holder = self._weights
-        with holder.lock:
-            if getattr(holder, "merged_key", None) != key or holder.modules.get("merged") is None:
-                holder.modules["merged"] = None  # free the previous merge before building the next
-                holder.modules["merged"] = module_with_state(self.base_unet, merged_state(self))
-                holder.merged_key = key  # type: ignore[attr-defined]
-            merged = holder.modules["merged"]
-        assert merged is not None
-        return merged
+        patcher = self._weights.patcher("unet")
+        before = patcher.key
+        module = patcher.sync(key, handle_patch_fn(self) if key else None)
+        if patcher.key != before:
+            # The kept originals changed: the cache re-measures (outside the sync, as after a move). Should
+            # that re-measure offload these weights, the move restored them: patch again.
+            notify_moved(self._weights)
+            module = patcher.sync(key, handle_patch_fn(self) if key else None)
+        return module
 
     def with_merge(self, patch: Any) -> DiffusionModelHandle:
-        """A clone with one more merge patch (nothing is computed until the model is used)."""
+        """A clone with one more weight patch, a merge or a LoRA (nothing is computed until the model
+        is used)."""
         twin = self.clone()
         twin.weight_patches = tuple(self.weight_patches) + (patch,)
         return twin
@@ -170,11 +176,11 @@ class DiffusionModelHandle(ResidentMixin):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.base_unet.parameters()).dtype
 
     @property
     def in_channels(self) -> int:
-        return int(getattr(self.unet.config, "in_channels", 4))
+        return int(getattr(self.base_unet.config, "in_channels", 4))
 
     @property
     def is_sdxl(self) -> bool:
@@ -272,7 +278,7 @@ class DiffusionModelHandle(ResidentMixin):
                 handle.remove()
 
     def _fit_time_ids(self, size_cond: torch.Tensor, pooled_dim: int, cond_or_uncond: Any) -> torch.Tensor:
-        cfg = self.unet.config
+        cfg = self.base_unet.config
         per = int(getattr(cfg, "addition_time_embed_dim", 0) or 0)
         total = getattr(cfg, "projection_class_embeddings_input_dim", None)
         if not per or total is None:
@@ -295,7 +301,7 @@ class DiffusionModelHandle(ResidentMixin):
     @property
     def class_input_dim(self) -> int:
         """Width of the class-label input of an unCLIP model (image embedding + noise-level embedding); 0 if none."""
-        cfg: Any = self.unet.config
+        cfg: Any = self.base_unet.config
         if getattr(cfg, "class_embed_type", None) != "projection":
             return 0
         return int(cfg.projection_class_embeddings_input_dim)
@@ -328,7 +334,7 @@ class DiffusionModelHandle(ResidentMixin):
         return rows.to(pooled)
 
     def _needs_added_cond(self) -> bool:
-        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+        return getattr(self.base_unet.config, "addition_embed_type", None) == "text_time"
 
 
 def _channels_last(unet: nn.Module) -> bool:

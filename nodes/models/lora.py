@@ -24,13 +24,16 @@ its forward, and its LoKr scales a whole-factor layer by alpha/r where ComfyUI/L
 DoRA norms the adapted weight's rows where ComfyUI's loader uses the base weight's rows. peft stays the
 independent reference in the tests (its LoHa / LoKr / LoRA `get_delta_weight` on the same tensors).
 
-Merging computes `W + strength * delta` for each adapted weight. The result is a *copy* of the
-model whose untouched parameters share storage with the original; only the adapted tensors are new.
-Base weights are never modified: other handles (and the cache) share them.
+Merging computes `W + strength * delta` for each adapted weight. On the MODEL side that is a
+`LoraPatch` recorded on the handle and written in place into the shared UNet when the handle runs
+(weight_patch.InPlacePatcher, through DiffusionModelHandle.unet), so a strength change or a second
+LoRA costs the originals of the adapted tensors, not a UNet. On the CLIP side the result is still a
+*copy* of the encoder whose untouched parameters share storage with the original (`apply_lora`).
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 import threading
@@ -401,6 +404,22 @@ def lora_patch_fn(patches: Iterable[ResolvedPatch], strength: float
             out[pname] = new.to(weight.dtype)
         return out
     return apply
+
+
+_PATCH_SERIALS = itertools.count(1)
+
+
+@dataclass(frozen=True, eq=False)
+class LoraPatch:
+    """One LoRA at one strength on a UNet, as a recorded weight patch (see merge.handle_patch_fn)."""
+
+    patches: tuple[ResolvedPatch, ...]
+    strength: float
+    # Names this patch in patch keys; a serial, not id(), so a later patch never takes its key.
+    key: tuple = field(default_factory=lambda: ("lora", next(_PATCH_SERIALS)))
+
+    def apply(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return lora_patch_fn(self.patches, self.strength)(weights)
 
 
 def copy_with_weights(model: nn.Module, new_weights: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -15,6 +15,7 @@ only moves storage; the next use moves the weights back to the load device on it
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterable
 
@@ -25,6 +26,9 @@ from engine.config import current_config
 from engine.memory import accelerator_budgets, device_kind, notify_moved, request_room, room, tensor_part
 
 from .streaming import PartialLoad, load_partial
+from .weight_patch import InPlacePatcher
+
+_SERIALS = itertools.count(1)
 
 
 def vram_mode() -> str:
@@ -127,19 +131,48 @@ class WeightsHolder:
         self.modules = modules
         self.lock = threading.RLock()
         self.partial: PartialLoad | None = None    # set while the modules are split (see streaming.py)
+        # Names these weights in patch keys: unlike id(), never reused by a later holder.
+        self.serial = next(_SERIALS)
+        self.patchers: dict[str, InPlacePatcher] = {}
+
+    def patcher(self, name: str) -> InPlacePatcher:
+        """The in-place patcher of one module (one per module, shared by every handle on these weights)."""
+        with self.lock:
+            patcher = self.patchers.get(name)
+            if patcher is None:
+                module = self.modules[name]
+                assert module is not None
+                patcher = self.patchers[name] = InPlacePatcher(module, self.lock)
+            return patcher
+
+    def _restore_patches(self) -> None:
+        # Before a move: the originals never have to follow their weights to another device, and the
+        # next use re-applies its patch where the weights now are.
+        for patcher in self.patchers.values():
+            patcher.restore()
 
     def present(self) -> list[nn.Module]:
         return [m for m in self.modules.values() if m is not None]
 
     def footprint(self) -> dict[str, int]:
-        return module_footprint(self.present())
+        totals = module_footprint(self.present())
+        for patcher in self.patchers.values():
+            for tensor in patcher.originals():
+                dev = device_key(tensor.device)
+                totals[dev] = totals.get(dev, 0) + tensor.numel() * tensor.element_size()
+        return totals
 
     def memory_parts(self) -> dict:
         """Each weight storage as a part, so the engine's cache counts weights shared between handles
-        (clones, LoRA-patched copies) once."""
+        (clones, LoRA-patched copies) once; plus the kept originals of weights patched in place (each
+        patcher's `extra_bytes()`), the only memory a patch costs."""
         out = {}
         for module in self.present():
             for tensor in _tensors(module):
+                key, part = tensor_part(tensor)
+                out[key] = part
+        for patcher in self.patchers.values():
+            for tensor in patcher.originals():
                 key, part = tensor_part(tensor)
                 out[key] = part
         return out
@@ -173,6 +206,7 @@ class WeightsHolder:
         if limit == "auto":
             limit = resident_limit(vram_mode(), needed, _room_on(key)) if target.type != "cpu" else None
         with self.lock:
+            self._restore_patches()
             if self.partial is not None:
                 self.partial.release()
                 self.partial = None

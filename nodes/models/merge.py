@@ -1,12 +1,12 @@
 """Model merging as recorded weight patches.
 
 A merge node does not compute anything: it returns a clone of its first model with one `MergePatch`
-added to `weight_patches` (the other model, the kind of merge and its ratios). The merged weights
-are computed when the model is first used (`merged_unet`), into one module kept next to the base
-weights in their WeightsHolder: a handle with different patches (another ratio) replaces it, so a
-graph re-run with a new ratio holds the base plus one merged copy, never one UNet per ratio tried.
-The base tensors are never written to, so LoRA copies, clones and other handles that share storage
-with them stay correct (LoRA's own merge, nodes/models/lora.py, builds copies the same way).
+added to `weight_patches` (the other model, the kind of merge and its ratios); a LoRA adds a
+`lora.LoraPatch` the same way. When a handle's UNet is used, the base's `InPlacePatcher`
+(weight_patch.py) writes that handle's merged weights into the shared base module, keeping the
+originals of the changed tensors; another handle on the same base (another ratio, another LoRA, the
+base itself) first gets those originals back. Every merge reads the other model's weights from its
+originals too (`merged_state`), so what another handle has applied never leaks in.
 
 Ratios follow ComfyUI: simple `ratio * W1 + (1 - ratio) * W2`; add `W1 + W2`; subtract
 `multiplier * (W1 - W2)`; block merges pick the ratio of the longest LDM key prefix that matches
@@ -51,32 +51,54 @@ def _block_ratio(ldm_name: str, blocks: tuple[tuple[str, float], ...]) -> float:
     return ratio
 
 
+def _merge(patch: MergePatch, current: Mapping[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    other = merged_state(patch.other)
+    ldm_names = _ldm_names(module) if patch.kind == "blocks" else {}
+    out: dict[str, torch.Tensor] = {}
+    for key, w in current.items():
+        w2 = other.get(key)
+        if w2 is None or w2.shape != w.shape or not w.is_floating_point():
+            continue
+        w2 = w2.to(device=w.device, dtype=w.dtype)
+        if patch.kind == "simple":
+            out[key] = w * patch.ratio + w2 * (1.0 - patch.ratio)
+        elif patch.kind == "add":
+            out[key] = w + w2
+        elif patch.kind == "subtract":
+            out[key] = (w - w2) * patch.ratio
+        elif patch.kind == "blocks":
+            r = _block_ratio(ldm_names.get(key, key), patch.blocks)
+            out[key] = w * r + w2 * (1.0 - r)
+        else:
+            raise ValueError(f"unknown merge kind {patch.kind!r}")
+    return out
+
+
+def handle_patch_fn(handle: Any):
+    """The handle's patch list as one `weight_patch.PatchFn`: given its base UNet's original parameters,
+    the new values of those its merges and LoRAs change, each patch seeing what the previous left."""
+    patches = tuple(handle.weight_patches)
+    module = handle.base_unet
+
+    def apply(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        current = dict(weights)
+        changed: dict[str, torch.Tensor] = {}
+        for patch in patches:
+            new = _merge(patch, current, module) if isinstance(patch, MergePatch) else patch.apply(current)
+            current.update(new)
+            changed.update(new)
+        return changed
+    return apply
+
+
 def merged_state(handle: Any) -> dict[str, torch.Tensor]:
-    """The effective weights of a handle: its base UNet's with every recorded patch applied in order."""
-    base = handle.base_unet
-    state = {k: v for k, v in base.state_dict().items()}
+    """The effective parameters of a handle (new tensors where patched), computed from its base UNet's
+    originals whatever patch the shared module holds now; nothing is written."""
+    base = handle._weights.patcher("unet").base_weights()
     if not handle.weight_patches:
-        return state
-    ldm_names = _ldm_names(base) if any(p.kind == "blocks" for p in handle.weight_patches) else {}
-    for patch in handle.weight_patches:
-        other = merged_state(patch.other)
-        for key, w in state.items():
-            w2 = other.get(key)
-            if w2 is None or w2.shape != w.shape or not w.is_floating_point():
-                continue
-            w2 = w2.to(device=w.device, dtype=w.dtype)
-            if patch.kind == "simple":
-                state[key] = w * patch.ratio + w2 * (1.0 - patch.ratio)
-            elif patch.kind == "add":
-                state[key] = w + w2
-            elif patch.kind == "subtract":
-                state[key] = (w - w2) * patch.ratio
-            elif patch.kind == "blocks":
-                r = _block_ratio(ldm_names.get(key, key), patch.blocks)
-                state[key] = w * r + w2 * (1.0 - r)
-            else:
-                raise ValueError(f"unknown merge kind {patch.kind!r}")
-    return state
+        return base
+    base.update(handle_patch_fn(handle)(base))
+    return base
 
 
 def module_with_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -88,6 +110,10 @@ def module_with_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn
 
 
 def patch_key(handle: Any) -> tuple:
-    """Identifies the weights a handle stands for: its base weights and its patches, recursively."""
-    return (id(handle._weights), tuple((patch_key(p.other), p.kind, p.ratio, p.blocks)
-                                       for p in handle.weight_patches))
+    """Identifies the weights a handle stands for: its base weights and its patches, recursively;
+    () for the unpatched base (the patcher's "no patch")."""
+    if not handle.weight_patches:
+        return ()
+    return (handle._weights.serial,
+            tuple((patch_key(p.other) or (p.other._weights.serial,), p.kind, p.ratio, p.blocks)
+                  if isinstance(p, MergePatch) else p.key for p in handle.weight_patches))

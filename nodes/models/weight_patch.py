@@ -69,6 +69,14 @@ class InPlacePatcher:
                 self._originals.clear()
             self.key = ()
 
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """The module's parameters as they were before any patch (the kept originals for patched ones)."""
+        with self.lock:
+            return {name: self._originals.get(name, p.detach()) for name, p in self._params().items()}
+
+    def originals(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self._originals.values())
+
     def extra_bytes(self) -> int:
         """What the applied patch costs beyond the module: the kept originals."""
         return sum(t.numel() * t.element_size() for t in self._originals.values())

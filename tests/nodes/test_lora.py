@@ -107,16 +107,21 @@ def test_kohya_lora_changes_exactly_the_targeted_weights(base, kohya_file, caplo
         prefix = "unet" if part == "unet" else part
         targeted[f"{prefix}.{mod}.weight"] = (0.7 if part == "unet" else -0.5) * delta
 
-    old, new = _params(model, clip), _params(new_model, new_clip)
-    assert old.keys() == new.keys()
-    for key, tensor in new.items():
+    old = {k: v.data_ptr() for k, v in _params(model, clip).items()}
+    new_ptrs = {k: v.data_ptr() for k, v in _params(new_model, new_clip).items()}
+    after = _snapshot(new_model, new_clip)
+    assert old.keys() == new_ptrs.keys()
+    for key, ptr in new_ptrs.items():
         if key in targeted:
-            torch.testing.assert_close(tensor - before[key], targeted[key], atol=1e-6, rtol=1e-5)
-            assert tensor.data_ptr() != old[key].data_ptr()
+            torch.testing.assert_close(after[key] - before[key], targeted[key], atol=1e-6, rtol=1e-5)
         else:
-            # untouched weights are shared with the base, not copied
-            assert tensor.data_ptr() == old[key].data_ptr(), key
-    # the base handles still hold their original values
+            assert torch.equal(after[key], before[key]), key
+        if key in targeted and not key.startswith("unet."):
+            assert ptr != old[key]   # the text encoder side is a copy of the adapted weights
+        else:
+            # the UNet is patched in place; untouched encoder weights are shared with the base
+            assert ptr == old[key], key
+    # the base handles get their original values back
     for key, tensor in _params(model, clip).items():
         assert torch.equal(tensor, before[key]), key
 
@@ -152,7 +157,8 @@ def test_model_only_leaves_text_encoder_out(base, kohya_file):
     name, expected = kohya_file
     new_model = lora_loader_model_only(model, name, 1.0)
     mod = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-    diff = dict(new_model.unet.named_modules())[mod].weight - dict(model.unet.named_modules())[mod].weight
+    patched = dict(new_model.unet.named_modules())[mod].weight.clone()   # before the base restores it
+    diff = patched - dict(model.unet.named_modules())[mod].weight
     torch.testing.assert_close(diff, expected[("unet", mod)], atol=1e-6, rtol=1e-5)
 
 
@@ -162,7 +168,7 @@ def test_diffusers_peft_layout_and_chaining(sd_env, base):
     gen = torch.Generator().manual_seed(5)
     unet_mod = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
     te_mod = "encoder.layers.1.mlp.fc1"
-    w_u = dict(model.unet.named_modules())[unet_mod].weight
+    w_u = dict(model.unet.named_modules())[unet_mod].weight.clone()   # the module is patched in place
     w_t = dict(clip.text_encoders["l"].named_modules())[te_mod].weight
     d_u, u_u = _pair_for(w_u, gen)
     d_t, u_t = _pair_for(w_t, gen)
@@ -267,13 +273,14 @@ def test_cache_counts_memory_shared_with_the_base_model_once(base, kohya_file):
     assert cache.usage()["cpu"] == base_bytes                         # a clone adds nothing
     lora_models.clear_cache()
     patched = lora_loader(model, clip, name, 1.0, 1.0)
+    assert patched[0].unet is model.base_unet   # applied: adapted weights written in place, originals kept
     cache.put("lora", [[patched[0]], [patched[1]]])
-    changed = sum(d.numel() * 4 for d in expected.values())          # float32 copies of the patched weights
+    changed = sum(d.numel() * 4 for d in expected.values())          # float32 originals / encoder copies
     assert cache.usage()["cpu"] == base_bytes + changed
-    # With room for one model's worth: evicting the (older) base frees exactly the unpatched originals of
-    # the patched weights; everything else stays, held by the LoRA entry.
-    tight = OutputCache({"cpu": base_bytes})
-    tight.put("ckpt", [[model], [clip]])
-    tight.put("lora", [[patched[0]], [patched[1]]])
-    assert "ckpt" not in tight and "lora" in tight
-    assert tight.usage()["cpu"] == base_bytes and tight.evictions == 1
+    unet_changed = sum(d.numel() * 4 for (part, _), d in expected.items() if part == "unet")
+    assert model._weights.patcher("unet").extra_bytes() == unet_changed
+    # the base handle used again: originals restored, the patch costs nothing any more
+    from engine.memory import parts, sum_parts
+    assert model.unet is model.base_unet
+    assert sum_parts(parts(patched[0]))["cpu"] == sum_parts(parts(model))["cpu"]
+    assert model._weights.patcher("unet").extra_bytes() == 0

@@ -70,7 +70,13 @@ def _write(sd_env, name: str, sd: dict[str, torch.Tensor]) -> str:
 
 
 def _changes(model, clip, new_model, new_clip, modules) -> dict[str, torch.Tensor]:
-    return {m: (_module(new_model, new_clip, m).weight - _module(model, clip, m).weight).detach() for m in modules}
+    # The patched UNet weight is cloned before the base handle's weight is read: that read restores the
+    # shared module in place.
+    out = {}
+    for m in modules:
+        patched = _module(new_model, new_clip, m).weight.detach().clone()
+        out[m] = patched - _module(model, clip, m).weight.detach()
+    return out
 
 
 PEFT_CASES = {
@@ -170,7 +176,7 @@ def _dora_reference(w, delta, magnitude, strength, output_axis):
 @pytest.mark.parametrize("output_axis", [False, True])
 def test_dora_scale_renormalises_along_the_axis_its_shape_names(sd_env, base, output_axis):
     model, _ = base
-    w = _module(model, None, ATTN).weight.detach().float()
+    w = _module(model, None, ATTN).weight.detach().clone()   # the module is patched in place below
     gen = torch.Generator().manual_seed(8)
     rank, alpha = 2, 1.0
     down = torch.randn(rank, w.shape[1], generator=gen) * 0.1

@@ -48,7 +48,8 @@ def test_merges_follow_comfyui_formulas(three):
 def test_block_merge_picks_ratio_by_ldm_block(three):
     (a, _, _), (b, _, _), _ = three
     wa, wb = _params(a), _params(b)
-    merged = model_merge_blocks(a, b, 0.1, 0.5, 0.9).unet.state_dict()
+    # cloned: the merge is written into the shared module, which `a.unet` below restores
+    merged = {k: v.clone() for k, v in model_merge_blocks(a, b, 0.1, 0.5, 0.9).unet.state_dict().items()}
     names = _ldm_names(a.unet)
     want = {"input_blocks": 0.1, "middle_block": 0.5, "output_blocks": 0.9, "out.": 0.9, "time_embed": 0.1}
     seen = set()
@@ -60,18 +61,26 @@ def test_block_merge_picks_ratio_by_ldm_block(three):
     assert seen == set(want)
 
 
-def test_a_new_ratio_replaces_the_merged_copy(three):
-    """Per base weights one merged UNet is kept: trying another ratio frees the previous one."""
+def test_a_new_ratio_patches_the_base_in_place(three):
+    """A merge is written into the base UNet's own tensors: another ratio restores and re-patches them,
+    no module or storage is added, and the base handle gets its exact weights back."""
     (a, _, _), (b, _, _), _ = three
-    first = model_merge_simple(a, b, 0.2)
-    first_unet = first.unet
-    assert a._weights.modules["merged"] is first_unet
-    second = model_merge_simple(a, b, 0.8)
-    second_unet = second.unet
-    assert a._weights.modules["merged"] is second_unet and second_unet is not first_unet
-    assert sum(m is not None for m in a._weights.modules.values()) == 2  # base + one merge
-    assert first.unet is not second_unet  # using the first again rebuilds it
-    assert a.unet is a.base_unet
+    wa, wb = _params(a), _params(b)
+    ptrs = {k: p.data_ptr() for k, p in a.base_unet.named_parameters()}
+    first, second = model_merge_simple(a, b, 0.2), model_merge_simple(a, b, 0.8)
+    for handle, r in ((first, 0.2), (second, 0.8), (first, 0.2)):
+        unet = handle.unet
+        assert unet is a.base_unet and len(a._weights.modules) == 1
+        assert {k: p.data_ptr() for k, p in unet.named_parameters()} == ptrs
+        for k, v in unet.state_dict().items():
+            if v.is_floating_point():
+                torch.testing.assert_close(v, r * wa[k] + (1 - r) * wb[k])
+    # the cost is the kept originals (every float weight changes in a merge), counted once
+    patcher = a._weights.patcher("unet")
+    assert patcher.extra_bytes() == sum(p.numel() * p.element_size() for p in a.base_unet.parameters())
+    assert a.unet is a.base_unet and patcher.extra_bytes() == 0
+    for k, v in a.base_unet.state_dict().items():
+        assert torch.equal(v, wa[k]), k
 
 
 def test_merging_different_architectures_is_refused(sd_env, three):
@@ -172,7 +181,8 @@ def test_model_specific_merges_take_a_ratio_per_block(sd_env, three, node_name, 
     ratios = {k: 1.0 for k in blocks}
     ratios["output_blocks.1."] = 0.0   # only this block comes from model2
     (a, _, _), (b, _, _), _ = three
-    merged = registry.get(node_name).fn(model1=a, model2=b, **ratios).unet.state_dict()
+    merged_model = registry.get(node_name).fn(model1=a, model2=b, **ratios)
+    merged = {k: v.clone() for k, v in merged_model.unet.state_dict().items()}
     wa, wb = _params(a), _params(b)
     names = _ldm_names(a.unet)
     assert any(ldm.startswith("output_blocks.1.") for ldm in names.values())
