@@ -2,8 +2,8 @@
 
 Starts `sdflow serve` on a free 127.0.0.1 port, opens the editor in headless Chromium (Debian's
 /usr/bin/chromium), builds a graph of N nodes (default 500) from the server's node types with links
-between them, pans across it for a number of frames at three zoom levels (the last shows the whole graph), and prints frame-time
-statistics:
+between them, pans across it for a number of frames at three zoom levels (the last shows the whole
+graph), and prints frame-time statistics:
 
 - draw: the time litegraph takes to render one frame (performance.now around canvas.draw)
 - frame: the interval between animation frames while panning (what a user sees as smoothness)

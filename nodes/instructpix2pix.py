@@ -2,7 +2,8 @@
 
 An InstructPix2Pix UNet (Brooks et al. 2023) takes 8 input channels: the noisy latent and the latent of
 the image being edited. As in ComfyUI the image latent travels in each conditioning entry under
-``concat_latent_image`` (raw, like every LATENT; sampling scales it into model space), and sampling starts from an empty latent of the same size.
+``concat_latent_image`` (raw, like every LATENT; sampling scales it into model space), and sampling
+starts from an empty latent of the same size.
 """
 from __future__ import annotations
 

@@ -121,9 +121,10 @@ def sample(
     is model-space noise and is never rescaled.
     ``callback(step_index, total_steps, x0)`` runs after each step's model evaluation (0-based
     step_index, at most total_steps - 1; progress is step_index + 1); x0 is the denoised estimate
-    in model space (what ``preview.latent_to_rgb`` expects, as ComfyUI's previewers). Samplers with their own step grid (dpm_fast,
-    dpm_adaptive) report their own step indices, as in ComfyUI. An exception raised by the callback propagates
-    and stops sampling (the interrupt path). ``sigmas`` overrides the scheduler (custom sampling).
+    in model space (what ``preview.latent_to_rgb`` expects, as ComfyUI's previewers). Samplers with their
+    own step grid (dpm_fast, dpm_adaptive) report their own step indices, as in ComfyUI. An exception
+    raised by the callback propagates and stops sampling (the interrupt path). ``sigmas`` overrides the
+    scheduler (custom sampling).
     ``sampler_options`` are keyword arguments for the sampler (eta, s_noise, ...); ``denoiser_factory``
     replaces ``make_denoiser`` (same arguments) for guiders other than CFG (``guiders.py``).
     ``patches`` are the model's sampling patches (``cfg_function``, ``denoise_mask_function``).

@@ -11,8 +11,8 @@ import urllib.request
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from PIL import Image, ImageChops, ImageStat, PngImagePlugin
+from safetensors.torch import load_file
 
 from .conftest import ROOT, EditorPage, Server
 from .test_editor import (
