@@ -24,6 +24,9 @@ class RuntimeConfig:
     # Where models load and how much of them stays on the accelerator, with ComfyUI's switch names
     # (--gpu-only, --highvram, --normalvram, --lowvram, --novram, --cpu); see VRAM_MODES.
     vram_mode: str = "normal"
+    # Seed CPU per-step sampler noise with the plain seed, as ComfyUI did before its PR #11528, to reproduce
+    # older CPU-made images (the current rule adds 1 on the CPU); --legacy-cpu-noise-seed.
+    legacy_cpu_noise_seed: bool = False
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
