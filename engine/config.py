@@ -28,6 +28,9 @@ class RuntimeConfig:
     # Speed switches of the model code (attention backend, weight dtypes), passed through unread by the
     # engine; see nodes/models/speed.py. Empty = automatic.
     speed: dict[str, Any] = field(default_factory=dict)
+    # Seed CPU per-step sampler noise with the plain seed, as ComfyUI did before its PR #11528, to reproduce
+    # older CPU-made images (the current rule adds 1 on the CPU); --legacy-cpu-noise-seed.
+    legacy_cpu_noise_seed: bool = False
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

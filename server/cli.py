@@ -55,6 +55,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
             ("--cpu", "cpu", "compute on the CPU even where a GPU exists")):
         vram.add_argument(flag, dest="vram_mode", action="store_const", const=mode, help=text)
     _add_speed_args(p)
+    g.add_argument("--legacy-cpu-noise-seed", action="store_true",
+                   help="seed per-step noise of ancestral/stochastic samplers on the CPU with the plain seed, as "
+                        "ComfyUI did before PR #11528, to reproduce older CPU-made images (default: seed + 1 "
+                        "on the CPU, as ComfyUI does now); env SDFLOW_LEGACY_CPU_NOISE_SEED=1 does the same")
     g.add_argument("--nodes-module", action="append", default=[], metavar="MODULE",
                    help="import MODULE and register every node declared in it (repeatable)")
     g.add_argument("--no-builtin-nodes", action="store_true",
@@ -122,6 +126,7 @@ def make_config(args: argparse.Namespace) -> RuntimeConfig:
                            cache_budget_bytes=budget)
     config.vram_mode = getattr(args, "vram_mode", None) or "normal"
     config.speed = speed_options(args)
+    config.legacy_cpu_noise_seed = bool(getattr(args, "legacy_cpu_noise_seed", False))
     if getattr(args, "memory_budget", None) is not None:
         if args.memory_budget <= 0:
             raise SystemExit("--memory-budget must be positive")

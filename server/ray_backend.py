@@ -90,7 +90,10 @@ class WorkerSpec:
         return cls(models_dir=str(Path(str(config.models_dir)).resolve()),
                    extra_model_paths=[str(Path(p).resolve()) for p in config.extra_model_paths],
                    cache_budget_bytes=config.cache_budget_bytes, preview_method=config.preview_method,
-                   builtin_nodes=builtin_nodes, node_modules=list(node_modules or []), env=dict(env or {}),
+                   builtin_nodes=builtin_nodes, node_modules=list(node_modules or []),
+                   # the worker's config is built from this spec: the seed switch travels as its env variable
+                   env={**({"SDFLOW_LEGACY_CPU_NOISE_SEED": "1"} if config.legacy_cpu_noise_seed else {}),
+                        **(env or {})},
                    custom_nodes=list(custom_nodes or []))
 
     def as_dict(self) -> dict:

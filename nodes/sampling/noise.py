@@ -8,9 +8,12 @@ step count (torchsde's BrownianTree, as k-diffusion/ComfyUI do).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
+
+from engine.config import current_config
 
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -21,17 +24,32 @@ def default_noise_sampler(x: torch.Tensor, seed: int | None = None) -> NoiseSamp
     ComfyUI (since PR #11528, in 0.8.x) seeds it with ``seed + 1`` when x is on the CPU and with ``seed``
     on any other device: the initial noise comes from a CPU generator seeded with ``seed``, so on the
     CPU the plain seed would make the first step re-add the initial noise (ComfyUI issue #9819).
-    ComfyUI 0.3.x used the plain seed everywhere; sdflow follows the current, fixed rule.
+    ComfyUI 0.3.x used the plain seed everywhere; sdflow follows the current, fixed rule unless
+    ``legacy_cpu_noise_seed`` (see `legacy_cpu_noise_seed`) asks for the old one to reproduce old images.
     tests/nodes/test_sampler_noise_parity.py checks every sampler against this rule and k-diffusion."""
     generator: torch.Generator | None = None
     if seed is not None:
         generator = torch.Generator(device=x.device)
-        generator.manual_seed((int(seed) + (1 if x.device.type == "cpu" else 0)) % 2**64)
+        offset = 1 if x.device.type == "cpu" and not legacy_cpu_noise_seed() else 0
+        generator.manual_seed((int(seed) + offset) % 2**64)
 
     def sample(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device, generator=generator)
 
     return sample
+
+
+LEGACY_SEED_ENV = "SDFLOW_LEGACY_CPU_NOISE_SEED"
+
+
+def legacy_cpu_noise_seed() -> bool:
+    """Whether CPU per-step noise uses ComfyUI's pre-#11528 seed: the running config's switch, else the env.
+
+    The environment variable covers direct calls and embedding code that runs nodes without a config."""
+    config = current_config()
+    if config is not None and config.legacy_cpu_noise_seed:
+        return True
+    return os.environ.get(LEGACY_SEED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class BrownianTreeNoiseSampler:

@@ -489,3 +489,62 @@ def test_matches_paper_reference(name: str) -> None:
     ref = PAPER_CASES[name](sigmas)
     scale = float(ref.abs().max())
     assert float((ours - ref).abs().max()) <= 1e-4 * scale + 1e-5, name
+
+
+# ----------------------------------------------------------------------------- the legacy seed switch
+
+
+def _comfy_pre_11528_noise_sampler(x: torch.Tensor, seed: int) -> Callable[[Any, Any], torch.Tensor]:
+    """ComfyUI's per-step noise before PR #11528: a generator on x's device seeded with ``seed`` everywhere."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device,
+                                                 generator=gen)
+
+
+def _run_under(config: Any, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    from engine.config import reset_current_config, set_current_config
+
+    token = set_current_config(config)
+    try:
+        return fn()
+    finally:
+        reset_current_config(token)
+
+
+def test_legacy_cpu_noise_seed_reproduces_pre_11528_euler_ancestral(kd: types.ModuleType, tmp_path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.config import RuntimeConfig
+
+    monkeypatch.delenv("SDFLOW_LEGACY_CPU_NOISE_SEED", raising=False)
+    sigmas = _sigmas()
+    x = _x0(sigmas)
+    legacy_ref = kd.sample_euler_ancestral(ToyCFGDenoiser(), x.clone(), sigmas, disable=True,
+                                           noise_sampler=_comfy_pre_11528_noise_sampler(x, SEED))
+    current_ref = kd.sample_euler_ancestral(ToyCFGDenoiser(), x.clone(), sigmas, disable=True,
+                                            noise_sampler=comfy_default_noise_sampler(x, SEED))
+    assert (legacy_ref - current_ref).abs().max() > 1e-3   # the two rules give different images
+
+    on = RuntimeConfig(data_dir=tmp_path / "on", legacy_cpu_noise_seed=True)
+    off = RuntimeConfig(data_dir=tmp_path / "off")
+    torch.testing.assert_close(_run_under(on, lambda: _ours("euler_ancestral", sigmas)), legacy_ref,
+                               rtol=1e-5, atol=1e-5)
+    # default rule unchanged: no config, and a config without the switch, follow ComfyUI's current rule
+    torch.testing.assert_close(_ours("euler_ancestral", sigmas), current_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_run_under(off, lambda: _ours("euler_ancestral", sigmas)), current_ref,
+                               rtol=1e-5, atol=1e-5)
+    # the environment variable switches it for code that runs samplers without a config
+    monkeypatch.setenv("SDFLOW_LEGACY_CPU_NOISE_SEED", "1")
+    torch.testing.assert_close(_ours("euler_ancestral", sigmas), legacy_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_switch_sets_the_config_and_the_ray_worker_env(tmp_path) -> None:
+    from server.cli import build_parser, make_config
+    from server.ray_backend import WorkerSpec
+
+    parser = build_parser()
+    plain = make_config(parser.parse_args(["run", "wf.json", "--data-dir", str(tmp_path / "a")]))
+    legacy = make_config(parser.parse_args(["run", "wf.json", "--data-dir", str(tmp_path / "b"),
+                                            "--legacy-cpu-noise-seed"]))
+    assert plain.legacy_cpu_noise_seed is False and legacy.legacy_cpu_noise_seed is True
+    assert "SDFLOW_LEGACY_CPU_NOISE_SEED" not in WorkerSpec.from_config(plain).env
+    assert WorkerSpec.from_config(legacy).env["SDFLOW_LEGACY_CPU_NOISE_SEED"] == "1"
