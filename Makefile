@@ -28,6 +28,11 @@ UV_VERSION  := 0.13.9
 # torchvision breaks `import diffusers`. Their other dependencies (numpy, safetensors, pillow) are in the lock.
 UPSCALE_DIR := $(VENV)/extras/upscale
 UPSCALE     := "spandrel==0.4.2" "einops==0.8.2" "torchvision==0.28.0"
+# comfy-catapult (a ComfyUI client the tests run against sdflow) pins websockets<13 and older attrs, rich and
+# aiofiles than sdflow's; it gets its own locked set (requirements/comfy-catapult.txt, `make lock`) in a folder the
+# test puts first on the path of the interpreter that runs it.
+CATAPULT_DIR  := $(VENV)/extras/comfy-catapult
+CATAPULT_LOCK := requirements/comfy-catapult.txt
 
 # `make lock` resolves against torch's CPU build so that no CUDA package (nvidia-*, triton) enters the lock.
 # uv reads neither pip's configuration nor its local wheel folder: it is handed pip's find-links where the
@@ -61,13 +66,14 @@ setup: $(STAMP)
 
 # Everything but torch comes from the lock at its exact versions; the project itself is installed without
 # dependencies, and check_lock fails when pyproject.toml asks for something the lock does not pin.
-$(STAMP): $(LOCK) pyproject.toml
+$(STAMP): $(LOCK) $(CATAPULT_LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "pip==$(PIP_VERSION)"
 	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),-c $(LOCK)) "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -r $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps $(NO_DEPS)
 	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(UPSCALE_DIR) $(UPSCALE)
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(CATAPULT_DIR) -r $(CATAPULT_LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	$(BIN)/python requirements/check_lock.py pyproject.toml $(LOCK) test
 	touch $@
@@ -79,6 +85,8 @@ lock:
 	$(BIN)/uv --version 2>/dev/null | grep -qx "uv $(UV_VERSION)" || $(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
 	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 --no-emit-package torch \
 	  $(LOCK_TORCH) --custom-compile-command "make lock" $(LOCK_FLAGS) --quiet -o $(LOCK)
+	echo "comfy-catapult==3.0.0" | $(BIN)/uv pip compile - --python-version 3.11 --custom-compile-command "make lock" \
+	  $(LOCK_FLAGS) --quiet -o $(CATAPULT_LOCK)
 	@! grep -nE '^(nvidia-|triton|cuda-)' $(LOCK) || \
 	  { echo "$(LOCK): a CUDA build of torch was resolved; set LOCK_TORCH to a source of its CPU build"; exit 1; }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -318,3 +319,58 @@ async def test_comfy_cli_run_workflow(sd_server, tmp_path):  # noqa: F811
     async with session.get(view_url) as r:
         assert r.status == 200
         assert _png_size(await r.read()) == (64, 64)
+
+
+COMFY_CATAPULT_EXAMPLE = r'''
+import asyncio, json, sys
+from pathlib import Path
+from anyio import Path as AsyncPath   # the library's file API takes anyio paths
+from comfy_catapult.api_client import ComfyAPIClient
+from comfy_catapult.catapult import ComfyCatapult
+from comfy_catapult.comfy_schema import APIHistoryEntry, APIWorkflow, ComfyUIPathTriplet
+from comfy_catapult.remote_file_api_comfy import ComfySchemeRemoteFileAPI
+
+async def main(url, workflow_path, out):
+    workflow = json.loads(Path(workflow_path).read_text())
+    APIWorkflow.model_validate(workflow)      # the library's own schema of an API-format workflow
+    async with ComfyAPIClient(comfy_api_url=url) as client:
+        async with ComfyCatapult(comfy_client=client, debug_path=None) as catapult:
+            remote = ComfySchemeRemoteFileAPI(comfy_api_urls=[url], overwrite=True)
+            status, future = await catapult.Catapult(job_id="sdflow-catapult", prepared_workflow=workflow,
+                                                     important=["9"], use_future_api=True)
+            while not future.done():
+                status, _ = await catapult.GetStatus(job_id="sdflow-catapult")
+                await asyncio.sleep(0.1)
+            history = APIHistoryEntry.model_validate(await future)
+            image = history.outputs["9"].root["images"][0]
+            triplet = ComfyUIPathTriplet(type=image["type"], subfolder=image["subfolder"], filename=image["filename"])
+            await remote.DownloadTriplet(untrusted_comfy_api_url=url, untrusted_src_triplet=triplet,
+                                         dst_path=AsyncPath(out))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+'''
+
+
+async def test_comfy_catapult_example(sd_server, tmp_path):  # noqa: F811
+    """comfy-catapult's example flow (Catapult(..., use_future_api=True), poll GetStatus, await the history,
+    DownloadTriplet of the SaveImage output). It pins websockets<13 and older attrs/rich/aiofiles than sdflow's,
+    so `make setup` installs it with its own locked dependencies (requirements/comfy-catapult.txt) into
+    .venv/extras/comfy-catapult, and the example runs in its own interpreter with that folder first on the path."""
+    import json
+    import os
+    import sys
+
+    target = Path(sys.prefix) / "extras" / "comfy-catapult"
+    if not (target / "comfy_catapult").is_dir():
+        pytest.skip(f"comfy-catapult is not installed in {target} (make setup installs it)")
+    url, _ = sd_server
+    script, workflow, out = tmp_path / "catapult.py", tmp_path / "workflow_api.json", tmp_path / "out.png"
+    script.write_text(COMFY_CATAPULT_EXAMPLE)
+    workflow.write_text(json.dumps(txt2img(61)))
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), url + "/", str(workflow), str(out), cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    log, _ = await asyncio.wait_for(proc.communicate(), 180)
+    assert proc.returncode == 0, log.decode(errors="replace")
+    assert _png_size(out.read_bytes()) == (64, 64)
