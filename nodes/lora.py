@@ -6,7 +6,9 @@ holding new encoder objects in which only the adapted weights are new tensors.
 """
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
 
 from engine.inputs import Combo, Float
 from engine.node import node
@@ -19,6 +21,15 @@ from .runtime import model_file_exists, model_file_fingerprint, model_files, run
 from .types import Clip, Model
 
 _STRENGTH = dict(min=-100.0, max=100.0, step=0.01)
+T = TypeVar("T")
+
+
+def _read(load: Callable[[Path], T], path: Path, where: str, expected: str) -> T:
+    """`load(path)`, its file errors restated with the node and input that named the file and what was expected."""
+    try:
+        return load(path)
+    except ModelFileError as e:
+        raise ModelFileError(path, f"{where}: {e.reason}; expected {expected}") from None
 
 
 def load_lora(model: DiffusionModelHandle | None, clip: ClipHandle | None, lora_name: str,
@@ -26,11 +37,8 @@ def load_lora(model: DiffusionModelHandle | None, clip: ClipHandle | None, lora_
               ) -> tuple[DiffusionModelHandle | None, ClipHandle | None]:
     """What both loader nodes do: read (cached), merge into copies, wrap in new handles."""
     path = runtime().folders.require("loras", lora_name)
-    try:
-        lora = load_lora_file(path)
-    except ModelFileError as e:
-        raise ModelFileError(path, f"{node_name} input lora_name {lora_name!r}: {e.reason}; expected a LoRA "
-                                   "(kohya/LoCon, LoHa, LoKr, DoRA or diffusers/PEFT) .safetensors file") from None
+    lora = _read(load_lora_file, path, f"{node_name} input lora_name {lora_name!r}",
+                 "a LoRA (kohya/LoCon, LoHa, LoKr, DoRA or diffusers/PEFT) .safetensors file")
     # Both sides take part in matching keys even at strength 0, so only truly unknown keys are reported.
     # Names only: resolving reads no weights, so the shared module need not be patched for it.
     unet = model.base_unet if model is not None else None
@@ -94,11 +102,8 @@ def hypernetwork_loader(model: Model, hypernetwork_name: Annotated[str, Combo(mo
     from .models.hypernetwork import HypernetworkPatch, load_hypernetwork
 
     path = runtime().folders.require("hypernetworks", hypernetwork_name)
-    try:
-        layers = load_hypernetwork(path)
-    except ModelFileError as e:
-        raise ModelFileError(path, f"HypernetworkLoader input hypernetwork_name {hypernetwork_name!r}: {e.reason}; "
-                                   "expected an A1111 hypernetwork .pt file") from None
+    layers = _read(load_hypernetwork, path, f"HypernetworkLoader input hypernetwork_name {hypernetwork_name!r}",
+                   "an A1111 hypernetwork .pt file")
     if strength == 0:
         return model
     return model.with_patches(hypernetworks=(HypernetworkPatch(layers, strength),))
