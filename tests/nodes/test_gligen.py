@@ -2,8 +2,12 @@
 diffusers gated UNet, against that diffusers UNet itself."""
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from nodes.conditioning import clip_text_encode, gligen_text_box_apply
@@ -12,6 +16,7 @@ from nodes.models.state_dict import ModelFileError
 from nodes.models.tiny import tiny_gligen_unet, write_tiny_gligen
 
 from .conftest import TINY_SD1, activate
+from .test_workflows import WORKFLOWS
 
 GLIGEN = "gligen_tiny_textbox.safetensors"
 
@@ -90,3 +95,101 @@ def test_one_unet_call_matches_diffusers_gated_unet(gligen_env):
 def test_wrong_file_kind_is_a_clear_error(gligen_env):
     with pytest.raises(ModelFileError, match="GLIGENLoader input gligen_name 'a-lora.safetensors': not a GLIGEN model"):
         gligen_loader("a-lora.safetensors")
+
+
+def _ui_with_boxes(boxes: list[tuple[str, int, int, int, int]]) -> dict:
+    """workflows/txt2img.json as ComfyUI's editor saves it after adding a Load GLIGEN node and a chain of
+    GLIGENTextBoxApply nodes between the positive prompt and the KSampler."""
+    ui = json.loads((WORKFLOWS / "txt2img.json").read_text())
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    links = ui["links"]
+    next_link = max(link[0] for link in links) + 1
+
+    def link(src: int, src_slot: int, dst: int, dst_slot: int, kind: str) -> int:
+        nonlocal next_link
+        lid, next_link = next_link, next_link + 1
+        links.append([lid, src, src_slot, dst, dst_slot, kind])
+        nodes[src]["outputs"][src_slot]["links"].append(lid)
+        return lid
+
+    positive = next(link for link in links if link[3] == 3 and link[4] == 1)  # prompt 6 -> KSampler positive
+    links.remove(positive)
+    nodes[6]["outputs"][0]["links"].remove(positive[0])
+    loader = {"id": 10, "type": "GLIGENLoader", "pos": [50, 400], "size": [315, 58], "flags": {}, "order": 1,
+              "mode": 0, "inputs": [], "outputs": [{"name": "GLIGEN", "type": "GLIGEN", "links": [],
+                                                   "slot_index": 0}],
+              "properties": {"Node name for S&R": "GLIGENLoader"}, "widgets_values": [GLIGEN]}
+    ui["nodes"].append(loader)
+    nodes[10] = loader
+    prev = 6
+    for i, (text, w, h, x, y) in enumerate(boxes):
+        nid = 11 + i
+        box = {"id": nid, "type": "GLIGENTextBoxApply", "pos": [400, 400 + 250 * i], "size": [400, 230],
+               "flags": {}, "order": 5 + i, "mode": 0,
+               "inputs": [{"name": "conditioning_to", "type": "CONDITIONING", "link": None},
+                          {"name": "clip", "type": "CLIP", "link": None},
+                          {"name": "gligen_textbox_model", "type": "GLIGEN", "link": None}],
+               "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING", "links": [], "slot_index": 0}],
+               "properties": {"Node name for S&R": "GLIGENTextBoxApply"}, "widgets_values": [text, w, h, x, y]}
+        ui["nodes"].append(box)
+        nodes[nid] = box
+        box["inputs"][0]["link"] = link(prev, 0, nid, 0, "CONDITIONING")
+        box["inputs"][1]["link"] = link(4, 1, nid, 1, "CLIP")
+        box["inputs"][2]["link"] = link(10, 0, nid, 2, "GLIGEN")
+        prev = nid
+    next(i for i in nodes[3]["inputs"] if i["name"] == "positive")["link"] = link(prev, 0, 3, 1, "CONDITIONING")
+    ui["last_node_id"], ui["last_link_id"] = max(nodes), next_link - 1
+    return ui
+
+
+def _api_with_boxes(boxes: list[tuple[str, int, int, int, int]]) -> dict:
+    api = json.loads((WORKFLOWS / "txt2img_api.json").read_text())
+    api["10"] = {"class_type": "GLIGENLoader", "inputs": {"gligen_name": GLIGEN}, "_meta": {"title": "Load GLIGEN"}}
+    prev = "6"
+    for i, (text, w, h, x, y) in enumerate(boxes):
+        nid = str(11 + i)
+        api[nid] = {"class_type": "GLIGENTextBoxApply",
+                    "inputs": {"text": text, "width": w, "height": h, "x": x, "y": y, "conditioning_to": [prev, 0],
+                               "clip": ["4", 1], "gligen_textbox_model": ["10", 0]},
+                    "_meta": {"title": "GLIGENTextBoxApply"}}
+        prev = nid
+    api["3"]["inputs"]["positive"] = [prev, 0]
+    return api
+
+
+TWO_BOXES = [("a red ball", 32, 32, 0, 0), ("a small cat", 32, 24, 32, 40)]
+
+
+def test_ui_and_api_workflow_with_two_boxes_runs(gligen_env):
+    from engine.executor import Executor
+    from engine.ui_workflow import ui_to_api
+
+    from .conftest import shrink
+
+    (registry, config), _ = gligen_env
+    ui, api = _ui_with_boxes(TWO_BOXES), _api_with_boxes(TWO_BOXES)
+    converted = ui_to_api(ui, registry.object_info())
+    assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in converted.items()} == \
+        {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    images = []
+    for prompt, pid in ((shrink(converted), "gligen-ui"), (shrink(api), "gligen-api"),
+                        (shrink(json.loads((WORKFLOWS / "txt2img_api.json").read_text())), "plain")):
+        result = Executor(registry).execute(prompt, pid)
+        assert result.status == "success", result.error
+        img = result.outputs["9"]["images"][0]
+        with Image.open(config.output_dir / img["subfolder"] / img["filename"]) as im:
+            images.append(np.asarray(im.convert("RGB")).astype(np.int16))
+    assert np.array_equal(images[0], images[1])  # the UI and the API form are the same prompt
+    assert np.abs(images[0] - images[2]).max() > 0  # the boxes change the picture
+
+
+def test_box_outside_the_image_is_a_clear_error(gligen_env):
+    from engine.executor import Executor
+
+    from .conftest import shrink
+
+    (registry, _), _ = gligen_env
+    result = Executor(registry).execute(shrink(_api_with_boxes([("far away", 64, 64, 512, 0)])), "gligen-outside")
+    assert result.status == "error"
+    assert "GLIGENTextBoxApply: the text box at x=512, y=0 (size 64x64) lies outside the 64x64 image" \
+        in str(result.error)
