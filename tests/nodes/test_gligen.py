@@ -193,3 +193,46 @@ def test_box_outside_the_image_is_a_clear_error(gligen_env):
     assert result.status == "error"
     assert "GLIGENTextBoxApply: the text box at x=512, y=0 (size 64x64) lies outside the 64x64 image" \
         in str(result.error)
+
+
+def test_full_run_matches_diffusers_gligen_pipeline(gligen_env):
+    """KSampler (euler / normal, cfg 1) with two text boxes against StableDiffusionGLIGENPipeline on the same
+    weights and start noise. ComfyUI grounds every step, so the pipeline's scheduled sampling is off (beta 1);
+    cfg 1 because the pipeline also grounds the negative side (with masked-out boxes), ComfyUI does not."""
+    import math
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionGLIGENPipeline
+
+    from nodes.models import detect
+    from nodes.sampler_nodes import common_ksampler
+
+    (_, _), ref_unet = gligen_env
+    model, clip, vae = checkpoint_loader_simple(TINY_SD1)
+    gligen = gligen_loader(GLIGEN)
+    prompt, seed, steps, size = "a garden", 7, 4, 64
+    positive = clip_text_encode(prompt, clip)
+    boxes = [("a red ball", 32, 32, 0, 0), ("a small cat", 24, 32, 32, 24)]  # text, w, h, x, y (pixels)
+    grounded = positive
+    for text, w, h, x, y in boxes:
+        grounded = gligen_text_box_apply(grounded, clip, gligen, text, w, h, x, y)
+    negative = clip_text_encode("", clip)
+    empty = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
+    ours = common_ksampler(model, seed, steps, 1.0, "euler", "normal", grounded, negative, empty)["samples"]
+    plain = common_ksampler(model, seed, steps, 1.0, "euler", "normal", positive, negative, empty)["samples"]
+
+    sched = EulerDiscreteScheduler.from_config(detect.shipped_config("sd1", "scheduler"), timestep_spacing="linspace")
+    sched.set_timesteps(steps)
+    factor = math.sqrt(1.0 + float(sched.sigmas.max()) ** 2) / float(sched.init_noise_sigma)  # see test_parity
+    noise = torch.randn((1, 4, size // 8, size // 8), generator=torch.Generator().manual_seed(seed))
+    pipe = StableDiffusionGLIGENPipeline(
+        vae=vae.vae, text_encoder=clip.text_encoders["l"], tokenizer=clip.tokenizers["l"], unet=ref_unet,
+        scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe(prompt, num_inference_steps=steps, guidance_scale=1.0, height=size, width=size,
+                    gligen_phrases=[b[0] for b in boxes],
+                    gligen_boxes=[[x / size, y / size, (x + w) / size, (y + h) / size] for _, w, h, x, y in boxes],
+                    gligen_scheduled_sampling_beta=1.0, latents=noise * factor, output_type="latent").images
+    rel = float((ours - want).abs().max() / want.abs().max())
+    assert rel < 1e-4, rel
+    assert float((plain - want).abs().max() / want.abs().max()) > 100 * max(rel, 1e-6)
