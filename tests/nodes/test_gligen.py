@@ -236,3 +236,22 @@ def test_full_run_matches_diffusers_gligen_pipeline(gligen_env):
     rel = float((ours - want).abs().max() / want.abs().max())
     assert rel < 1e-4, rel
     assert float((plain - want).abs().max() / want.abs().max()) > 100 * max(rel, 1e-6)
+
+
+def test_gligen_for_another_model_shape_is_a_clear_error(gligen_env):
+    from engine.executor import Executor
+
+    from .conftest import shrink
+
+    (registry, config), _ = gligen_env
+    sd = load_file(str(config.models_dir / "gligen" / GLIGEN))
+    save_file({k: v for k, v in sd.items() if not k.startswith("output_blocks.3.")},
+              str(config.models_dir / "gligen" / "gligen_other.safetensors"))
+    api = _api_with_boxes(TWO_BOXES)
+    api["10"]["inputs"]["gligen_name"] = "gligen_other.safetensors"
+    result = Executor(registry).execute(shrink(api), "gligen-other")
+    assert result.status == "error"
+    assert "'gligen_other.safetensors' has 3 fuser blocks, the model has 4 transformer blocks" in str(result.error)
+    # the loaded UNet is left clean: a later plain run works
+    plain = Executor(registry).execute(shrink(json.loads((WORKFLOWS / "txt2img_api.json").read_text())), "after")
+    assert plain.status == "success", plain.error
