@@ -15,6 +15,7 @@ import contextlib
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ class GligenHandle:
                 for name, t in (("boxes", corners), ("positive_embeddings", phrases), ("masks", masks))}
 
     @contextlib.contextmanager
-    def attached(self, unet: nn.Module) -> Iterator[None]:
+    def attached(self, unet: Any) -> Iterator[None]:
         """Attach the fusers and position net to ``unet`` for one call; the UNet is left as it was after."""
         blocks = transformer_blocks(unet)
         if len(blocks) != len(self.fusers):
@@ -71,25 +72,26 @@ class GligenHandle:
         param = next(unet.parameters())
         self.fusers.to(device=param.device, dtype=param.dtype)
         self.position_net.to(device=param.device, dtype=param.dtype)
-        for block, fuser in zip(blocks, self.fusers):
-            if fuser.linear.weight.shape[0] != block.attn1.to_q.in_features:
-                raise ValueError(f"the GLIGEN model {self.name!r} does not fit this model's transformer widths")
-            fuser.attn.heads = block.attn1.heads  # the file does not say; the block's own head count does
-            block.fuser = fuser
-        unet.position_net = self.position_net
+        fusers: list[Any] = list(self.fusers)
+        if any(f.linear.weight.shape[0] != b.attn1.to_q.in_features for b, f in zip(blocks, fusers)):
+            raise ValueError(f"the GLIGEN model {self.name!r} does not fit this model's transformer widths")
         try:
+            for block, fuser in zip(blocks, fusers):
+                fuser.attn.heads = block.attn1.heads  # the file does not say; the block's own head count does
+                block.fuser = fuser
+            unet.position_net = self.position_net
             yield
         finally:
             for block in blocks:
-                del block.fuser
-            del unet.position_net
+                block.__dict__.get("_modules", {}).pop("fuser", None)
+            unet.__dict__.get("_modules", {}).pop("position_net", None)
 
 
-def transformer_blocks(unet: nn.Module) -> list[nn.Module]:
+def transformer_blocks(unet: Any) -> list[Any]:
     """The UNet's BasicTransformerBlocks in forward order (down, mid, up), as GLIGEN numbers its fusers."""
     from diffusers.models.attention import BasicTransformerBlock
 
-    out = []
+    out: list[Any] = []
     for part in (*unet.down_blocks, unet.mid_block, *unet.up_blocks):
         for attn in getattr(part, "attentions", None) or []:
             out.extend(m for m in attn.modules() if isinstance(m, BasicTransformerBlock))
@@ -136,7 +138,7 @@ def load_gligen(path: str | Path) -> GligenHandle:
     return gligen_from_state_dict(read_state_dict(path), path)
 
 
-def ldm_fuser_prefixes(unet: nn.Module) -> list[str]:
+def ldm_fuser_prefixes(unet: Any) -> list[str]:
     """The original (LDM) key prefix of each transformer block's fuser, in forward order; for writing files."""
     cfg = unet.config
     per = cfg.layers_per_block if isinstance(cfg.layers_per_block, int) else cfg.layers_per_block[0]

@@ -343,6 +343,7 @@ def tiny_gligen_unet(arch: str = "sd1", *, seed: int = 0, gligen_seed: int = 1) 
     """The tiny checkpoint's UNet rebuilt as a diffusers GLIGEN ("gated") UNet: the same weights plus random
     fusers (with non-zero gates, so grounding shows) and a text-box position net sized for the tiny CLIP."""
     ckpt = tiny_checkpoint_models(arch, seed=seed)
+    assert ckpt.unet is not None
     cfg = {k: v for k, v in ckpt.unet.config.items() if k != "_use_default_values"}  # else defaults win
     cfg["attention_type"] = "gated"
     with torch.random.fork_rng(devices=[]):
@@ -359,7 +360,7 @@ def tiny_gligen_unet(arch: str = "sd1", *, seed: int = 0, gligen_seed: int = 1) 
     return unet.eval().requires_grad_(False)
 
 
-def write_tiny_gligen(path: str | Path, unet: UNet2DConditionModel) -> Path:
+def write_tiny_gligen(path: str | Path, unet: Any) -> Path:
     """A GLIGEN file in the original layout (as gligen_sd14_textbox_pruned.safetensors) from a gated UNet."""
     from safetensors.torch import save_file
 
@@ -367,7 +368,8 @@ def write_tiny_gligen(path: str | Path, unet: UNet2DConditionModel) -> Path:
 
     out = {f"position_net.{k}": v.contiguous() for k, v in unet.position_net.state_dict().items()}
     for prefix, block in zip(ldm_fuser_prefixes(unet), transformer_blocks(unet), strict=True):
-        out.update({prefix + k: v.contiguous() for k, v in block.fuser.state_dict().items()})
+        fuser: Any = block.fuser
+        out.update({prefix + k: v.contiguous() for k, v in fuser.state_dict().items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path))

@@ -411,9 +411,9 @@ class CFGDenoiser:
         gligen = chunk[0].entry.options.get("gligen")
         if gligen:
             # ("position", GligenHandle, boxes): boxes are normalised by each job's (area's) latent size
-            parts = [gligen[1].inputs_for(j.entry.options["gligen"][2], j.x.shape[0], j.x.shape[-2], j.x.shape[-1],
-                                          device, torch.float32) for j in chunk]
-            hit["gligen"] = (gligen[1], {k: torch.cat([p[k] for p in parts]) for k in parts[0]})  # type: ignore[assignment]
+            per_job = [gligen[1].inputs_for(j.entry.options["gligen"][2], j.x.shape[0], j.x.shape[-2], j.x.shape[-1],
+                                            device, torch.float32) for j in chunk]
+            hit["gligen"] = (gligen[1], {k: torch.cat([p[k] for p in per_job]) for k in per_job[0]})  # type: ignore[assignment]
         self._chunk_cache[key] = hit
         return hit
 
