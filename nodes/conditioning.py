@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from engine.inputs import Boolean, Combo, Float, Int, Socket, String
 from engine.node import node
 
+from .models.gligen import MAX_OBJECTS as MAX_GLIGEN_BOXES
 from .models.prompt_weights import check_nesting
 from .types import MAX_RESOLUTION, Clip, ClipVision, ClipVisionOutput, Conditioning, Image, Latent, Mask, Vae
 
@@ -316,4 +317,30 @@ def style_model_apply(conditioning: Conditioning, style_model: Annotated[Any, So
             raise ValueError(f"StyleModelApply: the style model makes {tokens.shape[-1]}-wide tokens, the "
                              f"conditioning is {cond.shape[-1]} wide (an SD1.x style model needs an SD1.x CLIP)")
         out.append([torch.cat([cond, tokens.to(cond).expand(cond.shape[0], -1, -1)], dim=1), dict(opts)])
+    return out
+
+
+@node("GLIGENTextBoxApply", category="conditioning/gligen")
+def gligen_text_box_apply(conditioning_to: Conditioning, clip: Clip,
+                          gligen_textbox_model: Annotated[Any, Socket("GLIGEN")],
+                          text: Annotated[str, String(multiline=True, dynamic_prompts=True)],
+                          width: Annotated[int, Int(64, min=8, max=MAX_RESOLUTION, step=8)],
+                          height: Annotated[int, Int(64, min=8, max=MAX_RESOLUTION, step=8)],
+                          x: Annotated[int, Int(0, min=0, max=MAX_RESOLUTION, step=8)],
+                          y: Annotated[int, Int(0, min=0, max=MAX_RESOLUTION, step=8)]) -> Conditioning:
+    """Places `text` in a box (image pixels) for GLIGEN: the box's phrase is the text's pooled CLIP output,
+    added to the boxes already on each conditioning entry."""
+    _, pooled = clip.encode(clip.tokenize(text))
+    if pooled is None:
+        raise ValueError("GLIGENTextBoxApply input clip: this CLIP gives no pooled output for the box text")
+    if pooled.shape[-1] != gligen_textbox_model.key_dim:
+        raise ValueError(f"GLIGENTextBoxApply input gligen_textbox_model: it takes {gligen_textbox_model.key_dim}-wide "
+                         f"phrase embeddings, the CLIP gives {pooled.shape[-1]} (a GLIGEN model for another CLIP?)")
+    box = (pooled[0:1], height // 8, width // 8, y // 8, x // 8)  # latent pixels
+    out = []
+    for cond, opts in conditioning_to:
+        prev = list(opts["gligen"][2]) if opts.get("gligen") else []
+        if len(prev) >= MAX_GLIGEN_BOXES:
+            raise ValueError(f"GLIGENTextBoxApply: at most {MAX_GLIGEN_BOXES} text boxes per conditioning")
+        out.append([cond, {**opts, "gligen": ("position", gligen_textbox_model, prev + [box])}])
     return out

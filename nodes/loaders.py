@@ -157,10 +157,6 @@ def image_only_checkpoint_loader(ckpt_name: Annotated[str, Combo(model_files("ch
     return ImageOnlyCheckpoint(DiffusionModelHandle.from_checkpoint(ckpt), vision, VaeHandle(ckpt.vae))
 
 
-def _not_supported(what: str) -> str:
-    return f"{what} models are not supported by sdflow yet"
-
-
 @node("StyleModelLoader", category="loaders", display_name="Load Style Model",
       fingerprint=model_file_fingerprint("style_models", "style_model_name"),
       validate=model_file_exists("style_models", "style_model_name", "style model"))
@@ -177,10 +173,17 @@ def style_model_loader(style_model_name: Annotated[str, Combo(model_files("style
 
 
 @node("GLIGENLoader", category="loaders", display_name="Load GLIGEN",
+      fingerprint=model_file_fingerprint("gligen", "gligen_name"),
       validate=model_file_exists("gligen", "gligen_name", "GLIGEN model"))
 def gligen_loader(gligen_name: Annotated[str, Combo(model_files("gligen"))]) -> Gligen:
-    """Loads a GLIGEN model: not supported yet."""
-    raise NotImplementedError(f"GLIGENLoader: {_not_supported('GLIGEN')} ({gligen_name!r})")
+    """Loads a GLIGEN text-box grounding model (original GLIGEN key layout, e.g. gligen_sd14_textbox_pruned)."""
+    from .models.gligen import load_gligen
+
+    path = runtime().folders.require("gligen", gligen_name)
+    try:
+        return load_gligen(path)
+    except ModelFileError as e:
+        raise ModelFileError(path, f"GLIGENLoader input gligen_name {gligen_name!r}: {e.reason}") from None
 
 
 @node("CLIPVisionLoader", category="loaders", display_name="Load CLIP Vision",

@@ -204,7 +204,8 @@ class DiffusionModelHandle(ResidentMixin):
         T2I-Adapter's features, added inside the down blocks); "concat" [B|1, 9, h, w] (mask, inpainting
         and pix2pix image latents, see models/inpaint.py): inpainting models append its first 5
         channels to their input, InstructPix2Pix models the last 4 (blanks when absent), others ignore
-        it; anything else is ignored.
+        it; "gligen" as (GligenHandle, its diffusers kwargs) grounds the call on text boxes; anything else
+        is ignored.
         For the SDXL refiner, "size_cond" may hold the base model's 6 numbers (the aesthetic score
         then defaults per "cond_or_uncond"), and the base model takes the refiner's 5.
         Batch-1 conditioning is broadcast to the batch of `x_in`. Inputs are cast to the UNet's
@@ -256,10 +257,15 @@ class DiffusionModelHandle(ResidentMixin):
             kwargs["down_intrablock_additional_residuals"] = [prep(r) for r in control["intrablock"]]
         if x.shape[1] < self.in_channels:
             x = torch.cat([x, prep(extra_input(cond.get("concat"), x_in, self.in_channels - x.shape[1]))], dim=1)
+        gligen = cond.get("gligen")  # (GligenHandle, {"boxes", "positive_embeddings", "masks"}), see models/gligen.py
+        grounding = contextlib.nullcontext()
+        if gligen is not None:
+            kwargs["cross_attention_kwargs"] = {"gligen": {k: prep(v) for k, v in gligen[1].items()}}
+            grounding = gligen[0].attached(self.unet)
         configure_unet(self.unet, x)
         if x.is_contiguous(memory_format=torch.contiguous_format) and _channels_last(self.unet):
             x = x.contiguous(memory_format=torch.channels_last)
-        with self._hypernetwork_hooks():
+        with self._hypernetwork_hooks(), grounding:
             out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
         return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))
 

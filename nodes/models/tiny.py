@@ -337,3 +337,40 @@ def write_tiny_style_model(path: str | Path, *, width: int = CLIP_HIDDEN, contex
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     return path
+
+
+def tiny_gligen_unet(arch: str = "sd1", *, seed: int = 0, gligen_seed: int = 1) -> UNet2DConditionModel:
+    """The tiny checkpoint's UNet rebuilt as a diffusers GLIGEN ("gated") UNet: the same weights plus random
+    fusers (with non-zero gates, so grounding shows) and a text-box position net sized for the tiny CLIP."""
+    ckpt = tiny_checkpoint_models(arch, seed=seed)
+    assert ckpt.unet is not None
+    cfg = {k: v for k, v in ckpt.unet.config.items() if k != "_use_default_values"}  # else defaults win
+    cfg["attention_type"] = "gated"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(gligen_seed)
+        unet = UNet2DConditionModel.from_config(cfg)
+    state = unet.state_dict()
+    state.update(ckpt.unet.state_dict())
+    gen = torch.Generator().manual_seed(gligen_seed)
+    for key, value in state.items():
+        if ".fuser." in key or key.startswith("position_net."):
+            state[key] = (value + 0.3 * torch.randn(value.shape, generator=gen)) if "alpha" not in key \
+                else torch.full_like(value, 0.8)
+    unet.load_state_dict(state, strict=True)
+    return unet.eval().requires_grad_(False)
+
+
+def write_tiny_gligen(path: str | Path, unet: Any) -> Path:
+    """A GLIGEN file in the original layout (as gligen_sd14_textbox_pruned.safetensors) from a gated UNet."""
+    from safetensors.torch import save_file
+
+    from .gligen import ldm_fuser_prefixes, transformer_blocks
+
+    out = {f"position_net.{k}": v.contiguous() for k, v in unet.position_net.state_dict().items()}
+    for prefix, block in zip(ldm_fuser_prefixes(unet), transformer_blocks(unet), strict=True):
+        fuser: Any = block.fuser
+        out.update({prefix + k: v.contiguous() for k, v in fuser.state_dict().items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path))
+    return path

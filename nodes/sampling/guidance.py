@@ -375,6 +375,7 @@ class CFGDenoiser:
                 e.concat is None,
                 id(e.control),
                 e.unclip is None,
+                id(e.options["gligen"][1]) if e.options.get("gligen") else None,
             )
             groups.setdefault(key, []).append(job)
         results: list[list[tuple[_Job, torch.Tensor]]] = [[] for _ in sides]
@@ -407,6 +408,12 @@ class CFGDenoiser:
             # entries batch together only with the same composition, so each of the chunk has a concat too
             hit["concat"] = torch.cat([_crop(cast(torch.Tensor, j.entry.concat), j.entry.area).to(device)
                                        for j in chunk])
+        gligen = chunk[0].entry.options.get("gligen")
+        if gligen:
+            # ("position", GligenHandle, boxes): boxes are normalised by each job's (area's) latent size
+            per_job = [gligen[1].inputs_for(j.entry.options["gligen"][2], j.x.shape[0], j.x.shape[-2], j.x.shape[-1],
+                                            device, torch.float32) for j in chunk]
+            hit["gligen"] = (gligen[1], {k: torch.cat([p[k] for p in per_job]) for k in per_job[0]})  # type: ignore[assignment]
         self._chunk_cache[key] = hit
         return hit
 

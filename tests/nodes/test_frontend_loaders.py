@@ -1,6 +1,6 @@
 """The loaders ComfyUI's front end needs in /object_info: UNETLoader (bare UNet files in LDM and diffusers
-layout, fp8 weight dtypes), ImageOnlyCheckpointLoader, and the honest refusal of
-GLIGENLoader. Real tiny models written in the real file layouts."""
+layout, fp8 weight dtypes) and ImageOnlyCheckpointLoader (GLIGENLoader: test_gligen.py). Real tiny
+models written in the real file layouts."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,13 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from engine.executor import Executor
-from nodes.loaders import (
-    checkpoint_loader_simple,
-    gligen_loader,
-    image_only_checkpoint_loader,
-    style_model_loader,
-    unet_loader,
-)
+from nodes.loaders import checkpoint_loader_simple, image_only_checkpoint_loader, unet_loader
 from nodes.models.ldm_keys import UNET_PREFIX
 from nodes.models.tiny import tiny_checkpoint_models
 
@@ -110,16 +104,6 @@ def test_image_only_checkpoint_loader(sd_env):
     _same_weights(vae.vae, ref_vae.vae)
     with pytest.raises(NotImplementedError, match="holds no CLIP vision tower"):
         clip_vision.encode_image(torch.zeros(1, 8, 8, 3))
-
-
-@pytest.mark.parametrize("class_type,param,folder", [("GLIGENLoader", "gligen_name", "gligen")])
-def test_style_and_gligen_loaders_fail_honestly(sd_env, class_type, param, folder):
-    registry, config = sd_env
-    (config.models_dir / folder).mkdir(parents=True, exist_ok=True)
-    save_file({"x": torch.zeros(1)}, str(config.models_dir / folder / "some.safetensors"))
-    assert registry.node_info(class_type)["input"]["required"][param][0] == ["some.safetensors"]
-    with pytest.raises(NotImplementedError, match=f"{class_type}: .* not supported by sdflow yet"):
-        (style_model_loader if class_type == "StyleModelLoader" else gligen_loader)("some.safetensors")
 
 
 def test_image_only_checkpoint_loader_in_a_prompt(sd_env):
