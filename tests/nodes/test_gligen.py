@@ -233,6 +233,8 @@ def test_full_run_matches_diffusers_gligen_pipeline(gligen_env):
                     gligen_phrases=[b[0] for b in boxes],
                     gligen_boxes=[[x / size, y / size, (x + w) / size, (y + h) / size] for _, w, h, x, y in boxes],
                     gligen_scheduled_sampling_beta=1.0, latents=noise * factor, output_type="latent").images
+    # LATENT holds raw VAE latents; the pipeline's "latent" output is in model space (x the scaling factor)
+    ours, plain = ours * vae.vae.config.scaling_factor, plain * vae.vae.config.scaling_factor
     rel = float((ours - want).abs().max() / want.abs().max())
     assert rel < 1e-4, rel
     assert float((plain - want).abs().max() / want.abs().max()) > 100 * max(rel, 1e-6)
