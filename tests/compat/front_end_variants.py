@@ -81,3 +81,21 @@ def check_conversion(folder: Path, name: str, variant: str, object_info: dict) -
     assert shorter == {n["type"] for n in ui["nodes"]
                        if any(v in controls for v in n.get("widgets_values") or [] if isinstance(v, str))
                        or any(k[0] == str(n["id"]) for k in filled)}
+
+
+def check_committed_outputs(set_name: str, name: str, object_info: dict) -> None:
+    """The committed variant files are what the generator writes today (it was rerun after any change)."""
+    from engine.ui_workflow import api_to_ui
+
+    folder = generator.DATA / set_name
+    api = json.loads((folder / f"{name}_api.json").read_text())
+    ui = json.loads((folder / f"{name}.json").read_text())
+    if set_name == "sd3":
+        assert ui == api_to_ui(api, object_info)
+    assert json.loads((folder / f"{name}_v1.json").read_text()) == generator.to_v1(ui, f"{set_name}/{name}")
+    assert json.loads((folder / f"{name}_old.json").read_text()) == generator.to_old(ui, object_info)
+    chunks = read_png_text(folder / f"{name}.png")
+    assert (chunks["prompt"], chunks["workflow"]) == (json.dumps(api), json.dumps(ui))
+    # SaveImage's order: prompt first, then the extra_pnginfo keys
+    raw = (folder / f"{name}.png").read_bytes()
+    assert raw.index(b"tEXtprompt\x00") < raw.index(b"tEXtworkflow\x00") < raw.index(b"IDAT")

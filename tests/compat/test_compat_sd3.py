@@ -129,6 +129,13 @@ def test_front_end_variant_converts_to_the_api_prompt(compat_env, name, variant)
     check_conversion(DATA, name, variant, compat_env[0].object_info())
 
 
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_committed_front_end_variants_are_the_generators_output(compat_env, name):
+    from tests.compat.front_end_variants import check_committed_outputs
+
+    check_committed_outputs("sd3", name, compat_env[0].object_info())
+
+
 @pytest.mark.parametrize("variant", ["ui", "v1", "old", "png"])
 @pytest.mark.parametrize("name", RUN_VARIANTS)
 def test_front_end_variant_runs(compat_env, name, variant):
