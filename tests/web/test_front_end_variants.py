@@ -1,5 +1,5 @@
-"""The front-end variants of the sampling and SD3 workflows dropped on the editor in a real Chromium:
-the schema-0.4 UI file, the schema-1 save, an older front end's save and the SaveImage PNG each give
+"""The front-end variants of the sampling and SD3 compat workflows (written by
+tests/compat/data/make_front_end_variants.py) dropped on the editor in a real Chromium: the schema-0.4 UI file, the schema-1 save, an older front end's save and the SaveImage PNG each give
 the editor the graph whose prompt is the API file's (an older save's missing widgets at their defaults)."""
 from __future__ import annotations
 
@@ -9,16 +9,12 @@ from pathlib import Path
 import pytest
 
 from tests.compat.front_end_variants import VARIANTS, core, later_filled, variant_path
-from tests.web import conftest as web_conftest
-from tests.web.test_editor import drop_file
+
+from .test_editor import drop_file
 
 pytestmark = pytest.mark.browser
 
-# The browser fixtures, bound as module attributes so pytest collects them here.
-chromium, editor_dist, models_dir = web_conftest.chromium, web_conftest.editor_dist, web_conftest.models_dir
-server, browser, editor = web_conftest.server, web_conftest.browser, web_conftest.editor
-
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "compat" / "data"
 # one workflow per family: SD1, SD2 v-prediction, SDXL, SD3, SD3.5
 CASES = [("sampling", "custom_advanced"), ("sampling", "zsnr_vpred_rescale"), ("sampling", "sdxl_turbo"),
          ("sampling", "split_sigmas_dual_cfg"), ("sd3", "sd3_medium_incl_clips"),
