@@ -134,3 +134,34 @@ def test_split_schedule_second_pass_continues_the_first(env):
     first_only["8"]["inputs"]["samples"] = ["13", 0]
     del first_only["14"], first_only["23"], first_only["26"]
     assert not np.array_equal(run(env, first_only, prompt_id="one-pass")[0], full[0])
+
+
+# One workflow per family whose every saved shape runs end to end.
+RUN_VARIANTS = ["custom_advanced", "zsnr_vpred_rescale", "sdxl_turbo"]  # SD1, SD2 v-prediction, SDXL
+
+
+@pytest.mark.parametrize("variant", ["v1", "old", "png"])
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_front_end_variant_converts_to_the_api_prompt(env, name, variant):
+    from tests.compat.front_end_variants import check_conversion
+
+    check_conversion(DATA, name, variant, env[0].object_info())
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_committed_front_end_variants_are_the_generators_output(env, name):
+    from tests.compat.front_end_variants import check_committed_outputs
+
+    check_committed_outputs("sampling", name, env[0].object_info())
+
+
+@pytest.mark.parametrize("variant", ["v1", "old", "png"])
+@pytest.mark.parametrize("name", RUN_VARIANTS)
+def test_front_end_variant_runs(env, name, variant):
+    from tests.compat.front_end_variants import convert
+
+    doc, prompt = convert(DATA, name, variant, env[0].object_info())
+    prompt = shrink(prompt)
+    latent = next(n["inputs"] for n in prompt.values() if n["class_type"] == "EmptyLatentImage")
+    for img in run(env, prompt, doc, f"variant-{name}-{variant}"):
+        assert img.shape[:2] == (latent["height"], latent["width"]) and img.std() > 0

@@ -116,3 +116,42 @@ def test_t5_in_the_wrong_slot_is_named(compat_env):
     api["11"]["inputs"]["clip_name3"] = "clip_l.safetensors"
     result = Executor(registry).execute(api, "compat-two-clip-l")
     assert result.status == "error" and "two clip_l files" in str(result.error)
+
+
+RUN_VARIANTS = ["sd3_medium_incl_clips", "sd35_large_turbo"]  # SD3, SD3.5
+
+
+@pytest.mark.parametrize("variant", ["ui", "v1", "old", "png"])
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_front_end_variant_converts_to_the_api_prompt(compat_env, name, variant):
+    from tests.compat.front_end_variants import check_conversion
+
+    check_conversion(DATA, name, variant, compat_env[0].object_info())
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_committed_front_end_variants_are_the_generators_output(compat_env, name):
+    from tests.compat.front_end_variants import check_committed_outputs
+
+    check_committed_outputs("sd3", name, compat_env[0].object_info())
+
+
+@pytest.mark.parametrize("variant", ["ui", "v1", "old", "png"])
+@pytest.mark.parametrize("name", RUN_VARIANTS)
+def test_front_end_variant_runs(compat_env, name, variant):
+    from engine.executor import Executor
+    from tests.compat.front_end_variants import convert
+
+    registry, config = compat_env
+    doc, prompt = convert(DATA, name, variant, registry.object_info())
+    prompt = _shrink(prompt)
+    latent = next(n["inputs"] for n in prompt.values() if n["class_type"] == "EmptySD3LatentImage")
+    result = Executor(registry).execute(prompt, f"variant-{name}-{variant}",
+                                        extra_data={"extra_pnginfo": {"workflow": doc}})
+    assert result.status == "success", result.error
+    images = [img for out in result.outputs.values() for img in out.get("images", [])]
+    assert images
+    for img in images:
+        with Image.open(config.output_dir / img["subfolder"] / img["filename"]) as im:
+            assert im.size == (latent["width"], latent["height"])
+            assert np.asarray(im.convert("RGB"), dtype=np.float32).std() > 0

@@ -11,7 +11,7 @@ import type { ISerialisedNode } from "./lgtypes";
 import { addTextAreaWidget, isTextAreaWidget, removeDomWidgets } from "./domwidgets";
 import { drawNodeImages, drawNodeOverlay, installStrokeStyles, setIssues, visual } from "./nodevisuals";
 import { displayName, nodeInputs, nodeOutputs, type NodeDef, type ObjectInfo } from "./schema";
-import { CONTROL_WIDGET_NAME, addInputWidget, extras, normaliseControlValue } from "./widgets";
+import { CONTROL_WIDGET_NAME, addInputWidget, alignLegacyWidgetValues, extras, normaliseControlValue } from "./widgets";
 
 export interface SdNode extends LGraphNode {
   comfyClass: string;
@@ -132,6 +132,13 @@ export function registerNodeDefs(defs: ObjectInfo): void {
         if (this.graph) this.graph._version++;
         this.setDirtyCanvas(true, true);
         return true;
+      }
+
+      override configure(info: ISerialisedNode): void {
+        if (Array.isArray(info.widgets_values) && this.widgets) {
+          info = { ...info, widgets_values: alignLegacyWidgetValues(this.widgets, info.widgets_values) as typeof info.widgets_values };
+        }
+        super.configure(info);
       }
 
       override onConfigure(_info: ISerialisedNode): void {

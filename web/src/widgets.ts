@@ -180,6 +180,32 @@ export function applyControlAfterGenerate(node: LGraphNode): void {
   }
 }
 
+/**
+ * The values to configure a node's widgets with: a save from before an input had its
+ * control_after_generate companion lacks the control value, which would shift every later value one
+ * widget along. Where the stored values are fewer than the widgets, a control slot whose stored value
+ * is no control value gets "fixed" (the loaded graph keeps its seed); saves of today's length pass as
+ * they are. Widgets added to the schema since keep their defaults (values shorter at the end).
+ */
+export function alignLegacyWidgetValues(widgets: IBaseWidget[], values: unknown[]): unknown[] {
+  const slots = widgets.filter((w) => w && w.serialize !== false);
+  const isControl = (w: IBaseWidget) => w.name === CONTROL_WIDGET_NAME && !!extras(w).sdTarget;
+  if (values.length >= slots.length || !slots.some(isControl)) return values;
+  const out: unknown[] = [];
+  let j = 0;
+  for (const w of slots) {
+    if (j >= values.length) break;
+    const v = values[j];
+    if (isControl(w) && typeof v !== "boolean" && !(CONTROL_MODES as readonly unknown[]).includes(v)) {
+      out.push("fixed");
+      continue;
+    }
+    out.push(v);
+    j++;
+  }
+  return out.concat(values.slice(j));
+}
+
 /** Old workflows store a boolean in the control slot. */
 export function normaliseControlValue(v: unknown): ControlMode {
   if (v === true) return "randomize";
