@@ -1,8 +1,8 @@
 """LoRA loader nodes: a LoRA file on the MODEL's UNet and the CLIP's text encoders.
 
 The inputs are never modified. The MODEL comes back as a cheap handle, the same base weights plus one
-recorded `LoraPatch`, applied in place when it runs (models/weight_patch.py); the CLIP comes back
-holding new encoder objects in which only the adapted weights are new tensors.
+recorded `LoraPatch`, applied in place when it runs (models/weight_patch.py); the CLIP likewise, one
+`LoraPatch` per text encoder it adapts, applied in place to the shared encoders when it encodes.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from engine.inputs import Combo, Float
 from engine.node import node
 
 from .models.diffusion_model import DiffusionModelHandle
-from .models.lora import UNET, LoraPatch, copy_with_weights, load_lora_file, log, merged_weights, resolve
+from .models.lora import UNET, LoraPatch, load_lora_file, log, resolve
 from .models.state_dict import ModelFileError
 from .models.text_encoder import ClipHandle
 from .runtime import model_file_exists, model_file_fingerprint, model_files, runtime
@@ -35,14 +35,14 @@ def _read(load: Callable[[Path], T], path: Path, where: str, expected: str) -> T
 def load_lora(model: DiffusionModelHandle | None, clip: ClipHandle | None, lora_name: str,
               strength_model: float, strength_clip: float, node_name: str = "LoraLoader"
               ) -> tuple[DiffusionModelHandle | None, ClipHandle | None]:
-    """What both loader nodes do: read (cached), merge into copies, wrap in new handles."""
+    """What both loader nodes do: read (cached), resolve the keys, record the patches on new handles."""
     path = runtime().folders.require("loras", lora_name)
     lora = _read(load_lora_file, path, f"{node_name} input lora_name {lora_name!r}",
                  "a LoRA (kohya/LoCon, LoHa, LoKr, DoRA or diffusers/PEFT) .safetensors file")
     # Both sides take part in matching keys even at strength 0, so only truly unknown keys are reported.
     # Names only: resolving reads no weights, so the shared module need not be patched for it.
     unet = model.base_unet if model is not None else None
-    encoders = clip.text_encoders if clip is not None else None
+    encoders = getattr(clip, "base_text_encoders", None) or getattr(clip, "text_encoders", None)
     patches, unknown = resolve(lora, unet, encoders)
     for key in unknown:
         log.warning("lora key not loaded: %s", key)
@@ -50,13 +50,17 @@ def load_lora(model: DiffusionModelHandle | None, clip: ClipHandle | None, lora_
     mine = tuple(p for p in patches if p.target == UNET)
     if model is not None and strength_model != 0 and mine:
         out_model = model.with_merge(LoraPatch(mine, float(strength_model)))
-    new_encoders = {}
-    if encoders and strength_clip != 0:
-        for key, encoder in encoders.items():
-            weights = merged_weights(encoder, [p for p in patches if p.target == key], strength_clip)
-            if weights:
-                new_encoders[key] = copy_with_weights(encoder, weights)
-    out_clip = clip.with_text_encoders(new_encoders) if clip is not None and new_encoders else clip
+    out_clip = clip
+    if clip is not None and encoders and strength_clip != 0:
+        patched = clip
+        for key in encoders:
+            theirs = tuple(p for p in patches if p.target == key)
+            if theirs:
+                if not hasattr(patched, "with_encoder_patch"):
+                    raise ValueError(f"{node_name}: LoRA weights for the {key!r} text encoder of an SD3 CLIP are "
+                                     "not supported yet (use strength_clip 0, or LoraLoaderModelOnly)")
+                patched = patched.with_encoder_patch(key, LoraPatch(theirs, float(strength_clip)))
+        out_clip = patched
     return out_model, out_clip
 
 

@@ -211,9 +211,11 @@ def _merge_clips(node_name: str, clip1: Any, clip2: Any, kind: str, a: float, b:
     if clip1.arch != clip2.arch:
         raise ValueError(f"{node_name}: clip2 is from an {clip2.arch} model, clip1 from an {clip1.arch} model")
     merged = {}
-    others = clip2.text_encoders
-    for key, enc in clip1.text_encoders.items():
-        other = others[key].state_dict()
+    for key in clip1.base_text_encoders:
+        # clip2's weights copied out first: clip1 may share the encoder with it (a LoRA'd clip and its
+        # base), and asking for clip1's encoder re-patches that shared module to clip1's weights
+        other = {name: t.clone() for name, t in clip2.encoder(key).state_dict().items()}
+        enc = clip1.encoder(key)
         state = {}
         for name, w in enc.state_dict().items():
             w2 = other.get(name)

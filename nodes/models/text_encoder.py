@@ -205,9 +205,47 @@ class ClipHandle(ResidentMixin):
                    layer_defaults=getattr(checkpoint, "clip_layers", None))
 
     # ------------------------------------------------------------------ settings and clones
+    # Weight patches recorded on this handle (lora.LoraPatch per encoder key), applied in place to the shared
+    # encoders when this handle encodes, as the UNet's are (diffusion_model.DiffusionModelHandle.unet).
+    encoder_patches: tuple = ()
+
+    @property
+    def base_text_encoders(self) -> dict[str, nn.Module]:
+        """The loaded encoders, whatever patches they currently hold (for reading names and configs)."""
+        return dict(self._weights.modules)  # type: ignore[arg-type]
+
     @property
     def text_encoders(self) -> dict[str, nn.Module]:
-        return dict(self._weights.modules)  # type: ignore[arg-type]
+        """The encoders holding this handle's weights (valid until another handle on them encodes)."""
+        return {key: self.encoder(key) for key in self._weights.modules}
+
+    def encoder(self, key: str) -> nn.Module:
+        """Encoder `key`, its shared weights patched in place to this handle's patches for it (or restored
+        to the originals for a handle without any)."""
+        module = self._weights.modules[key]
+        assert module is not None  # a handle holds every encoder its arch has
+        patches = [patch for target, patch in self.encoder_patches if target == key]
+        if not patches and key not in self._weights.patchers:
+            return module
+        from engine.memory import notify_moved
+
+        from .weight_patch import chain
+
+        pkey = tuple(patch.key for patch in patches)
+        fn = chain(*(patch.apply for patch in patches)) if patches else None
+        patcher = self._weights.patcher(key)
+        before = patcher.key
+        module = patcher.sync(pkey, fn)
+        if patcher.key != before:
+            notify_moved(self._weights)    # the kept originals changed: the cache re-measures
+            module = patcher.sync(pkey, fn)
+        return module
+
+    def with_encoder_patch(self, key: str, patch: Any) -> ClipHandle:
+        """A clone with one more weight patch on encoder `key` (applied when it encodes)."""
+        twin = self.clone()
+        twin.encoder_patches = tuple(self.encoder_patches) + ((key, patch),)
+        return twin
 
     def clone(self) -> ClipHandle:
         twin = object.__new__(ClipHandle)
@@ -219,11 +257,23 @@ class ClipHandle(ResidentMixin):
         return twin
 
     def with_text_encoders(self, text_encoders: Mapping[str, nn.Module]) -> ClipHandle:
-        """A clone whose encoders are replaced (e.g. LoRA-merged copies); settings carried over."""
+        """A clone whose encoders are replaced (e.g. merged copies); settings carried over. The encoders it
+        keeps are this handle's as they stand: patched ones become copies holding the patched weights
+        (the new holder must not share modules whose weights other handles re-patch)."""
+        from .lora import copy_with_weights
+        from .weight_patch import chain
+
         twin = self.clone()
         modules = dict(self._weights.modules)
+        for key in {target for target, _ in self.encoder_patches} - set(text_encoders):
+            patches = [patch.apply for target, patch in self.encoder_patches if target == key]
+            base = self._weights.patcher(key).base_weights()
+            module = self._weights.modules[key]
+            assert module is not None  # a patch is only recorded on an encoder the handle holds
+            modules[key] = copy_with_weights(module, dict(chain(*patches)(base)))
         modules.update(text_encoders)
         twin._weights = WeightsHolder(modules)
+        twin.encoder_patches = ()
         return twin
 
     def set_last_layer(self, n: int) -> None:
@@ -284,7 +334,7 @@ class ClipHandle(ResidentMixin):
         return TokenizedPrompt(text, chunks)
 
     def _hidden_size(self, key: str) -> int:
-        model = self._weights.modules[key]
+        model = self._weights.modules[key]   # the config only: no need to patch
         assert model is not None  # a handle holds every encoder its arch has
         return int(_text_model(model).config.hidden_size)
 
@@ -337,8 +387,7 @@ class ClipHandle(ResidentMixin):
         return cond.float().to(dev), pooled.float().to(dev)
 
     def _encode_one(self, spec: EncoderSpec, chunks: list[TokenChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        model = self._weights.modules[spec.key]
-        assert model is not None  # a handle holds every encoder its arch has
+        model = self.encoder(spec.key)
         tokenizer = self.tokenizers[spec.key]
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else BOS_ID
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else EOS_ID

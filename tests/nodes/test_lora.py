@@ -116,11 +116,7 @@ def test_kohya_lora_changes_exactly_the_targeted_weights(base, kohya_file, caplo
             torch.testing.assert_close(after[key] - before[key], targeted[key], atol=1e-6, rtol=1e-5)
         else:
             assert torch.equal(after[key], before[key]), key
-        if key in targeted and not key.startswith("unet."):
-            assert ptr != old[key]   # the text encoder side is a copy of the adapted weights
-        else:
-            # the UNet is patched in place; untouched encoder weights are shared with the base
-            assert ptr == old[key], key
+        assert ptr == old[key], key   # both sides are patched in place: nothing is copied
     # the base handles get their original values back
     for key, tensor in _params(model, clip).items():
         assert torch.equal(tensor, before[key]), key
@@ -169,7 +165,7 @@ def test_diffusers_peft_layout_and_chaining(sd_env, base):
     unet_mod = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
     te_mod = "encoder.layers.1.mlp.fc1"
     w_u = dict(model.unet.named_modules())[unet_mod].weight.clone()   # the module is patched in place
-    w_t = dict(clip.text_encoders["l"].named_modules())[te_mod].weight
+    w_t = dict(clip.text_encoders["l"].named_modules())[te_mod].weight.clone()   # so is the encoder
     d_u, u_u = _pair_for(w_u, gen)
     d_t, u_t = _pair_for(w_t, gen)
     sd = {
@@ -274,8 +270,9 @@ def test_cache_counts_memory_shared_with_the_base_model_once(base, kohya_file):
     lora_models.clear_cache()
     patched = lora_loader(model, clip, name, 1.0, 1.0)
     assert patched[0].unet is model.base_unet   # applied: adapted weights written in place, originals kept
+    assert patched[1].text_encoders["l"] is clip.base_text_encoders["l"]   # the same for the text encoder
     cache.put("lora", [[patched[0]], [patched[1]]])
-    changed = sum(d.numel() * 4 for d in expected.values())          # float32 originals / encoder copies
+    changed = sum(d.numel() * 4 for d in expected.values())          # the kept float32 originals
     assert cache.usage()["cpu"] == base_bytes + changed
     unet_changed = sum(d.numel() * 4 for (part, _), d in expected.items() if part == "unet")
     assert model._weights.patcher("unet").extra_bytes() == unet_changed
