@@ -281,3 +281,27 @@ def test_cache_counts_memory_shared_with_the_base_model_once(base, kohya_file):
     assert model.unet is model.base_unet
     assert sum_parts(parts(patched[0]))["cpu"] == sum_parts(parts(model))["cpu"]
     assert model._weights.patcher("unet").extra_bytes() == 0
+
+
+def test_clip_merge_of_a_lora_clip_with_its_own_base(base, kohya_file):
+    """A LoRA'd CLIP shares its encoder with the base and is patched in place when read, so merging the two
+    must not read both through the one module: half-way is base + delta / 2, and the encoders afterwards give
+    each handle its own weights back."""
+    from nodes.model_merging import clip_merge_simple
+
+    model, clip = base
+    name, expected = kohya_file
+    lora_models.clear_cache()
+    _, lora_clip = lora_loader(model, clip, name, 0.0, 1.0)
+    before = {k: v.clone() for k, v in clip.text_encoders["l"].state_dict().items()}
+    half = clip_merge_simple(clip, lora_clip, 0.5)
+    merged = half.text_encoders["l"].state_dict()
+    deltas = {f"{mod}.weight": delta for (part, mod), delta in expected.items() if part == "l"}
+    assert deltas
+    for key, delta in deltas.items():
+        torch.testing.assert_close(merged[key], before[key] + 0.5 * delta, atol=1e-6, rtol=1e-5)
+    # each handle still reads its own weights from the shared module
+    for key, delta in deltas.items():
+        torch.testing.assert_close(lora_clip.text_encoders["l"].state_dict()[key], before[key] + delta,
+                                   atol=1e-6, rtol=1e-5)
+        assert torch.equal(clip.text_encoders["l"].state_dict()[key], before[key])
