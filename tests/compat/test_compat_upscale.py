@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.compat.test_compat_model_nodes import _active_runtime, _shrink  # noqa: F401  (autouse fixture)
 from tests.nodes.test_upscale_spandrel import _rrdb_new_layout
 from tests.torchvision_ops import require_spandrel
 
@@ -21,7 +22,7 @@ DATA = Path(__file__).parent / "data" / "upscale"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def compat_env(tmp_path_factory):
     import nodes
     from engine.config import RuntimeConfig
     from nodes.models.tiny import write_tiny_checkpoint
@@ -37,31 +38,14 @@ def env(tmp_path_factory):
     return registry, config
 
 
-@pytest.fixture(autouse=True)
-def _active_runtime(env):
-    from nodes.runtime import configure, runtime
-
-    if runtime().config is not env[1]:
-        configure(env[1])
-
-
-def _shrink(prompt: dict) -> dict:
-    for node in prompt.values():
-        if node["class_type"] == "EmptyLatentImage":
-            node["inputs"].update(width=64, height=64)
-        elif node["class_type"] == "KSampler":
-            node["inputs"]["steps"] = 2
-    return prompt
-
-
 @pytest.mark.parametrize("fmt", ["api", "ui"])
-def test_esrgan_hires_fix_runs_unchanged(env, fmt):
+def test_esrgan_hires_fix_runs_unchanged(compat_env, fmt):
     from engine.executor import Executor
     from engine.png_metadata import workflow_from_png
     from engine.ui_workflow import ui_to_api
 
     require_spandrel()
-    registry, config = env
+    registry, config = compat_env
     api = json.loads((DATA / "hires_fix_esrgan_api.json").read_text())
     ui = json.loads((DATA / "hires_fix_esrgan.json").read_text())
     prompt = _shrink(copy.deepcopy(api if fmt == "api" else ui_to_api(ui, registry.object_info())))
