@@ -360,11 +360,7 @@ def vae_decode_tiled(samples: Latent, vae: Vae,
     once; the temporal inputs only matter for video VAEs, which sdflow does not have."""
     r = vae.downscale_ratio
     overlap = _tile_overlap(tile_size, overlap)
-    x = samples["samples"]
-    if x.ndim == 5:  # video-shaped latents: frames become batch entries, as in VAEDecode
-        b, c, f, h, w = x.shape
-        x = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-    return vae.decode_tiled(x, tile=max(1, tile_size // r), overlap=overlap // r)
+    return vae.decode_tiled(samples["samples"], tile=max(1, tile_size // r), overlap=overlap // r)
 
 
 @node("VAEEncodeTiled", category="_for_testing", display_name="VAE Encode (Tiled)")

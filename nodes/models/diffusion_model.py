@@ -213,7 +213,8 @@ class DiffusionModelHandle(ResidentMixin):
         that is wider), so samplers keep full precision whatever the weights are stored in.
         """
         self.ensure_loaded()
-        device = self.compute_device or next(self.unet.parameters()).device   # a split UNet: its load device
+        unet = self.unet   # once per call: each read syncs the shared weights to this handle's patches
+        device = self.compute_device or next(unet.parameters()).device   # a split UNet: its load device
         dtype = self.dtype
         batch = x_in.shape[0]
 
@@ -261,23 +262,23 @@ class DiffusionModelHandle(ResidentMixin):
         grounding = contextlib.nullcontext()
         if gligen is not None:
             kwargs["cross_attention_kwargs"] = {"gligen": {k: prep(v) for k, v in gligen[1].items()}}
-            grounding = gligen[0].attached(self.unet)
-        configure_unet(self.unet, x)
-        if x.is_contiguous(memory_format=torch.contiguous_format) and _channels_last(self.unet):
+            grounding = gligen[0].attached(unet)
+        configure_unet(unet, x)
+        if x.is_contiguous(memory_format=torch.contiguous_format) and _channels_last(unet):
             x = x.contiguous(memory_format=torch.channels_last)
-        with self._hypernetwork_hooks(), grounding:
-            out = self.unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
+        with self._hypernetwork_hooks(unet), grounding:
+            out = unet(x, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
         return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))
 
     @contextlib.contextmanager
-    def _hypernetwork_hooks(self):
+    def _hypernetwork_hooks(self, unet: nn.Module):
         """Hypernetworks (models/hypernetwork.py) on the attention projections, for one call (the weights
         are shared with other handles)."""
         patches = self.sampling_patches.get("hypernetworks") or ()
         handles = []
         try:
             for patch in patches:
-                handles.extend(patch.hooks(self.unet))
+                handles.extend(patch.hooks(unet))
             yield
         finally:
             for handle in handles:

@@ -93,9 +93,7 @@ class VaeHandle(ResidentMixin):
     @torch.no_grad()
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents `[B,C,h,w]` -> images `[B, 8h, 8w, 3]` in 0..1 (float32, clamped)."""
-        if samples.ndim == 5:  # video-shaped latents: frames become batch entries
-            b, c, f, h, w = samples.shape
-            samples = samples.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        samples = _frames_as_batch(samples)
         r = self.downscale_ratio
         out = self._batched(samples, self._decode_batch, self._decode_tiled,
                             samples.shape[-2] * r * samples.shape[-1] * r)
@@ -105,6 +103,7 @@ class VaeHandle(ResidentMixin):
     def decode_tiled(self, samples: torch.Tensor, tile: int = 64, overlap: int = 8) -> torch.Tensor:
         """Decode in latent tiles of `tile` with `overlap`, blended linearly; for images too big to
         decode at once. Exactly equal to `decode` when one tile covers the whole latent."""
+        samples = _frames_as_batch(samples)
         with self._run_lock:
             self.ensure_loaded()
             return self._decode_tiled(samples, tile, overlap).to(self.output_device)
@@ -173,6 +172,14 @@ class VaeHandle(ResidentMixin):
 
         r = self.downscale_ratio
         return _tiled(x, tile, overlap, 1, run, out_channels_last=False, shrink=r)
+
+
+def _frames_as_batch(samples: torch.Tensor) -> torch.Tensor:
+    """Video-shaped latents [B,C,F,h,w] as a batch of frames [B*F,C,h,w]; others unchanged."""
+    if samples.ndim != 5:
+        return samples
+    b, c, f, h, w = samples.shape
+    return samples.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
 
 
 def _chunks(x: torch.Tensor, batch: int, run) -> torch.Tensor:
