@@ -35,9 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.memory import notify_moved
+
 from .embeddings import EmbeddingStore
+from .lora import copy_with_weights
 from .memory import ResidentMixin, WeightsHolder, default_device
 from .prompt_weights import parse_prompt
+from .weight_patch import chain
 
 log = logging.getLogger(__name__)
 
@@ -227,10 +231,6 @@ class ClipHandle(ResidentMixin):
         patches = [patch for target, patch in self.encoder_patches if target == key]
         if not patches and key not in self._weights.patchers:
             return module
-        from engine.memory import notify_moved
-
-        from .weight_patch import chain
-
         pkey = tuple(patch.key for patch in patches)
         fn = chain(*(patch.apply for patch in patches)) if patches else None
         patcher = self._weights.patcher(key)
@@ -260,9 +260,6 @@ class ClipHandle(ResidentMixin):
         """A clone whose encoders are replaced (e.g. merged copies); settings carried over. The encoders it
         keeps are this handle's as they stand: patched ones become copies holding the patched weights
         (the new holder must not share modules whose weights other handles re-patch)."""
-        from .lora import copy_with_weights
-        from .weight_patch import chain
-
         twin = self.clone()
         modules = dict(self._weights.modules)
         for key in {target for target, _ in self.encoder_patches} - set(text_encoders):
