@@ -89,9 +89,13 @@ def add_from_search(ed: EditorPage, at: tuple[float, float], query: str, node_ty
     """Double-click on empty canvas at graph position `at`, type, pick the entry."""
     before = node_ids(ed)
     for attempt in range(3):
+        # A canvas click of the step before, within litegraph's 300 ms double-click window, would pair with
+        # this gesture's first click (read as a double-click) and leave its second to close the search box:
+        # on a loaded machine that happened. Each gesture starts fresh.
+        forget_last_click(ed)
         ed.page.mouse.dblclick(*client(ed, *at))
         try:
-            ed.page.wait_for_selector(".search-box .search-input", timeout=4000)
+            ed.page.wait_for_selector(".search-box .search-input", timeout=15000)
             break
         except Exception:
             if attempt == 2:
