@@ -23,6 +23,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -60,7 +61,7 @@ def hub() -> Hub:
     return Hub({}, status=lambda: {})   # no event loop: events are dropped, as with no client
 
 
-def run_all(store: Store, worker, prompts: list[dict]) -> float:
+def run_all(store: SignalledStore, worker, prompts: list[dict]) -> float:
     """Queue `prompts` at once; seconds until the last is in history (all must succeed)."""
     ids = []
     start = time.perf_counter()
@@ -73,7 +74,7 @@ def run_all(store: Store, worker, prompts: list[dict]) -> float:
     return time.perf_counter() - start
 
 
-def run_each(store: Store, worker, prompts: list[dict]) -> list[float]:
+def run_each(store: SignalledStore, worker, prompts: list[dict]) -> list[float]:
     times = []
     for prompt in prompts:
         pid = str(uuid.uuid4())
@@ -89,19 +90,30 @@ def _outputs(prompt: dict) -> list[str]:
     return [nid for nid, n in prompt.items() if n["class_type"] in ("SaveImage", "TestShow")]
 
 
-def wait_done(store: Store, ids: list[str], timeout: float = 1800.0) -> None:
-    deadline = time.monotonic() + timeout
-    pending = set(ids)
-    while pending:
-        for pid in list(pending):
-            entry = store.history_item(pid)
-            if entry is not None:
-                if entry["status"]["status_str"] != "success":
-                    raise SystemExit(f"prompt failed: {entry['status']['messages'][-1]}")
-                pending.discard(pid)
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{len(pending)} prompt(s) did not finish")
-        time.sleep(0.002)   # polling the store: the bench's own latency floor, the same for both sides
+class SignalledStore(Store):
+    """The store, telling waiters when a prompt reaches history: the bench waits on that state instead of
+    polling SQLite, which would take CPU from the workers it measures (the head shares their cores)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.finished: set[str] = set()
+        self.done = threading.Condition()
+
+    def finish(self, prompt_id: str, entry: dict) -> None:
+        super().finish(prompt_id, entry)
+        with self.done:
+            self.finished.add(prompt_id)
+            self.done.notify_all()
+
+
+def wait_done(store: SignalledStore, ids: list[str], timeout: float = 1800.0) -> None:
+    with store.done:
+        if not store.done.wait_for(lambda: store.finished.issuperset(ids), timeout=timeout):
+            raise SystemExit(f"{len(set(ids) - store.finished)} prompt(s) did not finish")
+    for pid in ids:
+        entry = store.history_item(pid)
+        if entry is None or entry["status"]["status_str"] != "success":
+            raise SystemExit(f"prompt failed: {entry and entry['status']['messages'][-1]}")
 
 
 def _plain_worker(data_dir: str, prompts: list[dict], go, results) -> None:
@@ -180,7 +192,7 @@ def main() -> int:
         print(f"Ray {ray.__version__}")
         rates = {}
         for workers in (1, 2):
-            store = Store(tmp / f"scale-{workers}.db")
+            store = SignalledStore(tmp / f"scale-{workers}.db")
             cluster = RayCluster(spec, workers=workers)
             backend = RayBackend(store, None, hub(), cluster=cluster, config=config, registry=registry)
             backend.start()
@@ -197,7 +209,7 @@ def main() -> int:
 
         # dispatch overhead: trivial prompts one at a time, embedded vs Ray (1 worker)
         test_registry = Registry.from_nodes(plugin_nodes)
-        store = Store(tmp / "overhead-embedded.db")
+        store = SignalledStore(tmp / "overhead-embedded.db")
         worker = Worker(store, Executor(test_registry, config=config), hub())
         worker.start()
         run_each(store, worker, [trivial(-1 - i) for i in range(3)])     # warm-up
@@ -205,7 +217,7 @@ def main() -> int:
         worker.stop()
         store.close()
 
-        store = Store(tmp / "overhead-ray.db")
+        store = SignalledStore(tmp / "overhead-ray.db")
         spec_test = WorkerSpec.from_config(config, builtin_nodes=False, node_modules=["tests.server.plugin_nodes"])
         cluster = RayCluster(spec_test, workers=1)
         backend = RayBackend(store, None, hub(), cluster=cluster, config=config, registry=test_registry)

@@ -155,6 +155,7 @@ class Slot:
     reason: str = ""
     renames: dict = field(default_factory=dict)   # (kind, subfolder, name) on the worker -> name on the head
     pending_free: dict = field(default_factory=dict)
+    events: int = 0                 # events streamed back by this worker (all prompts)
 
     def describe(self) -> dict:
         return {"worker": self.name, "host": self.info.get("host"), "pid": self.info.get("pid"),
@@ -342,6 +343,7 @@ class RayBackend(QueueDriver):
         self._threads: set[threading.Thread] = set()
         self._files_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        hub.on_connect.append(self._watcher_connected)
 
     @classmethod
     def factory(cls, cluster: RayCluster, config: RuntimeConfig, registry: Registry, **kw: Any):
@@ -597,8 +599,23 @@ class RayBackend(QueueDriver):
     def _job(self, item: QueueItem, client_id: str | None) -> dict:
         return {"prompt_id": item.prompt_id, "prompt": item.prompt, "outputs": list(item.outputs),
                 "extra_data": dict(item.extra_data), "files": self._input_files(item.prompt),
+                "watched": self.hub.has_listener(client_id),
                 "wants_preview": self.hub.has_preview_listener(client_id),
                 "preview_size": self.preview_size}
+
+    def _watcher_connected(self, sid: str) -> None:
+        """A websocket client connected: the workers running its prompts (or prompts of no client, which
+        go to everyone) stream all their events from now on. Cheap when they already do."""
+        with self._cond:
+            running = [(pid, item, slot) for pid, (item, slot) in self._running.items()]
+        for pid, item, slot in running:
+            owner = item.extra_data.get("client_id")
+            owner = owner if isinstance(owner, str) else None
+            if owner is None or owner == sid:
+                try:
+                    slot.actor.listen.remote(pid, self.hub.has_preview_listener(owner))
+                except Exception:   # the actor is gone: its prompt is being re-run, and re-sent watched
+                    log.debug("could not reach %s for %s", slot.name, pid, exc_info=True)
 
     def _run_on(self, slot: Slot, item: QueueItem, client_id: str | None) -> dict:
         """Run on `slot`, forwarding events; returns the history entry. Raises _WorkerLost if the worker
@@ -638,6 +655,7 @@ class RayBackend(QueueDriver):
                  client_id: str | None, kind: str, data: dict, preview: Any, files: list | None) -> None:
         """What the embedded worker's emit does, for an event that came over the wire."""
         hub = self.hub
+        slot.events += 1
         try:
             if kind == "executed":
                 self._place_files(slot, files or [])

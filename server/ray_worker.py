@@ -7,9 +7,14 @@ own and sends every file an output node wrote back with the `executed` event tha
 writes them into its folders before forwarding the event, so a client that fetches `/view` finds them).
 
 `run` is a generator (a Ray streaming generator on the head's side): it yields one message per event, as
-the executor emits them, and a last `result` message. The executor runs in a thread of the actor; the
-actor is threaded so that `interrupt` reaches it while `run` is streaming (a running sync actor method
-cannot be cancelled by Ray: the executor's cooperative flag is the way in).
+the executor emits them, and a last `result` message. A prompt that nobody watches (no websocket client of
+its owner when it was sent) streams no per-step `progress` and per-node `executing` events: each streamed
+item costs both processes CPU that small prompts on shared cores feel, and the head would drop them
+(as the embedded hub drops events for nobody). `listen` turns them back on when a watcher connects.
+
+The executor runs in a thread of the actor; the actor is threaded so that `interrupt` reaches it while
+`run` is streaming (a running sync actor method cannot be cancelled by Ray: the executor's cooperative
+flag is the way in).
 """
 from __future__ import annotations
 
@@ -31,6 +36,9 @@ from engine.paths import UnsafePathError, contained_path
 
 FILE_KINDS = ("input", "output", "temp")
 _DONE = object()
+# What only a watching client needs: the head turns none of it into state (the history entry, outputs and
+# files come with `executed` and the result).
+WATCHER_ONLY = frozenset({"progress", "executing"})
 
 
 def ui_files(ui: Any) -> list[dict]:
@@ -71,6 +79,10 @@ class ExecutorWorker:
         except SystemExit as exc:   # the CLI helper exits on a bad module; here it is a start failure
             raise RuntimeError(str(exc)) from None
         self.executor = Executor(registry, config=self.config)
+        self._watch_lock = threading.Lock()
+        # per running prompt: {"watched": stream watcher-only events, "previews": stream step previews}
+        self._watch: dict[str, dict[str, bool]] = {}
+        self._watched_early: dict[str, bool] = {}   # `listen` came before its `run` (a threaded actor)
 
     # ---- control (any thread of the actor) ---------------------------------------------------------
     def ready(self) -> dict:
@@ -81,6 +93,19 @@ class ExecutorWorker:
     def interrupt(self, prompt_id: str | None) -> None:
         # keyed by prompt id: one that arrives before its prompt starts is kept by the executor
         self.executor.interrupt(prompt_id)
+
+    def listen(self, prompt_id: str, previews: bool) -> None:
+        """A client watching `prompt_id` connected: stream all of its events (and its step previews if
+        it wants them) from now on."""
+        with self._watch_lock:
+            state = self._watch.get(prompt_id)
+            if state is not None:
+                state["watched"] = True
+                state["previews"] = state["previews"] or previews
+                return
+            if len(self._watched_early) > 1000:   # prompts that were sent elsewhere after all
+                self._watched_early.clear()
+            self._watched_early[prompt_id] = self._watched_early.get(prompt_id, False) or previews
 
     def free(self, unload_models: bool, free_memory: bool) -> None:
         self.executor.free(unload_models=unload_models, free_memory=free_memory)
@@ -100,18 +125,24 @@ class ExecutorWorker:
         pid = job["prompt_id"]
         self._reset_scratch(job.get("files") or {})
         events: queue.Queue = queue.Queue()
-        wants_preview = bool(job.get("wants_preview"))
         size = int(job.get("preview_size", 512))
+        watch = {"watched": bool(job.get("watched", True)), "previews": bool(job.get("wants_preview"))}
+        with self._watch_lock:
+            if pid in self._watched_early:
+                watch = {"watched": True, "previews": watch["previews"] or self._watched_early.pop(pid)}
+            self._watch[pid] = watch
 
         def emit(event: Event) -> None:
+            if event.type in WATCHER_ONLY and not watch["watched"]:
+                return
             if event.type == "preview":
-                if event.image is not None and wants_preview:
+                if event.image is not None and watch["previews"]:
                     events.put(("event", "preview", event.data, encode_preview(event.image, event.data, size), None))
                 return
             files = self._take_files(event.data.get("output")) if event.type == "executed" else None
             events.put(("event", event.type, event.data, None, files))
 
-        emit.wants_preview = lambda: wants_preview  # type: ignore[attr-defined]
+        emit.wants_preview = lambda: watch["previews"]  # type: ignore[attr-defined]
         box: dict[str, Any] = {}
 
         def work() -> None:
@@ -129,6 +160,8 @@ class ExecutorWorker:
         while (msg := events.get()) is not _DONE:
             yield msg
         thread.join()
+        with self._watch_lock:
+            self._watch.pop(pid, None)
         if "crash" in box:
             yield ("crash",) + box["crash"]
             return

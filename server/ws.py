@@ -99,6 +99,9 @@ class Hub:
         self.loop: asyncio.AbstractEventLoop | None = None
         # (prompt_id, client_id, node, display_node) of the running prompt, for reconnects
         self.current: dict | None = None
+        # called on the event loop with the client id of every websocket that connects (a backend that
+        # skips events for unwatched prompts starts sending them)
+        self.on_connect: list[Callable[[str], None]] = []
 
     # ---- sending (event loop) -------------------------------------------------------------------
 
@@ -211,6 +214,11 @@ class Hub:
             await old.ws.close(code=1000, message=b"replaced by a new connection")
         client = Client(sid, ws, extras=request.query.get("extras") == "sdflow")
         self.clients[sid] = client
+        for hook in list(self.on_connect):
+            try:
+                hook(sid)
+            except Exception:
+                log.exception("websocket connect hook failed")
         writer = asyncio.create_task(self._writer(client))
         try:
             self._put(client, self.status_frame(client, sid=sid))

@@ -10,6 +10,7 @@ import pytest
 
 from engine.config import RuntimeConfig
 from engine.registry import Registry
+from server.state import STATE
 from tests.server import plugin_nodes
 from tests.server.conftest import chain, start_server
 
@@ -140,6 +141,46 @@ async def test_sigkill_of_a_worker_mid_run_reruns_the_prompt_and_loses_nothing(r
             if slot.state == "busy" and not any(s is slot for _, s in be._running.values()):
                 slot.state = "idle"
         await ws.close()
+
+
+async def test_a_prompt_nobody_watches_streams_no_progress_until_a_watcher_connects(ray_server):
+    be = backend(ray_server)
+
+    async def streamed(prompt_id: str, watch: bool) -> tuple[dict, int]:
+        before = {s.name: s.events for s in be.slots}
+        ws = await ray_server.connect("watcher") if watch else None
+        try:
+            await ray_server.queue_prompt(chain(value=4, steps=20, delay=0.0), client_id="watcher",
+                                          prompt_id=prompt_id)
+            entry = await ray_server.wait_history(prompt_id, timeout=60)
+        finally:
+            if ws is not None:
+                await ws.close()
+                await wait_until(lambda: "watcher" not in ray_server.app[STATE].hub.clients, what="disconnect")
+        slot = next(s for s in be.slots if s.name == entry["dispatch"]["worker"])
+        return entry, slot.events - before[slot.name]
+
+    watched, watched_events = await streamed("watched-run", True)
+    alone, alone_events = await streamed("unwatched-run", False)
+    assert watched["outputs"]["4"] == alone["outputs"]["4"] == {"text": ["14"]}
+    assert watched_events >= 20 + 4      # a progress event per step, an executing event per node
+    assert alone_events < 10             # start, cached/executed and success only
+
+    # a watcher that connects while its prompt runs gets the progress from then on
+    pid = (await ray_server.queue_prompt(chain(value=5, steps=400, delay=0.05), client_id="late"))["prompt_id"]
+    await wait_until(lambda: pid in be._running, what="the prompt to start on a worker")
+    ws = await ray_server.connect("late")
+    try:
+        while True:
+            msg = await ws.next_json(timeout=60)
+            if msg["type"] == "progress" and msg["data"]["prompt_id"] == pid:
+                break
+        async with await ray_server.post("/interrupt", json={"prompt_id": pid}) as r:
+            assert r.status == 200
+        await ws.until_done(pid, timeout=30)
+    finally:
+        await ws.close()
+    assert (await ray_server.wait_history(pid))["status"]["messages"][-1][0] == "execution_interrupted"
 
 
 def test_a_worker_that_cannot_start_is_reported_with_its_reason(ray_cluster, tmp_path):
