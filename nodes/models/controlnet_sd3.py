@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -258,7 +258,7 @@ class SD3ControlNetHandle(ResidentMixin):
         model = self.model
         param = next(model.parameters())
         dev, dtype = param.device, param.dtype
-        want = int(model.config.pooled_projection_dim)
+        want = int(model.config["pooled_projection_dim"])
         if pooled.shape[-1] != want:
             raise ValueError(f"this SD3 ControlNet takes pooled projections of width {want}, the conditioning has "
                              f"{pooled.shape[-1]}: use it with the SD3 model it was trained for")
@@ -318,7 +318,8 @@ class SD3ControlApplication:
         if sigma is None:
             return True
         s = float(torch.as_tensor(sigma).reshape(-1)[0])
-        return not (s > schedule.percent_to_sigma(self.start_percent) or s < schedule.percent_to_sigma(self.end_percent))
+        start, end = schedule.percent_to_sigma(self.start_percent), schedule.percent_to_sigma(self.end_percent)
+        return not (s > start or s < end)
 
     def hint_latent(self, x: torch.Tensor, groups: int, latent_format: tuple[float, float]) -> torch.Tensor:
         """The hint in model space at `x`'s latent size, batched like `x` (`groups` equal chunks)."""
@@ -349,7 +350,7 @@ class SD3ControlApplication:
         """Residuals for each joint block of `model` (this application plus the previous ones,
         summed), or None when none is active at this sigma."""
         transformer = model.unet
-        blocks = len(transformer.transformer_blocks)
+        blocks = len(cast("torch.nn.ModuleList", transformer.transformer_blocks))
         schedule = model.sampling_schedule()
         groups = len(cond.get("cond_or_uncond") or [1])
         total: list[torch.Tensor] | None = None
