@@ -99,7 +99,7 @@ class SD3ModelHandle(DiffusionModelHandle):
                  return_dict=False, **kwargs)[0]
         slg = self.skip_layer_guidance
         if slg is not None:
-            slg.observe(self, x, t, context, pooled, out, cond)
+            slg.observe(self, x, t, context, pooled, out, cond, kwargs.get("block_controlnet_hidden_states"))
         return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))
 
     # A SkipLayerGuidance set by SkipLayerGuidanceSD3 on a clone; None = off.
@@ -219,7 +219,10 @@ class SkipLayerGuidance:
     def active(self, sigma: float) -> bool:
         return bool(self.layers) and self.scale != 0 and self.sigma_end <= sigma <= self.sigma_start
 
-    def observe(self, handle: SD3ModelHandle, x, t, context, pooled, out, cond: Mapping[str, Any]) -> None:
+    def observe(self, handle: SD3ModelHandle, x, t, context, pooled, out, cond: Mapping[str, Any],
+                controls: list[torch.Tensor] | None = None) -> None:
+        """`controls`: the ControlNet residuals of this call (the skipped pass gets them too, as in ComfyUI,
+        where it is one more model call with the same conditioning)."""
         sig = cond.get("sigma")
         flags = list(cond.get("cond_or_uncond") or [])
         if sig is None or not flags or not self.active(float(torch.as_tensor(sig).max())):
@@ -229,8 +232,9 @@ class SkipLayerGuidance:
         if not rows:
             return
         idx = torch.tensor(rows, device=x.device)
+        extra = {"block_controlnet_hidden_states": [c[idx] for c in controls]} if controls else {}
         skipped = handle.unet(hidden_states=x[idx], timestep=t[idx], encoder_hidden_states=context[idx],
-                              pooled_projections=pooled[idx], skip_layers=self.layers, return_dict=False)[0]
+                              pooled_projections=pooled[idx], skip_layers=self.layers, return_dict=False, **extra)[0]
         s = torch.as_tensor(sig, device=x.device, dtype=torch.float32)[idx].view(-1, 1, 1, 1)
         # denoised = x - v * sigma, so cond - cond_skipped = sigma * (v_skipped - v)
         diff = (s * (skipped.float() - out[idx].float())).reshape(-1, per, *x.shape[1:]).mean(0)

@@ -245,3 +245,26 @@ def test_bad_files_are_clear_errors(tmp_path):
     (folder / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(ModelFileError, match="no diffusion_pytorch_model weights"):
         load_control_handle(folder)
+
+
+def test_skip_layer_guidance_pass_gets_the_control_too(tmp_path):
+    """SkipLayerGuidanceSD3's extra pass is a model call with the same conditioning: the ControlNet's
+    residuals are added there as well."""
+    from nodes.sd3_nodes import skip_layer_guidance_sd3
+
+    model, clip, vae = _checkpoint(tmp_path, "sd35")
+    cn = load_control_handle(write_tiny_sd3_controlnet(tmp_path / "cn.safetensors"))
+    slg = skip_layer_guidance_sd3(model, "1", 3.0, 0.0, 1.0)
+    [[ctx, opts]] = clip.encode_text("a red house")
+    app = cn.apply_hint(_image(_hint_pixels()), 1.0, (0.0, 1.0), vae=vae)
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma, t = torch.tensor([0.6]), torch.tensor([600.0])
+    cond = {"context": ctx, "pooled": opts["pooled_output"], "control": app, "sigma": sigma, "cond_or_uncond": [0]}
+    out = slg.apply(x, t, cond)
+    res = app.block_residuals(model, x, t, ctx, opts["pooled_output"], cond)
+    tr = model.unet
+    kw = {"timestep": t, "encoder_hidden_states": ctx, "pooled_projections": opts["pooled_output"],
+          "block_controlnet_hidden_states": res}
+    torch.testing.assert_close(out, tr(hidden_states=x, **kw).sample, rtol=0, atol=1e-6)
+    want = 0.6 * (tr(hidden_states=x, skip_layers=[1], **kw).sample - out)
+    torch.testing.assert_close(slg.skip_layer_guidance._local.diff, want, rtol=0, atol=1e-6)
