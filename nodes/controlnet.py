@@ -1,9 +1,10 @@
 """ControlNet nodes: load a ControlNet, attach it (with a hint image) to conditionings, and the Canny
 edge preprocessor that makes hint images.
 
-ControlNetApply (old) and ControlNetApplyAdvanced follow ComfyUI: every conditioning entry gets a
-"control" (chained to the one it already had, so several ControlNets add up), strength 0 is a
-passthrough, and the old node also applies the control to the negative prompt.
+ControlNetApply (old), ControlNetApplyAdvanced and ControlNetApplySD3 follow ComfyUI: every
+conditioning entry gets a "control" (chained to the one it already had, so several ControlNets add
+up), strength 0 is a passthrough, and the old node also applies the control to the negative prompt.
+SD3 ControlNets take a VAE (their hint is encoded to latents): the advanced and SD3 nodes pass theirs.
 """
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ def controlnet_apply(conditioning: Conditioning, control_net: ControlNet, image:
     """Guides sampling with a ControlNet and a hint image; also applied to the negative prompt."""
     if strength == 0:
         return conditioning
+    if getattr(control_net, "needs_vae", False):
+        raise ValueError("ControlNetApply: this SD3 ControlNet needs a VAE for its hint image, which this node has "
+                         "no input for; use Apply Controlnet with VAE (ControlNetApplySD3) and connect its `vae` input")
     out = []
     for cond, opts in conditioning:
         opts = dict(opts)
@@ -67,10 +71,39 @@ def controlnet_apply_advanced(positive: Conditioning, negative: Conditioning, co
                               start_percent: Annotated[float, Float(0.0, min=0.0, max=1.0, step=0.001)],
                               end_percent: Annotated[float, Float(1.0, min=0.0, max=1.0, step=0.001)],
                               vae: Vae | None = None) -> tuple[Conditioning, Conditioning]:
-    """Guides sampling with a ControlNet between two fractions of the schedule. (`vae` is for
-    ControlNets that take latent hints; the SD1/SD2/SDXL ones here work on pixels and ignore it.)"""
+    """Guides sampling with a ControlNet between two fractions of the schedule. `vae` encodes the hint
+    of SD3 ControlNets (which work on latents); the SD1/SD2/SDXL ones work on pixels and ignore it."""
+    return _apply_to_both("ControlNetApplyAdvanced", positive, negative, control_net, image, strength,
+                          start_percent, end_percent, vae)
+
+
+@node("ControlNetApplySD3", category="conditioning/controlnet", display_name="Apply Controlnet with VAE",
+      output_names=("positive", "negative"))
+def controlnet_apply_sd3(positive: Conditioning, negative: Conditioning, control_net: ControlNet, vae: Vae,
+                         image: Image,
+                         strength: Annotated[float, Float(1.0, min=0.0, max=10.0, step=0.01)],
+                         start_percent: Annotated[float, Float(0.0, min=0.0, max=1.0, step=0.001)],
+                         end_percent: Annotated[float, Float(1.0, min=0.0, max=1.0, step=0.001)],
+                         ) -> tuple[Conditioning, Conditioning]:
+    """Guides sampling with a ControlNet whose hint image is VAE-encoded (SD3 / SD3.5 ControlNets);
+    other ControlNets work as with Apply ControlNet."""
+    return _apply_to_both("ControlNetApplySD3", positive, negative, control_net, image, strength,
+                          start_percent, end_percent, vae)
+
+
+def _apply_to_both(node_name: str, positive: Conditioning, negative: Conditioning, control_net: ControlNet,
+                   image: Image, strength: float, start_percent: float, end_percent: float,
+                   vae: Vae | None) -> tuple[Conditioning, Conditioning]:
+    """Both conditionings get the control (chained to what each entry had); entries that shared a
+    previous chain share the new application too."""
     if strength == 0:
         return positive, negative
+    extra: dict[str, object] = {}
+    if getattr(control_net, "needs_vae", False):
+        if vae is None:
+            raise ValueError(f"{node_name}: this SD3 ControlNet needs input 'vae' (its hint image is VAE-encoded); "
+                             "connect the checkpoint's or a VAELoader's VAE")
+        extra["vae"] = vae
     shared: dict[int, tuple[object, object]] = {}   # one application per previous chain
     result = []
     for conditioning in (positive, negative):
@@ -80,7 +113,8 @@ def controlnet_apply_advanced(positive: Conditioning, negative: Conditioning, co
             previous = opts.get("control")
             hit = shared.get(id(previous))
             if hit is None:
-                app = control_net.apply_hint(image, strength, (start_percent, end_percent), previous=previous)
+                app = control_net.apply_hint(image, strength, (start_percent, end_percent), previous=previous,
+                                             **extra)
                 shared[id(previous)] = hit = (previous, app)   # keeps `previous` alive so ids stay unique
             opts["control"] = hit[1]
             opts["control_apply_to_uncond"] = False

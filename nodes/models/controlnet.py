@@ -189,7 +189,8 @@ def load_controlnet_model(path: str | Path, *, dtype: torch.dtype = torch.float3
             return _build(config, sd, dtype, path)
         ldm = ldm_controlnet_keys(sd)
         if ldm is None:
-            raise ModelFileError(path, "not a ControlNet: no control_model.* or controlnet_cond_embedding.* keys")
+            raise ModelFileError(path, "not a ControlNet: no control_model.*, controlnet_cond_embedding.* or (SD3) "
+                                       "controlnet_blocks.* + pos_embed_input.* keys")
         config = infer_controlnet_config(ldm)
         return _build(config, controlnet_ldm_to_diffusers(ldm, config), dtype, path)
     except (KeyError, ValueError, StopIteration, IndexError, TypeError, AttributeError, RuntimeError) as e:
@@ -212,16 +213,22 @@ def _add_base_weights(sd: Mapping[str, torch.Tensor], unet: torch.nn.Module) -> 
 
 def load_control_handle(path: str | Path, *, dtype: torch.dtype = torch.float32,
                         base_unet: torch.nn.Module | None = None) -> Any:
-    """What ComfyUI's ControlNet loaders accept: a ControlNet (either layout, file or folder) or a
-    T2I-Adapter (either layout); returns a ControlNetHandle or a T2IAdapterHandle."""
+    """What ComfyUI's ControlNet loaders accept: a ControlNet (either layout, file or folder), an SD3 /
+    SD3.5 ControlNet (Stability's or diffusers' layout) or a T2I-Adapter (either layout); returns a
+    ControlNetHandle, an SD3ControlNetHandle or a T2IAdapterHandle."""
+    from . import controlnet_sd3 as sd3cn
     from .t2i_adapter import T2IAdapterHandle, is_t2i_adapter, is_t2i_adapter_folder, load_t2i_adapter
 
     path = Path(path)
     if is_t2i_adapter_folder(path):
         return T2IAdapterHandle(load_t2i_adapter(path, dtype=dtype), source=path)
+    if sd3cn.is_sd3_controlnet_folder(path):
+        return sd3cn.SD3ControlNetHandle(*sd3cn.load_sd3_controlnet(path, dtype=dtype), source=path)
     sd = read_state_dict(path) if path.is_file() else None
     if sd is not None and is_t2i_adapter(sd):
         return T2IAdapterHandle(load_t2i_adapter(path, dtype=dtype, sd=sd), source=path)
+    if sd is not None and sd3cn.is_sd3_controlnet(sd):
+        return sd3cn.SD3ControlNetHandle(*sd3cn.load_sd3_controlnet(path, dtype=dtype, sd=sd), source=path)
     return ControlNetHandle(load_controlnet_model(path, dtype=dtype, base_unet=base_unet, sd=sd), source=path)
 
 

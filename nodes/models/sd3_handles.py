@@ -55,7 +55,8 @@ class SD3ModelHandle(DiffusionModelHandle):
     @torch.no_grad()
     def apply(self, x_in: torch.Tensor, timestep: torch.Tensor | float, cond: dict[str, Any]) -> torch.Tensor:
         """Velocity for `x_in` [B,16,h,w] at `timestep` (sigma * 1000); cond: "context" [B|1,T,D] and
-        "pooled" [B|1,P] (required); "skip_layers" (indices of joint blocks to skip) optional."""
+        "pooled" [B|1,P] (required); "control" optional: an SD3 ControlNet application (models/controlnet_sd3.py)
+        whose residuals are added after the joint blocks."""
         self.ensure_loaded()
         if "context" not in cond or cond.get("pooled") is None:
             raise ValueError("SD3 models need 'context' and 'pooled' in cond (encode the prompt with an SD3 CLIP)")
@@ -85,11 +86,20 @@ class SD3ModelHandle(DiffusionModelHandle):
         if t.ndim == 0:
             t = t.expand(batch)
         x = x_in.to(device=device, dtype=dtype)
+        kwargs: dict[str, Any] = {}
+        control = cond.get("control")
+        if control is not None:
+            if not hasattr(control, "block_residuals"):
+                raise ValueError("an SD1/SD2/SDXL ControlNet or T2I-Adapter was applied to the conditioning of an "
+                                 "SD3 model; SD3 models take SD3 ControlNets (e.g. sd3.5_large_controlnet_canny)")
+            residuals = control.block_residuals(self, x, t, context, pooled, cond)
+            if residuals is not None:
+                kwargs["block_controlnet_hidden_states"] = [r.to(device=device, dtype=dtype) for r in residuals]
         out = tr(hidden_states=x, timestep=t, encoder_hidden_states=context, pooled_projections=pooled,
-                 return_dict=False)[0]
+                 return_dict=False, **kwargs)[0]
         slg = self.skip_layer_guidance
         if slg is not None:
-            slg.observe(self, x, t, context, pooled, out, cond)
+            slg.observe(self, x, t, context, pooled, out, cond, kwargs.get("block_controlnet_hidden_states"))
         return out.to(device=x_in.device, dtype=torch.promote_types(x_in.dtype, torch.float32))
 
     # A SkipLayerGuidance set by SkipLayerGuidanceSD3 on a clone; None = off.
@@ -209,7 +219,10 @@ class SkipLayerGuidance:
     def active(self, sigma: float) -> bool:
         return bool(self.layers) and self.scale != 0 and self.sigma_end <= sigma <= self.sigma_start
 
-    def observe(self, handle: SD3ModelHandle, x, t, context, pooled, out, cond: Mapping[str, Any]) -> None:
+    def observe(self, handle: SD3ModelHandle, x, t, context, pooled, out, cond: Mapping[str, Any],
+                controls: list[torch.Tensor] | None = None) -> None:
+        """`controls`: the ControlNet residuals of this call (the skipped pass gets them too, as in ComfyUI,
+        where it is one more model call with the same conditioning)."""
         sig = cond.get("sigma")
         flags = list(cond.get("cond_or_uncond") or [])
         if sig is None or not flags or not self.active(float(torch.as_tensor(sig).max())):
@@ -219,8 +232,9 @@ class SkipLayerGuidance:
         if not rows:
             return
         idx = torch.tensor(rows, device=x.device)
+        extra = {"block_controlnet_hidden_states": [c[idx] for c in controls]} if controls else {}
         skipped = handle.unet(hidden_states=x[idx], timestep=t[idx], encoder_hidden_states=context[idx],
-                              pooled_projections=pooled[idx], skip_layers=self.layers, return_dict=False)[0]
+                              pooled_projections=pooled[idx], skip_layers=self.layers, return_dict=False, **extra)[0]
         s = torch.as_tensor(sig, device=x.device, dtype=torch.float32)[idx].view(-1, 1, 1, 1)
         # denoised = x - v * sigma, so cond - cond_skipped = sigma * (v_skipped - v)
         diff = (s * (skipped.float() - out[idx].float())).reshape(-1, per, *x.shape[1:]).mean(0)

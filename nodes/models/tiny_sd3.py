@@ -12,6 +12,7 @@ ids: pad 0, EOS 1, unk 2); full-size models use the shipped one.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,54 @@ def write_tiny_sd3_encoders(folder: str | Path, *, sd35: bool = False, seed: int
     return {kind: _save(encoder_state_dict(kind, m[kind]), folder / f"tiny_{ENCODER_NAMES[kind]}{suffix}.safetensors",
                         {"sdflow.random_weights": "true"}, dtype)
             for kind in ("l", "g", "t5")}
+
+
+# SD3 ControlNets: "sd35" is shaped like Stability's SD3.5 Large ControlNets (no text stream, no patch
+# embedding of its own, real pooled projections), "instantx" like InstantX's SD3 ControlNets (joint
+# blocks with the text stream, own patch embedding, zero pooled projections).
+def tiny_sd3_controlnet_config(kind: str = "sd35") -> dict[str, Any]:
+    common = {"patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2, "attention_head_dim": 64,
+              "num_attention_heads": 2, "caption_projection_dim": 128,
+              "pooled_projection_dim": CLIP_WIDTH["l"] + CLIP_WIDTH["g"]}
+    if kind == "sd35":
+        return {**common, "joint_attention_dim": None, "pos_embed_max_size": None, "pos_embed_type": None,
+                "use_pos_embed": False, "force_zeros_for_pooled_projection": False}
+    if kind == "instantx":
+        return {**common, "sample_size": 32, "joint_attention_dim": T5_WIDTH, "pos_embed_max_size": 16,
+                "force_zeros_for_pooled_projection": True}
+    raise ValueError(f"unknown tiny SD3 ControlNet kind {kind!r}")
+
+
+def tiny_sd3_controlnet(kind: str = "sd35", *, seed: int = 1) -> Any:
+    """An in-memory tiny SD3ControlNetModel (its zero-initialised layers jittered too)."""
+    from diffusers import SD3ControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SD3ControlNetModel.from_config(tiny_sd3_controlnet_config(kind))
+    _jitter(model, torch.Generator().manual_seed(seed))
+    return model.eval().requires_grad_(False)
+
+
+def write_tiny_sd3_controlnet(path: str | Path, *, kind: str = "sd35", layout: str = "stability", seed: int = 1,
+                              control_type: int | None = None, dtype: torch.dtype | None = None) -> Path:
+    """A tiny SD3 ControlNet as Stability ships them (`layout="stability"`, one file, optional
+    `control_type`), as a diffusers folder (`"diffusers"`, config.json + weights) or as a bare file
+    under diffusers names (`"diffusers_file"`)."""
+    from .controlnet_sd3 import diffusers_to_stability
+
+    model = tiny_sd3_controlnet(kind, seed=seed)
+    path = Path(path)
+    meta = {"sdflow.random_weights": "true"}
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if layout == "stability":
+        return _save(diffusers_to_stability(sd, control_type), path, meta, dtype)
+    if layout == "diffusers_file":
+        return _save(sd, path, meta, dtype)
+    if layout == "diffusers":
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps({"_class_name": "SD3ControlNetModel", **dict(model.config)}),
+                                          encoding="utf-8")
+        _save(sd, path / "diffusion_pytorch_model.safetensors", meta, dtype)
+        return path
+    raise ValueError(f"unknown SD3 ControlNet layout {layout!r}")

@@ -1,7 +1,9 @@
 """Real-shaped SD3 / SD3.5 workflows (the shapes of ComfyUI's templates and examples, API format, in
 tests/compat/data/sd3): SD3 Medium with the encoders inside the checkpoint and the zeroed-negative
 timestep split, SD3.5 Large with TripleCLIPLoader, Large Turbo (4 steps, cfg 1), SD3.5 Medium with
-CLIPTextEncodeSD3 over a DualCLIPLoader (no T5), SD3.5 Medium with SkipLayerGuidanceSD3.
+CLIPTextEncodeSD3 over a DualCLIPLoader (no T5), SD3.5 Medium with SkipLayerGuidanceSD3, SD3.5 Large
+with ControlNets (LoadImage -> Canny -> ControlNetApplySD3 with the checkpoint's VAE, as ComfyUI's
+SD3.5 ControlNet example; a depth map through ControlNetApplyAdvanced with a VAELoader's VAE).
 
 Every model is installed under the name the workflow uses, as a tiny random-weight model built with the
 real classes in the real file layout; the graphs run unchanged except for smaller latents and fewer steps."""
@@ -22,11 +24,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 DATA = Path(__file__).parent / "data" / "sd3"
 WORKFLOWS = ["sd3_medium_incl_clips", "sd35_large_triple_clip", "sd35_large_turbo", "sd35_medium_clip_text_encode_sd3",
-             "sd35_medium_skip_layer_guidance"]
+             "sd35_medium_skip_layer_guidance", "sd35_large_controlnet_canny", "sd35_large_controlnet_depth_vae_loader"]
 
 
 def _install_models(models: Path) -> None:
-    from nodes.models.tiny_sd3 import write_tiny_sd3_checkpoint, write_tiny_sd3_encoders
+    from safetensors.torch import save_file
+
+    from nodes.models.tiny_sd3 import (
+        tiny_sd3_models,
+        write_tiny_sd3_checkpoint,
+        write_tiny_sd3_controlnet,
+        write_tiny_sd3_encoders,
+    )
 
     ckpts = models / "checkpoints"
     write_tiny_sd3_checkpoint(ckpts / "sd3_medium_incl_clips_t5xxlfp8.safetensors", seed=0, dtype=torch.float16)
@@ -37,6 +46,25 @@ def _install_models(models: Path) -> None:
     files = write_tiny_sd3_encoders(models / "text_encoders", seed=0, dtype=torch.float16)
     for kind, name in (("l", "clip_l.safetensors"), ("g", "clip_g.safetensors"), ("t5", "t5xxl_fp16.safetensors")):
         files[kind].rename(models / "text_encoders" / name)
+    write_tiny_sd3_checkpoint(ckpts / "sd3.5_large_fp8_scaled.safetensors", sd35=True, seed=0, dtype=torch.float16)
+    # Stability's SD3.5 Large ControlNets: their single-file layout with the control_type marker
+    for control_type, name in ((1, "canny"), (2, "depth")):
+        write_tiny_sd3_controlnet(models / "controlnet" / f"sd3.5_large_controlnet_{name}.safetensors",
+                                  seed=20 + control_type, control_type=control_type, dtype=torch.float16)
+    # the SD3.5 VAE as a separate file, under diffusers names (the repository's vae/ weights)
+    save_file({k: v.contiguous() for k, v in tiny_sd3_models(sd35=True)["vae"].state_dict().items()},
+              str(models / "vae" / "sd35_vae.safetensors"))
+
+
+def _write_inputs(folder: Path, size: int = 96) -> None:
+    yy, xx = np.mgrid[0:size, 0:size]
+    cabin = np.zeros((size, size, 3), dtype=np.uint8)                # a night scene: strong edges
+    cabin[40:80, 20:76] = (230, 200, 160)                            # walls
+    cabin[(yy < 40) & (yy > 12) & (np.abs(xx - 48) < (yy - 12) * 1.1)] = (255, 255, 255)   # roof
+    cabin[52:64, 30:42] = cabin[52:64, 54:66] = (0, 0, 0)            # windows
+    Image.fromarray(cabin).save(folder / "cabin_controlnet_input.png")
+    depth = (255 * np.exp(-((xx - 48) ** 2 + (yy - 44) ** 2) / 500.0)).astype(np.uint8)
+    Image.fromarray(depth).convert("RGB").save(folder / "shark_depthmap.png")
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +74,10 @@ def compat_env(tmp_path_factory):
 
     config = RuntimeConfig(data_dir=tmp_path_factory.mktemp("compat-sd3"))
     config.ensure_dirs()
-    for sub in ("checkpoints", "text_encoders"):
+    for sub in ("checkpoints", "text_encoders", "controlnet", "vae"):
         (config.models_dir / sub).mkdir(parents=True, exist_ok=True)
     _install_models(config.models_dir)
+    _write_inputs(config.input_dir)
     registry, _ = nodes.build_registry(config, plugins=False)
     return registry, config
 
@@ -73,6 +102,12 @@ def _shrink(prompt: dict) -> dict:
     return prompt
 
 
+def _image_path(config, img: dict) -> Path:
+    """Where an output entry's file is: SaveImage's in the output folder, PreviewImage's in temp."""
+    folder = config.temp_dir if img.get("type") == "temp" else config.output_dir
+    return folder / img["subfolder"] / img["filename"]
+
+
 def _load(name: str) -> dict:
     return json.loads((DATA / f"{name}_api.json").read_text())
 
@@ -90,7 +125,7 @@ def test_sd3_workflow_runs_unchanged(compat_env, name):
     images = [img for out in result.outputs.values() for img in out.get("images", [])]
     assert images
     for img in images:
-        with Image.open(config.output_dir / img["subfolder"] / img["filename"]) as im:
+        with Image.open(_image_path(config, img)) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.float32)
         assert arr.std() > 0
 
@@ -118,7 +153,50 @@ def test_t5_in_the_wrong_slot_is_named(compat_env):
     assert result.status == "error" and "two clip_l files" in str(result.error)
 
 
-RUN_VARIANTS = ["sd3_medium_incl_clips", "sd35_large_turbo"]  # SD3, SD3.5
+def _saved_images(config, result) -> list[np.ndarray]:
+    out = []
+    for node in result.outputs.values():
+        for img in node.get("images", []):
+            if img.get("type") == "temp":
+                continue
+            with Image.open(_image_path(config, img)) as im:
+                out.append(np.asarray(im.convert("RGB"), dtype=np.float32))
+    return out
+
+
+def test_controlnet_strength_changes_the_image_and_zero_is_no_control(compat_env):
+    """The canny ControlNet workflow at its strength, at 0, and with the ControlNet node bypassed
+    (conditionings wired straight to the sampler): 0 equals no ControlNet, 0.75 differs."""
+    from engine.executor import Executor
+
+    registry, config = compat_env
+    runs = {}
+    for label, strength in (("on", 0.75), ("zero", 0.0), ("off", None)):
+        api = _shrink(_load("sd35_large_controlnet_canny"))
+        if strength is None:
+            api["3"]["inputs"]["positive"], api["3"]["inputs"]["negative"] = ["6", 0], ["71", 0]
+            del api["30"]
+        else:
+            api["30"]["inputs"]["strength"] = strength
+        result = Executor(registry).execute(api, f"compat-cn-{label}")
+        assert result.status == "success", result.error
+        [runs[label]] = _saved_images(config, result)
+    assert np.array_equal(runs["zero"], runs["off"])
+    assert float(np.abs(runs["on"] - runs["off"]).max()) > 8
+
+
+def test_sd3_controlnet_without_a_vae_names_the_node_and_input(compat_env):
+    from engine.executor import Executor
+
+    registry, _ = compat_env
+    api = _shrink(_load("sd35_large_controlnet_depth_vae_loader"))
+    del api["30"]["inputs"]["vae"]
+    result = Executor(registry).execute(api, "compat-cn-no-vae")
+    assert result.status == "error"
+    assert "ControlNetApplyAdvanced" in str(result.error) and "'vae'" in str(result.error)
+
+
+RUN_VARIANTS = ["sd3_medium_incl_clips", "sd35_large_turbo", "sd35_large_controlnet_canny"]  # SD3, SD3.5
 
 
 @pytest.mark.parametrize("variant", ["ui", "v1", "old", "png"])
@@ -152,6 +230,7 @@ def test_front_end_variant_runs(compat_env, name, variant):
     images = [img for out in result.outputs.values() for img in out.get("images", [])]
     assert images
     for img in images:
-        with Image.open(config.output_dir / img["subfolder"] / img["filename"]) as im:
-            assert im.size == (latent["width"], latent["height"])
+        with Image.open(_image_path(config, img)) as im:
+            if img.get("type") != "temp":   # previews (the Canny hint) keep the input image's size
+                assert im.size == (latent["width"], latent["height"])
             assert np.asarray(im.convert("RGB"), dtype=np.float32).std() > 0
