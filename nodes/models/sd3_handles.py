@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .diffusion_model import DiffusionModelHandle
-from .memory import ResidentMixin, WeightsHolder, default_device
+from .memory import ResidentMixin, WeightsHolder, default_device, register_text_encoder
 from .text_encoder import ClipHandle, TokenizedPrompt
 
 T5_TOKENS = 77
@@ -112,7 +112,7 @@ class SD3ClipHandle(ResidentMixin):
                                embedding_dirs=embedding_dirs, device=device, output_device=output_device)
         # One holder for all three, shared with the inner CLIP handle: the cache accounts for (and moves)
         # them together.
-        self._weights = WeightsHolder({k: text_encoders.get(k) for k in ("l", "g", "t5")})
+        self._weights = register_text_encoder(WeightsHolder({k: text_encoders.get(k) for k in ("l", "g", "t5")}))
         self.clip._weights = self._weights
         self.t5_tokenizer = tokenizers.get("t5")
         self.load_device = device or default_device()
