@@ -122,3 +122,35 @@ def test_on_the_cpu_release_moves_nothing(vram):
     clip = ClipHandle.from_checkpoint(ck, device="cpu")
     clip_text_encode("a red cat", clip)
     assert clip._weights not in release_text_encoders()
+
+
+def test_a_lora_patched_encoder_comes_back_patched(vram):
+    from nodes.models.lora import LoraPatch, parse_lora, resolve, text_encoder_name_map
+
+    vram("normal")
+    _, clip, _ = _sd1()
+    encoder = clip.text_encoders["l"]
+    module = text_encoder_name_map(encoder)["text_model.encoder.layers.0.self_attn.q_proj"]
+    weight = encoder.get_submodule(module).weight
+    gen = torch.Generator().manual_seed(2)
+    base = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    lora = parse_lora({f"{base}.lora_down.weight": 0.3 * torch.randn(2, weight.shape[1], generator=gen),
+                       f"{base}.lora_up.weight": 0.3 * torch.randn(weight.shape[0], 2, generator=gen)})
+    patches, unknown = resolve(lora, None, clip.base_text_encoders)
+    assert patches and not unknown
+    patched = clip.with_encoder_patch("l", LoraPatch(tuple(patches), 1.0))
+    cache = OutputCache({KIND: BIG, "cpu": BIG})
+    cache.put("clip", [[clip]])
+    cache.put("patched", [[patched]])
+    with SimFactories():
+        first = patched.encode_text("a red cat")[0][0]
+        plain = clip.encode_text("a red cat")[0][0]
+        assert not torch.allclose(first, plain, atol=1e-4)
+        assert clip._weights in release_text_encoders()     # as a sampling run starts
+        assert KIND not in cache.usage() and clip.current_device.type == "cpu"
+        patched.clear_cache()
+        clip.clear_cache()
+        again = patched.encode_text("a red cat")[0][0]
+        assert clip.current_device.type == KIND
+        torch.testing.assert_close(again, first, rtol=0, atol=1e-6)
+        torch.testing.assert_close(clip.encode_text("a red cat")[0][0], plain, rtol=0, atol=1e-6)
