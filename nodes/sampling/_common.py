@@ -87,3 +87,40 @@ def uncond_getter(model: Denoiser) -> Callable[[torch.Tensor], torch.Tensor]:
         return denoised if uncond is None else uncond
 
     return get
+
+
+# ---- rectified flow ---------------------------------------------------------------------------------
+# A flow model (SD3/3.5) has x_sigma = alpha * x0 + sigma * noise with alpha = 1 - sigma; eps/v models, in
+# the VE parametrisation used here, have alpha = 1. Samplers whose noise or exponential-integrator
+# weights depend on alpha follow it as ComfyUI's do for its CONST sampling (half-log-SNR
+# lambda = log(alpha / sigma)); the others (Euler, Heun, LMS, DPM-Solver, ...) integrate the same ODE
+# in sigma and need nothing.
+
+
+def is_flow(model: Denoiser) -> bool:
+    """Whether the denoiser samples a rectified-flow model (its schedule's prediction type)."""
+    return getattr(getattr(model, "schedule", None), "prediction_type", None) == "flow"
+
+
+def alpha_of(sigma: torch.Tensor, flow: bool) -> torch.Tensor:
+    """The signal scale at sigma: 1 - sigma for flow, exactly 1 otherwise (VE results stay bit-identical)."""
+    return 1 - sigma if flow else torch.ones_like(sigma)
+
+
+def half_log_snr(sigma: torch.Tensor, flow: bool) -> torch.Tensor:
+    """lambda = log(alpha / sigma): -logit(sigma) for flow, -log(sigma) otherwise."""
+    return sigma.logit().neg() if flow else sigma.log().neg()
+
+
+def sigma_of_half_log_snr(lam: torch.Tensor, flow: bool) -> torch.Tensor:
+    return lam.neg().sigmoid() if flow else lam.neg().exp()
+
+
+def offset_first_sigma(model: Denoiser, sigmas: torch.Tensor, flow: bool, percent: float = 1e-4) -> torch.Tensor:
+    """A flow schedule starts at sigma 1, where lambda is -inf: the samplers that work in lambda start a
+    hair below it instead, at the sigma 0.01% into sampling (as ComfyUI's offset_first_sigma_for_snr)."""
+    if not flow or len(sigmas) <= 1 or float(sigmas[0]) < 1:
+        return sigmas
+    sigmas = sigmas.clone()
+    sigmas[0] = float(model.schedule.percent_to_sigma(percent))  # type: ignore[attr-defined]
+    return sigmas

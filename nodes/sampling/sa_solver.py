@@ -1,6 +1,7 @@
 """SA-Solver (Xue et al. 2023, "SA-Solver: Stochastic Adams Solver for Fast Sampling of Diffusion
 Models", NeurIPS 2023, arXiv 2309.05019): a stochastic Adams predictor (order 3) - corrector (order 4)
-method on the denoised prediction in lambda = -log(sigma) (alpha = 1 in the VE parametrisation).
+method on the denoised prediction in lambda = log(alpha / sigma): -log(sigma) in the VE parametrisation
+(alpha = 1), -logit(sigma) for rectified flow (alpha = 1 - sigma), where the weights carry alpha_t.
 
 The stochasticity tau is 1 inside the sigma band between the 20% and 80% sampling-progress points
 and 0 (an ODE step) outside, as ComfyUI's default. ``sa_solver_pece`` re-evaluates the model on each
@@ -15,7 +16,16 @@ from typing import cast
 import numpy as np
 import torch
 
-from ._common import Denoiser, StepCallback, ancestral_noise, report, split_extra
+from ._common import (
+    Denoiser,
+    StepCallback,
+    ancestral_noise,
+    half_log_snr,
+    is_flow,
+    offset_first_sigma,
+    report,
+    split_extra,
+)
 from .model_sampling import DiscreteSchedule
 
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(12)
@@ -63,8 +73,17 @@ def sample_sa_solver(model: Denoiser, x, sigmas, extra_args=None, callback: Step
     noise_of = ancestral_noise(x, seed, noise_sampler)
     s_in = x.new_ones([x.shape[0]])
     tau_func = _tau_band(model) if tau_func is None else tau_func
+    flow = is_flow(model)
+    sigmas = offset_first_sigma(model, sigmas, flow)
     sig = [float(s) for s in sigmas]
-    lambdas = [-float(np.log(s)) if s > 0 else float("inf") for s in sig]
+    if flow:
+        lambdas = [float(half_log_snr(torch.tensor(s, dtype=torch.float64), True)) if s > 0 else float("inf")
+                   for s in sig]
+    else:
+        lambdas = [-float(np.log(s)) if s > 0 else float("inf") for s in sig]
+
+    def alpha(k: int) -> float:  # the weights' alpha_t: 1 - sigma for flow, 1 for VE
+        return 1.0 - sig[k] if flow else 1.0
     keep = max(predictor_order, corrector_order)
     x_pred = x  # x: the corrected state, x_pred: the predicted next state
     h, tau, noise = 0.0, 0.0, None
@@ -85,7 +104,8 @@ def sample_sa_solver(model: Denoiser, x, sigmas, extra_args=None, callback: Step
         if c_order == 0:
             x = x_pred
         else:
-            b = adams_coefficients(np.array(lambdas[i - c_order + 1 : i + 1]), lambdas[i - 1], lambdas[i], tau)
+            b = adams_coefficients(np.array(lambdas[i - c_order + 1 : i + 1]), lambdas[i - 1], lambdas[i], tau) \
+                * alpha(i)
             x = float(sig[i] / sig[i - 1] * np.exp(-(tau**2) * h)) * x + _combine(preds[-c_order:], b)
             if noise is not None:
                 x = x + noise  # the same Brownian increment the predictor used
@@ -98,7 +118,8 @@ def sample_sa_solver(model: Denoiser, x, sigmas, extra_args=None, callback: Step
             x_pred = denoised
         else:
             tau = tau_func(sig[i + 1])
-            b = adams_coefficients(np.array(lambdas[i - p_order + 1 : i + 1]), lambdas[i], lambdas[i + 1], tau)
+            b = adams_coefficients(np.array(lambdas[i - p_order + 1 : i + 1]), lambdas[i], lambdas[i + 1], tau) \
+                * alpha(i + 1)
             h = lambdas[i + 1] - lambdas[i]
             x_pred = float(sig[i + 1] / sig[i] * np.exp(-(tau**2) * h)) * x + _combine(preds[-p_order:], b)
             noise = None

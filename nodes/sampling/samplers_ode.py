@@ -5,7 +5,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import Denoiser, StepCallback, ancestral_noise, report, sigma_fn, split_extra, t_fn, to_d, uncond_getter
+from ._common import (
+    Denoiser,
+    StepCallback,
+    alpha_of,
+    ancestral_noise,
+    is_flow,
+    report,
+    sigma_fn,
+    split_extra,
+    t_fn,
+    to_d,
+    uncond_getter,
+)
 
 
 def _churn(x, sigma, n_steps, s_churn, s_tmin, s_tmax, s_noise, noise_sampler):
@@ -36,17 +48,19 @@ def sample_euler(model: Denoiser, x, sigmas, extra_args=None, callback: StepCall
     return x
 
 
-# CFG++ (Chung et al. 2024, arXiv 2406.08070) with Euler steps: renoise along the unconditional direction.
+# CFG++ (Chung et al. 2024, arXiv 2406.08070) with Euler steps: renoise along the unconditional direction
+# (for flow, the noise direction of x = alpha * uncond + sigma * noise, and the guided x0 scaled by alpha).
 @torch.no_grad()
 def sample_euler_cfg_pp(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None):
     kwargs, _ = split_extra(extra_args)
     s_in = x.new_ones([x.shape[0]])
     uncond_of = uncond_getter(model)
+    flow = is_flow(model)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **kwargs)
-        d = to_d(x, sigmas[i], uncond_of(denoised))
+        d = to_d(x, sigmas[i], alpha_of(sigmas[i], flow) * uncond_of(denoised))
         report(callback, i, x, sigmas[i], denoised)
-        x = denoised + d * sigmas[i + 1]
+        x = alpha_of(sigmas[i + 1], flow) * denoised + d * sigmas[i + 1]
     return x
 
 

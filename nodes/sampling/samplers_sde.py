@@ -2,6 +2,9 @@
 
 Ancestral samplers draw from a generator seeded with ``extra_args["seed"]``; SDE samplers use a
 Brownian tree seeded with it. Either can be overridden with ``noise_sampler=`` (tests inject noise).
+On a rectified-flow model the ancestral ones run their flow forms (``samplers_rf``) and the
+exponential-integrator SDE ones work in lambda = log(alpha / sigma) with alpha = 1 - sigma, as
+ComfyUI's do (see ``_common``: with alpha exactly 1 the VE results are unchanged).
 """
 
 from __future__ import annotations
@@ -11,15 +14,26 @@ import torch
 from ._common import (
     Denoiser,
     StepCallback,
+    alpha_of,
     ancestral_noise,
     brownian_noise,
     get_ancestral_step,
+    half_log_snr,
+    is_flow,
+    offset_first_sigma,
     report,
     sigma_fn,
+    sigma_of_half_log_snr,
     split_extra,
     t_fn,
     to_d,
     uncond_getter,
+)
+from .samplers_rf import (
+    sample_dpm_2_ancestral_rf,
+    sample_dpmpp_2s_ancestral_cfg_pp_rf,
+    sample_dpmpp_2s_ancestral_rf,
+    sample_euler_ancestral_rf,
 )
 
 
@@ -27,6 +41,8 @@ from ._common import (
 @torch.no_grad()
 def sample_euler_ancestral(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
                            eta=1.0, s_noise=1.0, noise_sampler=None):
+    if is_flow(model):
+        return sample_euler_ancestral_rf(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler)
     kwargs, seed = split_extra(extra_args)
     noise = ancestral_noise(x, seed, noise_sampler)
     s_in = x.new_ones([x.shape[0]])
@@ -48,13 +64,24 @@ def sample_euler_ancestral_cfg_pp(model: Denoiser, x, sigmas, extra_args=None, c
     noise = ancestral_noise(x, seed, noise_sampler)
     s_in = x.new_ones([x.shape[0]])
     uncond_of = uncond_getter(model)
+    flow = is_flow(model)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **kwargs)
-        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
         report(callback, i, x, sigmas[i], denoised)
-        x = denoised + to_d(x, sigmas[i], uncond_of(denoised)) * sigma_down
-        if sigmas[i + 1] > 0:
-            x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        alpha, alpha_next = alpha_of(sigmas[i], flow), alpha_of(sigmas[i + 1], flow)
+        # the DDIM-style split in the noise-to-signal ratio sigma / alpha, then back to x's scale; at a
+        # flow's sigma 1 that ratio is infinite and the step is all fresh noise (ComfyUI's split comes to
+        # sigma_up = sigma_to there too: Python's min() passes over the NaN)
+        if float(alpha) == 0.0:
+            sigma_down, sigma_up = torch.zeros_like(alpha), sigmas[i + 1] / alpha_next
+        else:
+            sigma_down, sigma_up = get_ancestral_step(sigmas[i] / alpha, sigmas[i + 1] / alpha_next, eta)
+        x = alpha_next * denoised + to_d(x, sigmas[i], alpha * uncond_of(denoised)) * (alpha_next * sigma_down)
+        if eta > 0 and s_noise > 0:
+            x = x + alpha_next * noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
 
 
@@ -62,6 +89,8 @@ def sample_euler_ancestral_cfg_pp(model: Denoiser, x, sigmas, extra_args=None, c
 @torch.no_grad()
 def sample_dpm_2_ancestral(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
                            eta=1.0, s_noise=1.0, noise_sampler=None):
+    if is_flow(model):
+        return sample_dpm_2_ancestral_rf(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler)
     kwargs, seed = split_extra(extra_args)
     noise = ancestral_noise(x, seed, noise_sampler)
     s_in = x.new_ones([x.shape[0]])
@@ -86,6 +115,9 @@ def sample_dpm_2_ancestral(model: Denoiser, x, sigmas, extra_args=None, callback
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None, disable=None,
                               eta=1.0, s_noise=1.0, noise_sampler=None):
+    if is_flow(model):
+        return sample_dpmpp_2s_ancestral_rf(model, x, sigmas, extra_args, callback, disable, eta, s_noise,
+                                            noise_sampler)
     kwargs, seed = split_extra(extra_args)
     noise = ancestral_noise(x, seed, noise_sampler)
     s_in = x.new_ones([x.shape[0]])
@@ -115,29 +147,36 @@ def sample_dpmpp_sde(model: Denoiser, x, sigmas, extra_args=None, callback: Step
     kwargs, seed = split_extra(extra_args)
     noise = brownian_noise(x, sigmas, seed, noise_sampler, cpu=cpu_noise)
     s_in = x.new_ones([x.shape[0]])
+    flow = is_flow(model)
+    sigmas = offset_first_sigma(model, sigmas, flow)
     fac = 1 / (2 * r)
+    inject = eta > 0 and s_noise > 0
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
         denoised = model(x, sigma * s_in, **kwargs)
         report(callback, i, x, sigma, denoised)
         if sigmas[i + 1] == 0:
-            x = x + to_d(x, sigma, denoised) * (sigmas[i + 1] - sigma)
+            x = denoised
             continue
-        t, t_next = t_fn(sigma), t_fn(sigmas[i + 1])
-        h = t_next - t
-        s = t + h * r
-        # stage 1: ancestral step to the intermediate time s
-        sd, su = get_ancestral_step(sigma_fn(t), sigma_fn(s), eta)
-        s_ = t_fn(sd)
-        x_2 = (sigma_fn(s_) / sigma_fn(t)) * x - (t - s_).expm1() * denoised
-        x_2 = x_2 + noise(sigma_fn(t), sigma_fn(s)) * s_noise * su
-        denoised_2 = model(x_2, sigma_fn(s) * s_in, **kwargs)
+        lam, lam_next = half_log_snr(sigma, flow), half_log_snr(sigmas[i + 1], flow)
+        h = lam_next - lam
+        lam_1 = lam + r * h
+        sigma_1 = sigma_of_half_log_snr(lam_1, flow)
+        alpha, alpha_1, alpha_next = alpha_of(sigma, flow), alpha_of(sigma_1, flow), alpha_of(sigmas[i + 1], flow)
+        # stage 1: ancestral step to the intermediate lambda (the split is in the ratio sigma / alpha)
+        sd, su = get_ancestral_step(lam.neg().exp(), lam_1.neg().exp(), eta)
+        h_ = sd.log().neg() - lam
+        x_2 = (alpha_1 / alpha) * (-h_).exp() * x - alpha_1 * (-h_).expm1() * denoised
+        if inject:
+            x_2 = x_2 + alpha_1 * noise(sigma, sigma_1) * s_noise * su
+        denoised_2 = model(x_2, sigma_1 * s_in, **kwargs)
         # stage 2: full step with the blended denoised estimate
-        sd, su = get_ancestral_step(sigma_fn(t), sigma_fn(t_next), eta)
-        t_next_ = t_fn(sd)
+        sd, su = get_ancestral_step(lam.neg().exp(), lam_next.neg().exp(), eta)
+        h_ = sd.log().neg() - lam
         denoised_d = (1 - fac) * denoised + fac * denoised_2
-        x = (sigma_fn(t_next_) / sigma_fn(t)) * x - (t - t_next_).expm1() * denoised_d
-        x = x + noise(sigma_fn(t), sigma_fn(t_next)) * s_noise * su
+        x = (alpha_next / alpha) * (-h_).exp() * x - alpha_next * (-h_).expm1() * denoised_d
+        if inject:
+            x = x + alpha_next * noise(sigma, sigmas[i + 1]) * s_noise * su
     return x
 
 
@@ -150,6 +189,8 @@ def sample_dpmpp_2m_sde(model: Denoiser, x, sigmas, extra_args=None, callback: S
     kwargs, seed = split_extra(extra_args)
     noise = brownian_noise(x, sigmas, seed, noise_sampler, cpu=cpu_noise)
     s_in = x.new_ones([x.shape[0]])
+    flow = is_flow(model)
+    sigmas = offset_first_sigma(model, sigmas, flow)
     old_denoised = None
     h_last = None
     for i in range(len(sigmas) - 1):
@@ -158,17 +199,19 @@ def sample_dpmpp_2m_sde(model: Denoiser, x, sigmas, extra_args=None, callback: S
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
-            h = s - t
+            h = half_log_snr(sigmas[i + 1], flow) - half_log_snr(sigmas[i], flow)
             eta_h = eta * h
-            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            alpha_next = alpha_of(sigmas[i + 1], flow)
+            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + alpha_next * (-h - eta_h).expm1().neg() * denoised
             if old_denoised is not None:
+                assert h_last is not None  # set with old_denoised
                 r = h_last / h
                 if solver_type == "heun":
-                    x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                    x = x + alpha_next * ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) \
+                        * (denoised - old_denoised)
                 else:
-                    x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
-            if eta:
+                    x = x + 0.5 * alpha_next * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
+            if eta and s_noise:
                 x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
             h_last = h
         old_denoised = denoised
@@ -187,6 +230,8 @@ def sample_dpmpp_3m_sde(model: Denoiser, x, sigmas, extra_args=None, callback: S
     kwargs, seed = split_extra(extra_args)
     noise = brownian_noise(x, sigmas, seed, noise_sampler, cpu=cpu_noise)
     s_in = x.new_ones([x.shape[0]])
+    flow = is_flow(model)
+    sigmas = offset_first_sigma(model, sigmas, flow)
     denoised_1 = denoised_2 = None
     h = h_1 = h_2 = None
     for i in range(len(sigmas) - 1):
@@ -195,12 +240,14 @@ def sample_dpmpp_3m_sde(model: Denoiser, x, sigmas, extra_args=None, callback: S
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
-            h = s - t
+            h = half_log_snr(sigmas[i + 1], flow) - half_log_snr(sigmas[i], flow)
             h_eta = h * (eta + 1)
-            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+            alpha_next = alpha_of(sigmas[i + 1], flow)
+            # sigma ratio: exp(-h) * alpha ratio, which is exp(-h) for VE (kept that way there)
+            decay = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() if flow else torch.exp(-h_eta)
+            x = decay * x + alpha_next * (-h_eta).expm1().neg() * denoised
             if h_2 is not None:
-                assert denoised_1 is not None and denoised_2 is not None  # set with h_1 and h_2
+                assert denoised_1 is not None and denoised_2 is not None and h_1 is not None  # set with h_2
                 r0, r1 = h_1 / h, h_2 / h
                 d1_0 = (denoised - denoised_1) / r0
                 d1_1 = (denoised_1 - denoised_2) / r1
@@ -208,13 +255,13 @@ def sample_dpmpp_3m_sde(model: Denoiser, x, sigmas, extra_args=None, callback: S
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
                 phi_3 = phi_2 / h_eta - 0.5
-                x = x + phi_2 * d1 - phi_3 * d2
+                x = x + (alpha_next * phi_2) * d1 - (alpha_next * phi_3) * d2
             elif h_1 is not None:
                 assert denoised_1 is not None  # set with h_1
                 d = (denoised - denoised_1) / (h_1 / h)
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
-                x = x + phi_2 * d
-            if eta:
+                x = x + alpha_next * phi_2 * d
+            if eta and s_noise:
                 x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
@@ -256,13 +303,17 @@ def sample_lcm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallba
     kwargs, seed = split_extra(extra_args)
     noise = ancestral_noise(x, seed, noise_sampler)
     s_in = x.new_ones([x.shape[0]])
+    flow = is_flow(model)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **kwargs)
         report(callback, i, x, sigmas[i], denoised)
         x = denoised
         if sigmas[i + 1] > 0:
-            # eps/v models: noise_scaling is x0 + sigma * noise
-            x = x + sigmas[i + 1] * noise(sigmas[i], sigmas[i + 1])
+            # re-noise as the model noises: x0 + sigma * noise, or (1 - sigma) * x0 + sigma * noise for flow
+            if flow:
+                x = model.schedule.noise_scaling(sigmas[i + 1], noise(sigmas[i], sigmas[i + 1]), x)  # type: ignore[attr-defined]
+            else:
+                x = x + sigmas[i + 1] * noise(sigmas[i], sigmas[i + 1])
     return x
 
 
@@ -272,6 +323,9 @@ def sample_lcm(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallba
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral_cfg_pp(model: Denoiser, x, sigmas, extra_args=None, callback: StepCallback = None,
                                      disable=None, eta=1.0, s_noise=1.0, noise_sampler=None):
+    if is_flow(model):
+        return sample_dpmpp_2s_ancestral_cfg_pp_rf(model, x, sigmas, extra_args, callback, disable, eta, s_noise,
+                                                   noise_sampler)
     kwargs, seed = split_extra(extra_args)
     noise = ancestral_noise(x, seed, noise_sampler)
     s_in = x.new_ones([x.shape[0]])
@@ -316,7 +370,10 @@ def sample_er_sde(model: Denoiser, x, sigmas, extra_args=None, callback: StepCal
     scaler = _er_sde_noise_scaler if noise_scaler is None else noise_scaler
     points = 200
     index = torch.arange(points, dtype=torch.float32, device=x.device)
-    lambdas = sigmas
+    flow = is_flow(model)
+    sigmas = offset_first_sigma(model, sigmas, flow)
+    # the paper's lambda is sigma / alpha: sigma itself for VE, sigma / (1 - sigma) for flow
+    lambdas = half_log_snr(sigmas, flow).neg().exp() if flow else sigmas
     old_denoised = old_denoised_d = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **kwargs)
@@ -326,8 +383,9 @@ def sample_er_sde(model: Denoiser, x, sigmas, extra_args=None, callback: StepCal
             x = denoised
         else:
             lam_s, lam_t = lambdas[i], lambdas[i + 1]
+            alpha_s, alpha_t = (sigmas[i] / lam_s, sigmas[i + 1] / lam_t) if flow else (1.0, 1.0)
             r = scaler(lam_t) / scaler(lam_s)
-            x = r * x + (1 - r) * denoised
+            x = (alpha_t / alpha_s) * r * x + alpha_t * (1 - r) * denoised
             if stage >= 2:
                 dt = lam_t - lam_s
                 step = -dt / points
@@ -336,15 +394,16 @@ def sample_er_sde(model: Denoiser, x, sigmas, extra_args=None, callback: StepCal
                 integral = torch.sum(1 / scaled) * step
                 assert old_denoised is not None  # stage >= 2: there was a previous step
                 denoised_d = (denoised - old_denoised) / (lam_s - lambdas[i - 1])
-                x = x + (dt + integral * scaler(lam_t)) * denoised_d
+                x = x + alpha_t * (dt + integral * scaler(lam_t)) * denoised_d
                 if stage >= 3:
+                    assert old_denoised_d is not None  # stage >= 3: set on the step before
                     integral_u = torch.sum((pos - lam_s) / scaled) * step
                     denoised_u = (denoised_d - old_denoised_d) / ((lam_s - lambdas[i - 2]) / 2)
-                    x = x + (dt**2 / 2 + integral_u * scaler(lam_t)) * denoised_u
+                    x = x + alpha_t * (dt**2 / 2 + integral_u * scaler(lam_t)) * denoised_u
                 old_denoised_d = denoised_d
             if s_noise > 0:
                 std = (lam_t**2 - lam_s**2 * r**2).sqrt().nan_to_num(nan=0.0)
-                x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * std
+                x = x + alpha_t * noise(sigmas[i], sigmas[i + 1]) * s_noise * std
         old_denoised = denoised
     return x
 
@@ -371,6 +430,8 @@ def sample_seeds_2(model: Denoiser, x, sigmas, extra_args=None, callback: StepCa
     noise = ancestral_noise(x, seed, noise_sampler)
     s_in = x.new_ones([x.shape[0]])
     inject = eta > 0 and s_noise > 0
+    flow = is_flow(model)
+    sigmas = offset_first_sigma(model, sigmas, flow)
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **kwargs)
@@ -378,22 +439,23 @@ def sample_seeds_2(model: Denoiser, x, sigmas, extra_args=None, callback: StepCa
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        lam_s, lam_t = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        lam_s, lam_t = half_log_snr(sigmas[i], flow), half_log_snr(sigmas[i + 1], flow)
         h = lam_t - lam_s
         h_eta = h * (eta + 1)
-        sigma_1 = sigma_fn(torch.lerp(lam_s, lam_t, r))
-        x_2 = sigma_1 / sigmas[i] * (-r * h * eta).exp() * x - _ei_phi1(-r * h_eta) * denoised
+        sigma_1 = sigma_of_half_log_snr(torch.lerp(lam_s, lam_t, r), flow)
+        alpha_1, alpha_t = alpha_of(sigma_1, flow), alpha_of(sigmas[i + 1], flow)
+        x_2 = sigma_1 / sigmas[i] * (-r * h * eta).exp() * x - alpha_1 * _ei_phi1(-r * h_eta) * denoised
         if inject:
             sde_noise = (-2 * r * h * eta).expm1().neg().sqrt() * noise(sigmas[i], sigma_1)
             x_2 = x_2 + sde_noise * sigma_1 * s_noise
         denoised_2 = model(x_2, sigma_1 * s_in, **kwargs)
         if solver_type == "phi_1":
             x = (sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x
-                 - _ei_phi1(-h_eta) * torch.lerp(denoised, denoised_2, fac))
+                 - alpha_t * _ei_phi1(-h_eta) * torch.lerp(denoised, denoised_2, fac))
         else:
             b2 = _ei_phi2(-h_eta) / r
             b1 = _ei_phi1(-h_eta) - b2
-            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - (b1 * denoised + b2 * denoised_2)
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * (b1 * denoised + b2 * denoised_2)
         if inject:
             seg = (r - 1) * h * eta
             sde_noise = sde_noise * seg.exp() + seg.mul(2).expm1().neg().sqrt() * noise(sigma_1, sigmas[i + 1])
@@ -409,25 +471,29 @@ def sample_seeds_3(model: Denoiser, x, sigmas, extra_args=None, callback: StepCa
     noise = ancestral_noise(x, seed, noise_sampler)
     s_in = x.new_ones([x.shape[0]])
     inject = eta > 0 and s_noise > 0
+    flow = is_flow(model)
+    sigmas = offset_first_sigma(model, sigmas, flow)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **kwargs)
         report(callback, i, x, sigmas[i], denoised)
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        lam_s, lam_t = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        lam_s, lam_t = half_log_snr(sigmas[i], flow), half_log_snr(sigmas[i + 1], flow)
         h = lam_t - lam_s
         h_eta = h * (eta + 1)
-        sigma_1 = sigma_fn(torch.lerp(lam_s, lam_t, r_1))
-        sigma_2 = sigma_fn(torch.lerp(lam_s, lam_t, r_2))
-        x_2 = sigma_1 / sigmas[i] * (-r_1 * h * eta).exp() * x - _ei_phi1(-r_1 * h_eta) * denoised
+        sigma_1 = sigma_of_half_log_snr(torch.lerp(lam_s, lam_t, r_1), flow)
+        sigma_2 = sigma_of_half_log_snr(torch.lerp(lam_s, lam_t, r_2), flow)
+        alpha_1, alpha_2 = alpha_of(sigma_1, flow), alpha_of(sigma_2, flow)
+        alpha_t = alpha_of(sigmas[i + 1], flow)
+        x_2 = sigma_1 / sigmas[i] * (-r_1 * h * eta).exp() * x - alpha_1 * _ei_phi1(-r_1 * h_eta) * denoised
         if inject:
             sde_noise = (-2 * r_1 * h * eta).expm1().neg().sqrt() * noise(sigmas[i], sigma_1)
             x_2 = x_2 + sde_noise * sigma_1 * s_noise
         denoised_2 = model(x_2, sigma_1 * s_in, **kwargs)
         a3_2 = r_2 / r_1 * _ei_phi2(-r_2 * h_eta)
         a3_1 = _ei_phi1(-r_2 * h_eta) - a3_2
-        x_3 = sigma_2 / sigmas[i] * (-r_2 * h * eta).exp() * x - (a3_1 * denoised + a3_2 * denoised_2)
+        x_3 = sigma_2 / sigmas[i] * (-r_2 * h * eta).exp() * x - alpha_2 * (a3_1 * denoised + a3_2 * denoised_2)
         if inject:
             seg = (r_1 - r_2) * h * eta
             sde_noise = sde_noise * seg.exp() + seg.mul(2).expm1().neg().sqrt() * noise(sigma_1, sigma_2)
@@ -435,7 +501,7 @@ def sample_seeds_3(model: Denoiser, x, sigmas, extra_args=None, callback: StepCa
         denoised_3 = model(x_3, sigma_2 * s_in, **kwargs)
         b3 = _ei_phi2(-h_eta) / r_2
         b1 = _ei_phi1(-h_eta) - b3
-        x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - (b1 * denoised + b3 * denoised_3)
+        x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * (b1 * denoised + b3 * denoised_3)
         if inject:
             seg = (r_2 - 1) * h * eta
             sde_noise = sde_noise * seg.exp() + seg.mul(2).expm1().neg().sqrt() * noise(sigma_2, sigmas[i + 1])

@@ -287,6 +287,8 @@ def _kd_run(kd: types.ModuleType, name: str, sigmas: torch.Tensor) -> torch.Tens
         opts = {**opts, "noise_sampler": comfy_default_noise_sampler(x, SEED)}
     elif name in BROWNIAN_NOISE:
         opts = {**opts, "noise_sampler": comfy_brownian_noise_sampler(kd, x, sigmas, SEED)}
+        if name.startswith("dpmpp_sde"):
+            opts["noise_sampler"] = _at_scheduled_sigmas(opts["noise_sampler"], sigmas)
     if name in ("dpm_fast", "dpm_adaptive"):
         # ComfyUI's KSAMPLER wrapper: sigma_min is the last sigma, or the one before a final 0;
         # dpm_fast takes len(sigmas) - 1 model evaluations.
@@ -301,6 +303,19 @@ def _kd_run(kd: types.ModuleType, name: str, sigmas: torch.Tensor) -> torch.Tens
         fn(model, x, sigmas, disable=True, callback=lambda info: seen.append(info["denoised"]), **opts)
         return seen[-1]
     return fn(model, x, sigmas, disable=True, **opts)
+
+
+def _at_scheduled_sigmas(noise: Callable, sigmas: torch.Tensor) -> Callable:
+    """k-diffusion 0.1.1's dpmpp_sde asks the Brownian tree for sigma_fn(t_fn(sigma)), the schedule's
+    sigma after an exp(-log) round trip; ComfyUI's current one (in half-log-SNR form, shared with flow
+    models) asks at the scheduled sigma itself. A Brownian path moves by about sqrt(dt) over a one-ulp
+    shift of its time (1e-3 here), so the reference snaps such query times back to the sigma."""
+    def snap(value: Any) -> torch.Tensor:
+        v = torch.as_tensor(value)
+        near = sigmas[(sigmas - v).abs().argmin()]
+        return near if float((near - v).abs()) <= 1e-6 * max(float(v.abs()), 1e-12) else v
+
+    return lambda sigma, sigma_next: noise(snap(sigma), snap(sigma_next))
 
 
 @pytest.mark.parametrize("name", sorted(KD_REFERENCE))
