@@ -75,7 +75,7 @@ def sample_euler_ancestral_cfg_pp(model: Denoiser, x, sigmas, extra_args=None, c
         # the DDIM-style split in the noise-to-signal ratio sigma / alpha, then back to x's scale; at a
         # flow's sigma 1 that ratio is infinite and the step is all fresh noise (ComfyUI's split comes to
         # sigma_up = sigma_to there too: Python's min() passes over the NaN)
-        if float(alpha) == 0.0:
+        if float(alpha) == 0.0 and eta:
             sigma_down, sigma_up = torch.zeros_like(alpha), sigmas[i + 1] / alpha_next
         else:
             sigma_down, sigma_up = get_ancestral_step(sigmas[i] / alpha, sigmas[i + 1] / alpha_next, eta)

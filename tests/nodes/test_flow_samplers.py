@@ -79,3 +79,20 @@ def test_the_ve_only_samplers_still_run_on_flow_sigmas(name: str) -> None:
     out = SAMPLERS[name](PointMass(schedule), x, sigmas, extra_args={"seed": 7})
     assert bool(torch.isfinite(out).all())
     torch.testing.assert_close(out, torch.full(SHAPE, X0), rtol=0, atol=2e-3)
+
+
+def test_euler_cfg_pp_is_the_ancestral_one_at_eta_0_on_flow() -> None:
+    """ComfyUI defines euler_cfg_pp as euler_ancestral_cfg_pp with eta = 0; both start at a flow's sigma 1,
+    where alpha is 0, with a denoiser that depends on x."""
+    schedule = FlowSchedule(shift=3.0)
+    sigmas = sigmas_for(schedule, "euler", "simple", 8, 1.0).to(torch.float32)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+
+    class Affine(PointMass):
+        def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_: object) -> torch.Tensor:
+            return 0.5 * x + 1.0
+
+    a = SAMPLERS["euler_ancestral_cfg_pp"](Affine(schedule), x, sigmas, extra_args={"seed": 1}, eta=0.0)
+    b = SAMPLERS["euler_cfg_pp"](Affine(schedule), x, sigmas, extra_args={"seed": 1})
+    assert bool(torch.isfinite(a).all())
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
