@@ -57,8 +57,9 @@ def load_lora(model: DiffusionModelHandle | None, clip: ClipHandle | None, lora_
             theirs = tuple(p for p in patches if p.target == key)
             if theirs:
                 if not hasattr(patched, "with_encoder_patch"):
-                    raise ValueError(f"{node_name}: LoRA weights for the {key!r} text encoder of an SD3 CLIP are "
-                                     "not supported yet (use strength_clip 0, or LoraLoaderModelOnly)")
+                    raise ValueError(f"{node_name}: LoRA weights for the {key!r} text encoder of a "
+                                     f"{type(clip).__name__} are not supported (use strength_clip 0, or "
+                                     "LoraLoaderModelOnly)")
                 patched = patched.with_encoder_patch(key, LoraPatch(theirs, float(strength_clip)))
         out_clip = patched
     return out_model, out_clip

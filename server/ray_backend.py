@@ -629,8 +629,9 @@ class RayBackend(QueueDriver):
             stream = slot.actor.run.options(num_returns="streaming").remote(self._job(item, client_id))
             for ref in stream:
                 msg = ray.get(ref)
-                if msg[0] == "event":
-                    self._forward(slot, states, client_id, *msg[1:])
+                if msg[0] == "events":
+                    for event in msg[1]:
+                        self._forward(slot, states, client_id, *event[1:])
                 elif msg[0] == "result":
                     result = msg[1]
                 elif msg[0] == "crash":

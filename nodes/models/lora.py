@@ -9,7 +9,9 @@ Layouts read (every one is a flat state dict of low-rank pairs, one pair per ada
 - diffusers / PEFT: `unet.<module>` / `transformer.<module>` (SD3) / `text_encoder[_2].<module>` with
   `.lora_A.weight` + `.lora_B.weight` (PEFT), `.lora.down.weight` + `.lora.up.weight`,
   `.lora_linear_layer.down/up.weight`, or attention-processor names (`attn1.processor.to_q_lora.down`).
-- ComfyUI's own prefixes `diffusion_model.` / `model.diffusion_model.` with LDM module names.
+- ComfyUI's own prefixes `diffusion_model.` / `model.diffusion_model.` with LDM module names, and
+  `text_encoders.clip_l.transformer.` / `clip_g` / `clip_h` / `t5xxl` for the text encoders.
+- SD3 kohya files: `lora_te1_` / `lora_te2_` / `lora_te3_` for CLIP-L, CLIP-G and T5-XXL.
 
 Layer formats (per base name, as ComfyUI's LoraLoader reads them):
 - LoRA / LoCon: `up @ down` (convs flattened), with LoCon's Tucker core `lora_mid` folded into `down`.
@@ -78,8 +80,12 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
 _LYCORIS_PARTS = {part for _, part in _SUFFIXES if part.startswith(("hada_", "lokr_"))}
 
 UNET = "unet"
-_KOHYA_TE = {"lora_te_": None, "lora_te1_": "l", "lora_te2_": "g"}   # None = the first encoder
+# SD3's kohya files number T5 after the two CLIPs (lora_te3_), as ComfyUI's key map does when both are present.
+_KOHYA_TE = {"lora_te_": None, "lora_te1_": "l", "lora_te2_": "g", "lora_te3_": "t5"}   # None = the first encoder
 _DIFFUSERS_TE = {"text_encoder.": None, "text_encoder_2.": "g"}
+# ComfyUI's generic layout: "text_encoders." + the key of the weight in ComfyUI's CLIP state dict.
+_COMFY_TE = {f"text_encoders.{name}.transformer.": key
+             for name, key in (("clip_l", "l"), ("clip_h", "h"), ("clip_g", "g"), ("t5xxl", "t5"))}
 _LDM_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
@@ -197,15 +203,20 @@ def unet_name_map(unet: nn.Module) -> dict[str, str]:
 
 
 def text_encoder_name_map(encoder: nn.Module) -> dict[str, str]:
-    """LoRA names of a CLIP text encoder's layers (always spelled `text_model.*`, as in the files)
-    -> module names of this encoder (transformers 5's CLIPTextModel has no `text_model` level)."""
-    nested = hasattr(encoder, "text_model")
+    """LoRA names of a text encoder's layers -> module names of this encoder. CLIP names are always
+    spelled `text_model.*` in the files (transformers 5's CLIPTextModel has no `text_model` level); T5's
+    are its own module names (`encoder.block.0.layer.0.SelfAttention.q`)."""
+    nested = hasattr(encoder, "text_model") or not _is_clip(encoder)
     out: dict[str, str] = {}
     for name in _module_names(encoder):
         canonical = name if nested or name == "text_projection" else "text_model." + name
         out[canonical] = name
         out[canonical.replace(".", "_")] = name
     return out
+
+
+def _is_clip(encoder: nn.Module) -> bool:
+    return str(getattr(getattr(encoder, "config", None), "model_type", "clip")).startswith("clip")
 
 
 def _clean_diffusers_name(name: str) -> str:
@@ -252,6 +263,10 @@ def _resolve_one(base: str, unet_map: dict[str, str], enc_maps: dict[str, dict[s
             key = which or first_encoder
             hit = enc_maps.get(key, {}).get(name[len(prefix):]) if key else None
             return (key, hit) if key and hit else None
+    for prefix, key in _COMFY_TE.items():
+        if name.startswith(prefix):
+            hit = enc_maps.get(key, {}).get(name[len(prefix):])
+            return (key, hit) if hit else None
     for prefix in _LDM_PREFIXES:
         if name.startswith(prefix):
             hit = unet_map.get(name[len(prefix):])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -276,6 +277,43 @@ class ResidentMixin:
     @property
     def compute_device(self) -> torch.device | None:
         return self._weights.compute_device
+
+
+# ---- text encoders leave the accelerator when sampling starts ------------------------------------------
+OFFLOAD_DEVICE = "cpu"
+_text_encoders: weakref.WeakSet[WeightsHolder] = weakref.WeakSet()
+_text_encoders_lock = threading.Lock()
+
+
+def register_text_encoder(holder: WeightsHolder) -> WeightsHolder:
+    """Mark `holder` as text-encoder weights (CLIP, T5), which `release_text_encoders` offloads. Weakly:
+    a holder no handle uses any more is forgotten with it."""
+    with _text_encoders_lock:
+        _text_encoders.add(holder)
+    return holder
+
+
+def release_text_encoders() -> list[WeightsHolder]:
+    """Move every text encoder that sits on an accelerator to the CPU; returns the holders moved.
+
+    Called when a sampling run starts: the prompts are encoded by then, and T5-XXL alone can take more
+    room than the sampled model. The moves go through `WeightsHolder.move`, so the cache's accounting
+    follows, and the next encode brings the weights back (`ensure_loaded`). --gpu-only keeps them (it
+    stores everything on the GPU, as ComfyUI's does); so does --highvram, whose promise (ComfyUI's too)
+    is that models stay in GPU memory after use instead of going back to the CPU. On a CPU-only machine
+    nothing sits on an accelerator: a no-op."""
+    if vram_mode() in ("gpu-only", "highvram"):
+        return []
+    with _text_encoders_lock:
+        holders = list(_text_encoders)
+    moved = []
+    for holder in holders:
+        device = holder.compute_device
+        if device is None or device.type == OFFLOAD_DEVICE:
+            continue
+        holder.move(OFFLOAD_DEVICE)
+        moved.append(holder)
+    return moved
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .diffusion_model import DiffusionModelHandle
-from .memory import ResidentMixin, WeightsHolder, default_device
+from .memory import ResidentMixin, WeightsHolder, default_device, register_text_encoder
 from .text_encoder import ClipHandle, TokenizedPrompt
 
 T5_TOKENS = 77
@@ -122,7 +122,7 @@ class SD3ClipHandle(ResidentMixin):
                                embedding_dirs=embedding_dirs, device=device, output_device=output_device)
         # One holder for all three, shared with the inner CLIP handle: the cache accounts for (and moves)
         # them together.
-        self._weights = WeightsHolder({k: text_encoders.get(k) for k in ("l", "g", "t5")})
+        self._weights = register_text_encoder(WeightsHolder({k: text_encoders.get(k) for k in ("l", "g", "t5")}))
         self.clip._weights = self._weights
         self.t5_tokenizer = tokenizers.get("t5")
         self.load_device = device or default_device()
@@ -131,6 +131,21 @@ class SD3ClipHandle(ResidentMixin):
     @property
     def text_encoders(self) -> dict[str, nn.Module]:
         return {k: v for k, v in self._weights.modules.items() if v is not None}
+
+    @property
+    def base_text_encoders(self) -> dict[str, nn.Module]:
+        """The loaded encoders, whatever patches they hold now (for reading names and configs)."""
+        return self.text_encoders
+
+    def with_encoder_patch(self, key: str, patch: Any) -> SD3ClipHandle:
+        """A clone with one more weight patch on encoder `key` ("l", "g" or "t5"), applied in place when
+        it encodes. The inner CLIP handle records all three: it shares this handle's weights, and its
+        `encoder(key)` patching serves T5 as well as the CLIPs."""
+        if self._weights.modules.get(key) is None:
+            raise ValueError(f"this SD3 CLIP has no {key!r} text encoder to patch")
+        twin = self.clone()
+        twin.clip = self.clip.with_encoder_patch(key, patch)
+        return twin
 
     @property
     def has_t5(self) -> bool:
@@ -189,14 +204,14 @@ class SD3ClipHandle(ResidentMixin):
         return int(getattr(t5.config, "d_model", 4096)) if t5 is not None else 4096
 
     def _encode_t5(self, tokens: TokenizedPrompt) -> torch.Tensor:
-        t5 = self._weights.modules.get("t5")
         chunks = tokens.chunks.get("t5")
-        if t5 is None or not chunks:
+        if not self.has_t5 or not chunks:
             return torch.zeros(1, T5_TOKENS, self._t5_width())
-        self.ensure_loaded()
-        device = next(t5.parameters()).device
-        ids = torch.tensor([chunks[0].ids], device=device)
-        with torch.no_grad():
+        with torch.no_grad(), self._weights.lock:
+            self.ensure_loaded()
+            t5 = self.clip.encoder("t5")    # its weights patched to this handle's patches (or restored)
+            device = next(t5.parameters()).device
+            ids = torch.tensor([chunks[0].ids], device=device)
             out = t5(input_ids=ids).last_hidden_state
         return out.float().to(self.output_device)
 

@@ -39,7 +39,7 @@ from engine.memory import notify_moved
 
 from .embeddings import EmbeddingStore
 from .lora import copy_with_weights
-from .memory import ResidentMixin, WeightsHolder, default_device
+from .memory import ResidentMixin, WeightsHolder, default_device, register_text_encoder
 from .prompt_weights import parse_prompt
 from .weight_patch import chain
 
@@ -189,7 +189,7 @@ class ClipHandle(ResidentMixin):
             raise ValueError(f"{arch} needs text encoder and tokenizer {missing}")
         self.arch = arch
         self.specs = specs
-        self._weights = WeightsHolder({s.key: text_encoders[s.key] for s in specs})
+        self._weights = register_text_encoder(WeightsHolder({s.key: text_encoders[s.key] for s in specs}))
         self.tokenizers = {s.key: tokenizers[s.key] for s in specs}
         self.embeddings = EmbeddingStore(embedding_dirs) if embedding_dirs is not None else None
         self.load_device = device or default_device()
@@ -269,7 +269,7 @@ class ClipHandle(ResidentMixin):
             assert module is not None  # a patch is only recorded on an encoder the handle holds
             modules[key] = copy_with_weights(module, dict(chain(*patches)(base)))
         modules.update(text_encoders)
-        twin._weights = WeightsHolder(modules)
+        twin._weights = register_text_encoder(WeightsHolder(modules))
         twin.encoder_patches = ()
         return twin
 
