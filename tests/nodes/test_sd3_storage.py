@@ -53,7 +53,10 @@ def test_single_file_with_an_fp8_t5_loads(tmp_path):
     assert next(ck.text_encoders["t5"].parameters()).dtype == torch.float32
     assert _compare(ck.text_encoders["t5"], ref["t5"], "t5") > 10
     for k, v in ref["transformer"].state_dict().items():
-        torch.testing.assert_close(ck.transformer.state_dict()[k], v.half().float(), rtol=0, atol=0)
+        # the sin-cos position table is rebuilt by each construction (its last float32 bit can differ
+        # between two builds, which can move its fp16 rounding by one fp16 step)
+        atol = 2.0 ** -10 if k == "pos_embed.pos_embed" else 0
+        torch.testing.assert_close(ck.transformer.state_dict()[k], v.half().float(), rtol=0, atol=atol)
     # the fp8 T5 encodes a prompt close to the full-precision one
     tok = tiny_t5_tokenizer()
     ids = torch.tensor([tok("a photo of a red cat").input_ids])
