@@ -123,3 +123,29 @@ def test_triple_clip_with_an_fp8_t5_encodes_close_to_full_precision(tmp_path):
     torch.testing.assert_close(a[:, :77], b[:, :77], rtol=0, atol=2e-2)
     t5_a, t5_b = a[:, 77:], b[:, 77:]
     assert float((t5_a - t5_b).norm() / t5_b.norm()) < 0.1 and not torch.equal(t5_a, t5_b)
+
+
+@pytest.mark.parametrize("with_encoders", [pytest.param(True, id="incl_clips_t5"), pytest.param(False, id="bare")])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+def test_half_precision_single_files_load_to_the_stored_values(tmp_path, dtype, with_encoders):
+    """sd3.5_medium.safetensors-style files in fp16 or bf16, with the three encoders inside or without them:
+    every tensor loads to exactly the value stored (the models run in fp32)."""
+    path = write_tiny_sd3_checkpoint(tmp_path / "sd3.5_medium.safetensors", sd35=True, dtype=dtype,
+                                     with_encoders=with_encoders)
+    stored = {"F16" if dtype == torch.float16 else "BF16"}
+    assert {d for d in _dtypes(path).values() if d.startswith(("F", "BF"))} == stored
+    ck = sd3.load_sd3_checkpoint(path)
+    assert ck.variant == "sd35" and sorted(ck.text_encoders) == (["g", "l", "t5"] if with_encoders else [])
+    ref = tiny_sd3_models(sd35=True)
+    # the sin-cos position table is rebuilt by each construction: its last float32 bit can move its rounding
+    table_step = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7
+    n = 0
+    for key, model in (("transformer", ck.transformer), ("vae", ck.vae), *ck.text_encoders.items()):
+        assert next(model.parameters()).dtype == torch.float32
+        got = model.state_dict()
+        for k, v in ref[key].state_dict().items():
+            if k in got and v.is_floating_point():
+                atol = table_step if k == "pos_embed.pos_embed" else 0
+                torch.testing.assert_close(got[k], v.to(dtype).float(), rtol=0, atol=atol, msg=f"{key}: {k}")
+                n += 1
+    assert n > (200 if with_encoders else 100)
