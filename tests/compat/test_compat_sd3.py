@@ -252,3 +252,34 @@ def test_front_end_variant_runs(compat_env, name, variant):
             if img.get("type") != "temp":   # previews (the Canny hint) keep the input image's size
                 assert im.size == (latent["width"], latent["height"])
             assert np.asarray(im.convert("RGB"), dtype=np.float32).std() > 0
+
+
+@pytest.mark.parametrize("name", ["sd3_medium_incl_clips", "sd35_large_turbo"])
+def test_executor_previews_16_channel_latents(compat_env, name):
+    """KSampler's latent2rgb previews through the executor, as a watching browser gets them: one per step,
+    at 1/8 of the image, made with SD3's 16-channel factors (an SD1 mapping would refuse 16 channels): with
+    euler the last one is the sampled latent's own preview."""
+    from safetensors.torch import load_file
+
+    from engine.executor import Executor
+    from nodes.sampling.preview import latent_to_rgb_tensor
+
+    registry, config = compat_env
+    api = _shrink(_load(name))
+    ks = next(k for k, n in api.items() if n["class_type"] == "KSampler")
+    api[ks]["inputs"]["sampler_name"] = "euler"   # its last step lands on the last denoised estimate
+    api["900"] = {"class_type": "SaveLatent", "inputs": {"samples": [ks, 0], "filename_prefix": f"latents/{name}"}}
+    events: list = []
+    result = Executor(registry).execute(api, f"compat-previews-{name}", emit=events.append)
+    assert result.status == "success", result.error
+    previews = [e.image for e in events if e.type == "preview"]
+    latent = next(n["inputs"] for n in api.values() if n["class_type"] == "EmptySD3LatentImage")
+    assert len(previews) == api[ks]["inputs"]["steps"]
+    for image in previews:
+        assert image.mode == "RGB" and image.size == (latent["width"] // 8, latent["height"] // 8)
+    [saved] = result.outputs["900"]["latents"]
+    raw = load_file(str(config.output_dir / saved["subfolder"] / saved["filename"]))["latent_tensor"]
+    assert raw.shape[1] == 16
+    want = latent_to_rgb_tensor((raw - 0.0609) * 1.5305, "sd3").numpy().astype(np.int16)  # model space
+    got = np.asarray(previews[-1], dtype=np.int16)
+    assert got.std() > 0 and int(np.abs(got - want).max()) <= 1
