@@ -18,7 +18,7 @@ from engine.node import node
 
 from .models.memory import default_device
 from .models.sd3 import ENCODER_NAMES, load_sd3_checkpoint, load_text_encoder_file
-from .models.sd3_handles import SD3ClipHandle, SD3ModelHandle, SkipLayerGuidance, t5_tokenizer_for
+from .models.sd3_handles import SD3ClipHandle, SD3ModelHandle, SkipLayerGuidance, t5_chunk, t5_tokenizer_for
 from .models.tokenizer import load_tokenizer
 from .models.vae import VaeHandle
 from .runtime import model_file_exists, model_file_fingerprint, model_files, runtime
@@ -90,22 +90,33 @@ def _encoders_clip(node_name: str, names: list[str], clip_type: str = "sd3") -> 
     from .loaders import _dtypes
 
     encoders: dict[str, Any] = {}
+    files: dict[str, str] = {}
     for name in names:
         kind, model = load_text_encoder_file(rt.folders.require("text_encoders", name), dtype=_dtypes()["dtype"])
         if kind in encoders:
             raise ValueError(f"{node_name}: two {ENCODER_NAMES[kind]} files given ({name!r})")
-        encoders[kind] = model
+        encoders[kind], files[kind] = model, name
     missing = [ENCODER_NAMES[k] for k in ("l", "g") if k not in encoders]
     if missing:
         raise ValueError(f"{node_name}: SD3 needs clip_l and clip_g; missing {', '.join(missing)}")
     t5 = encoders.get("t5")
     if t5 is not None:
-        # The prompt embedding is padded to the T5 width; every released SD3 transformer takes 4096.
+        # The prompt embedding is padded to the T5 width; every released SD3 transformer takes T5-XXL's 4096.
         width = int(getattr(t5.config, "d_model", 0))
-        real = int(encoders["g"].config.hidden_size) == 1280
-        if real and width != 4096:
-            raise ValueError(f"{node_name}: the t5xxl file has width {width}; SD3 expects T5-XXL (4096)")
+        expected = _expected_t5_width(encoders["g"])
+        if expected is not None and width != expected:
+            raise ValueError(f"{node_name}: {files['t5']!r} is a T5 encoder of width {width}; SD3 expects T5-XXL "
+                             f"(width {expected}: t5xxl_fp16 or t5xxl_fp8_e4m3fn)")
     return _clip_handle(encoders, rt.folders.paths("embeddings"))
+
+
+def _expected_t5_width(clip_g: Any) -> int | None:
+    """The T5 width an SD3 transformer takes beside this CLIP-G: T5-XXL's 4096 beside the real OpenCLIP-G
+    (1280 wide), the tiny test T5's beside the tiny test G; None (unchecked) for any other G."""
+    from .models import tiny_sd3
+    from .models.sd3 import T5_WIDTH
+
+    return {1280: T5_WIDTH, tiny_sd3.CLIP_WIDTH["g"]: tiny_sd3.T5_WIDTH}.get(int(clip_g.config.hidden_size))
 
 
 @node("TripleCLIPLoader", category="advanced/loaders", display_name="TripleCLIPLoader",
@@ -166,29 +177,24 @@ def clip_text_encode_sd3(clip: Clip,
                          clip_g: Annotated[str, String(multiline=True, dynamic_prompts=True)],
                          t5xxl: Annotated[str, String(multiline=True, dynamic_prompts=True)],
                          empty_padding: Annotated[str, Combo(["none", "empty_prompt"])]) -> Conditioning:
-    """Encodes separate prompts for CLIP-L, CLIP-G and T5-XXL. With empty_padding "none", an empty
-    prompt's encoder contributes zeros (T5: no tokens) instead of the empty-prompt embedding."""
+    """Encodes separate prompts for CLIP-L, CLIP-G and T5-XXL. empty_padding "none" is ComfyUI's: with
+    clip_l and clip_g both empty the context has no CLIP tokens and the pooled vector is zeros (one of them
+    empty is still padded with the empty prompt, to match the other's tokens); an empty t5xxl gives T5's
+    encoding of its end token alone (one token), or no T5 tokens without a T5 encoder."""
     if not isinstance(clip, SD3ClipHandle):
         raise ValueError("CLIPTextEncodeSD3: input 'clip' must come from an SD3 checkpoint or TripleCLIPLoader")
     no_padding = empty_padding == "none"
     tokens = clip.tokenize(clip_g)
     tokens.chunks["l"] = clip.tokenize(clip_l).chunks["l"]
     t5_tokens = clip.tokenize(t5xxl)
-    cond, pooled = clip.encode(tokens, t5_tokens=t5_tokens)
-    n_clip = cond.shape[1] - 77
-    width_l = int(clip.text_encoders["l"].config.hidden_size)
-    width_g = int(clip.text_encoders["g"].config.hidden_size)
-    if no_padding:
-        cond = cond.clone()
-        pooled = pooled.clone()
-        if not clip_l:
-            cond[:, :n_clip, :width_l] = 0
-            pooled[:, :width_l] = 0
-        if not clip_g:
-            cond[:, :n_clip, width_l:width_l + width_g] = 0
-            pooled[:, width_l:] = 0
-        if not t5xxl:
-            cond = cond[:, :n_clip]
+    with_clip = not (no_padding and not clip_l and not clip_g)
+    with_t5 = True
+    if no_padding and not t5xxl:
+        if clip.has_t5:
+            t5_tokens.chunks["t5"] = [t5_chunk([int(clip.t5_tokenizer.eos_token_id)])]
+        else:
+            with_t5 = False
+    cond, pooled = clip.encode(tokens, t5_tokens=t5_tokens, with_clip=with_clip, with_t5=with_t5 or not with_clip)
     return [[cond, {"pooled_output": pooled}]]
 
 

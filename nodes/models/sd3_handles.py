@@ -164,28 +164,46 @@ class SD3ClipHandle(ResidentMixin):
         tokens = self.clip.tokenize(text)
         if self.t5_tokenizer is not None:
             ids = self.t5_tokenizer(text, padding="max_length", max_length=T5_TOKENS, truncation=True).input_ids
-            tokens.chunks["t5"] = [_t5_chunk(ids)]
+            tokens.chunks["t5"] = [t5_chunk(ids)]
         return tokens
 
-    def encode(self, tokens: TokenizedPrompt, t5_tokens: TokenizedPrompt | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context, pooled); `t5_tokens` gives T5 another prompt than the CLIPs (CLIPTextEncodeSD3)."""
-        clip_part = {k: v for k, v in tokens.chunks.items() if k != "t5"}
-        parts = []
-        pooled_parts = []
-        for key in ("l", "g"):
-            sub = TokenizedPrompt(tokens.text, {key: clip_part[key][:1]})
-            hidden, pooled = self._encode_single(key, sub)
-            parts.append(hidden)
-            pooled_parts.append(pooled)
-        clip_ctx = torch.cat(parts, dim=-1)
-        t5_src = t5_tokens if t5_tokens is not None else tokens
-        t5_ctx = self._encode_t5(t5_src)
-        width = t5_ctx.shape[-1]
-        if clip_ctx.shape[-1] > width:
-            raise ValueError(f"CLIP width {clip_ctx.shape[-1]} exceeds the T5 width {width}")
-        clip_ctx = torch.nn.functional.pad(clip_ctx, (0, width - clip_ctx.shape[-1]))
-        return torch.cat([clip_ctx, t5_ctx.to(clip_ctx)], dim=-2), torch.cat(pooled_parts, dim=-1)
+    def encode(self, tokens: TokenizedPrompt, t5_tokens: TokenizedPrompt | None = None, *,
+               with_clip: bool = True, with_t5: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled); `t5_tokens` gives T5 another prompt than the CLIPs (CLIPTextEncodeSD3).
+        `with_clip=False` leaves the CLIP tokens out of the context and pools zeros, `with_t5=False` leaves
+        the T5 tokens out (CLIPTextEncodeSD3's empty_padding "none", as ComfyUI's SD3 encoder); with neither,
+        the context is 77 zero tokens."""
+        clip_ctx = None
+        if with_clip:
+            clip_part = {k: v for k, v in tokens.chunks.items() if k != "t5"}
+            parts = []
+            pooled_parts = []
+            for key in ("l", "g"):
+                sub = TokenizedPrompt(tokens.text, {key: clip_part[key][:1]})
+                hidden, pooled = self._encode_single(key, sub)
+                parts.append(hidden)
+                pooled_parts.append(pooled)
+            clip_ctx = torch.cat(parts, dim=-1)
+            pooled = torch.cat(pooled_parts, dim=-1)
+        else:
+            pooled_width = 0
+            for key in ("l", "g"):
+                cfg: Any = self.text_encoders[key].config
+                pooled_width += int(getattr(cfg, "projection_dim", None) or cfg.hidden_size)
+            pooled = torch.zeros(1, pooled_width, device=self.output_device)
+        width = self._t5_width()
+        t5_ctx = None
+        if with_t5:
+            t5_ctx = self._encode_t5(t5_tokens if t5_tokens is not None else tokens)
+            width = t5_ctx.shape[-1]
+        if clip_ctx is not None:
+            if clip_ctx.shape[-1] > width:
+                raise ValueError(f"CLIP width {clip_ctx.shape[-1]} exceeds the T5 width {width}")
+            clip_ctx = torch.nn.functional.pad(clip_ctx, (0, width - clip_ctx.shape[-1]))
+        parts = [p for p in (clip_ctx, t5_ctx) if p is not None]
+        if not parts:
+            return torch.zeros(1, T5_TOKENS, width, device=self.output_device), pooled
+        return torch.cat([p.to(parts[0]) for p in parts], dim=-2), pooled
 
     def encode_text(self, text: str) -> list[list[Any]]:
         cond, pooled = self.encode(self.tokenize(text))
@@ -265,7 +283,8 @@ class SkipLayerGuidance:
         return result + diff.to(result) * self.scale
 
 
-def _t5_chunk(ids: list[int]):
+def t5_chunk(ids: list[int]):
+    """A T5 token chunk (weights 1) of these ids."""
     from .text_encoder import TokenChunk
 
     return TokenChunk(list(ids), [1.0] * len(ids))

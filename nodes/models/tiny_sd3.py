@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from .sd3 import ENCODER_NAMES, checkpoint_state_dict, encoder_state_dict, shipped_config
+from .sd3 import (
+    ENCODER_NAMES,
+    ENCODER_PREFIXES,
+    MMDIT_PREFIX,
+    checkpoint_state_dict,
+    encoder_state_dict,
+    shipped_config,
+)
 from .tiny import _jitter
 
 CLIP_WIDTH = {"l": 32, "g": 64}
@@ -108,27 +115,71 @@ def _save(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], dty
     return path
 
 
+def fp8_storage(sd: dict[str, torch.Tensor], *, scaled: bool = False, prefixes: tuple[str, ...] = ("",)
+                ) -> dict[str, torch.Tensor]:
+    """ComfyUI's fp8 storage: the 2-D weights under `prefixes` as float8_e4m3fn, cast as they are
+    (`*_fp8_e4m3fn` files) or `scaled` (`*_fp8_scaled`: a per-tensor `.scale_weight` with the fp8 weight
+    divided by it, and one `scaled_fp8` marker per prefix)."""
+    out = dict(sd)
+    fp8 = torch.float8_e4m3fn
+    for k, v in sd.items():
+        if not (k.startswith(prefixes) and k.endswith(".weight") and v.ndim == 2 and v.is_floating_point()):
+            continue
+        if scaled:
+            scale = (v.float().abs().max() / torch.finfo(fp8).max).clamp(min=1e-12)
+            out[k] = (v.float() / scale).to(fp8)
+            out[k[: -len("weight")] + "scale_weight"] = scale.reshape(1)
+        else:
+            out[k] = v.to(fp8)
+    if scaled:
+        out.update({p + "scaled_fp8": torch.zeros(0, dtype=fp8) for p in prefixes})
+    return out
+
+
 def write_tiny_sd3_checkpoint(path: str | Path, *, sd35: bool = False, seed: int = 0, with_encoders: bool = True,
-                              with_t5: bool = True, dtype: torch.dtype | None = None) -> Path:
+                              with_t5: bool = True, dtype: torch.dtype | None = None, fp8: str | None = None) -> Path:
     """A single file in the original layout; `with_encoders=False` gives the transformer + VAE only
-    (as sd3_medium.safetensors), `with_t5=False` the CLIP-only variant."""
+    (as sd3_medium.safetensors), `with_t5=False` the CLIP-only variant. `fp8="t5"` stores T5 as plain
+    float8_e4m3fn (sd3_medium_incl_clips_t5xxlfp8), `fp8="scaled"` the MMDiT and the encoders in ComfyUI's
+    fp8-scaled form (sd3.5_large_fp8_scaled); the rest is in `dtype`."""
     m = tiny_sd3_models(sd35=sd35, seed=seed)
     encoders = {k: m[k] for k in ("l", "g", "t5") if with_encoders and (k != "t5" or with_t5)}
     meta = {"sdflow.random_weights": "true",
             "modelspec.architecture": "stable-diffusion-v3-5-medium" if sd35 else "stable-diffusion-v3-medium",
             "modelspec.title": f"sdflow tiny {'sd35' if sd35 else 'sd3'} (random weights)"}
-    return _save(checkpoint_state_dict(m["transformer"], m["vae"], encoders), Path(path), meta, dtype)
+    sd = checkpoint_state_dict(m["transformer"], m["vae"], encoders)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    if fp8 == "t5":
+        sd = fp8_storage(sd, prefixes=(ENCODER_PREFIXES["t5"],))
+    elif fp8 == "scaled":
+        sd = fp8_storage(sd, scaled=True, prefixes=(MMDIT_PREFIX, *(ENCODER_PREFIXES[k] for k in encoders)))
+    elif fp8 is not None:
+        raise ValueError(f"fp8 must be None, 't5' or 'scaled', got {fp8!r}")
+    return _save(sd, Path(path), meta, None)
 
 
 def write_tiny_sd3_encoders(folder: str | Path, *, sd35: bool = False, seed: int = 0,
-                            dtype: torch.dtype | None = None) -> dict[str, Path]:
-    """Separate clip_l / clip_g / t5xxl files (transformers names), as text_encoders/ holds them."""
+                            dtype: torch.dtype | None = None, fp8: str | None = None) -> dict[str, Path]:
+    """Separate clip_l / clip_g / t5xxl files (transformers names), as text_encoders/ holds them;
+    `fp8="fp8"` as t5xxl_fp8_e4m3fn.safetensors, `fp8="scaled"` as t5xxl_fp8_e4m3fn_scaled.safetensors."""
+    if fp8 not in (None, "fp8", "scaled"):
+        raise ValueError(f"fp8 must be None, 'fp8' or 'scaled', got {fp8!r}")
     m = tiny_sd3_models(sd35=sd35, seed=seed)
     folder = Path(folder)
     suffix = {None: "", torch.float16: "_fp16", torch.bfloat16: "_bf16"}.get(dtype, "")
-    return {kind: _save(encoder_state_dict(kind, m[kind]), folder / f"tiny_{ENCODER_NAMES[kind]}{suffix}.safetensors",
-                        {"sdflow.random_weights": "true"}, dtype)
-            for kind in ("l", "g", "t5")}
+    if fp8 is not None:
+        suffix = "_fp8_e4m3fn" + ("_scaled" if fp8 == "scaled" else "")
+    out = {}
+    for kind in ("l", "g", "t5"):
+        sd = encoder_state_dict(kind, m[kind])
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        if fp8 is not None:
+            sd = fp8_storage(sd, scaled=fp8 == "scaled")
+        out[kind] = _save(sd, folder / f"tiny_{ENCODER_NAMES[kind]}{suffix}.safetensors",
+                          {"sdflow.random_weights": "true"}, None)
+    return out
 
 
 # SD3 ControlNets: "sd35" is shaped like Stability's SD3.5 Large ControlNets (no text stream, no patch

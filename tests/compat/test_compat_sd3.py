@@ -38,7 +38,8 @@ def _install_models(models: Path) -> None:
     )
 
     ckpts = models / "checkpoints"
-    write_tiny_sd3_checkpoint(ckpts / "sd3_medium_incl_clips_t5xxlfp8.safetensors", seed=0, dtype=torch.float16)
+    write_tiny_sd3_checkpoint(ckpts / "sd3_medium_incl_clips_t5xxlfp8.safetensors", seed=0, dtype=torch.float16,
+                              fp8="t5")
     write_tiny_sd3_checkpoint(ckpts / "sd3.5_large.safetensors", sd35=True, seed=0, with_encoders=False,
                               dtype=torch.bfloat16)
     write_tiny_sd3_checkpoint(ckpts / "sd3.5_large_turbo.safetensors", sd35=True, seed=0, with_encoders=False)
@@ -46,7 +47,10 @@ def _install_models(models: Path) -> None:
     files = write_tiny_sd3_encoders(models / "text_encoders", seed=0, dtype=torch.float16)
     for kind, name in (("l", "clip_l.safetensors"), ("g", "clip_g.safetensors"), ("t5", "t5xxl_fp16.safetensors")):
         files[kind].rename(models / "text_encoders" / name)
-    write_tiny_sd3_checkpoint(ckpts / "sd3.5_large_fp8_scaled.safetensors", sd35=True, seed=0, dtype=torch.float16)
+    write_tiny_sd3_checkpoint(ckpts / "sd3.5_large_fp8_scaled.safetensors", sd35=True, seed=0, dtype=torch.float16,
+                              fp8="scaled")
+    for fp8, name in (("fp8", "t5xxl_fp8_e4m3fn.safetensors"), ("scaled", "t5xxl_fp8_e4m3fn_scaled.safetensors")):
+        write_tiny_sd3_encoders(models / "text_encoders", seed=0, fp8=fp8)["t5"].rename(models / "text_encoders" / name)
     # Stability's SD3.5 Large ControlNets: their single-file layout with the control_type marker
     for control_type, name in ((1, "canny"), (2, "depth")):
         write_tiny_sd3_controlnet(models / "controlnet" / f"sd3.5_large_controlnet_{name}.safetensors",
@@ -143,6 +147,20 @@ def test_checkpoint_without_encoders_points_at_triple_clip_loader(compat_env):
     assert "TripleCLIPLoader" in str(result.error) and "sd3.5_large.safetensors" in str(result.error)
 
 
+@pytest.mark.parametrize("t5_name", ["t5xxl_fp8_e4m3fn.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"])
+def test_triple_clip_loader_takes_fp8_t5_files(compat_env, t5_name):
+    """The SD3.5 Large template with ComfyUI's fp8 T5 files in place of t5xxl_fp16."""
+    from engine.executor import Executor
+
+    registry, config = compat_env
+    api = _shrink(_load("sd35_large_triple_clip"))
+    api["11"]["inputs"]["clip_name3"] = t5_name
+    result = Executor(registry).execute(api, f"compat-{t5_name}")
+    assert result.status == "success", result.error
+    [image] = _saved_images(config, result)
+    assert image.std() > 0
+
+
 def test_t5_in_the_wrong_slot_is_named(compat_env):
     from engine.executor import Executor
 
@@ -234,3 +252,34 @@ def test_front_end_variant_runs(compat_env, name, variant):
             if img.get("type") != "temp":   # previews (the Canny hint) keep the input image's size
                 assert im.size == (latent["width"], latent["height"])
             assert np.asarray(im.convert("RGB"), dtype=np.float32).std() > 0
+
+
+@pytest.mark.parametrize("name", ["sd3_medium_incl_clips", "sd35_large_turbo"])
+def test_executor_previews_16_channel_latents(compat_env, name):
+    """KSampler's latent2rgb previews through the executor, as a watching browser gets them: one per step,
+    at 1/8 of the image, made with SD3's 16-channel factors (an SD1 mapping would refuse 16 channels): with
+    euler the last one is the sampled latent's own preview."""
+    from safetensors.torch import load_file
+
+    from engine.executor import Executor
+    from nodes.sampling.preview import latent_to_rgb_tensor
+
+    registry, config = compat_env
+    api = _shrink(_load(name))
+    ks = next(k for k, n in api.items() if n["class_type"] == "KSampler")
+    api[ks]["inputs"]["sampler_name"] = "euler"   # its last step lands on the last denoised estimate
+    api["900"] = {"class_type": "SaveLatent", "inputs": {"samples": [ks, 0], "filename_prefix": f"latents/{name}"}}
+    events: list = []
+    result = Executor(registry).execute(api, f"compat-previews-{name}", emit=events.append)
+    assert result.status == "success", result.error
+    previews = [e.image for e in events if e.type == "preview"]
+    latent = next(n["inputs"] for n in api.values() if n["class_type"] == "EmptySD3LatentImage")
+    assert len(previews) == api[ks]["inputs"]["steps"]
+    for image in previews:
+        assert image.mode == "RGB" and image.size == (latent["width"] // 8, latent["height"] // 8)
+    [saved] = result.outputs["900"]["latents"]
+    raw = load_file(str(config.output_dir / saved["subfolder"] / saved["filename"]))["latent_tensor"]
+    assert raw.shape[1] == 16
+    want = latent_to_rgb_tensor((raw - 0.0609) * 1.5305, "sd3").numpy().astype(np.int16)  # model space
+    got = np.asarray(previews[-1], dtype=np.int16)
+    assert got.std() > 0 and int(np.abs(got - want).max()) <= 1

@@ -72,7 +72,10 @@ def test_loader_reads_every_layout_into_the_same_model(tmp_path, kind, layout):
     got, want = handle.model.state_dict(), tiny_sd3_controlnet(kind).state_dict()
     assert set(got) == set(want)
     for k, v in want.items():
-        assert torch.equal(got[k], v), k
+        if k == "pos_embed.pos_embed":  # the sin-cos table each build recomputes (last bit may differ)
+            torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(got[k], v), k
     assert handle.control_type == control_type
     assert handle.zero_pooled == (kind == "instantx")
     assert (handle.model.pos_embed is None) == (kind == "sd35")

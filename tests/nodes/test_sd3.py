@@ -15,6 +15,9 @@ from nodes.models.vae import VaeHandle
 from nodes.sampling.sample import prepare_noise, sample
 
 VARIANTS = [pytest.param(False, id="sd3-medium"), pytest.param(True, id="sd35-mmditx")]
+# diffusers' fixed sin-cos position table (a persistent buffer, not a trained weight): it is recomputed by
+# every construction, and two builds in one process can differ in the last float32 bit of a few entries.
+POS_EMBED = "pos_embed.pos_embed"
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,10 @@ def test_single_file_loads_into_the_diffusers_models(files, sd35):
         got, want = model.state_dict(), ref[key].state_dict()
         assert set(want) <= set(got), key
         for k, v in want.items():
-            assert torch.equal(got[k], v), f"{key}: {k}"
+            if k == POS_EMBED:
+                torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6)
+            else:
+                assert torch.equal(got[k], v), f"{key}: {k}"
     assert ck.vae.config.latent_channels == 16 and ck.vae.config.shift_factor == pytest.approx(0.0609)
     # component outputs equal the reference models' on the same input
     x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -57,3 +57,18 @@ def test_sd3_padding_and_truncation(t5xxl_tokenizer):
     assert long[-1] == 1 and 0 not in long  # truncated to 76 tokens, EOS kept last
     full = tok(long_prompt).input_ids
     assert long[:-1] == full[:T5_TOKENS - 1]
+
+
+def test_readme_says_where_the_t5_tokenizer_came_from_and_under_which_licence():
+    """Issue 14: the README names the shipped file, its source on the registry, how to rebuild it and the
+    licences; its model list names SD3 and SD3.5."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = " ".join((root / "README.md").read_text(encoding="utf-8").split())
+    for phrase in ("nodes/models/tokenizer/t5/tokenizer.json", "Apache-2.0", "stable-diffusion-cpp-python",
+                   "nodes/models/tokenizer/derive_t5.py", "SD3 Medium", "SD3.5 Medium (MMDiT-X)",
+                   "SD3.5 Large / Large Turbo"):
+        assert phrase in readme, phrase
+    assert (root / "nodes" / "models" / "tokenizer" / "derive_t5.py").is_file()
+    assert (T5_TOKENIZER_DIR / "tokenizer.json").is_file()
