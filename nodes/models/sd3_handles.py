@@ -1,13 +1,14 @@
 """What the MODEL and CLIP sockets carry for SD3 / SD3.5.
 
 MODEL: the MMDiT with a rectified-flow schedule (shift 3.0 unless ModelSamplingSD3 sets another).
-CLIP: CLIP-L, OpenCLIP-G and (optionally) T5-XXL. A prompt becomes, as in the reference pipeline:
-  context = [ CLIP-L ++ CLIP-G penultimate layers (77 tokens, zero-padded to the T5 width) ;
-              T5 last layer (77 tokens, EOS then padding) ]  along the token axis,
-  pooled  = CLIP-L ++ CLIP-G projected EOS vectors.
-Without T5 its 77 tokens are zeros. The CLIP parts reuse ClipHandle's SDXL prompt handling
-(penultimate layers, no final norm, weights, embeddings); longer prompts keep the first chunk's
-tokens for T5 (truncated at 77, as ComfyUI pads it to 77).
+CLIP: CLIP-L, OpenCLIP-G and (optionally) T5-XXL. A prompt becomes, as ComfyUI's SD3 encoder makes it:
+  context = [ CLIP-L ++ CLIP-G penultimate layers (77 tokens a chunk, zero-padded to the T5 width) ;
+              T5 last layer (the whole prompt, EOS, then padding up to 77 tokens) ]  along the token axis,
+  pooled  = CLIP-L ++ CLIP-G projected EOS vectors of the first chunk.
+Without T5 the context is the CLIP tokens alone. The CLIP parts reuse ClipHandle's SDXL prompt handling
+(penultimate layers, no final norm, weights, embeddings, 77-token chunks); T5 parses the same
+(text:weight) emphasis, word by word, and is never cut. For prompts of up to 77 tokens this is also
+what diffusers' StableDiffusion3Pipeline gives with max_sequence_length=77.
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from torch import nn
 
 from .diffusion_model import DiffusionModelHandle
 from .memory import ResidentMixin, WeightsHolder, default_device, register_text_encoder
-from .text_encoder import ClipHandle, TokenizedPrompt
+from .prompt_weights import parse_prompt
+from .text_encoder import ClipHandle, TokenChunk, TokenizedPrompt
 
-T5_TOKENS = 77
+T5_TOKENS = 77          # T5's minimum length (ComfyUI's min_length); prompts are not cut at it
+T5_EOS, T5_PAD = 1, 0
 
 
 class SD3ModelHandle(DiffusionModelHandle):
@@ -163,9 +166,33 @@ class SD3ClipHandle(ResidentMixin):
     def tokenize(self, text: str) -> TokenizedPrompt:
         tokens = self.clip.tokenize(text)
         if self.t5_tokenizer is not None:
-            ids = self.t5_tokenizer(text, padding="max_length", max_length=T5_TOKENS, truncation=True).input_ids
-            tokens.chunks["t5"] = [t5_chunk(ids)]
+            tokens.chunks["t5"] = [self._t5_chunk(text)]
         return tokens
+
+    def _t5_chunk(self, text: str) -> TokenChunk:
+        """T5's tokens as ComfyUI's SD3 tokenizer makes them: (text:weight) emphasis parsed, each word
+        tokenized on its own, the end token, then padding (id 0) up to 77 tokens; a longer prompt is kept
+        whole. Embedding names are skipped (there are no T5 textual inversions)."""
+        tok = self.t5_tokenizer
+        assert tok is not None  # only called with a T5 tokenizer
+        ids: list[int] = []
+        weights: list[float] = []
+        for seg in parse_prompt(text):
+            if seg.embedding is not None:
+                continue
+            for word in seg.text.replace("\n", " ").split(" "):
+                if word:
+                    word_ids = tok.encode(word, add_special_tokens=False)
+                    ids += [int(i) for i in word_ids]
+                    weights += [float(seg.weight)] * len(word_ids)
+        ids.append(self._t5_eos())
+        weights.append(1.0)
+        pad = max(0, T5_TOKENS - len(ids))
+        return TokenChunk(ids + [T5_PAD] * pad, weights + [1.0] * pad)
+
+    def _t5_eos(self) -> int:
+        eos = getattr(self.t5_tokenizer, "eos_token_id", None)
+        return int(eos) if eos is not None else T5_EOS
 
     def encode(self, tokens: TokenizedPrompt, t5_tokens: TokenizedPrompt | None = None, *,
                with_clip: bool = True, with_t5: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,11 +202,11 @@ class SD3ClipHandle(ResidentMixin):
         the context is 77 zero tokens."""
         clip_ctx = None
         if with_clip:
-            clip_part = {k: v for k, v in tokens.chunks.items() if k != "t5"}
+            clip_part = self._matched_clip_chunks(tokens)
             parts = []
             pooled_parts = []
             for key in ("l", "g"):
-                sub = TokenizedPrompt(tokens.text, {key: clip_part[key][:1]})
+                sub = TokenizedPrompt(tokens.text, {key: clip_part[key]})
                 hidden, pooled = self._encode_single(key, sub)
                 parts.append(hidden)
                 pooled_parts.append(pooled)
@@ -193,9 +220,8 @@ class SD3ClipHandle(ResidentMixin):
             pooled = torch.zeros(1, pooled_width, device=self.output_device)
         width = self._t5_width()
         t5_ctx = None
-        if with_t5:
+        if with_t5:   # None without a T5 encoder: the context is the CLIP tokens alone, as in ComfyUI
             t5_ctx = self._encode_t5(t5_tokens if t5_tokens is not None else tokens)
-            width = t5_ctx.shape[-1]
         if clip_ctx is not None:
             if clip_ctx.shape[-1] > width:
                 raise ValueError(f"CLIP width {clip_ctx.shape[-1]} exceeds the T5 width {width}")
@@ -209,6 +235,17 @@ class SD3ClipHandle(ResidentMixin):
         cond, pooled = self.encode(self.tokenize(text))
         return [[cond, {"pooled_output": pooled}]]
 
+    def _matched_clip_chunks(self, tokens: TokenizedPrompt) -> dict[str, list[TokenChunk]]:
+        """CLIP-L's and CLIP-G's chunks, the shorter list padded with the empty prompt's chunk (separate
+        clip_l / clip_g prompts of different lengths, as CLIPTextEncodeSD3 pads them in ComfyUI)."""
+        chunks = {k: list(tokens.chunks[k]) for k in ("l", "g")}
+        n = max(len(c) for c in chunks.values())
+        if any(len(c) != n for c in chunks.values()):
+            empty = self.clip.tokenize("").chunks
+            for key, c in chunks.items():
+                c += [empty[key][0]] * (n - len(c))
+        return chunks
+
     def _encode_single(self, key: str, tokens: TokenizedPrompt) -> tuple[torch.Tensor, torch.Tensor]:
         handle = self.clip
         spec = next(s for s in handle.specs if s.key == key)
@@ -221,17 +258,27 @@ class SD3ClipHandle(ResidentMixin):
         t5 = self._weights.modules.get("t5")
         return int(getattr(t5.config, "d_model", 4096)) if t5 is not None else 4096
 
-    def _encode_t5(self, tokens: TokenizedPrompt) -> torch.Tensor:
+    def _encode_t5(self, tokens: TokenizedPrompt) -> torch.Tensor | None:
+        """T5's last hidden states for the prompt's T5 chunk; weighted tokens move away from the empty
+        prompt's encoding at the same position (z_empty + (z - z_empty) * w, as the CLIPs and ComfyUI do)."""
         chunks = tokens.chunks.get("t5")
         if not self.has_t5 or not chunks:
-            return torch.zeros(1, T5_TOKENS, self._t5_width())
+            return None
+        chunk = chunks[0]
+        weighted = any(w != 1.0 for w in chunk.weights)
+        batch = [list(chunk.ids)]
+        if weighted:
+            batch.append([self._t5_eos()] + [T5_PAD] * (len(chunk.ids) - 1))
         with torch.no_grad(), self._weights.lock:
             self.ensure_loaded()
             t5 = self.clip.encoder("t5")    # its weights patched to this handle's patches (or restored)
             device = next(t5.parameters()).device
-            ids = torch.tensor([chunks[0].ids], device=device)
-            out = t5(input_ids=ids).last_hidden_state
-        return out.float().to(self.output_device)
+            out = t5(input_ids=torch.tensor(batch, device=device)).last_hidden_state.float()
+        z = out[0:1]
+        if weighted:
+            w = torch.tensor(chunk.weights, dtype=z.dtype, device=z.device).view(1, -1, 1)
+            z = torch.where(w != 1.0, out[1:2] + (z - out[1:2]) * w, z)
+        return z.to(self.output_device)
 
 
 class SkipLayerGuidance:

@@ -179,14 +179,17 @@ def test_clip_text_encode_sd3_empty_clips(sd35):
 
 def test_clip_text_encode_sd3_without_t5(sd35):
     """A DualCLIPLoader CLIP (clip_l + clip_g, no T5): the context is T5-XXL wide (4096; the model drops the
-    zero columns it does not take) and its T5 part 77 zero tokens, or none at all with an empty t5xxl and
-    "none"; with every prompt empty and "none", 77 zero tokens and a zero pooled vector."""
+    zero columns it does not take) and holds the CLIP tokens alone, as ComfyUI's SD3 encoder makes it
+    (diffusers would append zero T5 tokens instead); with every prompt empty and "none", 77 zero tokens and
+    a zero pooled vector."""
     ck, model, _ = sd35
     clip = SD3ClipHandle({k: ck.text_encoders[k] for k in ("l", "g")}, _tokenizers(), device="cpu")
     cond, _ = _encode(clip, "a red house", "a red house", "ignored without T5", "none")
-    assert cond.shape == (1, 154, sd3.T5_WIDTH) and not cond[:, 77:].any() and not cond[..., W_L + W_G:].any()
+    assert cond.shape == (1, 77, sd3.T5_WIDTH) and cond[..., :W_L + W_G].any() and not cond[..., W_L + W_G:].any()
+    [[plain, _]] = clip.encode_text("a red house")
+    torch.testing.assert_close(plain, cond, rtol=0, atol=0)
     short, short_pooled = _encode(clip, "a red house", "a red house", "", "none")
-    torch.testing.assert_close(short, cond[:, :77], rtol=0, atol=0)
+    torch.testing.assert_close(short, cond, rtol=0, atol=0)
     nothing, pooled = _encode(clip, "", "", "", "none")
     assert nothing.shape == (1, 77, sd3.T5_WIDTH) and not nothing.any() and not pooled.any()
     latent = {"samples": torch.zeros(1, 16, 8, 8)}
@@ -318,7 +321,7 @@ def test_dual_clip_loader_sd3_gives_the_clip_pair_without_t5(sd_env, stored_enco
         clip = dual_clip_loader(names[first], names[second], "sd3")
         assert isinstance(clip, SD3ClipHandle) and not clip.has_t5
         [[cond, opts]] = clip.encode_text("a red house")
-        assert cond.shape == want_cond.shape == (1, 154, sd3.T5_WIDTH)
+        assert cond.shape == want_cond.shape == (1, 77, sd3.T5_WIDTH)   # the CLIP tokens alone
         if storage is None:
             torch.testing.assert_close(cond, want_cond, rtol=0, atol=1e-6)
             torch.testing.assert_close(opts["pooled_output"], want_opts["pooled_output"], rtol=0, atol=1e-6)
