@@ -70,7 +70,7 @@ class MissingTextEncoders:
 def load_sd3_handles(path: Path, name: str, dtypes: dict, embedding_dirs) -> tuple[Any, Any, Any]:
     ck = load_sd3_checkpoint(path, **dtypes)
     clip: Any = MissingTextEncoders(name)
-    if "l" in ck.text_encoders and "g" in ck.text_encoders:
+    if ck.text_encoders:   # any of CLIP-L, CLIP-G and T5 inside: the missing ones give zeros, as in ComfyUI
         clip = _clip_handle(ck.text_encoders, embedding_dirs)
     assert ck.transformer is not None and ck.vae is not None
     return SD3ModelHandle(ck.transformer, ck.variant), clip, VaeHandle(ck.vae)
@@ -96,27 +96,31 @@ def _encoders_clip(node_name: str, names: list[str], clip_type: str = "sd3") -> 
         if kind in encoders:
             raise ValueError(f"{node_name}: two {ENCODER_NAMES[kind]} files given ({name!r})")
         encoders[kind], files[kind] = model, name
-    missing = [ENCODER_NAMES[k] for k in ("l", "g") if k not in encoders]
-    if missing:
-        raise ValueError(f"{node_name}: SD3 needs clip_l and clip_g; missing {', '.join(missing)}")
+    # Any set runs (clip_l + t5, clip_g + t5, t5 alone, ...): ComfyUI's SD3 encoder puts zeros where an
+    # encoder is missing.
     t5 = encoders.get("t5")
     if t5 is not None:
         # The prompt embedding is padded to the T5 width; every released SD3 transformer takes T5-XXL's 4096.
         width = int(getattr(t5.config, "d_model", 0))
-        expected = _expected_t5_width(encoders["g"])
+        expected = _expected_t5_width(encoders)
         if expected is not None and width != expected:
             raise ValueError(f"{node_name}: {files['t5']!r} is a T5 encoder of width {width}; SD3 expects T5-XXL "
                              f"(width {expected}: t5xxl_fp16 or t5xxl_fp8_e4m3fn)")
     return _clip_handle(encoders, rt.folders.paths("embeddings"))
 
 
-def _expected_t5_width(clip_g: Any) -> int | None:
-    """The T5 width an SD3 transformer takes beside this CLIP-G: T5-XXL's 4096 beside the real OpenCLIP-G
-    (1280 wide), the tiny test T5's beside the tiny test G; None (unchecked) for any other G."""
+def _expected_t5_width(encoders: dict[str, Any]) -> int | None:
+    """The T5 width an SD3 transformer takes beside these CLIPs: T5-XXL's 4096 beside the real CLIP-L (768)
+    or OpenCLIP-G (1280), the tiny test T5's beside the tiny test CLIPs; None (unchecked) otherwise."""
     from .models import tiny_sd3
     from .models.sd3 import T5_WIDTH
 
-    return {1280: T5_WIDTH, tiny_sd3.CLIP_WIDTH["g"]: tiny_sd3.T5_WIDTH}.get(int(clip_g.config.hidden_size))
+    known = {"l": {768: T5_WIDTH, tiny_sd3.CLIP_WIDTH["l"]: tiny_sd3.T5_WIDTH},
+             "g": {1280: T5_WIDTH, tiny_sd3.CLIP_WIDTH["g"]: tiny_sd3.T5_WIDTH}}
+    for key in ("g", "l"):
+        if key in encoders:
+            return known[key].get(int(encoders[key].config.hidden_size))
+    return None
 
 
 @node("TripleCLIPLoader", category="advanced/loaders", display_name="TripleCLIPLoader",
@@ -140,7 +144,7 @@ def dual_clip_loader(clip_name1: Annotated[str, Combo(model_files("text_encoders
     """[Recipes]
 
     sdxl: clip-l, clip-g
-    sd3: clip-l, clip-g / clip-l, t5 / clip-g, t5 (sdflow: clip-l + clip-g)"""
+    sd3: clip-l, clip-g / clip-l, t5 / clip-g, t5"""
     if type == "sdxl":
         from . import loaders
         return loaders.dual_clip_loader(clip_name1, clip_name2, type, device)
@@ -156,7 +160,7 @@ def clip_loader(clip_name: Annotated[str, Combo(model_files("text_encoders"))],
     """[Recipes]
 
     stable_diffusion: clip-l (SD1) / OpenCLIP-H (SD2)
-    sd3: t5 xxl/ clip-g / clip-l (sdflow runs SD3 with at least clip-l and clip-g: use TripleCLIPLoader)"""
+    sd3: t5 xxl/ clip-g / clip-l"""
     if type == "stable_diffusion":
         from . import loaders
         return loaders.clip_loader(clip_name, type, device)

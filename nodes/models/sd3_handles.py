@@ -116,12 +116,15 @@ class SD3ClipHandle(ResidentMixin):
 
     def __init__(self, text_encoders: Mapping[str, nn.Module], tokenizers: Mapping[str, Any],
                  embedding_dirs: Any = None, device: str | None = None, output_device: str = "cpu") -> None:
-        missing = [k for k in ("l", "g") if k not in text_encoders]
-        if missing:
-            raise ValueError(f"SD3 text encoding needs CLIP-L and CLIP-G; missing {missing}")
+        present = tuple(k for k in ("l", "g") if text_encoders.get(k) is not None)
+        if not present and text_encoders.get("t5") is None:
+            raise ValueError("SD3 text encoding needs at least one of CLIP-L, CLIP-G and T5-XXL")
         if "t5" in text_encoders and "t5" not in tokenizers:
             raise ValueError("a T5 text encoder needs the T5 tokenizer")
-        self.clip = ClipHandle({k: text_encoders[k] for k in ("l", "g")}, tokenizers, "sdxl",
+        # Any subset runs, as in ComfyUI: a missing CLIP's tokens and pooled vector are zeros.
+        self.clip_keys = present
+        arch = {("l", "g"): "sdxl", ("l",): "sd3_clip_l", ("g",): "sd3_clip_g", (): "sd3_t5_only"}[present]
+        self.clip = ClipHandle({k: text_encoders[k] for k in present}, tokenizers, arch,
                                embedding_dirs=embedding_dirs, device=device, output_device=output_device)
         # One holder for all three, shared with the inner CLIP handle: the cache accounts for (and moves)
         # them together.
@@ -201,23 +204,24 @@ class SD3ClipHandle(ResidentMixin):
         the T5 tokens out (CLIPTextEncodeSD3's empty_padding "none", as ComfyUI's SD3 encoder); with neither,
         the context is 77 zero tokens."""
         clip_ctx = None
-        if with_clip:
+        widths = self._clip_widths()
+        if with_clip and self.clip_keys:
             clip_part = self._matched_clip_chunks(tokens)
+            n_tokens = 77 * len(next(iter(clip_part.values())))
             parts = []
             pooled_parts = []
             for key in ("l", "g"):
-                sub = TokenizedPrompt(tokens.text, {key: clip_part[key]})
-                hidden, pooled = self._encode_single(key, sub)
+                if key in clip_part:
+                    hidden, pooled = self._encode_single(key, TokenizedPrompt(tokens.text, {key: clip_part[key]}))
+                else:   # not loaded (a partial set): zeros in its place, as ComfyUI's SD3 encoder
+                    hidden = torch.zeros(1, n_tokens, widths[key], device=self.output_device)
+                    pooled = torch.zeros(1, widths[key], device=self.output_device)
                 parts.append(hidden)
                 pooled_parts.append(pooled)
             clip_ctx = torch.cat(parts, dim=-1)
             pooled = torch.cat(pooled_parts, dim=-1)
         else:
-            pooled_width = 0
-            for key in ("l", "g"):
-                cfg: Any = self.text_encoders[key].config
-                pooled_width += int(getattr(cfg, "projection_dim", None) or cfg.hidden_size)
-            pooled = torch.zeros(1, pooled_width, device=self.output_device)
+            pooled = torch.zeros(1, widths["l"] + widths["g"], device=self.output_device)
         width = self._t5_width()
         t5_ctx = None
         if with_t5:   # None without a T5 encoder: the context is the CLIP tokens alone, as in ComfyUI
@@ -238,7 +242,7 @@ class SD3ClipHandle(ResidentMixin):
     def _matched_clip_chunks(self, tokens: TokenizedPrompt) -> dict[str, list[TokenChunk]]:
         """CLIP-L's and CLIP-G's chunks, the shorter list padded with the empty prompt's chunk (separate
         clip_l / clip_g prompts of different lengths, as CLIPTextEncodeSD3 pads them in ComfyUI)."""
-        chunks = {k: list(tokens.chunks[k]) for k in ("l", "g")}
+        chunks = {k: list(tokens.chunks[k]) for k in self.clip_keys}
         n = max(len(c) for c in chunks.values())
         if any(len(c) != n for c in chunks.values()):
             empty = self.clip.tokenize("").chunks
@@ -253,6 +257,18 @@ class SD3ClipHandle(ResidentMixin):
             self.ensure_loaded()
             hidden, pooled = handle._encode_one(spec, tokens.chunks[key])
         return hidden.to(self.output_device), pooled.to(self.output_device)
+
+    def _clip_widths(self) -> dict[str, int]:
+        """CLIP-L's and CLIP-G's widths (hidden = pooled for both): a loaded one's own, a missing one's from
+        its partner (the released 768 / 1280, or the tiny test models' 32 / 64)."""
+        from .tiny_sd3 import CLIP_WIDTH as TINY, T5_WIDTH as TINY_T5
+
+        configs: dict[str, Any] = {k: self.text_encoders[k].config for k in self.clip_keys}
+        widths = {k: int(c.hidden_size) for k, c in configs.items()}
+        tiny = any(widths.get(k) == TINY[k] for k in ("l", "g")) or (not widths and self._t5_width() == TINY_T5)
+        for key in ("l", "g"):
+            widths.setdefault(key, TINY[key] if tiny else {"l": 768, "g": 1280}[key])
+        return widths
 
     def _t5_width(self) -> int:
         t5 = self._weights.modules.get("t5")

@@ -69,6 +69,10 @@ ARCH_ENCODERS: dict[str, tuple[EncoderSpec, ...]] = {
     "sd2": (EncoderSpec("h", -2, True, False, "clip_h"),),
     "sdxl": (EncoderSpec("l", -2, False, True, "clip_l"), EncoderSpec("g", -2, False, False, "clip_g")),
     "sdxl_refiner": (EncoderSpec("g", -2, False, False, "clip_g"),),
+    # SD3 encoder sets without both CLIPs (DualCLIPLoader / CLIPLoader type sd3): SDXL's settings per CLIP
+    "sd3_clip_l": (EncoderSpec("l", -2, False, True, "clip_l"),),
+    "sd3_clip_g": (EncoderSpec("g", -2, False, False, "clip_g"),),
+    "sd3_t5_only": (),
 }
 
 

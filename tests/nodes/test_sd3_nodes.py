@@ -330,16 +330,38 @@ def test_dual_clip_loader_sd3_gives_the_clip_pair_without_t5(sd_env, stored_enco
             assert rel < (0.01 if storage == "fp16" else 0.1) and not torch.equal(cond, want_cond)
 
 
-def test_sd3_encoder_sets_without_both_clips_are_refused_by_name(sd_env, stored_encoders):
-    """sdflow runs SD3 with clip_l and clip_g (T5 optional): CLIPLoader type sd3 (one file) and
-    DualCLIPLoader type sd3 with a T5 say so and name what is missing (ComfyUI also runs T5-only and
-    one-CLIP sets)."""
+def test_sd3_encoder_sets_without_both_clips_run_with_zeros_in_their_place(sd_env, stored_encoders, sd35):
+    """CLIPLoader type sd3 (one file) and DualCLIPLoader type sd3 with clip_l + t5 or clip_g + t5 run, as in
+    ComfyUI: a missing CLIP's columns of the context and its part of the pooled vector are zeros, the rest
+    is what the full set gives; T5 alone is T5's tokens alone, with a zero pooled vector."""
     from nodes.sd3_nodes import clip_loader, dual_clip_loader
 
     names = stored_encoders[None]
-    with pytest.raises(ValueError, match="CLIPLoader: SD3 needs clip_l and clip_g; missing clip_l, clip_g"):
-        clip_loader(names["t5"], "sd3")
-    with pytest.raises(ValueError, match="DualCLIPLoader: SD3 needs clip_l and clip_g; missing clip_g"):
-        dual_clip_loader(names["l"], names["t5"], "sd3")
+    [[full, full_opts]] = triple_clip_loader(names["l"], names["g"], names["t5"]).encode_text("a red house")
+    full_pooled = full_opts["pooled_output"]
+    cols = {"l": slice(0, W_L), "g": slice(W_L, W_L + W_G)}
+    for kept, dropped in (("l", "g"), ("g", "l")):
+        clip = dual_clip_loader(names[kept], names["t5"], "sd3")
+        assert isinstance(clip, SD3ClipHandle) and clip.has_t5
+        [[cond, opts]] = clip.encode_text("a red house")
+        pooled = opts["pooled_output"]
+        assert cond.shape == full.shape == (1, 154, T5_WIDTH) and pooled.shape == full_pooled.shape
+        torch.testing.assert_close(cond[:, :77, cols[kept]], full[:, :77, cols[kept]], rtol=0, atol=1e-6)
+        assert not cond[:, :77, cols[dropped]].any() and not pooled[:, cols[dropped]].any()
+        torch.testing.assert_close(cond[:, 77:], full[:, 77:], rtol=0, atol=1e-6)
+        torch.testing.assert_close(pooled[:, cols[kept]], full_pooled[:, cols[kept]], rtol=0, atol=1e-6)
+    t5_only = clip_loader(names["t5"], "sd3")
+    [[cond, opts]] = t5_only.encode_text("a red house")
+    assert cond.shape == (1, 77, T5_WIDTH) and opts["pooled_output"].shape == (1, W_L + W_G)
+    torch.testing.assert_close(cond, full[:, 77:], rtol=0, atol=1e-6)
+    assert not opts["pooled_output"].any()
+    [[l_only, _]] = clip_loader(names["l"], "sd3").encode_text("a red house")
+    assert l_only.shape == (1, 77, sd3.T5_WIDTH) and l_only[..., :W_L].any() and not l_only[..., W_L:].any()
+    # a partial set's conditioning samples
+    _, model, _ = sd35
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+    out = common_ksampler(model, 2, 2, 3.0, "euler", "simple", [[cond, opts]],
+                          dual_clip_loader(names["g"], names["t5"], "sd3").encode_text("blurry"), latent)["samples"]
+    assert torch.isfinite(out).all()
     with pytest.raises(NotImplementedError, match="DualCLIPLoader: type 'flux'"):
         dual_clip_loader(names["l"], names["t5"], "flux")
