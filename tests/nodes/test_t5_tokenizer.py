@@ -45,18 +45,26 @@ def test_known_token_ids(t5xxl_tokenizer, text, ids):
     assert t5xxl_tokenizer(text).input_ids == ids
 
 
-def test_sd3_padding_and_truncation(t5xxl_tokenizer):
-    tok = t5xxl_tokenizer
-    short = tok("a photo of a cat", padding="max_length", max_length=T5_TOKENS, truncation=True).input_ids
+def test_sd3_t5_tokens_are_padded_to_77_and_never_cut(t5xxl_tokenizer):
+    """SD3's T5 tokens with the shipped tokenizer, as ComfyUI's SD3 tokenizer makes them: the prompt, the end
+    token (1), then padding (0) up to 77; a longer prompt is kept whole."""
+    from types import SimpleNamespace
+
+    from nodes.models.sd3_handles import SD3ClipHandle
+
+    owner = SimpleNamespace(t5_tokenizer=t5xxl_tokenizer, _t5_eos=lambda: 1)   # what _t5_chunk reads
+
+    def t5_ids(text: str) -> list[int]:
+        return SD3ClipHandle._t5_chunk(owner, text).ids  # type: ignore[arg-type]
+
+    short = t5_ids("a photo of a cat")
     assert len(short) == T5_TOKENS
     assert short[:8] == [3, 9, 1202, 13, 3, 9, 1712, 1]
     assert set(short[8:]) == {0}
     long_prompt = ", ".join(["a highly detailed painting of a lighthouse on a cliff at sunset"] * 20)
-    long = tok(long_prompt, padding="max_length", max_length=T5_TOKENS, truncation=True).input_ids
-    assert len(long) == T5_TOKENS
-    assert long[-1] == 1 and 0 not in long  # truncated to 76 tokens, EOS kept last
-    full = tok(long_prompt).input_ids
-    assert long[:-1] == full[:T5_TOKENS - 1]
+    long = t5_ids(long_prompt)
+    assert len(long) > 200 and long == t5xxl_tokenizer(long_prompt).input_ids   # word by word = whole string
+    assert t5_ids("a (photo:1.3) of a cat") == short                              # emphasis is syntax
 
 
 def test_readme_says_where_the_t5_tokenizer_came_from_and_under_which_licence():
@@ -72,3 +80,5 @@ def test_readme_says_where_the_t5_tokenizer_came_from_and_under_which_licence():
         assert phrase in readme, phrase
     assert (root / "nodes" / "models" / "tokenizer" / "derive_t5.py").is_file()
     assert (T5_TOKENIZER_DIR / "tokenizer.json").is_file()
+    licence = (T5_TOKENIZER_DIR / "LICENSE.txt").read_text(encoding="utf-8")
+    assert "Apache License" in licence and "Version 2.0" in licence and "END OF TERMS AND CONDITIONS" in licence
