@@ -15,6 +15,7 @@ from engine import progress
 from engine.inputs import Boolean, Combo, Float, Int
 from engine.node import node
 
+from .models.memory import release_text_encoders
 from .sampler_nodes import patched_guider
 from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES, calculate_sigmas
 from .sampling.custom import EmptyNoise, Guider as GuiderValue, RandomNoise as RandomNoiseValue, SamplerChoice
@@ -327,6 +328,7 @@ def _run(node_name: str, guider: GuiderValue, noise_tensor: torch.Tensor, seed: 
 
     steps = max(int(sigmas.numel()) - 1, 0)
     hooks = model.output_block_hooks() if hasattr(model, "output_block_hooks") else contextlib.nullcontext()
+    release_text_encoders()   # the prompts are encoded: the sampled model gets the encoders' room
     with hooks:
         out = sample(model.apply, schedule, noise=noise_tensor.to(device), latent_image=samples.to(device),
                      positive=guider.positive, negative=guider.negative, cfg=guider.effective_cfg(),

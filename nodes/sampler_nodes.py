@@ -17,6 +17,7 @@ from engine.node import node
 
 from . import costs
 from .models.diffusion_model import DiffusionModelHandle
+from .models.memory import release_text_encoders
 from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES
 from .sampling.model_sampling import DiscreteSchedule
 from .sampling.preview import latent_to_rgb
@@ -54,6 +55,7 @@ def common_ksampler(model: DiffusionModelHandle, seed: int, steps: int, cfg: flo
         progress.report(step + 1, total, preview)
 
     hooks = model.output_block_hooks() if hasattr(model, "output_block_hooks") else contextlib.nullcontext()
+    release_text_encoders()   # the prompts are encoded: the sampled model gets the encoders' room
     with hooks:
         out = sample(model.apply, schedule, noise=noise.to(device), latent_image=samples.to(device),
                      positive=positive, negative=negative, cfg=cfg, sampler_name=sampler_name,

@@ -192,13 +192,9 @@ def clip_text_encode_sd3(clip: Clip,
     tokens.chunks["l"] = clip.tokenize(clip_l).chunks["l"]
     t5_tokens = clip.tokenize(t5xxl)
     with_clip = not (no_padding and not clip_l and not clip_g)
-    with_t5 = True
-    if no_padding and not t5xxl:
-        if clip.has_t5:
-            t5_tokens.chunks["t5"] = [t5_chunk([int(clip.t5_tokenizer.eos_token_id)])]
-        else:
-            with_t5 = False
-    cond, pooled = clip.encode(tokens, t5_tokens=t5_tokens, with_clip=with_clip, with_t5=with_t5 or not with_clip)
+    if no_padding and not t5xxl and clip.has_t5:
+        t5_tokens.chunks["t5"] = [t5_chunk([clip.t5_eos()])]
+    cond, pooled = clip.encode(tokens, t5_tokens=t5_tokens, with_clip=with_clip)
     return [[cond, {"pooled_output": pooled}]]
 
 

@@ -131,6 +131,7 @@ class SD3ClipHandle(ResidentMixin):
         self._weights = register_text_encoder(WeightsHolder({k: text_encoders.get(k) for k in ("l", "g", "t5")}))
         self.clip._weights = self._weights
         self.t5_tokenizer = tokenizers.get("t5")
+        self.clip_widths = self._clip_widths()
         self.load_device = device or default_device()
         self.output_device = output_device
 
@@ -188,26 +189,26 @@ class SD3ClipHandle(ResidentMixin):
                     word_ids = tok.encode(word, add_special_tokens=False)
                     ids += [int(i) for i in word_ids]
                     weights += [float(seg.weight)] * len(word_ids)
-        ids.append(self._t5_eos())
+        ids.append(self.t5_eos())
         weights.append(1.0)
         pad = max(0, T5_TOKENS - len(ids))
         return TokenChunk(ids + [T5_PAD] * pad, weights + [1.0] * pad)
 
-    def _t5_eos(self) -> int:
+    def t5_eos(self) -> int:
         eos = getattr(self.t5_tokenizer, "eos_token_id", None)
         return int(eos) if eos is not None else T5_EOS
 
     def encode(self, tokens: TokenizedPrompt, t5_tokens: TokenizedPrompt | None = None, *,
-               with_clip: bool = True, with_t5: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               with_clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(context, pooled); `t5_tokens` gives T5 another prompt than the CLIPs (CLIPTextEncodeSD3).
-        `with_clip=False` leaves the CLIP tokens out of the context and pools zeros, `with_t5=False` leaves
-        the T5 tokens out (CLIPTextEncodeSD3's empty_padding "none", as ComfyUI's SD3 encoder); with neither,
-        the context is 77 zero tokens."""
+        `with_clip=False` leaves the CLIP tokens out of the context and pools zeros (CLIPTextEncodeSD3's
+        empty_padding "none", as ComfyUI's SD3 encoder); with no T5 encoder the context is the CLIP tokens
+        alone, and with neither, 77 zero tokens."""
         clip_ctx = None
-        widths = self._clip_widths()
+        widths = self.clip_widths
         if with_clip and self.clip_keys:
             clip_part = self._matched_clip_chunks(tokens)
-            n_tokens = 77 * len(next(iter(clip_part.values())))
+            n_tokens = sum(len(c.ids) for c in next(iter(clip_part.values())))
             parts = []
             pooled_parts = []
             for key in ("l", "g"):
@@ -223,9 +224,7 @@ class SD3ClipHandle(ResidentMixin):
         else:
             pooled = torch.zeros(1, widths["l"] + widths["g"], device=self.output_device)
         width = self._t5_width()
-        t5_ctx = None
-        if with_t5:   # None without a T5 encoder: the context is the CLIP tokens alone, as in ComfyUI
-            t5_ctx = self._encode_t5(t5_tokens if t5_tokens is not None else tokens)
+        t5_ctx = self._encode_t5(t5_tokens if t5_tokens is not None else tokens)   # None without T5
         if clip_ctx is not None:
             if clip_ctx.shape[-1] > width:
                 raise ValueError(f"CLIP width {clip_ctx.shape[-1]} exceeds the T5 width {width}")
@@ -284,7 +283,7 @@ class SD3ClipHandle(ResidentMixin):
         weighted = any(w != 1.0 for w in chunk.weights)
         batch = [list(chunk.ids)]
         if weighted:
-            batch.append([self._t5_eos()] + [T5_PAD] * (len(chunk.ids) - 1))
+            batch.append([self.t5_eos()] + [T5_PAD] * (len(chunk.ids) - 1))
         with torch.no_grad(), self._weights.lock:
             self.ensure_loaded()
             t5 = self.clip.encoder("t5")    # its weights patched to this handle's patches (or restored)
@@ -346,10 +345,8 @@ class SkipLayerGuidance:
         return result + diff.to(result) * self.scale
 
 
-def t5_chunk(ids: list[int]):
+def t5_chunk(ids: list[int]) -> TokenChunk:
     """A T5 token chunk (weights 1) of these ids."""
-    from .text_encoder import TokenChunk
-
     return TokenChunk(list(ids), [1.0] * len(ids))
 
 

@@ -16,16 +16,7 @@ from typing import cast
 import numpy as np
 import torch
 
-from ._common import (
-    Denoiser,
-    StepCallback,
-    ancestral_noise,
-    half_log_snr,
-    is_flow,
-    offset_first_sigma,
-    report,
-    split_extra,
-)
+from ._common import Denoiser, StepCallback, ancestral_noise, is_flow, offset_first_sigma, report, split_extra
 from .model_sampling import DiscreteSchedule
 
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(12)
@@ -76,11 +67,8 @@ def sample_sa_solver(model: Denoiser, x, sigmas, extra_args=None, callback: Step
     flow = is_flow(model)
     sigmas = offset_first_sigma(model, sigmas, flow)
     sig = [float(s) for s in sigmas]
-    if flow:
-        lambdas = [float(half_log_snr(torch.tensor(s, dtype=torch.float64), True)) if s > 0 else float("inf")
-                   for s in sig]
-    else:
-        lambdas = [-float(np.log(s)) if s > 0 else float("inf") for s in sig]
+    # lambda = log(alpha / sigma); the final sigma 0 is at +inf (its step is the plain denoise)
+    lambdas = [(float(np.log((1 - s) / s)) if flow else -float(np.log(s))) if s > 0 else float("inf") for s in sig]
 
     def alpha(k: int) -> float:  # the weights' alpha_t: 1 - sigma for flow, 1 for VE
         return 1.0 - sig[k] if flow else 1.0

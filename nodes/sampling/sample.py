@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from ..models.memory import release_text_encoders
 from .guidance import ApplyModel, Conditioning, make_denoiser, prepare_mask
 from .model_sampling import DiscreteSchedule
 from .samplers import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, get_sampler
@@ -188,7 +187,6 @@ def sample(
             callback(min(int(info["i"]), total - 1), total, info["denoised"])
 
     sampler = get_sampler(sampler_name)
-    release_text_encoders()   # the prompts are encoded: the sampled model gets the encoders' room
     x = sampler(denoiser, x, sigmas, extra_args={"seed": int(seed)}, callback=step_cb, **(sampler_options or {}))
     x = schedule.inverse_noise_scaling(sigmas[-1], x)
 

@@ -33,6 +33,12 @@ def _flow_sigma(lam: torch.Tensor) -> torch.Tensor:
     return 1 / (lam.exp() + 1)
 
 
+def _along_flow(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
+    """x moved along the straight flow path from sigma down to sigma_to, towards the estimate x0."""
+    ratio = sigma_to / sigma
+    return ratio * x + (1 - ratio) * x0
+
+
 def _midpoint_sigma(sigma: torch.Tensor, sigma_down: torch.Tensor) -> torch.Tensor:
     """The DPM-Solver++(2S) stage point, halfway in lambda; at sigma 1 (lambda -inf) a fixed 0.9999."""
     if float(sigma) == 1.0:
@@ -55,8 +61,7 @@ def sample_euler_ancestral_rf(model: Denoiser, x, sigmas, extra_args=None, callb
             x = denoised
             continue
         sigma_down, rescale, renoise = rf_ancestral_step(sigma, sigma_next, eta)
-        ratio = sigma_down / sigma
-        x = ratio * x + (1 - ratio) * denoised
+        x = _along_flow(x, denoised, sigma, sigma_down)
         if eta > 0:
             x = rescale * x + noise(sigma, sigma_next) * s_noise * renoise
     return x
@@ -100,10 +105,8 @@ def sample_dpmpp_2s_ancestral_rf(model: Denoiser, x, sigmas, extra_args=None, ca
             continue
         sigma_down, rescale, renoise = rf_ancestral_step(sigma, sigma_next, eta)
         sigma_s = _midpoint_sigma(sigma, sigma_down)
-        ratio = sigma_s / sigma
-        denoised_2 = model(ratio * x + (1 - ratio) * denoised, sigma_s * s_in, **kwargs)
-        ratio = sigma_down / sigma
-        x = ratio * x + (1 - ratio) * denoised_2
+        denoised_2 = model(_along_flow(x, denoised, sigma, sigma_s), sigma_s * s_in, **kwargs)
+        x = _along_flow(x, denoised_2, sigma, sigma_down)
         if eta > 0:
             x = rescale * x + noise(sigma, sigma_next) * s_noise * renoise
     return x
@@ -129,10 +132,8 @@ def sample_dpmpp_2s_ancestral_cfg_pp_rf(model: Denoiser, x, sigmas, extra_args=N
         else:
             sigma_down, rescale, renoise = rf_ancestral_step(sigma, sigma_next, eta)
             sigma_s = _midpoint_sigma(sigma, sigma_down)
-            ratio = sigma_s / sigma
-            uncond_2 = uncond_of(model(ratio * x + (1 - ratio) * uncond, sigma_s * s_in, **kwargs))
-            ratio = sigma_down / sigma
-            x = ratio * x + (1 - ratio) * uncond_2
+            uncond_2 = uncond_of(model(_along_flow(x, uncond, sigma, sigma_s), sigma_s * s_in, **kwargs))
+            x = _along_flow(x, uncond_2, sigma, sigma_down)
             if eta > 0:
                 x = rescale * x + noise(sigma, sigma_next) * s_noise * renoise
         x = x + (1 - sigma_next) * guidance

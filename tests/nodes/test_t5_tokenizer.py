@@ -52,7 +52,7 @@ def test_sd3_t5_tokens_are_padded_to_77_and_never_cut(t5xxl_tokenizer):
 
     from nodes.models.sd3_handles import SD3ClipHandle
 
-    owner = SimpleNamespace(t5_tokenizer=t5xxl_tokenizer, _t5_eos=lambda: 1)   # what _t5_chunk reads
+    owner = SimpleNamespace(t5_tokenizer=t5xxl_tokenizer, t5_eos=lambda: 1)   # what _t5_chunk reads
 
     def t5_ids(text: str) -> list[int]:
         return SD3ClipHandle._t5_chunk(owner, text).ids  # type: ignore[arg-type]
