@@ -189,7 +189,8 @@ def clip_text_encode_sd3(clip: Clip,
         raise ValueError("CLIPTextEncodeSD3: input 'clip' must come from an SD3 checkpoint or TripleCLIPLoader")
     no_padding = empty_padding == "none"
     tokens = clip.tokenize(clip_g)
-    tokens.chunks["l"] = clip.tokenize(clip_l).chunks["l"]
+    if "l" in clip.clip_keys:   # a partial encoder set may have no CLIP-L
+        tokens.chunks["l"] = clip.tokenize(clip_l).chunks["l"]
     t5_tokens = clip.tokenize(t5xxl)
     with_clip = not (no_padding and not clip_l and not clip_g)
     if no_padding and not t5xxl and clip.has_t5:

@@ -357,6 +357,12 @@ def test_sd3_encoder_sets_without_both_clips_run_with_zeros_in_their_place(sd_en
     assert not opts["pooled_output"].any()
     [[l_only, _]] = clip_loader(names["l"], "sd3").encode_text("a red house")
     assert l_only.shape == (1, 77, sd3.T5_WIDTH) and l_only[..., :W_L].any() and not l_only[..., W_L:].any()
+    # CLIPTextEncodeSD3 takes partial sets too (each prompt goes to the encoders there are)
+    for clip in (t5_only, dual_clip_loader(names["g"], names["t5"], "sd3")):
+        [[sep, sep_opts]] = clip_text_encode_sd3(clip, "a red house", "a red house", "a red house", "none")
+        [[same, same_opts]] = clip.encode_text("a red house")
+        torch.testing.assert_close(sep, same, rtol=0, atol=0)
+        torch.testing.assert_close(sep_opts["pooled_output"], same_opts["pooled_output"], rtol=0, atol=0)
     # a partial set's conditioning samples
     _, model, _ = sd35
     latent = {"samples": torch.zeros(1, 16, 8, 8)}
